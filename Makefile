@@ -1,0 +1,42 @@
+# make install: Debian packages and .venv; make run: the node locally; make test: the whole suite.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
+
+.PHONY: install run test lint lock clean
+
+install: $(VENV)/.installed
+
+# Reinstall whenever what the install depends on changes.
+$(VENV)/.installed: setup.cfg constraints.txt
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,lint]'
+	touch $@
+
+run: install
+	$(PY) -m appliance.local
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check scaigrid appliance migrations tests
+	$(VENV)/bin/mypy
+
+# Refreshes the pinned versions after a change of setup.cfg's dependencies.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -e '.[test,lint]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^pkg_resources' > constraints.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) var

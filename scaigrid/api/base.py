@@ -1,0 +1,199 @@
+"""What every aiohttp app of ScaiGrid shares: request ids, the error envelope, draining, health and metrics."""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from minio import Minio
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scaigrid import errors
+from scaigrid.lifecycle import wait_for_stop_signal
+from scaigrid.logs import request_id_var
+from scaigrid.metrics import metrics_handler
+from scaigrid.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ReadyCheck = Callable[[web.Application], Awaitable[str]]
+
+SETTINGS = web.AppKey("settings", Settings)
+# Shared resources, opened by resource_ctx in whichever app needs them.
+DB = web.AppKey("db", AsyncEngine)
+REDIS = web.AppKey("redis", aioredis.Redis)
+S3 = web.AppKey("s3", Minio)
+READY_CHECKS = web.AppKey("ready_checks", dict)  # name -> ReadyCheck, filled by the app that composes checks
+REQUEST_ID_HEADER = "X-Request-ID"
+# Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
+DRAIN_EXEMPT = ("/health", "/health/ready", "/metrics")
+
+HTTP_REQUESTS = Counter("scaigrid_http_requests_total", "HTTP requests answered", ["route", "method", "status"])
+HTTP_DURATION = Histogram("scaigrid_http_request_duration_seconds", "HTTP request duration", ["route"])
+HTTP_INFLIGHT = Gauge("scaigrid_http_inflight_requests", "HTTP requests being handled")
+DRAINING = Gauge("scaigrid_draining", "1 while the process is draining before exit")
+
+
+class Drain:
+    """Counts requests in flight; once draining starts, new requests are refused and we wait for the rest."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+        HTTP_INFLIGHT.inc()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        HTTP_INFLIGHT.dec()
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drain(self, grace_s: float) -> tuple[int, int]:
+        """Refuses new work, waits up to grace_s for in-flight requests; returns (finished, still running)."""
+        self.draining = True
+        DRAINING.set(1)
+        started = self.inflight
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        return started - self.inflight, self.inflight
+
+
+DRAIN = web.AppKey("drain", Drain)
+
+
+def error_response(error: errors.ScaigridError) -> web.Response:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.retry_after_s is not None:
+        body["retry_after"] = error.retry_after_s
+    if error.details:
+        body["details"] = [{"field": d.field, "message": d.message} for d in error.details]
+    response = web.json_response(
+        {"status": "error", "error": body, "meta": {"request_id": request_id_var.get()}}, status=error.status)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
+
+
+def _translate_http_exception(exc: web.HTTPException) -> errors.ScaigridError:
+    if exc.status == 404:
+        return errors.not_found("no route for this path")
+    if exc.status == 405:
+        return errors.method_not_allowed(exc.reason)
+    return errors.ScaigridError(exc.reason, f"HTTP_{exc.status}", exc.status)
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                             ) -> web.StreamResponse:
+    """Request id, drain accounting, error translation and the request log line, in one place."""
+    request_id = request["request_id"] = "req_" + secrets.token_hex(12)
+    request_id_var.set(request_id)
+    drain = request.app[DRAIN]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    response: web.StreamResponse
+    drain.enter()
+    try:
+        if drain.draining and request.path not in DRAIN_EXEMPT:
+            raise errors.service_draining()
+        response = await handler(request)
+    except errors.ScaigridError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are not errors
+        response = error_response(_translate_http_exception(exc))
+    except asyncio.CancelledError:
+        logger.info("request cut", extra={"event": "request_cut", "method": request.method, "path": request.path})
+        raise
+    except Exception:
+        logger.exception("unhandled error", extra={"event": "request_error", "path": request.path})
+        response = error_response(errors.ScaigridError("internal error; see the server log with this request id"))
+    finally:
+        drain.leave()
+    elapsed_s = time.perf_counter() - started
+    HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+    HTTP_DURATION.labels(route).observe(elapsed_s)
+    # Probes and scrapes arrive every few seconds; at info level they would drown the log.
+    level = logging.DEBUG if request.path in DRAIN_EXEMPT else logging.INFO
+    logger.log(level, "%s %s %d", request.method, request.path, response.status, extra={
+        "event": "request", "method": request.method, "path": request.path, "status": response.status,
+        "duration_ms": round(elapsed_s * 1000, 1)})
+    return response
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries the request id, streams included (this runs as each one is prepared)."""
+    if "request_id" in request:
+        response.headers[REQUEST_ID_HEADER] = request["request_id"]
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: answers while the process runs; checks nothing else."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: every dependency check, run concurrently; 503 names the failing ones."""
+    if request.app[DRAIN].draining:
+        return web.json_response({"status": "draining", "checks": {}}, status=503)
+    checks = request.app[READY_CHECKS]
+    results = await asyncio.gather(*(check(request.app) for check in checks.values()))
+    by_name = dict(zip(checks, results, strict=True))
+    ok = all(result == "ok" for result in by_name.values())
+    return web.json_response({"status": "ready" if ok else "not_ready", "checks": by_name}, status=200 if ok else 503)
+
+
+def resource_ctx(key: web.AppKey[T], factory: Callable[[Settings], AbstractAsyncContextManager[T]]
+                 ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Adapts one of the shared `*_ctx` resource factories to an aiohttp cleanup_ctx storing it under `key`."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with factory(app[SETTINGS]) as value:
+            app[key] = value
+            yield
+
+    return ctx
+
+
+def base_app(settings: Settings) -> web.Application:
+    """An app with the shared middleware, /health, /health/ready and /metrics; no I/O happens here."""
+    app = web.Application(middlewares=[request_middleware])
+    app[SETTINGS] = settings
+    app[DRAIN] = Drain()
+    app[READY_CHECKS] = {}
+    app.on_response_prepare.append(add_request_id_header)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int, grace_s: float) -> int:
+    """Runs the app until SIGTERM/SIGINT, then drains: readiness 503, new requests 503, in-flight get grace_s."""
+    # Cleanup waits at most this long after the drain: whatever still runs by then is cut.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        logger.info("listening on http://%s:%d", host, port, extra={"event": "listening", "port": port})
+        await wait_for_stop_signal()
+        finished, cut = await app[DRAIN].drain(grace_s)
+        logger.info("drained: %d in-flight request(s) finished, %d cut after %g s grace", finished, cut, grace_s,
+                    extra={"event": "drained", "finished": finished, "cut": cut})
+    finally:
+        await runner.cleanup()
+    return 0

@@ -1,0 +1,129 @@
+"""The `scaigrid` command: parses, loads settings, dispatches. Nothing else lives here."""
+
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from scaigrid import __version__
+from scaigrid.logs import setup_logging
+from scaigrid.modes import mode_module
+from scaigrid.settings import MODES, ConfigError, Settings, entries, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _for_mode(settings: Settings, mode: str | None) -> Settings:
+    """Settings validated for `mode` (or SCAIGRID_MODE); ConfigError names what a mode lacks."""
+    if mode is not None:
+        settings = dataclasses.replace(settings, mode=mode)
+    if settings.mode is None:
+        raise ConfigError(f"SCAIGRID_MODE: required (or --mode), one of {', '.join(MODES)}")
+    module = mode_module(settings.mode)
+    settings.require(*module.REQUIRES)
+    if settings.mode != "bunker_proxy":  # the storage proxy loads no module registry
+        from scaigrid.modules import load_modules
+
+        load_modules(settings.modules)
+    return settings
+
+
+@click.group()
+@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="env file read under the environment (default /etc/scaigrid/scaigrid.env when present)")
+@click.pass_context
+def cli(ctx: click.Context, env_file: Path | None) -> None:
+    """ScaiGrid node: run a mode, migrate, check configuration or liveness."""
+    ctx.obj = {"env_file": env_file}
+
+
+@cli.command()
+@click.option("--mode", type=click.Choice(MODES), help="runtime mode (default: SCAIGRID_MODE)")
+@click.pass_context
+def run(ctx: click.Context, mode: str | None) -> None:
+    """Run one runtime mode until SIGTERM."""
+    settings = _for_mode(load_settings(env_file=ctx.obj["env_file"]), mode)
+    assert settings.mode is not None  # _for_mode refuses a missing mode
+    setup_logging(settings.log_level, settings.mode)
+    try:
+        status = mode_module(settings.mode).run(settings)
+    except Exception:
+        # Logged as one JSON line like everything else, so the log pipeline sees why the process died.
+        logger.exception("mode %s crashed", settings.mode, extra={"event": "crashed"})
+        status = 1
+    ctx.exit(status)
+
+
+@cli.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Migrate the core, then each enabled module (same as `run --mode migrate`)."""
+    ctx.invoke(run, mode="migrate")
+
+
+@cli.command("check-config")
+@click.option("--mode", type=click.Choice(MODES), help="also check what this mode requires")
+@click.pass_context
+def check_config(ctx: click.Context, mode: str | None) -> None:
+    """Print the effective settings, secrets masked; exit 2 if they are invalid."""
+    settings = load_settings(env_file=ctx.obj["env_file"])
+    if mode or settings.mode:
+        settings = _for_mode(settings, mode)
+    width = max(len(e.env) for e in entries(settings))
+    for entry in entries(settings):
+        click.echo(f"{entry.env:<{width}}  {entry.display()}")
+
+
+@cli.group()
+def check() -> None:
+    """Liveness checks for scripts and supervisors (exit 0 when healthy)."""
+
+
+@check.command("worker")
+@click.pass_context
+def check_worker(ctx: click.Context) -> None:
+    """Exit 0 only if at least one worker's heartbeat is fresh."""
+    from scaigrid.resources import redis_ctx
+    from scaigrid.worker.heartbeat import fresh_heartbeats
+
+    settings = load_settings(env_file=ctx.obj["env_file"])
+    settings.require("redis")
+
+    async def ages() -> dict[str, float]:
+        async with redis_ctx(settings) as redis:
+            return await fresh_heartbeats(redis)
+
+    try:
+        found = asyncio.run(ages())
+    except Exception as exc:  # an unreachable Redis means we cannot vouch for any worker
+        click.echo(f"worker: unknown, Redis unreachable ({type(exc).__name__})", err=True)
+        ctx.exit(1)
+    if not found:
+        click.echo(f"worker: no heartbeat in the last {settings.worker.heartbeat_ttl_s} s", err=True)
+        ctx.exit(1)
+    for worker_id, age_s in sorted(found.items()):
+        click.echo(f"worker {worker_id}: heartbeat {age_s:.1f} s ago")
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(__version__)
+
+
+def main() -> None:
+    try:
+        # Not standalone, so a ConfigError reaches us here and becomes one line instead of a traceback.
+        status = cli.main(standalone_mode=False, prog_name="scaigrid")
+    except ConfigError as exc:
+        click.echo(f"scaigrid: configuration error: {exc}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -1,0 +1,1 @@
+"""Relational schema (SQLAlchemy Core tables) and the small queries shared by modes."""

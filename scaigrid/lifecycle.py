@@ -1,0 +1,25 @@
+"""Process lifecycle shared by the long-running modes: wait for SIGTERM/SIGINT, then leave cleanly."""
+
+import asyncio
+import logging
+import signal
+
+logger = logging.getLogger(__name__)
+
+
+async def wait_for_stop_signal() -> str:
+    """Returns the name of the first SIGTERM or SIGINT received; a second one is left to the default handler."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig.name)
+        for other in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(other)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    name = await received
+    logger.info("received %s, stopping", name, extra={"event": "stopping"})
+    return name

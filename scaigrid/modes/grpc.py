@@ -1,0 +1,77 @@
+"""grpc mode: internal integrations on GRPC_PORT, standard health (following DB and Redis) and reflection."""
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scaigrid.health import check_database, check_redis
+from scaigrid.lifecycle import wait_for_stop_signal
+from scaigrid.metrics import metrics_site_ctx
+from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REQUIRES = ("database", "redis")
+HEALTH_CHECK_INTERVAL_S = 5.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+DEPENDENCY_UP = Gauge("scaigrid_dependency_up", "1 when the last check of the dependency passed", ["dependency"])
+
+
+async def _follow_dependencies(servicer: health.aio.HealthServicer, engine: AsyncEngine,
+                               redis: "aioredis.Redis") -> None:
+    """Keeps the overall ("") health status in step with the database and Redis."""
+    last = None
+    while True:
+        results = {"database": await check_database(engine), "redis": await check_redis(redis)}
+        for name, result in results.items():
+            DEPENDENCY_UP.labels(name).set(result == "ok")
+        status = SERVING if all(r == "ok" for r in results.values()) else NOT_SERVING
+        if status != last:
+            logger.info("health: %s %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status), results,
+                        extra={"event": "health_changed", "checks": results})
+            await servicer.set("", status)
+            last = status
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+
+
+async def serve(settings: Settings) -> int:
+    server_settings = settings.server
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(database_ctx(settings))
+        redis = await stack.enter_async_context(redis_ctx(settings))
+        await stack.enter_async_context(
+            metrics_site_ctx(server_settings.bind_host, server_settings.grpc_metrics_port))
+
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(
+            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        address = f"{server_settings.bind_host}:{server_settings.grpc_port}"
+        server.add_insecure_port(address)
+        await server.start()
+        follower = asyncio.create_task(_follow_dependencies(servicer, engine, redis))
+        logger.info("listening on %s", address, extra={"event": "listening", "port": server_settings.grpc_port})
+
+        await wait_for_stop_signal()
+        follower.cancel()
+        # Health turns NOT_SERVING first, so clients stop picking this server while its RPCs finish.
+        await servicer.enter_graceful_shutdown()
+        await server.stop(server_settings.grpc_stop_grace_s)
+        logger.info("stopped after a grace of up to %g s", server_settings.grpc_stop_grace_s,
+                    extra={"event": "stopped"})
+    return 0
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(serve(settings))

@@ -1,0 +1,14 @@
+"""http mode: the API on HTTP_PORT (/v1/, /oai/v1/, /health, /metrics), draining on SIGTERM."""
+
+import asyncio
+
+from scaigrid.api.app import create_app
+from scaigrid.api.base import serve
+from scaigrid.settings import Settings
+
+REQUIRES = ("database", "redis")
+
+
+def run(settings: Settings) -> int:
+    server = settings.server
+    return asyncio.run(serve(create_app(settings), server.bind_host, server.http_port, server.http_drain_grace_s))

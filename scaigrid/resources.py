@@ -1,0 +1,106 @@
+"""Shared resources (database engine, Redis, S3): one set of factories that every mode opens and closes."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from minio import Minio
+from redis.asyncio.sentinel import Sentinel
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from scaigrid.settings import Settings
+
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed REDIS_URL: one server, or a Sentinel set naming the master to follow."""
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    password: str | None = None
+
+
+def parse_redis_url(raw: str) -> RedisTarget:
+    """Accepts redis://, rediss:// and redis+sentinel://[:password@]h1:26379[,h2:26379]/<master>[/<db>]."""
+    if raw.startswith(("redis://", "rediss://")):
+        if not urlsplit(raw).hostname:
+            raise ValueError("redis://[:password@]host:6379/0")
+        return RedisTarget(url=raw)
+    if not raw.startswith("redis+sentinel://"):
+        raise ValueError("redis://host:6379/0 or redis+sentinel://host1:26379,host2:26379/<master>/0")
+    rest = raw[len("redis+sentinel://"):]
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    password = unquote(credentials.partition(":")[2]) or None
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (every sentinel as host:port)")
+        sentinels.append((host, int(port)))
+    master, _, db = path.strip("/").partition("/")
+    if not master or (db and not db.isdigit()):
+        raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (master name, then optional db number)")
+    return RedisTarget(url=raw, sentinels=tuple(sentinels), master=master, db=int(db or 0), password=password)
+
+
+@asynccontextmanager
+async def database_ctx(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    settings.require("database")
+    assert settings.database.url is not None  # require() guarantees it; this narrows the type
+    engine = create_async_engine(
+        settings.database.url.reveal(),
+        pool_size=settings.database.pool_size,
+        pool_pre_ping=True,
+        # MariaDB drops idle connections after wait_timeout (8 h by default); recycle well before.
+        pool_recycle=3600,
+    )
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
+    """A client for either form of REDIS_URL; with Sentinel it follows the current master after a failover."""
+    settings.require("redis")
+    assert settings.redis.url is not None
+    target = parse_redis_url(settings.redis.url.reveal())
+    if not target.sentinels:
+        client = aioredis.Redis.from_url(
+            target.url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+        return
+    sentinel = Sentinel(list(target.sentinels), socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(target.master, db=target.db, password=target.password,
+                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        for connection in sentinel.sentinels:  # the master client does not own the sentinel connections
+            await connection.aclose()
+
+
+@asynccontextmanager
+async def s3_ctx(settings: Settings) -> AsyncIterator[Minio]:
+    settings.require("s3")
+    s3 = settings.s3
+    assert s3.endpoint_url is not None and s3.secret_access_key is not None
+    endpoint = urlsplit(s3.endpoint_url)
+    yield Minio(
+        endpoint.netloc,
+        access_key=s3.access_key_id,
+        secret_key=s3.secret_access_key.reveal(),
+        secure=endpoint.scheme == "https",
+    )

@@ -1,0 +1,331 @@
+"""One typed settings tree, read from the environment and an optional env file, validated before anything starts."""
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_ENV_FILE = Path("/etc/scaigrid/scaigrid.env")
+MODES = ("migrate", "http", "grpc", "worker", "bunker_proxy")
+APP_ENVS = ("development", "test", "staging", "production")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the variable and what is expected."""
+
+
+class Secret:
+    """A value that must never reach a log line, a repr or check-config output."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def masked(self) -> str:
+        return "********"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self.masked()}')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SecretUrl(Secret):
+    """A URL that may carry a password: shown with the password masked, everything else visible."""
+
+    __slots__ = ()
+
+    def masked(self) -> str:
+        parts = urlsplit(self._value)
+        if parts.password is None:
+            return self._value
+        netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
+        return parts._replace(netloc=netloc).geturl()
+
+
+# --- parsers: each takes the raw string and returns the typed value or raises ValueError(expected) ---
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("true or false")
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ValueError("a port number 1-65535")
+    return int(raw)
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("a number of seconds > 0") from None
+    if value <= 0:
+        raise ValueError("a number of seconds > 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError("a whole number >= 1")
+    return int(raw)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError("one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"a URL like {schemes[0]}://host[:port]/...")
+        return raw
+
+    return parse
+
+
+def _database_url(raw: str) -> SecretUrl:
+    parts = urlsplit(raw)
+    if parts.scheme != "mysql+asyncmy" or not parts.hostname or not parts.path.strip("/"):
+        raise ValueError("mysql+asyncmy://user:password@host:3306/database")
+    return SecretUrl(raw)
+
+
+def _redis_url(raw: str) -> SecretUrl:
+    from scaigrid.resources import parse_redis_url  # the one parser of the Redis URL forms
+
+    parse_redis_url(raw)
+    return SecretUrl(raw)
+
+
+def _secret(raw: str) -> Secret:
+    return Secret(raw)
+
+
+_MODULE_REF = re.compile(r"^[a-z][a-z0-9_]*$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _module_list(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        if not _MODULE_REF.match(item):
+            raise ValueError("comma-separated module ids (e.g. scaibunker) or package.module:attribute references")
+    return items
+
+
+# --- the tree ---
+
+def setting(env: str, parse: Callable[[str], Any], default: Any = None, help: str = "", *, secret: bool = False) -> Any:
+    """Declares one setting: the variable it comes from, how it is parsed, its default and its meaning."""
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: SecretUrl | None = setting(
+        "DATABASE_URL", _database_url, help="MariaDB, mysql+asyncmy://user:password@host:3306/database", secret=True)
+    pool_size: int = setting("DATABASE_POOL_SIZE", _positive_int, 10, "connections kept open per process")
+    migrate_lock_timeout_s: float = setting(
+        "MIGRATE_LOCK_TIMEOUT_S", _positive_float, 300.0, "how long migrate waits for another migrate run to finish")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: SecretUrl | None = setting(
+        "REDIS_URL", _redis_url,
+        help="redis://[:password@]host:6379/0, or redis+sentinel://[:password@]h1:26379,h2:26379/<master>/0",
+        secret=True)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = setting(
+        "S3_ENDPOINT_URL", _url("http", "https"), help="S3-compatible endpoint (Garage, MinIO, AWS)")
+    access_key_id: str | None = setting("S3_ACCESS_KEY_ID", _str, help="S3 access key id")
+    secret_access_key: Secret | None = setting("S3_SECRET_ACCESS_KEY", _secret, help="S3 secret key", secret=True)
+    bucket: str = setting("S3_BUCKET", _str, "scaigrid", "bucket for ScaiGrid objects")
+
+
+@dataclass(frozen=True)
+class ScaiKeySettings:
+    base_url: str | None = setting("SCAIKEY_BASE_URL", _url("https", "http"), help="ScaiKey identity provider")
+    jwks_url: str | None = setting("SCAIKEY_JWKS_URL", _url("https", "http"), help="JWKS used to verify ScaiKey JWTs")
+    audience: str = setting("SCAIKEY_AUDIENCE", _str, "user-portal", "expected JWT audience")
+    client_id: str | None = setting("SCAIKEY_CLIENT_ID", _str, help="OAuth client id of this node")
+    client_secret: Secret | None = setting("SCAIKEY_CLIENT_SECRET", _secret, help="OAuth client secret", secret=True)
+    webhook_secret: Secret | None = setting(
+        "SCAIKEY_WEBHOOK_SECRET", _secret, help="HMAC secret of ScaiKey identity webhooks", secret=True)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    bind_host: str = setting("BIND_HOST", _str, "127.0.0.1", "address every listener binds (nginx fronts them)")
+    http_port: int = setting("HTTP_PORT", _port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
+    grpc_port: int = setting("GRPC_PORT", _port, 50051, "grpc mode")
+    bunker_proxy_port: int = setting("BUNKER_PROXY_PORT", _port, 8001, "bunker_proxy mode, /metrics included")
+    grpc_metrics_port: int = setting("GRPC_METRICS_PORT", _port, 9151, "/metrics of the grpc mode")
+    worker_metrics_port: int = setting("WORKER_METRICS_PORT", _port, 9152, "/metrics of the worker mode")
+    http_drain_grace_s: float = setting(
+        "HTTP_DRAIN_GRACE_S", _positive_float, 30.0, "on SIGTERM, how long in-flight HTTP requests may finish")
+    grpc_stop_grace_s: float = setting(
+        "GRPC_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long in-flight RPCs may finish")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    heartbeat_ttl_s: int = setting(
+        "WORKER_HEARTBEAT_TTL_S", _positive_int, 30, "a worker whose heartbeat is older than this counts as dead")
+    stop_grace_s: float = setting(
+        "WORKER_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long running jobs may finish")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str | None = setting("SCAIGRID_MODE", _choice(*MODES), help="runtime mode: " + ", ".join(MODES))
+    app_env: str = setting("APP_ENV", _choice(*APP_ENVS), "production", ", ".join(APP_ENVS))
+    log_level: str = setting("APP_LOG_LEVEL", _choice(*LOG_LEVELS), "info", ", ".join(LOG_LEVELS))
+    auth_disabled: bool = setting(
+        "SCAIGRID_AUTH_DISABLED", _bool, False, "dev only: bypass auth; refused when APP_ENV=production")
+    jwt_signing_secret: Secret | None = setting(
+        "JWT_SIGNING_SECRET", _secret, help="signs admin UI sessions (random, 64 chars)", secret=True)
+    dispatch_stream_timeout_s: float = setting(
+        "DISPATCH_STREAM_TIMEOUT_S", _positive_float, 600.0, "longest a streamed response may last")
+    modules: tuple[str, ...] = setting(
+        "SCAIGRID_MODULES", _module_list, ("scaibunker",), "enabled modules, comma-separated")
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    scaikey: ScaiKeySettings = field(default_factory=ScaiKeySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def require(self, *names: str) -> None:
+        """Fails unless every named dependency (database, redis, s3) is configured."""
+        needs: dict[str, list[tuple[str, object]]] = {
+            "database": [("DATABASE_URL", self.database.url)],
+            "redis": [("REDIS_URL", self.redis.url)],
+            "s3": [("S3_ENDPOINT_URL", self.s3.endpoint_url), ("S3_ACCESS_KEY_ID", self.s3.access_key_id),
+                   ("S3_SECRET_ACCESS_KEY", self.s3.secret_access_key)],
+        }
+        for name in names:
+            for env, value in needs[name]:
+                if value is None:
+                    raise ConfigError(f"{env}: required by mode {self.mode or '?'}, but not set")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One setting as shown by check-config and the README table."""
+
+    env: str
+    value: Any
+    default: Any
+    help: str
+    secret: bool
+
+    def display(self) -> str:
+        if self.value is None:
+            return "(not set)"
+        if isinstance(self.value, Secret):
+            return self.value.masked()
+        if isinstance(self.value, tuple):
+            return ",".join(self.value)
+        return str(self.value)
+
+
+def entries(settings: Settings | None = None) -> Iterator[Entry]:
+    """Walks the tree in declaration order: every setting with its value (or default)."""
+    def walk(node: Any, cls: type) -> Iterator[Entry]:
+        for f in dataclasses.fields(cls):
+            if "env" in f.metadata:
+                value = getattr(node, f.name) if node is not None else f.default
+                yield Entry(f.metadata["env"], value, f.default, f.metadata["help"], f.metadata["secret"])
+            else:
+                yield from walk(getattr(node, f.name) if node is not None else None, f.type)  # type: ignore[arg-type]
+
+    yield from walk(settings, Settings)
+
+
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Reads KEY=VALUE lines in the subset systemd's EnvironmentFile= also understands."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read env file ({exc.strerror})") from None
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        match = _ENV_LINE.match(line)
+        if not match:
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        key, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> Settings:
+    """Builds the settings: environment over env file over defaults. Raises ConfigError naming the variable."""
+    environ = os.environ if environ is None else environ
+    if env_file is None and DEFAULT_ENV_FILE.is_file():
+        env_file = DEFAULT_ENV_FILE
+    source = {**(read_env_file(env_file) if env_file else {}), **environ}
+
+    def build(cls: type) -> Any:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if "env" not in f.metadata:
+                kwargs[f.name] = build(f.type)  # type: ignore[arg-type]
+                continue
+            env = f.metadata["env"]
+            raw = source.get(env)
+            if raw is None or (raw.strip() == "" and f.default is None):
+                continue
+            try:
+                kwargs[f.name] = f.metadata["parse"](raw.strip())
+            except ValueError as exc:
+                shown = "" if f.metadata["secret"] else f", got {raw!r}"
+                raise ConfigError(f"{env}: expected {exc}{shown}") from None
+        return cls(**kwargs)
+
+    settings: Settings = build(Settings)
+    if settings.auth_disabled and settings.app_env == "production":
+        raise ConfigError("SCAIGRID_AUTH_DISABLED: must not be true when APP_ENV=production")
+    return settings

@@ -1,0 +1,206 @@
+"""Layered fixtures: session-wide real services, a fresh database/Redis/bucket per test, and mode subprocesses."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import redis as sync_redis
+from minio import Minio
+
+from appliance import devstack
+from scaigrid.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- session: one real server of each kind ---
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Short path: MariaDB's unix socket path must stay under 108 bytes.
+    return tmp_path_factory.mktemp("svc")
+
+
+@pytest.fixture(scope="session")
+def mariadb(services_dir: Path) -> Iterator[devstack.MariaDB]:
+    server = devstack.start_mariadb(services_dir / "mariadb")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(services_dir: Path) -> Iterator[devstack.Redis]:
+    server = devstack.start_redis(services_dir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(services_dir: Path) -> Iterator[devstack.S3Server]:
+    server = devstack.start_s3(services_dir / "s3")
+    yield server
+    server.stop()
+
+
+# --- function: isolated state on those servers ---
+
+@pytest.fixture
+def database_url(mariadb: devstack.MariaDB) -> Iterator[str]:
+    """A fresh, empty database (and its own user) for this test."""
+    name = "t_" + secrets.token_hex(6)
+    yield mariadb.create_database(name, name, secrets.token_hex(12))
+    mariadb.drop_database(name)
+
+
+@pytest.fixture
+def redis_url(redis_server: devstack.Redis) -> str:
+    """The session Redis, emptied for this test."""
+    with sync_redis.Redis(port=redis_server.port) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def s3_bucket(s3_server: devstack.S3Server) -> str:
+    bucket = "t-" + secrets.token_hex(6)
+    s3_client(s3_server).make_bucket(bucket)
+    return bucket
+
+
+def s3_client(server: devstack.S3Server) -> Minio:
+    return Minio(f"127.0.0.1:{server.port}", access_key=server.access_key_id,
+                 secret_key=server.secret_access_key, secure=False)
+
+
+@pytest.fixture
+def env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_bucket: str) -> dict[str, str]:
+    """Complete settings for a node on this test's database, Redis and bucket, with free ports."""
+    return {
+        "APP_ENV": "test",
+        "APP_LOG_LEVEL": "debug",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "S3_ACCESS_KEY_ID": s3_server.access_key_id,
+        "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+        "S3_BUCKET": s3_bucket,
+        "HTTP_PORT": str(devstack.free_port()),
+        "GRPC_PORT": str(devstack.free_port()),
+        "BUNKER_PROXY_PORT": str(devstack.free_port()),
+        "GRPC_METRICS_PORT": str(devstack.free_port()),
+        "WORKER_METRICS_PORT": str(devstack.free_port()),
+        "JWT_SIGNING_SECRET": secrets.token_hex(32),
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return load_settings(env, env_file=None)
+
+
+# --- subprocesses: the `scaigrid` command as an operator runs it ---
+
+def command_env(env: dict[str, str]) -> dict[str, str]:
+    """The test's settings on top of a minimal environment (no stray SCAIGRID_* or DATABASE_URL from the host)."""
+    base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    return {**base, "PYTHONPATH": str(REPO), **env}
+
+
+def scaigrid(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m scaigrid ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "scaigrid", *args], env=command_env(env), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+@dataclass
+class ModeProcess:
+    """A `scaigrid run --mode MODE` subprocess whose stdout (JSON log lines) goes to a file."""
+
+    mode: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    signalled: bool = field(default=False)
+
+    def log_lines(self) -> list[dict[str, object]]:
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"raw": raw})
+        return lines
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 30, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.mode} exited with {self.process.returncode} before {what}:\n{self.tail()}")
+            try:
+                if condition():
+                    return
+            except (OSError, urllib.error.URLError, grpc.RpcError):  # not up yet
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.mode}: {what} not reached in {timeout_s} s:\n{self.tail()}")
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        self.signalled = True
+        self.process.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Sends `sig` (once: a second SIGTERM means "stop now") and returns the exit status."""
+        if self.process.poll() is None and not self.signalled:
+            self.send(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"{self.mode} did not exit within {timeout_s} s of {sig}:\n{self.tail()}") from None
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def start_mode(tmp_path: Path) -> Iterator[Callable[..., ModeProcess]]:
+    """Starts modes as subprocesses; any still running at the end of the test are killed."""
+    started: list[ModeProcess] = []
+
+    def start(mode: str, env: dict[str, str]) -> ModeProcess:
+        log_path = tmp_path / f"{mode}-{len(started)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", mode],
+                                       env=command_env(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        started.append(ModeProcess(mode, process, log_path))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+def http_get(url: str, timeout_s: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """GET returning (status, headers, body) for any status, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def http_ok(url: str) -> bool:
+    return http_get(url, timeout_s=2)[0] == 200

@@ -1,0 +1,1 @@
+"""Modules that exist only for tests, loaded through SCAIGRID_MODULES=tests.modules.<name>:MODULE."""

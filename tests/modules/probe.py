@@ -1,0 +1,36 @@
+"""A test module with a job that counts its runs per tick, and a slow streaming route to drain against."""
+
+import asyncio
+
+from aiohttp import web
+
+from scaigrid.modules import Module
+from scaigrid.worker.jobs import Job, JobContext
+
+TICKS_KEY = "probe:ticks"  # hash: tick -> number of runs of that tick (must be 1)
+RUNNERS_KEY = "probe:runners"  # set of worker ids that ran at least one tick
+
+
+async def count_tick(ctx: JobContext) -> None:
+    await ctx.redis.hincrby(TICKS_KEY, str(ctx.tick), 1)
+    await ctx.redis.sadd(RUNNERS_KEY, ctx.worker_id)
+
+
+async def slow_stream(request: web.Request) -> web.StreamResponse:
+    """Streams one SSE line every 0.2 s for `seconds` seconds, then a final line."""
+    seconds = float(request.query.get("seconds", "2"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(int(seconds / 0.2)):
+        await response.write(f"data: {i}\n\n".encode())
+        await asyncio.sleep(0.2)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+MODULE = Module(
+    id="probe",
+    routes=[web.get("/slow", slow_stream)],
+    jobs=[Job("probe_count_tick", count_tick, every_s=1, timeout_s=5)],
+)

@@ -1,0 +1,146 @@
+"""migrate: core then modules, idempotent, reversible, isolated failures, safe when run twice at once."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from scaigrid.db import migrations
+from scaigrid.modules import load_modules
+from tests.conftest import REPO, command_env, scaigrid
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def _scalar(url: str, sql: str) -> object:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.scalar(text(sql))
+    finally:
+        await engine.dispose()
+
+
+CORE_TABLES = {"partners", "tenants", "users", "api_keys", "alembic_version"}
+BUNKER_TABLES = {"mod_scaibunker_storage_audit", "alembic_version_mod_scaibunker"}
+
+
+def test_migrate_on_empty_database_creates_core_module_and_default_tenant(env):
+    result = scaigrid("migrate", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert asyncio.run(_tables(env["DATABASE_URL"])) >= CORE_TABLES | BUNKER_TABLES
+    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT version_num FROM alembic_version")) == "core_0001"
+    assert asyncio.run(_scalar(env["DATABASE_URL"],
+                               "SELECT version_num FROM alembic_version_mod_scaibunker")) == "scaibunker_0001"
+    assert asyncio.run(_scalar(env["DATABASE_URL"],
+                               "SELECT COUNT(*) FROM tenants t JOIN partners p ON p.id = t.partner_id "
+                               "WHERE t.slug = 'default' AND p.slug = 'default'")) == 1
+
+
+def test_rerun_is_a_no_op(env):
+    assert scaigrid("migrate", env=env).returncode == 0
+    again = scaigrid("migrate", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "core_0001 -> core_0001" in again.stdout
+    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM partners")) == 1
+    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM tenants")) == 1
+
+
+async def test_downgrade_to_base_and_up_again(settings):
+    modules = load_modules(settings.modules)
+    engine = create_async_engine(settings.database.url.reveal())
+    try:
+        up = await migrations.upgrade(engine, modules, lock_timeout_s=10)
+        assert [r.error for r in up] == [None, None]
+        down = await migrations.downgrade(engine, modules, lock_timeout_s=10)
+        assert [(r.stream, r.after, r.error) for r in down] == [("scaibunker", None, None), ("core", None, None)]
+        async with engine.connect() as conn:
+            left = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        # Only the (empty) version tables remain.
+        assert left <= {"alembic_version", "alembic_version_mod_scaibunker"}
+        again = await migrations.upgrade(engine, modules, lock_timeout_s=10)
+        assert [(r.stream, r.after, r.error) for r in again] == [
+            ("core", "core_0001", None), ("scaibunker", "scaibunker_0001", None)]
+    finally:
+        await engine.dispose()
+
+
+def test_a_failing_module_is_named_and_does_not_block_the_others(env):
+    env = {**env, "SCAIGRID_MODULES": "tests.modules.broken:MODULE,scaibunker"}
+    result = scaigrid("migrate", env=env)
+    assert result.returncode == 1
+    assert "broken" in result.stdout and "migrate failed" in result.stdout
+    tables = asyncio.run(_tables(env["DATABASE_URL"]))
+    assert tables >= CORE_TABLES | BUNKER_TABLES  # the module after the broken one was migrated
+
+
+class LockHolder:
+    """A mariadb client session holding the migrate lock of one database, as another migrate run would."""
+
+    def __init__(self, mariadb, database_url: str) -> None:
+        self.lock = "scaigrid_migrate." + database_url.rsplit("/", 1)[1]
+        self.client = subprocess.Popen(
+            ["mariadb", "--protocol=TCP", "-h127.0.0.1", f"-P{mariadb.port}", "-uroot", "--batch",
+             "--skip-column-names", "--unbuffered"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "MYSQL_PWD": mariadb.root_password})
+
+    def __enter__(self) -> "LockHolder":
+        self.client.stdin.write(f"SELECT GET_LOCK('{self.lock}', 10);\n")
+        self.client.stdin.flush()
+        assert self.client.stdout.readline().strip() == "1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.stdin.close()  # ends the session, which releases the lock
+        self.client.wait(10)
+        self.client.stdout.close()
+
+
+def test_two_concurrent_migrate_runs_are_serialised(env, mariadb):
+    with LockHolder(mariadb, env["DATABASE_URL"]):
+        runs = [subprocess.Popen([sys.executable, "-m", "scaigrid", "migrate"], env=command_env(env), cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        time.sleep(3)
+        assert [run.poll() for run in runs] == [None, None]
+        assert "partners" not in asyncio.run(_tables(env["DATABASE_URL"]))  # nobody got past the lock
+    outputs = [run.communicate(timeout=60)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    # Exactly one run applied the revisions; the other found them applied.
+    assert sum("base -> core_0001" in out for out in outputs) == 1, outputs
+    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM tenants")) == 1
+
+
+def test_lock_wait_is_bounded(env, mariadb):
+    with LockHolder(mariadb, env["DATABASE_URL"]):
+        result = scaigrid("migrate", env={**env, "MIGRATE_LOCK_TIMEOUT_S": "1"})
+    assert result.returncode == 1
+    assert "another migrate run held the lock for more than 1 s" in result.stdout
+
+
+async def test_core_tables_in_code_match_the_migrated_schema(settings):
+    """scaigrid/db/tables.py (what queries use) and the revisions (what exists) must not drift apart."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from scaigrid.db.tables import metadata
+
+    engine = create_async_engine(settings.database.url.reveal())
+    try:
+        await migrations.upgrade(engine, (), lock_timeout_s=10)
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+    finally:
+        await engine.dispose()
+    # Only the version table is in the database and not in the metadata.
+    assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == "alembic_version")] == []
