@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
+# Debian's own python3 has no venv module until python3-venv is installed.
+DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
 .PHONY: install run test lint lock clean
 

@@ -34,7 +34,3 @@ def method_not_allowed(message: str) -> ScaigridError:
 def service_draining() -> ScaigridError:
     # Clients and load balancers retry elsewhere; the process is on its way out.
     return ScaigridError("this server is shutting down; retry on another", "SERVICE_DRAINING", 503, retry_after_s=1)
-
-
-def validation_error(details: list[FieldError]) -> ScaigridError:
-    return ScaigridError("request body is invalid", "VALIDATION_ERROR", 422, details=details)

@@ -238,10 +238,11 @@ class Settings:
             "s3": [("S3_ENDPOINT_URL", self.s3.endpoint_url), ("S3_ACCESS_KEY_ID", self.s3.access_key_id),
                    ("S3_SECRET_ACCESS_KEY", self.s3.secret_access_key)],
         }
+        needed_by = f"mode {self.mode}" if self.mode else "this command"
         for name in names:
             for env, value in needs[name]:
                 if value is None:
-                    raise ConfigError(f"{env}: required by mode {self.mode or '?'}, but not set")
+                    raise ConfigError(f"{env}: required by {needed_by}, but not set")
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,31 @@ def test_bunker_proxy_readiness_fails_when_its_bucket_is_missing(start_mode, env
     status, _, body = http_get(base + "/health/ready")
     assert status == 503 and json.loads(body)["checks"]["s3"].startswith("error")
     assert proxy.stop() == 0
+
+
+def test_secrets_never_reach_the_logs(start_mode, migrated_env):
+    env = {**migrated_env, "SCAIKEY_WEBHOOK_SECRET": "hook-secret-value", "SCAIKEY_CLIENT_SECRET": "client-secret-v"}
+    base = f"http://127.0.0.1:{env['HTTP_PORT']}"
+    http = start_mode("http", env)
+    http.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
+    http_get(base + "/v1/missing")
+    assert http.stop() == 0
+    log = http.log_path.read_text()
+    db_password = env["DATABASE_URL"].split(":")[2].split("@")[0]
+    for secret in (db_password, env["JWT_SIGNING_SECRET"], "hook-secret-value", "client-secret-v"):
+        assert secret not in log
+
+
+def test_http_through_redis_sentinel(start_mode, migrated_env, tmp_path):
+    master = devstack.start_redis(tmp_path / "master")
+    sentinel = devstack.start_sentinel(tmp_path / "sentinel", master)
+    try:
+        env = {**migrated_env, "REDIS_URL": sentinel.url}
+        base = f"http://127.0.0.1:{env['HTTP_PORT']}"
+        http = start_mode("http", env)
+        http.wait_for(lambda: http_ok(base + "/health/ready"), what="ready through the sentinel")
+        assert json.loads(http_get(base + "/health/ready")[2])["checks"]["redis"] == "ok"
+        assert http.stop() == 0
+    finally:
+        sentinel.stop()
+        master.stop()

@@ -164,3 +164,9 @@ def test_version_and_python_dash_m():
     assert re.fullmatch(r"\d+\.\d+\.\d+\n", result.stdout)
 
 
+
+
+def test_check_worker_without_redis_names_the_variable():
+    result = scaigrid("check", "worker", env={})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "scaigrid: configuration error: REDIS_URL: required by this command, but not set"

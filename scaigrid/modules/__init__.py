@@ -2,7 +2,7 @@
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -18,7 +18,6 @@ class Module:
     routes: Sequence[web.RouteDef] = ()  # mounted under /v1/modules/<id>/
     jobs: Sequence[Job] = ()
     permissions: Sequence[str] = ()
-    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def version_table(self) -> str:
