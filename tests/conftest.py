@@ -114,7 +114,8 @@ def settings(env: dict[str, str]) -> Settings:
 def command_env(env: dict[str, str]) -> dict[str, str]:
     """The test's settings on top of a minimal environment (no stray SCAIGRID_* or DATABASE_URL from the host)."""
     base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
-    return {**base, "PYTHONPATH": str(REPO), **env}
+    # Warnings are errors in the processes under test too, as in pytest itself.
+    return {**base, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "error", **env}
 
 
 def scaigrid(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,7 @@ DB = web.AppKey("db", AsyncEngine)
 REDIS = web.AppKey("redis", aioredis.Redis)
 S3 = web.AppKey("s3", Minio)
 READY_CHECKS = web.AppKey("ready_checks", dict)  # name -> ReadyCheck, filled by the app that composes checks
+REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_HEADER = "X-Request-ID"
 # Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
 DRAIN_EXEMPT = ("/health", "/health/ready", "/metrics")
@@ -100,7 +101,7 @@ def _translate_http_exception(exc: web.HTTPException) -> errors.ScaigridError:
 async def request_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                              ) -> web.StreamResponse:
     """Request id, drain accounting, error translation and the request log line, in one place."""
-    request_id = request["request_id"] = "req_" + secrets.token_hex(12)
+    request_id = request[REQUEST_ID] = "req_" + secrets.token_hex(12)
     request_id_var.set(request_id)
     drain = request.app[DRAIN]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
@@ -138,8 +139,8 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     """Every response carries the request id, streams included (this runs as each one is prepared)."""
-    if "request_id" in request:
-        response.headers[REQUEST_ID_HEADER] = request["request_id"]
+    if REQUEST_ID in request:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
 
 async def health(request: web.Request) -> web.Response:
