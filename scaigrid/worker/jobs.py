@@ -38,5 +38,10 @@ class Job:
         return self.every_s or 60
 
     def tick_for(self, now_s: float) -> int:
-        """The scheduled time this run belongs to: the latest tick at or before now."""
-        return int(now_s // self.period_s * self.period_s)
+        """The scheduled time this run belongs to: the tick nearest to now.
+
+        Nearest, not latest: a timer that fires a millisecond early must not be taken for the previous
+        tick (which has run already and would make this one be skipped). Runs later than half a period
+        are dropped by the scheduler's misfire grace, so nearest is always right.
+        """
+        return round(now_s / self.period_s) * self.period_s
