@@ -11,23 +11,21 @@ import click
 from scaigrid import __version__
 from scaigrid.logs import setup_logging
 from scaigrid.modes import mode_module
+from scaigrid.modules import load_modules
 from scaigrid.settings import MODES, ConfigError, Settings, entries, load_settings
 
 logger = logging.getLogger(__name__)
 
 
-def _for_mode(settings: Settings, mode: str | None) -> Settings:
-    """Settings validated for `mode` (or SCAIGRID_MODE); ConfigError names what a mode lacks."""
+def _validated(ctx: click.Context, mode: str | None) -> Settings:
+    """Settings for `mode` (default SCAIGRID_MODE), with what that mode requires; ConfigError names a lack."""
+    settings = load_settings(env_file=ctx.obj["env_file"])
     if mode is not None:
         settings = dataclasses.replace(settings, mode=mode)
-    if settings.mode is None:
-        raise ConfigError(f"SCAIGRID_MODE: required (or --mode), one of {', '.join(MODES)}")
-    module = mode_module(settings.mode)
-    settings.require(*module.REQUIRES)
-    if settings.mode != "bunker_proxy":  # the storage proxy loads no module registry
-        from scaigrid.modules import load_modules
-
-        load_modules(settings.modules)
+    if settings.mode is not None:
+        settings.require(*mode_module(settings.mode).REQUIRES)
+    # Checked whatever the mode: all processes of a node share one env file, and a typo there is a typo.
+    load_modules(settings.modules)
     return settings
 
 
@@ -45,8 +43,9 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
 @click.pass_context
 def run(ctx: click.Context, mode: str | None) -> None:
     """Run one runtime mode until SIGTERM."""
-    settings = _for_mode(load_settings(env_file=ctx.obj["env_file"]), mode)
-    assert settings.mode is not None  # _for_mode refuses a missing mode
+    settings = _validated(ctx, mode)
+    if settings.mode is None:
+        raise ConfigError(f"SCAIGRID_MODE: required (or --mode), one of {', '.join(MODES)}")
     setup_logging(settings.log_level, settings.mode)
     try:
         status = mode_module(settings.mode).run(settings)
@@ -69,9 +68,7 @@ def migrate(ctx: click.Context) -> None:
 @click.pass_context
 def check_config(ctx: click.Context, mode: str | None) -> None:
     """Print the effective settings, secrets masked; exit 2 if they are invalid."""
-    settings = load_settings(env_file=ctx.obj["env_file"])
-    if mode or settings.mode:
-        settings = _for_mode(settings, mode)
+    settings = _validated(ctx, mode)
     width = max(len(e.env) for e in entries(settings))
     for entry in entries(settings):
         click.echo(f"{entry.env:<{width}}  {entry.display()}")

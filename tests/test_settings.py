@@ -170,3 +170,10 @@ def test_check_worker_without_redis_names_the_variable():
     result = scaigrid("check", "worker", env={})
     assert result.returncode == 2
     assert result.stderr.strip() == "scaigrid: configuration error: REDIS_URL: required by this command, but not set"
+
+
+def test_check_config_names_an_unknown_module():
+    result = scaigrid("check-config", env={"SCAIGRID_MODULES": "scaibunker,scaibunkr"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "scaigrid: configuration error: SCAIGRID_MODULES: unknown module 'scaibunkr' (built-in: scaibunker)")

@@ -41,9 +41,9 @@ def mount_module(app: web.Application, module: Module) -> None:
         web.RouteDef(route.method, module.route_prefix + route.path, route.handler, route.kwargs).register(app.router)
 
 
-def create_app(settings: Settings, modules: tuple[Module, ...] | None = None) -> web.Application:
+def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
-    app[MODULES] = load_modules(settings.modules) if modules is None else modules
+    app[MODULES] = load_modules(settings.modules)
     app.cleanup_ctx.append(resource_ctx(DB, database_ctx))
     app.cleanup_ctx.append(resource_ctx(REDIS, redis_ctx))
     app.cleanup_ctx.append(_schema_heads_ctx)
