@@ -209,7 +209,7 @@ def main() -> int:
         ]
         for name, where, what in rows:
             print(f"  {name:<13} {where:<24} {what}", flush=True)
-        say(f"settings in {env_file} (try: scaigrid --env-file {env_file} check-config); logs in {logs}")
+        say(f"settings in {env_file} (try: .venv/bin/scaigrid --env-file {env_file} check-config); logs in {logs}")
         say("Ctrl-C stops everything")
         while all(mode.process.poll() is None for mode in modes):
             time.sleep(0.5)
