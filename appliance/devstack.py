@@ -34,12 +34,32 @@ class ServiceError(RuntimeError):
     """A local service failed to start, or a command against it failed."""
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct TCP ports on 127.0.0.1 that were free a moment ago, for servers to listen on.
+
+    They come from below the kernel's ephemeral range: a port from bind(0) lies inside it, and any
+    outgoing connection made before our server binds could take it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", secrets.choice(range(10000, low))))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)  # held until all are chosen, so no port is handed out twice
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that was free a moment ago (see free_ports)."""
+    return free_ports(1)[0]
 
 
 class _ManagedProcess:
@@ -187,7 +207,7 @@ def start_mariadb(base_dir: Path, port: int | None = None, *, timeout_s: float =
     if first_start:
         try:
             _secure_fresh_mariadb(as_root_on_socket, root_password, log_path)
-            _write_private_file(password_path, root_password)
+            write_private_file(password_path, root_password)
         except BaseException:
             _stop_process(process, _FAILED_START_STOP_TIMEOUT_S)
             raise
@@ -342,10 +362,10 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
 
 
 def _failure(message: str, log_path: Path) -> ServiceError:
-    return ServiceError(f"{message}\n--- last lines of {log_path} ---\n{_log_tail(log_path)}")
+    return ServiceError(f"{message}\n--- last lines of {log_path} ---\n{log_tail(log_path)}")
 
 
-def _log_tail(log_path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(log_path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     try:
         text = log_path.read_text(errors="replace")
     except OSError as exc:
@@ -503,7 +523,8 @@ def _moto_server_executable() -> str:
     return on_path
 
 
-def _write_private_file(path: Path, text: str) -> None:
+def write_private_file(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (0600), atomically."""
     # Write-then-rename so an interrupted write never leaves a truncated password behind.
     tmp_path = path.with_name(path.name + ".tmp")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

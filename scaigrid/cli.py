@@ -86,7 +86,7 @@ def check_worker(ctx: click.Context) -> None:
     from scaigrid.resources import redis_ctx
     from scaigrid.worker.heartbeat import fresh_heartbeats
 
-    settings = load_settings(env_file=ctx.obj["env_file"])
+    settings = _validated(ctx, None)
     settings.require("redis")
 
     async def ages() -> dict[str, float]:

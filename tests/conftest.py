@@ -1,7 +1,6 @@
 """Layered fixtures: session-wide real services, a fresh database/Redis/bucket per test, and mode subprocesses."""
 
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -19,9 +18,11 @@ import redis as sync_redis
 from minio import Minio
 
 from appliance import devstack
+from appliance.local import child_env
 from scaigrid.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+PORT_SETTINGS = ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
 
 
 # --- session: one real server of each kind ---
@@ -95,11 +96,7 @@ def env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_buck
         "S3_ACCESS_KEY_ID": s3_server.access_key_id,
         "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
         "S3_BUCKET": s3_bucket,
-        "HTTP_PORT": str(devstack.free_port()),
-        "GRPC_PORT": str(devstack.free_port()),
-        "BUNKER_PROXY_PORT": str(devstack.free_port()),
-        "GRPC_METRICS_PORT": str(devstack.free_port()),
-        "WORKER_METRICS_PORT": str(devstack.free_port()),
+        **dict(zip(PORT_SETTINGS, map(str, devstack.free_ports(len(PORT_SETTINGS))), strict=True)),
         "JWT_SIGNING_SECRET": secrets.token_hex(32),
     }
 
@@ -113,9 +110,8 @@ def settings(env: dict[str, str]) -> Settings:
 
 def command_env(env: dict[str, str]) -> dict[str, str]:
     """The test's settings on top of a minimal environment (no stray SCAIGRID_* or DATABASE_URL from the host)."""
-    base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
     # Warnings are errors in the processes under test too, as in pytest itself.
-    return {**base, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "error", **env}
+    return {**child_env(), "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "error", **env}
 
 
 def scaigrid(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -170,8 +166,8 @@ class ModeProcess:
             self.process.wait()
             raise AssertionError(f"{self.mode} did not exit within {timeout_s} s of {sig}:\n{self.tail()}") from None
 
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def tail(self) -> str:
+        return devstack.log_tail(self.log_path)
 
 
 @pytest.fixture

@@ -190,3 +190,10 @@ def test_s3_bucket_roundtrip(tmp_path: Path) -> None:
     finally:
         server.stop()
     _assert_gone(server.process)
+
+
+def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = devstack.free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(port < low for port in ports)

@@ -7,12 +7,11 @@ import sys
 import time
 
 from appliance import devstack
-from tests.conftest import REPO, http_ok
+from tests.conftest import PORT_SETTINGS, REPO, http_ok
 
 
 def test_local_run_starts_everything_and_ctrl_c_stops_it(tmp_path):
-    ports = {key: str(devstack.free_port()) for key in
-             ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")}
+    ports = dict(zip(PORT_SETTINGS, map(str, devstack.free_ports(len(PORT_SETTINGS))), strict=True))
     output = tmp_path / "run.out"
     with output.open("w") as out:
         run = subprocess.Popen([sys.executable, "-m", "appliance.local", "--var", str(tmp_path / "var")],

@@ -31,7 +31,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", AsyncEngine)
 REDIS = web.AppKey("redis", aioredis.Redis)
 S3 = web.AppKey("s3", Minio)
-READY_CHECKS = web.AppKey("ready_checks", dict)  # name -> ReadyCheck, filled by the app that composes checks
+READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])  # filled by the app that composes checks
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_HEADER = "X-Request-ID"
 # Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
