@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,lint]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,lint,bench]'
 	touch $@
 
 run: install
@@ -38,8 +38,8 @@ lint: install
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
 lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet -e '.[test,lint]'
-	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^pkg_resources' > constraints.txt
+	.venv-lock/bin/pip install --quiet -e '.[test,lint,bench]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v "^pkg_resources" > constraints.txt
 	rm -rf .venv-lock
 
 clean:

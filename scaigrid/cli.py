@@ -105,6 +105,23 @@ def check_worker(ctx: click.Context) -> None:
         click.echo(f"worker {worker_id}: heartbeat {age_s:.1f} s ago")
 
 
+@cli.group()
+def admin() -> None:
+    """Administer the node's data: API keys, catalogue, limits (talks to the database directly)."""
+
+
+def _add_admin_commands() -> None:
+    from scaigrid.accounting.commands import COMMANDS as ACCOUNTING
+    from scaigrid.auth.commands import COMMANDS as AUTH
+    from scaigrid.routing.commands import COMMANDS as ROUTING
+
+    for command in (*AUTH, *ROUTING, *ACCOUNTING):
+        admin.add_command(command)
+
+
+_add_admin_commands()
+
+
 @cli.command()
 def version() -> None:
     """Print the version."""

@@ -34,3 +34,52 @@ def method_not_allowed(message: str) -> ScaigridError:
 def service_draining() -> ScaigridError:
     # Clients and load balancers retry elsewhere; the process is on its way out.
     return ScaigridError("this server is shutting down; retry on another", "SERVICE_DRAINING", 503, retry_after_s=1)
+
+
+def validation_error(details: list[FieldError], message: str = "the request body is invalid") -> ScaigridError:
+    return ScaigridError(message, "VALIDATION_ERROR", 422, details=details)
+
+
+def auth_token_missing() -> ScaigridError:
+    return ScaigridError("send `Authorization: Bearer <API key or token>`", "AUTH_TOKEN_MISSING", 401)
+
+
+def auth_token_invalid(message: str = "the token is not valid") -> ScaigridError:
+    return ScaigridError(message, "AUTH_TOKEN_INVALID", 401)
+
+
+def service_token_invalid(message: str = "the service token is not valid") -> ScaigridError:
+    return ScaigridError(message, "SERVICE_TOKEN_INVALID", 401)
+
+
+def permission_denied(permission: str) -> ScaigridError:
+    return ScaigridError(f"this needs the permission {permission}", "AUTHZ_PERMISSION_DENIED", 403)
+
+
+def insufficient_scope(message: str) -> ScaigridError:
+    return ScaigridError(message, "AUTH_INSUFFICIENT_SCOPE", 403)
+
+
+def slug_conflict(message: str) -> ScaigridError:
+    return ScaigridError(message, "SLUG_CONFLICT", 409)
+
+
+def model_not_found(slug: str) -> ScaigridError:
+    return ScaigridError(f"no model {slug!r}", "MODEL_NOT_FOUND", 404)
+
+
+def model_unavailable(slug: str) -> ScaigridError:
+    return ScaigridError(f"no backend of {slug!r} is available (all unhealthy or circuit breakers open)",
+                         "MODEL_UNAVAILABLE", 503, retry_after_s=5)
+
+
+def backend_not_found(backend_id: str) -> ScaigridError:
+    return ScaigridError(f"no backend {backend_id!r}", "BACKEND_NOT_FOUND", 404)
+
+
+def rate_limited(retry_after_s: int, message: str) -> ScaigridError:
+    return ScaigridError(message, "RATE_LIMITED", 429, retry_after_s=retry_after_s)
+
+
+def budget_exceeded(message: str) -> ScaigridError:
+    return ScaigridError(message, "BUDGET_EXCEEDED", 429)

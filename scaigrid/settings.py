@@ -95,6 +95,22 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+def _non_negative_int(raw: str) -> int:
+    if not raw.isdigit():
+        raise ValueError("a whole number >= 0")
+    return int(raw)
+
+
+def _fernet_key(raw: str) -> Secret:
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(raw.encode())
+    except (ValueError, TypeError):
+        raise ValueError("a Fernet key: 32 random bytes, url-safe base64 (`scaigrid admin generate-key`)") from None
+    return Secret(raw)
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -189,6 +205,50 @@ class ScaiKeySettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    encryption_key: Secret | None = setting(
+        "SCAIGRID_ENCRYPTION_KEY", _fernet_key,
+        help="encrypts backend credentials at rest (Fernet key; `scaigrid admin generate-key`)", secret=True)
+    service_token_secret: Secret | None = setting(
+        "SERVICE_TOKEN_SECRET", _secret, help="HMAC key of service tokens for internal callers; unset = none accepted",
+        secret=True)
+    api_key_cache_ttl_s: float = setting(
+        "API_KEY_CACHE_TTL_S", _positive_float, 60.0,
+        "how long an http process trusts a cached API key (revocation is pushed at once via Redis)")
+    scaikey_issuer: str | None = setting("SCAIKEY_ISSUER", _str, help="expected `iss` of ScaiKey JWTs")
+    jwt_leeway_s: int = setting("SCAIKEY_JWT_LEEWAY_S", _non_negative_int, 30, "clock skew allowed on JWT exp/nbf")
+    jwks_min_refetch_s: float = setting(
+        "SCAIKEY_JWKS_MIN_REFETCH_S", _positive_float, 30.0,
+        "an unknown `kid` refetches the JWKS at most this often")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    key_rpm: int = setting("RATE_LIMIT_KEY_RPM", _positive_int, 60, "default requests/minute per API key")
+    user_rpm: int = setting("RATE_LIMIT_USER_RPM", _positive_int, 120, "default requests/minute per user")
+    tenant_rpm: int = setting("RATE_LIMIT_TENANT_RPM", _positive_int, 1000, "default requests/minute per tenant")
+    partner_rpm: int = setting("RATE_LIMIT_PARTNER_RPM", _positive_int, 5000, "default requests/minute per partner")
+    on_redis_failure: str = setting(
+        "RATE_LIMIT_ON_REDIS_FAILURE", _choice("serve", "refuse"), "serve",
+        "when Redis is unreachable: serve (count it in a metric, log once a minute) or refuse with 503")
+    usage_flush_interval_s: int = setting(
+        "USAGE_FLUSH_INTERVAL_S", _positive_int, 30, "the worker moves buffered usage from Redis to MariaDB this often")
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    connect_timeout_s: float = setting(
+        "DISPATCH_CONNECT_TIMEOUT_S", _positive_float, 5.0, "connecting to a backend; then the next one is tried")
+    timeout_s: float = setting(
+        "DISPATCH_TIMEOUT_S", _positive_float, 120.0,
+        "a backend's answer (non-streamed), or its first streamed byte; then the next one is tried")
+    breaker_failures: int = setting(
+        "BREAKER_FAILURE_THRESHOLD", _positive_int, 5, "consecutive failures that open a backend's circuit breaker")
+    breaker_open_s: float = setting(
+        "BREAKER_OPEN_S", _positive_float, 30.0, "how long a breaker stays open before one trial request (half-open)")
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     bind_host: str = setting("BIND_HOST", _str, "127.0.0.1", "address every listener binds (nginx fronts them)")
     http_port: int = setting("HTTP_PORT", _port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
@@ -227,16 +287,20 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     scaikey: ScaiKeySettings = field(default_factory=ScaiKeySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def require(self, *names: str) -> None:
-        """Fails unless every named dependency (database, redis, s3) is configured."""
+        """Fails unless every named dependency (database, redis, s3, encryption) is configured."""
         needs: dict[str, list[tuple[str, object]]] = {
             "database": [("DATABASE_URL", self.database.url)],
             "redis": [("REDIS_URL", self.redis.url)],
             "s3": [("S3_ENDPOINT_URL", self.s3.endpoint_url), ("S3_ACCESS_KEY_ID", self.s3.access_key_id),
                    ("S3_SECRET_ACCESS_KEY", self.s3.secret_access_key)],
+            "encryption": [("SCAIGRID_ENCRYPTION_KEY", self.auth.encryption_key)],
         }
         needed_by = f"mode {self.mode}" if self.mode else "this command"
         for name in names:

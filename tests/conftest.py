@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis as sync_redis
+from cryptography.fernet import Fernet
 from minio import Minio
 
 from appliance import devstack
@@ -98,6 +99,8 @@ def env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_buck
         "S3_BUCKET": s3_bucket,
         **dict(zip(PORT_SETTINGS, map(str, devstack.free_ports(len(PORT_SETTINGS))), strict=True)),
         "JWT_SIGNING_SECRET": secrets.token_hex(32),
+        "SCAIGRID_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "SERVICE_TOKEN_SECRET": secrets.token_hex(32),
     }
 
 
@@ -201,3 +204,48 @@ def http_get(url: str, timeout_s: float = 5) -> tuple[int, dict[str, str], bytes
 
 def http_ok(url: str) -> bool:
     return http_get(url, timeout_s=2)[0] == 200
+
+
+# --- a running node: migrated database, an http process, an operator's key ---
+
+@pytest.fixture
+def migrated_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` on a database that `scaigrid migrate` has brought to head (default partner and tenant exist)."""
+    result = scaigrid("migrate", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return env
+
+
+def create_key(env: dict[str, str], role: str, tenant: str = "default") -> str:
+    """An API key made the way an operator makes one: `scaigrid admin create-key`."""
+    result = scaigrid("admin", "create-key", "--role", role, "--tenant", tenant, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@dataclass
+class Node:
+    """One http process of a migrated node, and a super_admin key for it."""
+
+    env: dict[str, str]
+    process: ModeProcess
+    admin_key: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['HTTP_PORT']}"
+
+    def key(self, role: str, tenant: str = "default") -> str:
+        return create_key(self.env, role, tenant)
+
+
+def start_http(start_mode: Callable[..., ModeProcess], env: dict[str, str]) -> ModeProcess:
+    """An http mode process, returned once /health/ready says ready."""
+    process = start_mode("http", env)
+    process.wait_for(lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"), what="readiness")
+    return process
+
+
+@pytest.fixture
+def node(migrated_env: dict[str, str], start_mode: Callable[..., ModeProcess]) -> Node:
+    return Node(migrated_env, start_http(start_mode, migrated_env), create_key(migrated_env, "super_admin"))

@@ -1,12 +1,22 @@
 """The http mode's application: `create_app(settings)` composes routes and resources and does no I/O."""
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
-from scaigrid.api.base import DB, READY_CHECKS, REDIS, base_app, resource_ctx
+from scaigrid.accounting import routes as accounting_routes
+from scaigrid.accounting.service import Accounting
+from scaigrid.api.base import DB, READY_CHECKS, REDIS, SETTINGS, base_app, resource_ctx
+from scaigrid.api.gateway import ACCOUNTING, AUTHENTICATOR, add_rate_limit_headers, gateway_middleware
+from scaigrid.auth import routes as auth_routes
+from scaigrid.auth.authenticator import Authenticator
+from scaigrid.cache import BUS, InvalidationBus, bus_ctx
 from scaigrid.db import migrations
+from scaigrid.dispatch import routes as dispatch_routes
 from scaigrid.health import check_database, check_redis
 from scaigrid.modules import Module, load_modules
 from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.routing import routes as routing_routes
 from scaigrid.settings import Settings
 
 MODULES = web.AppKey("modules", tuple[Module, ...])
@@ -36,6 +46,14 @@ async def _schema_heads_ctx(app: web.Application):  # type: ignore[no-untyped-de
     yield
 
 
+async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The request path's in-process services, built once the database and Redis are open."""
+    settings = app[SETTINGS]
+    app[AUTHENTICATOR] = Authenticator(settings, app[DB], app[BUS])
+    app[ACCOUNTING] = Accounting(settings, app[REDIS])
+    yield
+
+
 def mount_module(app: web.Application, module: Module) -> None:
     for route in module.routes:
         web.RouteDef(route.method, module.route_prefix + route.path, route.handler, route.kwargs).register(app.router)
@@ -43,10 +61,17 @@ def mount_module(app: web.Application, module: Module) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    app.middlewares.append(gateway_middleware)
+    app.on_response_prepare.append(add_rate_limit_headers)
     app[MODULES] = load_modules(settings.modules)
+    app[BUS] = InvalidationBus()
     app.cleanup_ctx.append(resource_ctx(DB, database_ctx))
     app.cleanup_ctx.append(resource_ctx(REDIS, redis_ctx))
+    app.cleanup_ctx.append(bus_ctx(REDIS))
+    app.cleanup_ctx.append(_gateway_ctx)
     app.cleanup_ctx.append(_schema_heads_ctx)
+    for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES):
+        app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
     for module in app[MODULES]:
         mount_module(app, module)

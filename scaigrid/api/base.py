@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
+from scaigrid.api.access import public
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.logs import request_id_var
 from scaigrid.metrics import metrics_handler
@@ -177,16 +178,18 @@ def base_app(settings: Settings) -> web.Application:
     app[DRAIN] = Drain()
     app[READY_CHECKS] = {}
     app.on_response_prepare.append(add_request_id_header)
-    app.router.add_get("/health", health)
-    app.router.add_get("/health/ready", ready)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/health", public(health))
+    app.router.add_get("/health/ready", public(ready))
+    app.router.add_get("/metrics", public(metrics_handler))
     return app
 
 
 async def serve(app: web.Application, host: str, port: int, grace_s: float) -> int:
     """Runs the app until SIGTERM/SIGINT, then drains: readiness 503, new requests 503, in-flight get grace_s."""
     # Cleanup waits at most this long after the drain: whatever still runs by then is cut.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    # handler_cancellation: a client that goes away cancels its handler, and with it the upstream request.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0,
+                           handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -7,7 +7,23 @@ auto-increment hot spot, no offset juggling between writers).
 import uuid
 from typing import Any
 
-from sqlalchemy import Column, DateTime, ForeignKey, Index, MetaData, String, Table, UniqueConstraint, func
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects import mysql
 
 metadata = MetaData()
 
@@ -16,7 +32,7 @@ TABLE_ARGS: dict[str, Any] = {
 
 
 def new_id(prefix: str) -> str:
-    """Ids say what they are (prt_, ten_, usr_, key_) and are unguessable."""
+    """Ids say what they are (prt_, ten_, usr_, key_, mdl_, bud_) and are unguessable."""
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -34,6 +50,7 @@ partners = Table(
     Column("name", String(255), nullable=False),
     Column("status", String(16), nullable=False, server_default="active"),
     Column("scaikey_id", String(64), unique=True),
+    Column("rpm_limit", Integer),  # requests/minute; NULL = RATE_LIMIT_PARTNER_RPM
     *_timestamps(),
     **TABLE_ARGS,
 )
@@ -46,6 +63,7 @@ tenants = Table(
     Column("name", String(255), nullable=False),
     Column("status", String(16), nullable=False, server_default="active"),
     Column("scaikey_id", String(64), unique=True),
+    Column("rpm_limit", Integer),  # NULL = RATE_LIMIT_TENANT_RPM
     *_timestamps(),
     **TABLE_ARGS,
 )
@@ -59,6 +77,7 @@ users = Table(
     Column("role", String(32), nullable=False),
     Column("status", String(16), nullable=False, server_default="active"),
     Column("scaikey_id", String(64), unique=True),
+    Column("rpm_limit", Integer),  # NULL = RATE_LIMIT_USER_RPM
     *_timestamps(),
     UniqueConstraint("tenant_id", "email", name="uq_users_tenant_email"),
     **TABLE_ARGS,
@@ -76,7 +95,107 @@ api_keys = Table(
     Column("expires_at", DateTime),
     Column("revoked_at", DateTime),
     Column("last_used_at", DateTime),
+    # A key acts with this role, never more than its user's (checked when it is created).
+    Column("role", String(32), nullable=False, server_default="tenant_user"),
+    Column("rpm_limit", Integer),  # NULL = RATE_LIMIT_KEY_RPM
     *_timestamps(),
     Index("ix_api_keys_user_id", "user_id"),
+    **TABLE_ARGS,
+)
+
+# Event ids of ScaiKey webhooks already applied: a redelivered event is acknowledged and ignored.
+scaikey_events = Table(
+    "scaikey_events", metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("event_type", String(64), nullable=False),
+    Column("received_at", DateTime, nullable=False, server_default=func.now()),
+    **TABLE_ARGS,
+)
+
+# Money: prices and costs per million tokens have at most 6 decimals; a request's cost is exact at 12.
+PRICE = Numeric(18, 6)
+MICROSECONDS = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")  # MariaDB-specific precision
+COST = Numeric(24, 12)
+
+backends = Table(
+    "backends", metadata,
+    Column("id", String(64), primary_key=True),  # chosen by the operator, e.g. "vllm-a100-1"
+    Column("tenant_id", String(40), ForeignKey("tenants.id")),  # NULL = shared by every tenant
+    Column("provider", String(16), nullable=False),  # openai | custom
+    Column("base_url", String(1024), nullable=False),
+    Column("model", String(255), nullable=False),  # the upstream's own model name
+    Column("api_key_encrypted", Text),  # Fernet token under SCAIGRID_ENCRYPTION_KEY
+    Column("api_key_env", String(128)),  # or: the variable holding the key in the node's environment
+    Column("cost_input_per_mtok", PRICE, nullable=False, server_default="0"),
+    Column("cost_output_per_mtok", PRICE, nullable=False, server_default="0"),
+    Column("timeout_s", Float),  # NULL = DISPATCH_TIMEOUT_S
+    Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
+    *_timestamps(),
+    **TABLE_ARGS,
+)
+
+models = Table(
+    "models", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("slug", String(191), nullable=False, unique=True),  # what clients send as `model`
+    Column("tenant_id", String(40), ForeignKey("tenants.id")),  # NULL = offered to every tenant
+    Column("display_name", String(255)),
+    Column("modality", String(16), nullable=False),  # chat | embedding | image | audio
+    Column("context_window", Integer),
+    Column("max_output_tokens", Integer),
+    Column("price_input_per_mtok", PRICE, nullable=False, server_default="0"),
+    Column("price_output_per_mtok", PRICE, nullable=False, server_default="0"),
+    Column("default_params", JSON),
+    Column("status", String(16), nullable=False, server_default="active"),  # active | deprecated
+    *_timestamps(),
+    **TABLE_ARGS,
+)
+
+model_routes = Table(
+    "model_routes", metadata,
+    Column("model_id", String(40), ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("backend_id", String(64), ForeignKey("backends.id"), primary_key=True),
+    Column("weight", Integer, nullable=False, server_default="1"),
+    # Lower value is tried first: every priority-1 backend before any priority-2 one.
+    Column("priority", Integer, nullable=False, server_default="1"),
+    **TABLE_ARGS,
+)
+
+usage_records = Table(
+    "usage_records", metadata,
+    Column("request_id", String(40), primary_key=True),  # the flush is idempotent on it
+    Column("created_at", MICROSECONDS, nullable=False),
+    Column("partner_id", String(40), nullable=False),
+    Column("tenant_id", String(40), nullable=False),
+    Column("user_id", String(40)),
+    Column("api_key_id", String(40)),
+    Column("model", String(191), nullable=False),
+    Column("backend_id", String(64)),
+    Column("protocol", String(8), nullable=False),  # native | oai
+    Column("status", String(16), nullable=False),  # ok | error
+    Column("tokens_in", Integer, nullable=False, server_default="0"),
+    Column("tokens_out", Integer, nullable=False, server_default="0"),
+    Column("latency_ms", Integer, nullable=False, server_default="0"),
+    Column("cost", COST, nullable=False, server_default="0"),
+    Index("ix_usage_tenant_time", "tenant_id", "created_at"),
+    Index("ix_usage_user_time", "user_id", "created_at"),
+    Index("ix_usage_partner_time", "partner_id", "created_at"),
+    **TABLE_ARGS,
+)
+
+budgets = Table(
+    "budgets", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("scope", String(16), nullable=False),  # partner | tenant | user
+    Column("scope_id", String(40), nullable=False),
+    Column("partner_id", String(40), nullable=False),  # owner, for visibility checks
+    Column("tenant_id", String(40)),
+    Column("period", String(16), nullable=False),  # daily | weekly | monthly | total
+    Column("limit_type", String(16), nullable=False),  # cost | tokens | requests
+    Column("limit_value", COST, nullable=False),
+    Column("hard_action", String(16), nullable=False, server_default="block"),  # block | notify | throttle
+    Column("soft_limit_pct", Numeric(4, 3), nullable=False, server_default="0.8"),
+    *_timestamps(),
+    Index("ix_budgets_scope", "scope", "scope_id"),
     **TABLE_ARGS,
 )

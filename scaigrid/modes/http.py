@@ -6,7 +6,7 @@ from scaigrid.api.app import create_app
 from scaigrid.api.base import serve
 from scaigrid.settings import Settings
 
-REQUIRES = ("database", "redis")
+REQUIRES = ("database", "redis", "encryption")
 
 
 def run(settings: Settings) -> int:

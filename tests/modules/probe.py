@@ -4,6 +4,7 @@ import asyncio
 
 from aiohttp import web
 
+from scaigrid.api.access import public
 from scaigrid.modules import Module
 from scaigrid.worker.jobs import Job, JobContext
 
@@ -16,6 +17,7 @@ async def count_tick(ctx: JobContext) -> None:
     await ctx.redis.sadd(RUNNERS_KEY, ctx.worker_id)
 
 
+@public
 async def slow_stream(request: web.Request) -> web.StreamResponse:
     """Streams one SSE line every 0.2 s for `seconds` seconds, then a final line."""
     seconds = float(request.query.get("seconds", "2"))

@@ -1,0 +1,33 @@
+"""What the request path hands to accounting, and what it gets back from admission."""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+
+@dataclass(frozen=True)
+class RateState:
+    """The most restrictive rate-limit level after this request: sent as X-Scaigrid-Ratelimit-* headers."""
+
+    limit: int
+    remaining: int
+    reset_unix: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One inference call, as stored in usage_records (cost exact, from the frontend model's prices)."""
+
+    request_id: str
+    created_at_unix: float
+    partner_id: str
+    tenant_id: str
+    user_id: str | None
+    api_key_id: str | None
+    model: str
+    backend_id: str | None
+    protocol: str  # native | oai
+    status: str  # ok | error
+    tokens_in: int
+    tokens_out: int
+    latency_ms: int
+    cost: Decimal

@@ -1,0 +1,5 @@
+"""Accounting routes: usage, usage summary, budgets."""
+
+from aiohttp import web
+
+ROUTES: list[web.RouteDef] = []

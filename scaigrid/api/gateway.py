@@ -1,0 +1,49 @@
+"""The gateway's request pipeline around every handler: authenticate, admit (rate limits, budgets), authorise."""
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from scaigrid import errors
+from scaigrid.accounting.service import RATE_STATE, Accounting
+from scaigrid.api.access import route_access
+from scaigrid.auth.authenticator import Authenticator
+from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.logs import tenant_id_var, user_id_var
+
+logger = logging.getLogger(__name__)
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+ACCOUNTING = web.AppKey("accounting", Accounting)
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                             ) -> web.StreamResponse:
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # no such route: 404/405 without asking who is calling
+    access = route_access(request)
+    if access is None:
+        # Fail closed: a route that forgot to say who may call it is refused, loudly, instead of open.
+        logger.error("route %s declares no access rule; refused", request.match_info.route.resource,
+                     extra={"event": "undeclared_route"})
+        raise errors.permission_denied("(undeclared route)")
+    if access.permission is None:
+        return await handler(request)
+    principal = await request.app[AUTHENTICATOR].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = principal
+    tenant_id_var.set(principal.tenant_id)
+    user_id_var.set(principal.user_id)
+    await request.app[ACCOUNTING].admit(request, principal, metered=access.metered)
+    principal.require(access.permission)
+    return await handler(request)
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every authenticated response says where the caller stands, streams and errors included."""
+    state = request.get(RATE_STATE)
+    if state is not None:
+        response.headers["X-Scaigrid-Ratelimit-Limit"] = str(state.limit)
+        response.headers["X-Scaigrid-Ratelimit-Remaining"] = str(state.remaining)
+        response.headers["X-Scaigrid-Ratelimit-Reset"] = str(state.reset_unix)

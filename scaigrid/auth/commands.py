@@ -1,0 +1,49 @@
+"""`scaigrid admin create-key` and `generate-key`: how an operator bootstraps a node."""
+
+import click
+from cryptography.fernet import Fernet
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scaigrid.auth.keys import create_api_key
+from scaigrid.auth.roles import ROLES
+from scaigrid.commands import AdminError, settings_of, with_database
+from scaigrid.db.defaults import DEFAULT_SLUG
+from scaigrid.db.tables import new_id, tenants, users
+
+
+@click.command("create-key")
+@click.option("--role", type=click.Choice(ROLES), required=True, help="what the key may do")
+@click.option("--tenant", "tenant_slug", default=DEFAULT_SLUG, show_default=True, help="tenant slug")
+@click.option("--name", default="created by scaigrid admin create-key", help="label shown in key listings")
+@click.pass_context
+def create_key(ctx: click.Context, role: str, tenant_slug: str, name: str) -> None:
+    """Create an API key and print it (only the key, on stdout; it is not shown again)."""
+    settings = settings_of(ctx, "database")
+
+    async def work(engine: AsyncEngine) -> str:
+        async with engine.begin() as conn:
+            tenant_id = await conn.scalar(select(tenants.c.id).where(tenants.c.slug == tenant_slug))
+            if tenant_id is None:
+                raise AdminError(f"no tenant with slug {tenant_slug!r} (has `scaigrid migrate` run?)")
+            # Keys made here belong to one operator user per role and tenant, created on first use.
+            email = f"{role}@{tenant_slug}.local"
+            user_id = await conn.scalar(
+                select(users.c.id).where(users.c.tenant_id == tenant_id, users.c.email == email))
+            if user_id is None:
+                user_id = new_id("usr")
+                await conn.execute(insert(users).values(
+                    id=user_id, tenant_id=tenant_id, email=email, role=role, display_name=f"operator ({role})"))
+            _, key = await create_api_key(conn, tenant_id=tenant_id, user_id=user_id, name=name, role=role)
+            return key
+
+    click.echo(with_database(settings, work))
+
+
+@click.command("generate-key")
+def generate_key() -> None:
+    """Print a new random SCAIGRID_ENCRYPTION_KEY."""
+    click.echo(Fernet.generate_key().decode())
+
+
+COMMANDS = [create_key, generate_key]

@@ -1,0 +1,79 @@
+"""API keys: `sgk_` + 43 random url-safe characters; only the SHA-256 is stored, the key is shown once."""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid.db.tables import api_keys, new_id, partners, tenants, users
+
+PREFIX = "sgk_"
+
+
+def generate() -> str:
+    return PREFIX + secrets.token_urlsafe(32)  # 256 bits
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def looks_like_key(token: str) -> bool:
+    return token.startswith(PREFIX) and len(token) >= len(PREFIX) + 32
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key with everything authentication needs about its user, tenant and partner (one query)."""
+
+    id: str
+    role: str
+    expires_at: datetime | None
+    revoked: bool
+    user_id: str
+    user_status: str
+    tenant_id: str
+    tenant_status: str
+    partner_id: str
+    partner_status: str
+    key_rpm: int | None
+    user_rpm: int | None
+    tenant_rpm: int | None
+    partner_rpm: int | None
+    prefix: str
+
+
+async def create_api_key(conn: AsyncConnection, *, tenant_id: str, user_id: str, name: str, role: str,
+                         expires_at: datetime | None = None) -> tuple[str, str]:
+    """Stores a new key; returns (id, key). The caller shows the key once and forgets it."""
+    key = generate()
+    key_id = new_id("key")
+    await conn.execute(insert(api_keys).values(
+        id=key_id, tenant_id=tenant_id, user_id=user_id, name=name, role=role, key_hash=hash_key(key),
+        key_prefix=key[:12], expires_at=expires_at))
+    return key_id, key
+
+
+async def load_key(conn: AsyncConnection, key_hash: str) -> KeyRecord | None:
+    row = (await conn.execute(
+        select(api_keys.c.id, api_keys.c.role, api_keys.c.expires_at, api_keys.c.revoked_at, api_keys.c.rpm_limit,
+               api_keys.c.key_prefix,
+               users.c.id.label("user_id"), users.c.status.label("user_status"), users.c.rpm_limit.label("user_rpm"),
+               tenants.c.id.label("tenant_id"), tenants.c.status.label("tenant_status"),
+               tenants.c.rpm_limit.label("tenant_rpm"),
+               partners.c.id.label("partner_id"), partners.c.status.label("partner_status"),
+               partners.c.rpm_limit.label("partner_rpm"))
+        .join(users, users.c.id == api_keys.c.user_id)
+        .join(tenants, tenants.c.id == api_keys.c.tenant_id)
+        .join(partners, partners.c.id == tenants.c.partner_id)
+        .where(api_keys.c.key_hash == key_hash))).first()
+    if row is None:
+        return None
+    return KeyRecord(
+        id=row.id, role=row.role, expires_at=row.expires_at, revoked=row.revoked_at is not None,
+        user_id=row.user_id, user_status=row.user_status, tenant_id=row.tenant_id, tenant_status=row.tenant_status,
+        partner_id=row.partner_id, partner_status=row.partner_status, key_rpm=row.rpm_limit, user_rpm=row.user_rpm,
+        tenant_rpm=row.tenant_rpm, partner_rpm=row.partner_rpm, prefix=row.key_prefix)

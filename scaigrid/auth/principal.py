@@ -1,0 +1,55 @@
+"""The authenticated caller, as every handler sees it."""
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from scaigrid import errors
+from scaigrid.auth.roles import ROLE_PERMISSIONS, ROLE_REACH
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Requests per minute allowed at each level, defaults already applied."""
+
+    key: int
+    user: int
+    tenant: int
+    partner: int
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # api_key | jwt | service | dev
+    role: str
+    partner_id: str
+    tenant_id: str
+    user_id: str | None
+    limits: RateLimits
+    api_key_id: str | None = None
+    name: str = ""  # for logs: key prefix, JWT subject or service name
+
+    def can(self, permission: str) -> bool:
+        return permission in ROLE_PERMISSIONS[self.role]
+
+    def require(self, permission: str) -> None:
+        if not self.can(permission):
+            raise errors.permission_denied(permission)
+
+    @property
+    def reach(self) -> str:
+        """platform, partner or tenant: which tenants this caller may act on at all."""
+        return ROLE_REACH[self.role]
+
+    def reaches(self, tenant_id: str | None, partner_id: str | None) -> bool:
+        """May this caller act on an object of that tenant (partner)? tenant_id None = a platform-wide object."""
+        if self.reach == "platform":
+            return True
+        if tenant_id is None:
+            return False
+        if self.reach == "partner":
+            return partner_id == self.partner_id
+        return tenant_id == self.tenant_id
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -1,0 +1,83 @@
+"""In-process caches kept honest across http processes: changes are announced on one Redis pub/sub channel.
+
+A writer calls `announce(redis, topic, key)` after committing; every process's `InvalidationBus` calls the
+handlers registered for that topic with the key. When the subscription drops (Redis restart, network), a
+process may have missed messages, so on every (re)subscribe each handler is called with key None: drop all.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "scaigrid:invalidate"
+RESUBSCRIBE_DELAY_S = 0.5
+
+Handler = Callable[[str | None], None]
+
+
+async def announce(redis: aioredis.Redis, topic: str, key: str = "") -> None:
+    """Tells every process to forget `key` of `topic` (empty key: the whole topic)."""
+    await redis.publish(CHANNEL, f"{topic}:{key}")
+
+
+class InvalidationBus:
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = {}
+        self.subscribed = asyncio.Event()
+
+    def on(self, topic: str, handler: Handler) -> None:
+        self._handlers.setdefault(topic, []).append(handler)
+
+    def _drop_all(self) -> None:
+        for handlers in self._handlers.values():
+            for handler in handlers:
+                handler(None)
+
+    def dispatch(self, message: str) -> None:
+        topic, _, key = message.partition(":")
+        for handler in self._handlers.get(topic, ()):
+            handler(key or None)
+
+    async def listen(self, redis: aioredis.Redis) -> None:
+        """Runs until cancelled, resubscribing after any failure."""
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self._drop_all()  # whatever was announced while we were not listening
+                    self.subscribed.set()
+                    while True:
+                        # A read timeout of its own: the client's socket timeout would end an idle subscription.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            data = message["data"]
+                            self.dispatch(data.decode() if isinstance(data, bytes) else data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.subscribed.is_set():
+                    logger.warning("cache invalidation channel lost (%s); caches dropped until it is back",
+                                   type(exc).__name__, extra={"event": "invalidation_lost"})
+                self.subscribed.clear()
+                self._drop_all()
+                await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+
+
+BUS = web.AppKey("invalidation_bus", InvalidationBus)
+
+
+def bus_ctx(redis_key: web.AppKey[aioredis.Redis]) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[BUS].listen(app[redis_key]), name="invalidation-bus")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx

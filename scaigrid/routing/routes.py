@@ -1,0 +1,5 @@
+"""Catalogue administration under /v1/: backends, models, routing policies, backend health."""
+
+from aiohttp import web
+
+ROUTES: list[web.RouteDef] = []
