@@ -6,7 +6,7 @@ DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
 # Debian's own python3 has no venv module until python3-venv is installed.
 DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test lint lock clean
+.PHONY: install run test lint bench lock clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,12 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check scaigrid appliance migrations tests
+	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench
 	$(VENV)/bin/mypy
+
+# Mock vs floor proxy vs one pinned http process (about 5 minutes); rewrites bench/RESULTS.md.
+bench: install
+	$(PY) -m bench.run
 
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
 lock:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.fernet import Fernet
 from minio import Minio
 
 from appliance import devstack
@@ -39,10 +40,10 @@ def say(message: str) -> None:
     print(f"[make run] {message}", flush=True)
 
 
-def private_secret(path: Path) -> str:
-    """A random secret kept in a 0600 file, so restarts reuse the same database password."""
+def private_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
+    """A random secret kept in a 0600 file, so restarts reuse the same one (database password, keys)."""
     if not path.exists():
-        devstack.write_private_file(path, secrets.token_hex(16))
+        devstack.write_private_file(path, make())
     return path.read_text().strip()
 
 
@@ -68,6 +69,8 @@ def node_env(var: Path, mariadb: devstack.MariaDB, redis: devstack.Redis, s3: de
         "S3_SECRET_ACCESS_KEY": s3.secret_access_key,
         "S3_BUCKET": bucket,
         "JWT_SIGNING_SECRET": private_secret(var / "jwt-secret"),
+        "SCAIGRID_ENCRYPTION_KEY": private_secret(var / "encryption-key", lambda: Fernet.generate_key().decode()),
+        "SERVICE_TOKEN_SECRET": private_secret(var / "service-token-secret"),
         **{key: os.environ[key] for key in PASSED_THROUGH if key in os.environ},
     }
 
@@ -203,6 +206,9 @@ def main() -> int:
         for name, where, what in rows:
             print(f"  {name:<13} {where:<24} {what}", flush=True)
         say(f"settings in {env_file} (try: .venv/bin/scaigrid --env-file {env_file} check-config); logs in {logs}")
+        admin = f".venv/bin/scaigrid --env-file {env_file} admin"
+        say(f"first steps: `{admin} create-key --role super_admin` prints an API key; "
+            f"`{admin} apply docs/catalogue.example.toml` loads a catalogue (edit its backends first)")
         say("Ctrl-C stops everything")
         while all(mode.process.poll() is None for mode in modes):
             time.sleep(0.5)

@@ -77,9 +77,36 @@ def backend_not_found(backend_id: str) -> ScaigridError:
     return ScaigridError(f"no backend {backend_id!r}", "BACKEND_NOT_FOUND", 404)
 
 
+def backend_in_use(backend_id: str, model_slugs: list[str]) -> ScaigridError:
+    return ScaigridError(f"backend {backend_id!r} is still routed by model(s) {', '.join(model_slugs)}; "
+                         "remove it from their routes first", "BACKEND_IN_USE", 409)
+
+
 def rate_limited(retry_after_s: int, message: str) -> ScaigridError:
     return ScaigridError(message, "RATE_LIMITED", 429, retry_after_s=retry_after_s)
 
 
 def budget_exceeded(message: str) -> ScaigridError:
     return ScaigridError(message, "BUDGET_EXCEEDED", 429)
+
+
+def limits_unavailable() -> ScaigridError:
+    # Only with RATE_LIMIT_ON_REDIS_FAILURE=refuse; the default serves unlimited instead.
+    return ScaigridError("rate limits cannot be checked right now (Redis unreachable); retry shortly",
+                         "LIMITS_UNAVAILABLE", 503, retry_after_s=5)
+
+
+def backend_error(message: str) -> ScaigridError:
+    return ScaigridError(message, "BACKEND_ERROR", 502)
+
+
+def backend_timeout(message: str) -> ScaigridError:
+    return ScaigridError(message, "BACKEND_TIMEOUT", 504)
+
+
+def backend_rate_limited(retry_after_s: int, message: str) -> ScaigridError:
+    return ScaigridError(message, "BACKEND_RATE_LIMITED", 429, retry_after_s=retry_after_s)
+
+
+def upstream_shape_mismatch(message: str) -> ScaigridError:
+    return ScaigridError(message, "UPSTREAM_SHAPE_MISMATCH", 502)

@@ -13,6 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from scaigrid.settings import Settings
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
+# Connections per process. Beyond it, a command waits for a free connection (up to the socket timeout) instead of
+# failing at once, as the default pool does: every request of the http mode talks to Redis, so bursts of a few
+# hundred concurrent requests must queue, not be taken for a Redis outage.
+REDIS_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ async def database_ctx(settings: Settings) -> AsyncIterator[AsyncEngine]:
         pool_pre_ping=True,
         # MariaDB drops idle connections after wait_timeout (8 h by default); recycle well before.
         pool_recycle=3600,
+        # Timestamps are UTC whatever the server's own time zone: NOW() and DEFAULT CURRENT_TIMESTAMP included.
+        connect_args={"init_command": "SET time_zone = '+00:00'"},
     )
     try:
         yield engine
@@ -74,8 +80,9 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
     assert settings.redis.url is not None
     target = parse_redis_url(settings.redis.url.reveal())
     if not target.sentinels:
-        client = aioredis.Redis.from_url(
-            target.url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
+        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S))
         try:
             yield client
         finally:

@@ -88,6 +88,11 @@ def s3_client(server: devstack.S3Server) -> Minio:
 @pytest.fixture
 def env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_bucket: str) -> dict[str, str]:
     """Complete settings for a node on this test's database, Redis and bucket, with free ports."""
+    return node_env(database_url, redis_url, s3_server, s3_bucket)
+
+
+def node_env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_bucket: str) -> dict[str, str]:
+    """Complete settings for a node on that database, Redis and bucket, with free ports (for any fixture scope)."""
     return {
         "APP_ENV": "test",
         "APP_LOG_LEVEL": "debug",

@@ -13,6 +13,8 @@ from scaigrid.db import migrations
 from scaigrid.modules import load_modules
 from tests.conftest import REPO, command_env, scaigrid
 
+CORE_HEAD = migrations.CORE.heads()[0]
+
 
 async def _tables(url: str) -> set[str]:
     engine = create_async_engine(url)
@@ -40,7 +42,7 @@ def test_migrate_on_empty_database_creates_core_module_and_default_tenant(env):
     result = scaigrid("migrate", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert asyncio.run(_tables(env["DATABASE_URL"])) >= CORE_TABLES | BUNKER_TABLES
-    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT version_num FROM alembic_version")) == "core_0001"
+    assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT version_num FROM alembic_version")) == CORE_HEAD
     assert asyncio.run(_scalar(env["DATABASE_URL"],
                                "SELECT version_num FROM alembic_version_mod_scaibunker")) == "scaibunker_0001"
     assert asyncio.run(_scalar(env["DATABASE_URL"],
@@ -52,7 +54,7 @@ def test_rerun_is_a_no_op(env):
     assert scaigrid("migrate", env=env).returncode == 0
     again = scaigrid("migrate", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "core_0001 -> core_0001" in again.stdout
+    assert f"{CORE_HEAD} -> {CORE_HEAD}" in again.stdout
     assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM partners")) == 1
     assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM tenants")) == 1
 
@@ -71,7 +73,7 @@ async def test_downgrade_to_base_and_up_again(settings):
         assert left <= {"alembic_version", "alembic_version_mod_scaibunker"}
         again = await migrations.upgrade(engine, modules, lock_timeout_s=10)
         assert [(r.stream, r.after, r.error) for r in again] == [
-            ("core", "core_0001", None), ("scaibunker", "scaibunker_0001", None)]
+            ("core", CORE_HEAD, None), ("scaibunker", "scaibunker_0001", None)]
     finally:
         await engine.dispose()
 
@@ -117,7 +119,7 @@ def test_two_concurrent_migrate_runs_are_serialised(env, mariadb):
     outputs = [run.communicate(timeout=60)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     # Exactly one run applied the revisions; the other found them applied.
-    assert sum("base -> core_0001" in out for out in outputs) == 1, outputs
+    assert sum(f"base -> {CORE_HEAD}" in out for out in outputs) == 1, outputs
     assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT COUNT(*) FROM tenants")) == 1
 
 

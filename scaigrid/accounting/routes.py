@@ -1,5 +1,430 @@
-"""Accounting routes: usage, usage summary, budgets."""
+"""Accounting routes: usage, usage summary, budgets, per-object rate limits.
+
+Reach decides what a caller sees, as everywhere: another tenant's (partner's) usage and budgets are
+simply not there for it (404 for a single object, absent from listings).
+"""
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy import ColumnElement, delete, false, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-ROUTES: list[web.RouteDef] = []
+from scaigrid import errors
+from scaigrid.accounting import limits
+from scaigrid.accounting.budgets import (
+    HARD_ACTIONS,
+    LIMIT_TYPES,
+    PERIODS,
+    SCOPES,
+    TOPIC_BUDGETS,
+    budget_of,
+    counter_key,
+    current_period,
+    used_of,
+)
+from scaigrid.api.access import requires
+from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.auth.authenticator import TOPIC_IDENTITY
+from scaigrid.auth.bodies import Body, iso, ok, page
+from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.roles import grants_at_most
+from scaigrid.auth.tenancy import visible_to
+from scaigrid.cache import announce
+from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
+from scaigrid.errors import FieldError
+
+logger = logging.getLogger(__name__)
+
+USAGE_PAGE_DEFAULT = 100
+USAGE_PAGE_MAX = 1000
+LIMIT_VALUE_MAX = Decimal(10) ** 12  # the COST column's 24 digits less its 12 decimals
+DEFAULT_SOFT_LIMIT_PCT = Decimal("0.8")
+REACH_ORDER = ("tenant", "partner", "platform")
+# How far a caller must reach to change a level's limit: a tenant admin its keys and users, a partner
+# admin its tenants; a partner's own ceiling is the platform's to set.
+SETTER_REACH = {"key": "tenant", "user": "tenant", "tenant": "partner", "partner": "platform"}
+SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
+    "model": usage_records.c.model, "user": usage_records.c.user_id, "backend": usage_records.c.backend_id,
+    "tenant": usage_records.c.tenant_id}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+async def _announce(request: web.Request, topic: str) -> None:
+    try:
+        await announce(request.app[REDIS], topic)
+    except RedisError as exc:
+        # Processes that lost Redis too reload when they resubscribe; the others keep the old state until then.
+        logger.warning("change stored, but not announced (%s)", type(exc).__name__,
+                       extra={"event": "announce_failed", "topic": topic})
+
+
+# --- usage ---
+
+def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
+    """The caller's visible usage (own, tenant's, partner's or all), narrowed by the query parameters."""
+    if principal.can("accounting:view_partner"):
+        query = visible_to(principal, query, usage_records.c.tenant_id, usage_records.c.partner_id)
+    elif principal.can("accounting:view_tenant"):
+        query = query.where(usage_records.c.tenant_id == principal.tenant_id)
+    elif principal.user_id is not None:
+        query = query.where(usage_records.c.user_id == principal.user_id)
+    else:
+        query = query.where(false())
+    params = request.query
+    problems: list[FieldError] = []
+    start, end = _time_param(params, "start", problems), _time_param(params, "end", problems)
+    if problems:
+        raise errors.validation_error(problems, "invalid query parameters")
+    if start is not None:
+        query = query.where(usage_records.c.created_at >= start)
+    if end is not None:
+        query = query.where(usage_records.c.created_at < end)
+    for name, column in (("model", usage_records.c.model), ("user_id", usage_records.c.user_id),
+                         ("tenant_id", usage_records.c.tenant_id)):
+        if name in params:
+            query = query.where(column == params[name])
+    return query
+
+
+def _time_param(params: Mapping[str, str], name: str, problems: list[FieldError]) -> datetime | None:
+    """An ISO 8601 query parameter as naive UTC (as stored); without a zone it is UTC."""
+    if name not in params:
+        return None
+    try:
+        parsed = datetime.fromisoformat(params[name])
+    except ValueError:
+        problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
+        return None
+    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
+
+
+def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"])}
+
+
+@requires("accounting:view_own")
+async def list_usage(request: web.Request) -> web.Response:
+    """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
+    query = _usage_query(request, request[PRINCIPAL], select(usage_records))
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, usage_records.c.created_at, usage_records.c.request_id,
+                                      default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
+    return ok({"items": [_usage_json(row) for row in rows], "pagination": pagination})
+
+
+@requires("accounting:view_own")
+async def usage_summary(request: web.Request) -> web.Response:
+    """Sums per model, user, backend or tenant (?group_by=, default model), under the same filters as /usage."""
+    group_by = request.query.get("group_by", "model")
+    if group_by not in SUMMARY_GROUPS:
+        raise errors.validation_error([FieldError("group_by", "one of " + ", ".join(SUMMARY_GROUPS))],
+                                      "invalid query parameters")
+    column = SUMMARY_GROUPS[group_by]
+    cost = func.sum(usage_records.c.cost)
+    query = _usage_query(request, request[PRINCIPAL], select(
+        column.label("key"), func.count().label("requests"), func.sum(usage_records.c.tokens_in).label("tokens_in"),
+        func.sum(usage_records.c.tokens_out).label("tokens_out"), cost.label("cost"),
+    )).group_by(column).order_by(cost.desc(), column)
+    async with request.app[DB].connect() as conn:
+        rows = (await conn.execute(query)).all()
+    items = [{column.name: row.key, "requests": row.requests, "tokens_in": int(row.tokens_in),
+              "tokens_out": int(row.tokens_out), "cost": decimal_text(row.cost)} for row in rows]
+    total = {"requests": sum(item["requests"] for item in items),
+             "tokens_in": sum(item["tokens_in"] for item in items),
+             "tokens_out": sum(item["tokens_out"] for item in items),
+             "cost": decimal_text(sum((row.cost for row in rows), Decimal(0)))}
+    return ok({"group_by": group_by, "items": items, "total": total})
+
+
+# --- budgets ---
+
+def _number(value: Any, *, floats: bool) -> Decimal | None:
+    """A JSON value as an exact decimal; floats only where rounding cannot matter (money is sent as a string)."""
+    allowed = (int, float, str) if floats else (int, str)
+    if not isinstance(value, allowed) or isinstance(value, bool):
+        return None
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def _decimals(number: Decimal) -> int:
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite numbers only reach here
+    return max(0, -exponent)
+
+
+class AccountingBody(Body):
+    """The identity routes' field-by-field body checks, plus the numbers budgets and rate limits need."""
+
+    def limit(self, name: str, *, required: bool = False, integral: bool = False) -> Decimal | None:
+        """A budget's limit_value: a decimal string (or a whole JSON number), > 0, at most 12 decimals."""
+        value = self._raw(name, required)
+        if value is None:
+            return None
+        number = _number(value, floats=False)
+        if number is None:
+            self.problems.append(FieldError(name, 'expected a decimal string, e.g. "100.50"'))
+        elif not 0 < number < LIMIT_VALUE_MAX:
+            self.problems.append(FieldError(name, f"must be more than 0 and less than {LIMIT_VALUE_MAX}"))
+        elif integral and number != number.to_integral_value():
+            self.problems.append(FieldError(name, "must be a whole number for limit_type tokens or requests"))
+        elif _decimals(number) > 12:
+            self.problems.append(FieldError(name, "at most 12 decimals"))
+        else:
+            return number
+        return None
+
+    def share(self, name: str) -> Decimal | None:
+        """soft_limit_pct: a share of the limit, 0 < x <= 1, at most three decimals."""
+        value = self._raw(name, False)
+        if value is None:
+            return None
+        number = _number(value, floats=True)
+        if number is None or not 0 < number <= 1 or _decimals(number) > 3:
+            self.problems.append(FieldError(name, "a share of the limit, more than 0 and at most 1 (e.g. 0.8)"))
+            return None
+        return number
+
+    def rpm(self, name: str) -> int | None:
+        """A rate limit: present, and a whole number of requests per minute or null (the default)."""
+        if not self.has(name):
+            self.problems.append(FieldError(name, "required: a whole number, or null for the default"))
+            return None
+        value = self._raw(name, False)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= limits.RPM_MAX):
+            self.problems.append(FieldError(name, f"a whole number 1-{limits.RPM_MAX}, or null for the default"))
+            return None
+        return value
+
+
+def _budget_json(row: Any, counter: dict[bytes, bytes] | None) -> dict[str, Any]:
+    budget = budget_of(row)
+    period = current_period(budget.period, datetime.now(UTC))
+    used = None if counter is None else used_of(budget, counter)
+    return {"id": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "partner_id": budget.partner_id,
+            "tenant_id": budget.tenant_id, "period": budget.period, "limit_type": budget.limit_type,
+            "limit_value": decimal_text(budget.limit_value), "hard_action": budget.hard_action,
+            "soft_limit_pct": decimal_text(budget.soft_limit_pct), "created_at": iso(budget.created_at),
+            "updated_at": iso(row["updated_at"]),
+            # Redis's counters; null while Redis is unreachable.
+            "current": {"period": period.label, "period_start": iso(period.start),
+                        "used": None if used is None else decimal_text(used)}}
+
+
+async def _counters(request: web.Request, rows: Sequence[Any]) -> list[dict[bytes, bytes] | None]:
+    now = datetime.now(UTC)
+    try:
+        async with request.app[REDIS].pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hgetall(counter_key(row["id"], current_period(row["period"], now)))
+            found: list[dict[bytes, bytes]] = await pipe.execute()
+            return list(found)
+    except RedisError:
+        return [None] * len(rows)
+
+
+def _reaches_budget(principal: Principal, tenant_id: str | None, partner_id: str) -> bool:
+    if tenant_id is None:  # a partner's budget: its partner's people and the platform
+        return principal.reach == "platform" or (principal.reach == "partner" and principal.partner_id == partner_id)
+    return principal.reaches(tenant_id, partner_id)
+
+
+async def _budget_row(conn: AsyncConnection, principal: Principal, budget_id: str) -> Any:
+    row = (await conn.execute(select(budgets).where(budgets.c.id == budget_id))).mappings().first()
+    if row is None or not _reaches_budget(principal, row["tenant_id"], row["partner_id"]):
+        raise errors.not_found(f"no budget {budget_id!r}")
+    return row
+
+
+async def _scope_owner(conn: AsyncConnection, principal: Principal, scope: str, scope_id: str
+                       ) -> tuple[str | None, str]:
+    """(tenant_id, partner_id) of the object a budget limits; 404 when the caller does not reach it."""
+    owner: tuple[str | None, str] | None = None
+    if scope == "user":
+        row = (await conn.execute(select(users.c.tenant_id, tenants.c.partner_id).join(
+            tenants, tenants.c.id == users.c.tenant_id).where(users.c.id == scope_id))).first()
+        owner = None if row is None else (row.tenant_id, row.partner_id)
+    elif scope == "tenant":
+        partner_id = await conn.scalar(select(tenants.c.partner_id).where(tenants.c.id == scope_id))
+        owner = None if partner_id is None else (scope_id, partner_id)
+    elif await conn.scalar(select(partners.c.id).where(partners.c.id == scope_id)) is not None:
+        owner = (None, scope_id)
+    if owner is None or not _reaches_budget(principal, *owner):
+        raise errors.not_found(f"no {scope} {scope_id!r}")
+    return owner
+
+
+@requires("accounting:manage_budgets")
+async def list_budgets(request: web.Request) -> web.Response:
+    """The budgets of everything the caller reaches, newest first, each with its current period's usage."""
+    query = visible_to(request[PRINCIPAL], select(budgets), budgets.c.tenant_id, budgets.c.partner_id)
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, budgets.c.created_at, budgets.c.id)
+    counters = await _counters(request, rows)
+    return ok({"items": [_budget_json(row, counter) for row, counter in zip(rows, counters, strict=True)],
+               "pagination": pagination})
+
+
+@requires("accounting:manage_budgets")
+async def create_budget(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    body = await AccountingBody.of(request)
+    scope = body.string("scope", required=True, choices=SCOPES)
+    scope_id = body.string("scope_id", max_length=40)
+    period = body.string("period", required=True, choices=PERIODS)
+    limit_type = body.string("limit_type", required=True, choices=LIMIT_TYPES)
+    limit_value = body.limit("limit_value", required=True, integral=limit_type in ("tokens", "requests"))
+    hard_action = body.string("hard_action", choices=HARD_ACTIONS) or "block"
+    soft_limit_pct = body.share("soft_limit_pct") or DEFAULT_SOFT_LIMIT_PCT
+    if scope == "user" and scope_id is None and not body.problems:
+        body.problems.append(FieldError("scope_id", "required for a user budget"))
+    body.done()
+    assert scope is not None and period is not None and limit_type is not None  # done() raised otherwise
+    if scope_id is None:
+        scope_id = principal.tenant_id if scope == "tenant" else principal.partner_id
+    budget_id = new_id("bud")
+    async with request.app[DB].begin() as conn:
+        tenant_id, partner_id = await _scope_owner(conn, principal, scope, scope_id)
+        now = _now()  # not the server's NOW(): usage before it is counted in, compared with UTC times
+        await conn.execute(insert(budgets).values(
+            id=budget_id, scope=scope, scope_id=scope_id, partner_id=partner_id, tenant_id=tenant_id, period=period,
+            limit_type=limit_type, limit_value=limit_value, hard_action=hard_action, soft_limit_pct=soft_limit_pct,
+            created_at=now, updated_at=now))
+        row = await _budget_row(conn, principal, budget_id)
+    await _announce(request, TOPIC_BUDGETS)
+    return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
+
+
+@requires("accounting:manage_budgets")
+async def get_budget(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
+    return ok(_budget_json(row, (await _counters(request, [row]))[0]))
+
+
+@requires("accounting:manage_budgets")
+async def update_budget(request: web.Request) -> web.Response:
+    """Changes the limit, its type, the hard action or the soft limit; scope and period are fixed at creation."""
+    principal = request[PRINCIPAL]
+    body = await AccountingBody.of(request)
+    for fixed in ("scope", "scope_id", "period"):
+        if body.has(fixed):
+            body.string(fixed)  # read, so that it is not also reported as unknown
+            body.problems.append(FieldError(fixed, "cannot be changed; delete the budget and create another"))
+    limit_type = body.string("limit_type", choices=LIMIT_TYPES)
+    async with request.app[DB].begin() as conn:
+        row = await _budget_row(conn, principal, request.match_info["id"])
+        integral = (limit_type or row["limit_type"]) in ("tokens", "requests")
+        changes: dict[str, Any] = {
+            "limit_type": limit_type,
+            "limit_value": body.limit("limit_value", integral=integral),
+            "hard_action": body.string("hard_action", choices=HARD_ACTIONS),
+            "soft_limit_pct": body.share("soft_limit_pct"),
+        }
+        if integral and not body.has("limit_value") and row["limit_value"] != row["limit_value"].to_integral_value():
+            body.problems.append(FieldError("limit_value", "must be a whole number for limit_type tokens or requests"))
+        body.done()
+        values = {name: value for name, value in changes.items() if value is not None}
+        await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(**values, updated_at=_now()))
+        row = await _budget_row(conn, principal, row["id"])
+    # A new limit is a new threshold, whose crossing is reported again (without Redis: once less, no harm).
+    with contextlib.suppress(RedisError):
+        await request.app[REDIS].hdel(counter_key(row["id"], current_period(row["period"], datetime.now(UTC))),
+                                      "soft", "hard")
+    await _announce(request, TOPIC_BUDGETS)
+    return ok(_budget_json(row, (await _counters(request, [row]))[0]))
+
+
+@requires("accounting:manage_budgets")
+async def delete_budget(request: web.Request) -> web.Response:
+    async with request.app[DB].begin() as conn:
+        row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
+        await conn.execute(delete(budgets).where(budgets.c.id == row["id"]))
+    await _announce(request, TOPIC_BUDGETS)
+    # Without Redis: a periodic budget's counter expires on its own; a `total` one's stays, unread.
+    with contextlib.suppress(RedisError):
+        await request.app[REDIS].delete(counter_key(row["id"], current_period(row["period"], datetime.now(UTC))))
+    return ok({"id": row["id"], "deleted": True})
+
+
+# --- rate limits ---
+
+def _may_see(principal: Principal, holder: limits.LimitHolder) -> bool:
+    if holder.level == "partner":
+        return principal.reach == "platform" or principal.partner_id == holder.id
+    return principal.reaches(holder.tenant_id, holder.partner_id)
+
+
+def _limit_json(request: web.Request, holder: limits.LimitHolder) -> dict[str, Any]:
+    default = limits.default_rpm(request.app[SETTINGS], holder.level)
+    return {"level": holder.level, "id": holder.id, "rpm": holder.rpm, "effective_rpm": holder.rpm or default}
+
+
+async def _holder(conn: AsyncConnection, request: web.Request) -> limits.LimitHolder:
+    level, object_id = request.match_info["level"], request.match_info["id"]
+    if level not in limits.LEVELS:
+        raise errors.not_found(f"no rate-limit level {level!r} (one of {', '.join(limits.LEVELS)})")
+    holder = await limits.find_holder(conn, level, limits.LEVELS[level].c.id == object_id)
+    if holder is None or not _may_see(request[PRINCIPAL], holder):
+        raise errors.not_found(f"no {level} {object_id!r}")
+    return holder
+
+
+@requires("admin:access")
+async def get_rate_limit(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        holder = await _holder(conn, request)
+    return ok(_limit_json(request, holder))
+
+
+@requires("admin:access")
+async def set_rate_limit(request: web.Request) -> web.Response:
+    """Body {"rpm": N} or {"rpm": null} (back to the RATE_LIMIT_<LEVEL>_RPM default)."""
+    principal = request[PRINCIPAL]
+    body = await AccountingBody.of(request)
+    rpm = body.rpm("rpm")
+    body.done()
+    async with request.app[DB].begin() as conn:
+        holder = await _holder(conn, request)
+        needed = SETTER_REACH[holder.level]
+        if REACH_ORDER.index(principal.reach) < REACH_ORDER.index(needed) or (
+                holder.role is not None and not grants_at_most(holder.role, principal.role)):
+            raise errors.ScaigridError(
+                f"changing this {holder.level}'s rate limit needs a caller of {needed} reach and at least its role",
+                "AUTHZ_PERMISSION_DENIED", 403)
+        await limits.set_rpm(conn, holder, rpm)
+    await _announce(request, TOPIC_IDENTITY)
+    return ok(_limit_json(request, dataclasses.replace(holder, rpm=rpm)))
+
+
+ROUTES: list[web.RouteDef] = [
+    web.get("/v1/accounting/usage", list_usage),
+    web.get("/v1/accounting/usage/summary", usage_summary),
+    web.get("/v1/accounting/budgets", list_budgets),
+    web.post("/v1/accounting/budgets", create_budget),
+    web.get("/v1/accounting/budgets/{id}", get_budget),
+    web.put("/v1/accounting/budgets/{id}", update_budget),
+    web.delete("/v1/accounting/budgets/{id}", delete_budget),
+    web.get("/v1/rate-limits/{level}/{id}", get_rate_limit),
+    web.put("/v1/rate-limits/{level}/{id}", set_rate_limit),
+]

@@ -1,11 +1,15 @@
 """The http mode's application: `create_app(settings)` composes routes and resources and does no I/O."""
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 from aiohttp import web
 
 from scaigrid.accounting import routes as accounting_routes
 from scaigrid.accounting.service import Accounting
+from scaigrid.api.access import requires
 from scaigrid.api.base import DB, READY_CHECKS, REDIS, SETTINGS, base_app, resource_ctx
 from scaigrid.api.gateway import ACCOUNTING, AUTHENTICATOR, add_rate_limit_headers, gateway_middleware
 from scaigrid.auth import routes as auth_routes
@@ -13,11 +17,13 @@ from scaigrid.auth.authenticator import Authenticator
 from scaigrid.cache import BUS, InvalidationBus, bus_ctx
 from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
-from scaigrid.health import check_database, check_redis
+from scaigrid.dispatch.pipeline import dispatch_ctx
+from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
 from scaigrid.modules import Module, load_modules
 from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.routing import routes as routing_routes
 from scaigrid.settings import Settings
+from scaigrid.worker.heartbeat import fresh_heartbeats
 
 MODULES = web.AppKey("modules", tuple[Module, ...])
 SCHEMA_HEADS = web.AppKey("schema_heads", dict)  # stream name -> head revisions, read once at start
@@ -40,6 +46,52 @@ async def _modules_ready(app: web.Application) -> str:
         return f"error: {type(exc).__name__}"
 
 
+async def _timed(check: Awaitable[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    status = await check
+    return {"status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+async def _module_states(app: web.Application) -> list[dict[str, Any]]:
+    """The core and each enabled module: the schema revision the database is at, and the one the code wants."""
+    heads, modules = app[SCHEMA_HEADS], app[MODULES]
+    states = {m.id: {"id": m.id, "revision": None, "head": None, "status": "ok"} for m in modules}
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S), app[DB].connect() as conn:
+            for stream in migrations.streams(modules):
+                revision = await migrations.current_revision(conn, stream)
+                states[stream.name] = {"id": stream.name, "revision": revision, "head": ",".join(heads[stream.name]),
+                                       "status": "ok" if (revision,) == heads[stream.name] else "behind"}
+    except Exception:  # the database entry says why; here it only means "not known"
+        return [{"id": name, "status": "unknown"} for name in ("core", *(m.id for m in modules))]
+    return [states["core"], *(states[m.id] for m in modules)]
+
+
+async def _worker_states(app: web.Application) -> list[dict[str, Any]] | None:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            ages = await fresh_heartbeats(app[REDIS])
+    except Exception:  # the redis entry says why
+        return None
+    return [{"id": worker_id, "heartbeat_age_s": round(age_s, 1)} for worker_id, age_s in sorted(ages.items())]
+
+
+@requires("admin:access")
+async def detailed_health(request: web.Request) -> web.Response:
+    """For operators: dependencies with ping latency, schema state per module, worker heartbeats.
+
+    `degraded` when a dependency fails, a schema is behind, or no worker is alive (usage is then not flushed).
+    """
+    app = request.app
+    database, redis, modules, workers = await asyncio.gather(
+        _timed(check_database(app[DB])), _timed(check_redis(app[REDIS])), _module_states(app), _worker_states(app))
+    healthy = (database["status"] == redis["status"] == "ok" and all(m["status"] == "ok" for m in modules)
+               and bool(workers))
+    return web.json_response({"status": "ok" if healthy else "degraded",
+                              "dependencies": {"database": database, "redis": redis},
+                              "modules": modules, "workers": workers})
+
+
 async def _schema_heads_ctx(app: web.Application):  # type: ignore[no-untyped-def]
     modules = app[MODULES]
     app[SCHEMA_HEADS] = {stream.name: stream.heads() for stream in migrations.streams(modules)}
@@ -50,7 +102,7 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     """The request path's in-process services, built once the database and Redis are open."""
     settings = app[SETTINGS]
     app[AUTHENTICATOR] = Authenticator(settings, app[DB], app[BUS])
-    app[ACCOUNTING] = Accounting(settings, app[REDIS])
+    app[ACCOUNTING] = Accounting(settings, app[DB], app[REDIS], app[BUS])
     yield
 
 
@@ -69,10 +121,12 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resource_ctx(REDIS, redis_ctx))
     app.cleanup_ctx.append(bus_ctx(REDIS))
     app.cleanup_ctx.append(_gateway_ctx)
+    app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services
     app.cleanup_ctx.append(_schema_heads_ctx)
     for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES):
         app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
+    app.router.add_get("/health/detailed", detailed_health)
     for module in app[MODULES]:
         mount_module(app, module)
     return app

@@ -34,9 +34,11 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 S3 = web.AppKey("s3", Minio)
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])  # filled by the app that composes checks
 REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)  # perf_counter() when the request reached the app
 REQUEST_ID_HEADER = "X-Request-ID"
 # Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
 DRAIN_EXEMPT = ("/health", "/health/ready", "/metrics")
+LISTEN_BACKLOG = 1024
 
 HTTP_REQUESTS = Counter("scaigrid_http_requests_total", "HTTP requests answered", ["route", "method", "status"])
 HTTP_DURATION = Histogram("scaigrid_http_request_duration_seconds", "HTTP request duration", ["route"])
@@ -77,14 +79,35 @@ class Drain:
 DRAIN = web.AppKey("drain", Drain)
 
 
-def error_response(error: errors.ScaigridError) -> web.Response:
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.retry_after_s is not None:
-        body["retry_after"] = error.retry_after_s
+OAI_PREFIX = "/oai/"
+# OpenAI's error `type` for each status, so OpenAI SDKs raise the exception their users catch.
+_OAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _oai_error(error: errors.ScaigridError) -> web.Response:
+    """The OpenAI shape: validation is a 400 there (BadRequestError); the ScaiGrid code stays in `code`."""
+    status = 400 if error.status == 422 else error.status
+    message = error.message
     if error.details:
-        body["details"] = [{"field": d.field, "message": d.message} for d in error.details]
-    response = web.json_response(
-        {"status": "error", "error": body, "meta": {"request_id": request_id_var.get()}}, status=error.status)
+        message += ": " + "; ".join(f"{d.field}: {d.message}" if d.field else d.message for d in error.details)
+    body = {"message": message, "type": _OAI_TYPES.get(status, "server_error" if status >= 500 else "api_error"),
+            "param": error.details[0].field if error.details else None, "code": error.code}
+    return web.json_response({"error": body}, status=status)
+
+
+def error_response(error: errors.ScaigridError, path: str = "") -> web.Response:
+    """The native envelope, or under /oai/ the OpenAI error shape."""
+    if path.startswith(OAI_PREFIX):
+        response = _oai_error(error)
+    else:
+        body: dict[str, Any] = {"code": error.code, "message": error.message}
+        if error.retry_after_s is not None:
+            body["retry_after"] = error.retry_after_s
+        if error.details:
+            body["details"] = [{"field": d.field, "message": d.message} for d in error.details]
+        response = web.json_response(
+            {"status": "error", "error": body, "meta": {"request_id": request_id_var.get()}}, status=error.status)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
     return response
@@ -106,7 +129,7 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
     request_id_var.set(request_id)
     drain = request.app[DRAIN]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    started = time.perf_counter()
+    started = request[STARTED] = time.perf_counter()
     response: web.StreamResponse
     drain.enter()
     try:
@@ -114,17 +137,18 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
             raise errors.service_draining()
         response = await handler(request)
     except errors.ScaigridError as exc:
-        response = error_response(exc)
+        response = error_response(exc, request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are not errors
-        response = error_response(_translate_http_exception(exc))
+        response = error_response(_translate_http_exception(exc), request.path)
     except asyncio.CancelledError:
         logger.info("request cut", extra={"event": "request_cut", "method": request.method, "path": request.path})
         raise
     except Exception:
         logger.exception("unhandled error", extra={"event": "request_error", "path": request.path})
-        response = error_response(errors.ScaigridError("internal error; see the server log with this request id"))
+        response = error_response(errors.ScaigridError("internal error; see the server log with this request id"),
+                                  request.path)
     finally:
         drain.leave()
     elapsed_s = time.perf_counter() - started
@@ -192,7 +216,8 @@ async def serve(app: web.Application, host: str, port: int, grace_s: float) -> i
                            handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        # A deep accept queue: hundreds of clients opening streams at once must wait in it, not be dropped.
+        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
         logger.info("listening on http://%s:%d", host, port, extra={"event": "listening", "port": port})
         await wait_for_stop_signal()
         finished, cut = await app[DRAIN].drain(grace_s)

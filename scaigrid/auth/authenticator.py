@@ -1,42 +1,94 @@
-"""Turns `Authorization: Bearer ...` into a Principal, with API keys cached in process.
+"""Turns `Authorization: Bearer ...` into a Principal: API keys, ScaiKey JWTs, service tokens (or, in dev, nobody).
 
 Once warm, authenticating an API key touches neither MariaDB nor Redis: records are cached for
 API_KEY_CACHE_TTL_S, and a revocation or suspension is announced on the invalidation bus so every
-process forgets the record at once.
+process forgets the record at once. ScaiKey users are cached the same way, by subject.
 """
 
+import asyncio
+import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
-from scaigrid.auth import keys
+from scaigrid.auth import keys, service_tokens
 from scaigrid.auth.principal import Principal, RateLimits
-from scaigrid.cache import InvalidationBus
+from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.auth.scaikey import ScaiKeyVerifier
+from scaigrid.auth.tenancy import Membership, create_user, load_membership
+from scaigrid.cache import InvalidationBus, announce
+from scaigrid.db.defaults import DEFAULT_SLUG
+from scaigrid.db.tables import tenants, users
 from scaigrid.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # Topics on the invalidation bus: one key by hash, or every identity (tenant or user status changed).
 TOPIC_API_KEY = "apikey"
 TOPIC_IDENTITY = "identity"
 NEGATIVE_TTL_S = 5.0  # an unknown key is remembered briefly, so a flood of bad keys does not reach MariaDB
+DEV_EMAIL = f"dev@{DEFAULT_SLUG}.local"
+DEV_ROLE = "tenant_admin"
+JIT_DEFAULT_ROLE = "tenant_user"
+
+
+@dataclass(frozen=True)
+class _CachedKey:
+    deadline: float  # monotonic time after which the database is asked again
+    expires_at: datetime | None  # the key's own expiry (naive UTC)
+    principal: Principal | None  # None: refused, for `refusal`
+    refusal: str
+
+
+async def announce_change(redis: Redis, topic: str, key: str = "") -> None:
+    """Tells every process to forget cached identities, after a committed change; a Redis failure is logged only."""
+    try:
+        await announce(redis, topic, key)
+    except RedisError as exc:
+        # A process that lost Redis as well drops its caches on reconnect; the others trust theirs a while longer.
+        logger.warning("identity change stored but not announced (%s): caches elsewhere expire within "
+                       "API_KEY_CACHE_TTL_S", type(exc).__name__, extra={"event": "announce_failed", "topic": topic})
 
 
 class Authenticator:
     def __init__(self, settings: Settings, engine: AsyncEngine, bus: InvalidationBus) -> None:
         self._settings = settings
         self._engine = engine
-        self._keys: dict[str, tuple[float, keys.KeyRecord | None]] = {}
+        self._scaikey = ScaiKeyVerifier(settings)
+        self._keys: dict[str, _CachedKey] = {}  # by key hash
+        self._loading: dict[str, asyncio.Future[_CachedKey]] = {}  # lookups in flight, by key hash
+        self._generation = 0  # bumped by every invalidation: a lookup that began before one is not cached
+        self._subjects: dict[str, tuple[float, Membership]] = {}  # ScaiKey subject -> local user
+        self._dev: Principal | None = None
         bus.on(TOPIC_API_KEY, self._forget_key)
-        bus.on(TOPIC_IDENTITY, lambda _key: self._keys.clear())
+        bus.on(TOPIC_IDENTITY, self._forget_identities)
+        if settings.auth_disabled:
+            logger.warning("SCAIGRID_AUTH_DISABLED is set: every request acts as %s of the tenant %r, whatever its "
+                           "token. Never run a reachable node like this.", DEV_ROLE, DEFAULT_SLUG,
+                           extra={"event": "auth_disabled"})
 
     def _forget_key(self, key_hash: str | None) -> None:
+        self._generation += 1
         if key_hash is None:
             self._keys.clear()
         else:
             self._keys.pop(key_hash, None)
 
+    def _forget_identities(self, _key: str | None) -> None:
+        self._generation += 1
+        self._keys.clear()
+        self._subjects.clear()
+
     async def authenticate(self, authorization: str | None) -> Principal:
+        if self._settings.auth_disabled:
+            return await self._dev_principal()
         if not authorization:
             raise errors.auth_token_missing()
         scheme, _, token = authorization.partition(" ")
@@ -45,31 +97,133 @@ class Authenticator:
             raise errors.auth_token_invalid("expected `Authorization: Bearer <token>`")
         if keys.looks_like_key(token):
             return await self._api_key(token)
+        if token.startswith(service_tokens.PREFIX):
+            return self._service(token)
+        if token.count(".") == 2:
+            return await self._jwt(token)
         raise errors.auth_token_invalid()
+
+    def _principal(self, kind: str, role: str, member: Membership, name: str, api_key_id: str | None = None,
+                   key_rpm: int | None = None) -> Principal:
+        refusal = member.refusal()
+        if refusal is not None:
+            raise errors.auth_token_invalid(f"refused: {refusal}")
+        limits = self._settings.limits
+        return Principal(
+            kind=kind, role=role, partner_id=member.partner_id, tenant_id=member.tenant_id, user_id=member.user_id,
+            api_key_id=api_key_id, name=name,
+            limits=RateLimits(key=key_rpm or limits.key_rpm, user=member.user_rpm or limits.user_rpm,
+                              tenant=member.tenant_rpm or limits.tenant_rpm,
+                              partner=member.partner_rpm or limits.partner_rpm))
 
     async def _api_key(self, key: str) -> Principal:
         key_hash = keys.hash_key(key)
         now = time.monotonic()
         cached = self._keys.get(key_hash)
-        if cached is not None and cached[0] > now:
-            record = cached[1]
-        else:
-            async with self._engine.connect() as conn:
-                record = await keys.load_key(conn, key_hash)
-            ttl_s = self._settings.auth.api_key_cache_ttl_s if record is not None else NEGATIVE_TTL_S
-            self._keys[key_hash] = (now + ttl_s, record)
-        if record is None or record.revoked:
-            raise errors.auth_token_invalid("unknown or revoked API key")
-        if record.expires_at is not None and record.expires_at <= datetime.now(UTC).replace(tzinfo=None):
+        if cached is None or cached.deadline <= now:
+            pending = self._loading.get(key_hash)
+            if pending is None:
+                # Single flight: when a popular key's entry expires under load, one query answers every waiter.
+                pending = asyncio.ensure_future(self._load_key(key_hash))
+                self._loading[key_hash] = pending
+                pending.add_done_callback(lambda _done: self._loading.pop(key_hash, None))
+            cached = await asyncio.shield(pending)  # a waiter whose client left must not cancel the others' lookup
+        if cached.principal is None:
+            raise errors.auth_token_invalid(cached.refusal)
+        if cached.expires_at is not None and cached.expires_at <= datetime.now(UTC).replace(tzinfo=None):
             raise errors.auth_token_invalid("this API key has expired")
-        for what, status in (("user", record.user_status), ("tenant", record.tenant_status),
-                             ("partner", record.partner_status)):
-            if status != "active":
-                raise errors.auth_token_invalid(f"the key's {what} is {status}")
+        return cached.principal
+
+    async def _load_key(self, key_hash: str) -> "_CachedKey":
+        generation = self._generation
+        async with self._engine.connect() as conn:
+            record = await keys.load_key(conn, key_hash)
+        cached = self._verdict(record, time.monotonic())
+        if generation == self._generation:  # else a revocation arrived meanwhile: this answer may predate it
+            self._keys[key_hash] = cached
+        return cached
+
+    def _verdict(self, record: keys.KeyRecord | None, now: float) -> "_CachedKey":
+        """What a key is worth until its cache entry expires (only its expiry is checked per request)."""
+        if record is None or record.revoked:
+            return _CachedKey(now + NEGATIVE_TTL_S, None, None, "unknown or revoked API key")
+        deadline = now + self._settings.auth.api_key_cache_ttl_s
+        if not grants_at_most(record.role, record.member.role):
+            # The user was demoted after the key was made: the key must not keep what the user lost.
+            return _CachedKey(deadline, None, None, f"this key's role {record.role} exceeds its user's role "
+                                                    f"{record.member.role}; make a new key")
+        refusal = record.member.refusal()
+        if refusal is not None:
+            return _CachedKey(deadline, None, None, f"refused: {refusal}")
+        principal = self._principal("api_key", record.role, record.member, record.prefix, record.id, record.rpm)
+        return _CachedKey(deadline, record.expires_at, principal, "")
+
+    def _service(self, token: str) -> Principal:
+        """An internal caller: platform-wide, belonging to no tenant (partner_id and tenant_id are empty)."""
+        identity = service_tokens.verify(self._settings.auth.service_token_secret, token)
         limits = self._settings.limits
-        return Principal(
-            kind="api_key", role=record.role, partner_id=record.partner_id, tenant_id=record.tenant_id,
-            user_id=record.user_id, api_key_id=record.id, name=record.prefix,
-            limits=RateLimits(key=record.key_rpm or limits.key_rpm, user=record.user_rpm or limits.user_rpm,
-                              tenant=record.tenant_rpm or limits.tenant_rpm,
-                              partner=record.partner_rpm or limits.partner_rpm))
+        return Principal(kind="service", role="super_admin", partner_id="", tenant_id="", user_id=None,
+                         name=identity.name,
+                         limits=RateLimits(limits.key_rpm, limits.user_rpm, limits.tenant_rpm, limits.partner_rpm))
+
+    async def _jwt(self, token: str) -> Principal:
+        claims = await self._scaikey.claims(token)
+        subject: str = claims["sub"]
+        now = time.monotonic()
+        cached = self._subjects.get(subject)
+        if cached is not None and cached[0] > now:
+            member = cached[1]
+        else:
+            try:
+                member = await self._scaikey_user(subject, claims)
+            except errors.ScaigridError as exc:
+                if exc.code != "SLUG_CONFLICT":
+                    raise
+                # Another request created this user a moment ago, or the email belongs to an unlinked user.
+                async with self._engine.connect() as conn:
+                    found = await load_membership(conn, users.c.scaikey_id == subject)
+                if found is None:
+                    raise errors.auth_token_invalid(f"cannot create the local user: {exc.message}") from None
+                member = found
+            self._subjects[subject] = (now + self._settings.auth.api_key_cache_ttl_s, member)
+        return self._principal("jwt", member.role, member, subject)
+
+    async def _scaikey_user(self, subject: str, claims: dict[str, Any]) -> Membership:
+        """The local user of a ScaiKey subject; created on first sight when the token names a known tenant."""
+        async with self._engine.begin() as conn:
+            member = await load_membership(conn, users.c.scaikey_id == subject)
+            if member is not None:
+                return member
+            scaikey_tenant = claims.get("tenant_id")
+            tenant_id = None if not isinstance(scaikey_tenant, str) else await conn.scalar(
+                select(tenants.c.id).where(tenants.c.scaikey_id == scaikey_tenant))
+            if tenant_id is None:
+                raise errors.auth_token_invalid(
+                    "this ScaiKey user is not known here, and the token names no tenant (`tenant_id`) known here")
+            role = claims.get("role", JIT_DEFAULT_ROLE)
+            if role not in ROLES:
+                raise errors.auth_token_invalid(f"the token's role {role!r} is not one of {', '.join(ROLES)}")
+            email = claims["email"] if isinstance(claims.get("email"), str) else f"{subject}@scaikey"
+            name = claims["name"] if isinstance(claims.get("name"), str) else None
+            await create_user(conn, tenant_id=tenant_id, email=email, role=role, display_name=name,
+                              scaikey_id=subject)
+            logger.info("ScaiKey user %s created on first sight as %s", subject, role,
+                        extra={"event": "user_provisioned", "scaikey_id": subject})
+            member = await load_membership(conn, users.c.scaikey_id == subject)
+            assert member is not None  # just inserted in this transaction
+            return member
+
+    async def _dev_principal(self) -> Principal:
+        if self._dev is None:
+            async with self._engine.begin() as conn:
+                tenant_id = await conn.scalar(select(tenants.c.id).where(tenants.c.slug == DEFAULT_SLUG))
+                if tenant_id is None:
+                    raise errors.ScaigridError("SCAIGRID_AUTH_DISABLED needs the default tenant: run migrate")
+                where = (users.c.tenant_id == tenant_id) & (users.c.email == DEV_EMAIL)
+                if await load_membership(conn, where) is None:
+                    await create_user(conn, tenant_id=tenant_id, email=DEV_EMAIL, role=DEV_ROLE,
+                                      display_name="development (auth disabled)")
+                member = await load_membership(conn, where)
+            assert member is not None
+            self._dev = self._principal("dev", DEV_ROLE, member, DEV_EMAIL)
+        return self._dev

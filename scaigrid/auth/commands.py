@@ -1,10 +1,11 @@
-"""`scaigrid admin create-key` and `generate-key`: how an operator bootstraps a node."""
+"""`scaigrid admin create-key`, `service-token` and `generate-key`: how an operator bootstraps a node."""
 
 import click
 from cryptography.fernet import Fernet
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from scaigrid.auth import service_tokens
 from scaigrid.auth.keys import create_api_key
 from scaigrid.auth.roles import ROLES
 from scaigrid.commands import AdminError, settings_of, with_database
@@ -40,10 +41,25 @@ def create_key(ctx: click.Context, role: str, tenant_slug: str, name: str) -> No
     click.echo(with_database(settings, work))
 
 
+@click.command("service-token")
+@click.option("--name", required=True, help="the internal caller, e.g. scaiinfer-node-eu-01 (shown in logs)")
+@click.option("--ttl-s", type=click.IntRange(min=1), default=86400, show_default=True, help="lifetime in seconds")
+@click.pass_context
+def service_token(ctx: click.Context, name: str, ttl_s: int) -> None:
+    """Print a service token for an internal caller (gRPC client, worker), signed with SERVICE_TOKEN_SECRET."""
+    secret = settings_of(ctx).auth.service_token_secret
+    if secret is None:
+        raise AdminError("SERVICE_TOKEN_SECRET is not set: this node accepts no service tokens")
+    try:
+        click.echo(service_tokens.mint(secret, name, ttl_s))
+    except ValueError as exc:
+        raise AdminError(f"--name: {exc}") from None
+
+
 @click.command("generate-key")
 def generate_key() -> None:
     """Print a new random SCAIGRID_ENCRYPTION_KEY."""
     click.echo(Fernet.generate_key().decode())
 
 
-COMMANDS = [create_key, generate_key]
+COMMANDS = [create_key, service_token, generate_key]

@@ -8,7 +8,8 @@ from datetime import datetime
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from scaigrid.db.tables import api_keys, new_id, partners, tenants, users
+from scaigrid.auth.tenancy import MEMBERSHIP_COLUMNS, MEMBERSHIP_JOIN, Membership, membership_of
+from scaigrid.db.tables import api_keys, new_id, users
 
 PREFIX = "sgk_"
 
@@ -31,19 +32,11 @@ class KeyRecord:
 
     id: str
     role: str
+    prefix: str
     expires_at: datetime | None
     revoked: bool
-    user_id: str
-    user_status: str
-    tenant_id: str
-    tenant_status: str
-    partner_id: str
-    partner_status: str
-    key_rpm: int | None
-    user_rpm: int | None
-    tenant_rpm: int | None
-    partner_rpm: int | None
-    prefix: str
+    rpm: int | None
+    member: Membership
 
 
 async def create_api_key(conn: AsyncConnection, *, tenant_id: str, user_id: str, name: str, role: str,
@@ -59,21 +52,11 @@ async def create_api_key(conn: AsyncConnection, *, tenant_id: str, user_id: str,
 
 async def load_key(conn: AsyncConnection, key_hash: str) -> KeyRecord | None:
     row = (await conn.execute(
-        select(api_keys.c.id, api_keys.c.role, api_keys.c.expires_at, api_keys.c.revoked_at, api_keys.c.rpm_limit,
-               api_keys.c.key_prefix,
-               users.c.id.label("user_id"), users.c.status.label("user_status"), users.c.rpm_limit.label("user_rpm"),
-               tenants.c.id.label("tenant_id"), tenants.c.status.label("tenant_status"),
-               tenants.c.rpm_limit.label("tenant_rpm"),
-               partners.c.id.label("partner_id"), partners.c.status.label("partner_status"),
-               partners.c.rpm_limit.label("partner_rpm"))
-        .join(users, users.c.id == api_keys.c.user_id)
-        .join(tenants, tenants.c.id == api_keys.c.tenant_id)
-        .join(partners, partners.c.id == tenants.c.partner_id)
+        select(api_keys.c.id, api_keys.c.role, api_keys.c.key_prefix, api_keys.c.expires_at, api_keys.c.revoked_at,
+               api_keys.c.rpm_limit, *MEMBERSHIP_COLUMNS)
+        .select_from(MEMBERSHIP_JOIN.join(api_keys, api_keys.c.user_id == users.c.id))
         .where(api_keys.c.key_hash == key_hash))).first()
     if row is None:
         return None
-    return KeyRecord(
-        id=row.id, role=row.role, expires_at=row.expires_at, revoked=row.revoked_at is not None,
-        user_id=row.user_id, user_status=row.user_status, tenant_id=row.tenant_id, tenant_status=row.tenant_status,
-        partner_id=row.partner_id, partner_status=row.partner_status, key_rpm=row.rpm_limit, user_rpm=row.user_rpm,
-        tenant_rpm=row.tenant_rpm, partner_rpm=row.partner_rpm, prefix=row.key_prefix)
+    return KeyRecord(id=row.id, role=row.role, prefix=row.key_prefix, expires_at=row.expires_at,
+                     revoked=row.revoked_at is not None, rpm=row.rpm_limit, member=membership_of(row))

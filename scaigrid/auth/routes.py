@@ -1,5 +1,355 @@
-"""Identity routes: API keys, tenancy administration, the ScaiKey webhook receiver."""
+"""Identity routes: API keys, tenancy administration (partners, tenants, users), the ScaiKey webhook receiver.
+
+Reach decides what a caller sees: another tenant's (partner's) records answer 404, never 403, so that their
+existence is not revealed. Among what it reaches, a caller manages only what is no more powerful than itself.
+"""
+
+import logging
+import re
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
+from sqlalchemy import Row, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-ROUTES: list[web.RouteDef] = []
+from scaigrid import errors
+from scaigrid.api.access import requires
+from scaigrid.api.base import DB, REDIS
+from scaigrid.auth import keys, tenancy, webhooks
+from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY, announce_change
+from scaigrid.auth.bodies import Body, iso, ok, page
+from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.db.tables import api_keys, partners, tenants, users
+from scaigrid.errors import FieldError
+
+logger = logging.getLogger(__name__)
+
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not starting or ending with a dash"
+SETTABLE_STATUSES = ("active", "suspended")
+
+
+def _denied(message: str) -> errors.ScaigridError:
+    return errors.ScaigridError(message, "AUTHZ_PERMISSION_DENIED", 403)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _roles_within(principal: Principal) -> list[str]:
+    return [role for role in ROLES if grants_at_most(role, principal.role)]
+
+
+# --- API keys ---
+
+KEY_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.key_prefix, api_keys.c.role, api_keys.c.user_id,
+               api_keys.c.tenant_id, api_keys.c.expires_at, api_keys.c.revoked_at, api_keys.c.last_used_at,
+               api_keys.c.created_at)
+
+
+def _key_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "prefix": row["key_prefix"], "role": row["role"],
+            "user_id": row["user_id"], "tenant_id": row["tenant_id"], "expires_at": iso(row["expires_at"]),
+            "revoked_at": iso(row["revoked_at"]), "last_used_at": iso(row["last_used_at"]),
+            "created_at": iso(row["created_at"])}
+
+
+@requires("api_keys:manage")
+async def list_api_keys(request: web.Request) -> web.Response:
+    """Own keys; with users:manage, every key (no more powerful than the caller) of the tenants in reach."""
+    principal = request[PRINCIPAL]
+    query = select(*KEY_COLUMNS).select_from(api_keys.join(tenants, tenants.c.id == api_keys.c.tenant_id))
+    if principal.can("users:manage"):
+        query = tenancy.visible_to(principal, query, api_keys.c.tenant_id, tenants.c.partner_id).where(
+            api_keys.c.role.in_(_roles_within(principal)) | (api_keys.c.user_id == principal.user_id))
+    else:
+        query = query.where(api_keys.c.user_id == principal.user_id)
+    for name in ("user_id", "tenant_id"):
+        if name in request.query:
+            query = query.where(api_keys.c[name] == request.query[name])
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, api_keys.c.created_at, api_keys.c.id)
+    return ok({"items": [_key_json(row) for row in rows], "pagination": pagination})
+
+
+async def _user_in_reach(conn: AsyncConnection, principal: Principal, user_id: str) -> Row[Any]:
+    row = (await conn.execute(
+        select(users, tenants.c.partner_id).join(tenants, tenants.c.id == users.c.tenant_id)
+        .where(users.c.id == user_id))).first()
+    if row is None or not principal.reaches(row.tenant_id, row.partner_id):
+        raise errors.not_found(f"no user {user_id!r}")
+    return row
+
+
+@requires("api_keys:manage")
+async def create_api_key(request: web.Request) -> web.Response:
+    """Makes a key for the caller (or, with users:manage, for a user in reach); the key is in this answer only."""
+    principal = request[PRINCIPAL]
+    body = await Body.of(request)
+    name = body.string("name", required=True)
+    role = body.string("role", choices=ROLES)
+    expires_at = body.timestamp("expires_at", future=True)
+    user_id = body.string("user_id", max_length=40) or principal.user_id
+    if user_id is None and not body.problems:
+        body.problems.append(FieldError("user_id", "required: a service caller has no user of its own"))
+    body.done()
+    assert name is not None and user_id is not None
+    async with request.app[DB].begin() as conn:
+        user = await _user_in_reach(conn, principal, user_id)
+        if user_id != principal.user_id and not principal.can("users:manage"):
+            raise errors.permission_denied("users:manage")
+        role = role or (principal.role if user_id == principal.user_id else user.role)
+        if not grants_at_most(role, principal.role):
+            raise _denied(f"a key's role may not exceed your own ({principal.role}); {role} does")
+        if not grants_at_most(role, user.role):
+            raise errors.validation_error([FieldError("role", f"exceeds the user's role ({user.role})")])
+        if user.status != "active":
+            raise errors.validation_error([FieldError("user_id", f"the user is {user.status}")])
+        key_id, key = await keys.create_api_key(conn, tenant_id=user.tenant_id, user_id=user_id, name=name,
+                                                role=role, expires_at=expires_at)
+        row = (await conn.execute(select(*KEY_COLUMNS).where(api_keys.c.id == key_id))).mappings().one()
+    logger.info("API key %s created", key_id, extra={"event": "api_key_created", "key_id": key_id})
+    return ok({**_key_json(row), "key": key}, status=201)
+
+
+@requires("api_keys:manage")
+async def revoke_api_key(request: web.Request) -> web.Response:
+    """Revokes at once, on every http process (announced on the invalidation bus)."""
+    principal = request[PRINCIPAL]
+    key_id = request.match_info["id"]
+    async with request.app[DB].begin() as conn:
+        row = (await conn.execute(
+            select(*KEY_COLUMNS, api_keys.c.key_hash, tenants.c.partner_id)
+            .join(tenants, tenants.c.id == api_keys.c.tenant_id).where(api_keys.c.id == key_id)
+            .with_for_update())).mappings().first()
+        own = row is not None and row["user_id"] == principal.user_id
+        if row is None or not (own or (principal.can("users:manage") and grants_at_most(row["role"], principal.role)
+                                       and principal.reaches(row["tenant_id"], row["partner_id"]))):
+            raise errors.not_found(f"no API key {key_id!r}")
+        revoked_at = row["revoked_at"] or _now()
+        await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
+    await announce_change(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
+    logger.info("API key %s revoked", key_id, extra={"event": "api_key_revoked", "key_id": key_id})
+    return ok(_key_json({**row, "revoked_at": revoked_at}))
+
+
+# --- partners ---
+
+def _partner_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "slug": row["slug"], "name": row["name"], "status": row["status"],
+            "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
+
+
+PARTNER_COLUMNS = (partners.c.id, partners.c.slug, partners.c.name, partners.c.status, partners.c.scaikey_id,
+                   partners.c.created_at)
+
+
+@requires("admin:access")
+async def list_partners(request: web.Request) -> web.Response:
+    """Every partner for the platform; a partner admin sees its own."""
+    principal = request[PRINCIPAL]
+    if principal.reach == "tenant":
+        raise _denied("partners are administered with partner or platform reach")
+    query = select(*PARTNER_COLUMNS)
+    if principal.reach == "partner":
+        query = query.where(partners.c.id == principal.partner_id)
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, partners.c.created_at, partners.c.id)
+    return ok({"items": [_partner_json(row) for row in rows], "pagination": pagination})
+
+
+@requires("admin:access")
+async def create_partner(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    if principal.reach != "platform":
+        raise _denied("only a platform admin creates partners")
+    body = await Body.of(request)
+    slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
+                       hint=SLUG_HINT)
+    name = body.string("name", required=True)
+    scaikey_id = body.string("scaikey_id", max_length=64)
+    body.done()
+    assert slug is not None and name is not None
+    async with request.app[DB].begin() as conn:
+        partner_id = await tenancy.create_partner(conn, slug=slug, name=name, scaikey_id=scaikey_id)
+        row = (await conn.execute(select(*PARTNER_COLUMNS).where(partners.c.id == partner_id))).mappings().one()
+    return ok(_partner_json(row), status=201)
+
+
+# --- tenants ---
+
+TENANT_COLUMNS = (tenants.c.id, tenants.c.partner_id, tenants.c.slug, tenants.c.name, tenants.c.status,
+                  tenants.c.scaikey_id, tenants.c.created_at)
+
+
+def _tenant_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "partner_id": row["partner_id"], "slug": row["slug"], "name": row["name"],
+            "status": row["status"], "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
+
+
+async def _tenant_in_reach(conn: AsyncConnection, principal: Principal, tenant_id: str) -> dict[str, Any]:
+    row = (await conn.execute(select(*TENANT_COLUMNS).where(tenants.c.id == tenant_id))).mappings().first()
+    if row is None or not principal.reaches(row["id"], row["partner_id"]):
+        raise errors.not_found(f"no tenant {tenant_id!r}")
+    return dict(row)
+
+
+@requires("admin:access")
+async def list_tenants(request: web.Request) -> web.Response:
+    """The tenants in the caller's reach (a tenant admin: its own)."""
+    principal = request[PRINCIPAL]
+    query = tenancy.visible_to(principal, select(*TENANT_COLUMNS), tenants.c.id, tenants.c.partner_id)
+    if "partner_id" in request.query:
+        query = query.where(tenants.c.partner_id == request.query["partner_id"])
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, tenants.c.created_at, tenants.c.id)
+    return ok({"items": [_tenant_json(row) for row in rows], "pagination": pagination})
+
+
+@requires("admin:access")
+async def create_tenant(request: web.Request) -> web.Response:
+    """A partner admin creates tenants of its partner; the platform names any partner."""
+    principal = request[PRINCIPAL]
+    if principal.reach == "tenant":
+        raise _denied("tenants are created with partner or platform reach")
+    body = await Body.of(request)
+    slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
+                       hint=SLUG_HINT)
+    name = body.string("name", required=True)
+    partner_id = body.string("partner_id", max_length=40) or principal.partner_id
+    scaikey_id = body.string("scaikey_id", max_length=64)
+    if not partner_id and not body.problems:
+        body.problems.append(FieldError("partner_id", "required: a service caller has no partner of its own"))
+    body.done()
+    assert slug is not None and name is not None
+    async with request.app[DB].begin() as conn:
+        exists = await conn.scalar(select(partners.c.id).where(partners.c.id == partner_id))
+        if exists is None or (principal.reach == "partner" and partner_id != principal.partner_id):
+            raise errors.not_found(f"no partner {partner_id!r}")
+        tenant_id = await tenancy.create_tenant(conn, partner_id=partner_id, slug=slug, name=name,
+                                                scaikey_id=scaikey_id)
+        row = await _tenant_in_reach(conn, principal, tenant_id)
+    return ok(_tenant_json(row), status=201)
+
+
+@requires("admin:access")
+async def get_tenant(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        row = await _tenant_in_reach(conn, request[PRINCIPAL], request.match_info["id"])
+    return ok(_tenant_json(row))
+
+
+@requires("admin:access")
+async def update_tenant(request: web.Request) -> web.Response:
+    """Renames, suspends or reactivates a tenant; a suspension stops its keys and tokens on every process."""
+    principal = request[PRINCIPAL]
+    body = await Body.of(request)
+    name = body.string("name")
+    status = body.string("status", choices=SETTABLE_STATUSES)
+    body.done()
+    async with request.app[DB].begin() as conn:
+        row = await _tenant_in_reach(conn, principal, request.match_info["id"])
+        if principal.reach == "tenant":
+            raise _denied("tenants are changed with partner or platform reach")
+        changes = {k: v for k, v in (("name", name), ("status", status)) if v is not None}
+        if changes:
+            await conn.execute(update(tenants).where(tenants.c.id == row["id"]).values(**changes))
+    if status is not None and status != row["status"]:
+        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
+        logger.info("tenant %s is now %s", row["id"], status, extra={"event": "tenant_status", "status": status})
+    return ok(_tenant_json({**row, **changes}))
+
+
+# --- users ---
+
+USER_COLUMNS = (users.c.id, users.c.tenant_id, users.c.email, users.c.display_name, users.c.role, users.c.status,
+                users.c.scaikey_id, users.c.created_at)
+
+
+def _user_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "tenant_id": row["tenant_id"], "email": row["email"],
+            "display_name": row["display_name"], "role": row["role"], "status": row["status"],
+            "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
+
+
+@requires("users:manage")
+async def list_users(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    query = tenancy.visible_to(
+        principal, select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),
+        users.c.tenant_id, tenants.c.partner_id)
+    if "tenant_id" in request.query:
+        query = query.where(users.c.tenant_id == request.query["tenant_id"])
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, users.c.created_at, users.c.id)
+    return ok({"items": [_user_json(row) for row in rows], "pagination": pagination})
+
+
+@requires("users:manage")
+async def create_user(request: web.Request) -> web.Response:
+    """A local user (ScaiKey users arrive by webhook or on first sign-in); role at most the caller's."""
+    principal = request[PRINCIPAL]
+    body = await Body.of(request)
+    email = body.string("email", required=True, max_length=320, pattern=EMAIL, hint="an email address")
+    role = body.string("role", choices=ROLES) or "tenant_user"
+    display_name = body.string("display_name")
+    tenant_id = body.string("tenant_id", max_length=40) or principal.tenant_id
+    scaikey_id = body.string("scaikey_id", max_length=64)
+    if not tenant_id and not body.problems:
+        body.problems.append(FieldError("tenant_id", "required: a service caller has no tenant of its own"))
+    body.done()
+    assert email is not None
+    if not grants_at_most(role, principal.role):
+        raise _denied(f"a user's role may not exceed your own ({principal.role}); {role} does")
+    async with request.app[DB].begin() as conn:
+        await _tenant_in_reach(conn, principal, tenant_id)
+        user_id = await tenancy.create_user(conn, tenant_id=tenant_id, email=email, role=role,
+                                            display_name=display_name, scaikey_id=scaikey_id)
+        row = (await conn.execute(select(*USER_COLUMNS).where(users.c.id == user_id))).mappings().one()
+    return ok(_user_json(row), status=201)
+
+
+@requires("users:manage")
+async def update_user(request: web.Request) -> web.Response:
+    """Changes a user's role, status or name; takes effect on every process at once."""
+    principal = request[PRINCIPAL]
+    body = await Body.of(request)
+    role = body.string("role", choices=ROLES)
+    status = body.string("status", choices=SETTABLE_STATUSES)
+    display_name = body.string("display_name")
+    body.done()
+    user_id = request.match_info["id"]
+    async with request.app[DB].begin() as conn:
+        user = await _user_in_reach(conn, principal, user_id)
+        if not grants_at_most(user.role, principal.role):
+            raise _denied(f"this user's role ({user.role}) exceeds your own ({principal.role})")
+        if role is not None and not grants_at_most(role, principal.role):
+            raise _denied(f"a user's role may not exceed your own ({principal.role}); {role} does")
+        changes = {k: v for k, v in (("role", role), ("status", status), ("display_name", display_name))
+                   if v is not None}
+        if changes:
+            await conn.execute(update(users).where(users.c.id == user_id).values(**changes))
+        row = (await conn.execute(select(*USER_COLUMNS).where(users.c.id == user_id))).mappings().one()
+    if role is not None or status is not None:
+        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
+    return ok(_user_json(row))
+
+
+ROUTES: list[web.RouteDef] = [
+    web.get("/v1/api-keys", list_api_keys),
+    web.post("/v1/api-keys", create_api_key),
+    web.delete("/v1/api-keys/{id}", revoke_api_key),
+    web.get("/v1/partners", list_partners),
+    web.post("/v1/partners", create_partner),
+    web.get("/v1/tenants", list_tenants),
+    web.post("/v1/tenants", create_tenant),
+    web.get("/v1/tenants/{id}", get_tenant),
+    web.patch("/v1/tenants/{id}", update_tenant),
+    web.get("/v1/users", list_users),
+    web.post("/v1/users", create_user),
+    web.patch("/v1/users/{id}", update_user),
+    web.post("/v1/webhooks/scaikey", webhooks.receive),
+]

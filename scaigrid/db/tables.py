@@ -11,7 +11,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
-    Float,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -128,7 +128,7 @@ backends = Table(
     Column("api_key_env", String(128)),  # or: the variable holding the key in the node's environment
     Column("cost_input_per_mtok", PRICE, nullable=False, server_default="0"),
     Column("cost_output_per_mtok", PRICE, nullable=False, server_default="0"),
-    Column("timeout_s", Float),  # NULL = DISPATCH_TIMEOUT_S
+    Column("timeout_s", Double),  # NULL = DISPATCH_TIMEOUT_S; DOUBLE: MariaDB FLOAT would round it
     Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
     *_timestamps(),
     **TABLE_ARGS,

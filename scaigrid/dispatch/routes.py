@@ -1,5 +1,196 @@
-"""Inference routes: native /v1/inference/* and /v1/models, OpenAI-compatible /oai/v1/*."""
+"""Inference routes: native /v1/inference/* and /v1/models, OpenAI-compatible /oai/v1/*, backend health."""
+
+import asyncio
+from typing import Any
 
 from aiohttp import web
 
-ROUTES: list[web.RouteDef] = []
+from scaigrid import errors
+from scaigrid.api.access import requires
+from scaigrid.api.base import STARTED
+from scaigrid.auth.bodies import ok
+from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.dispatch import schemas
+from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
+from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
+from scaigrid.errors import FieldError
+from scaigrid.routing.catalogue import Model
+
+# Which route serves which modality, and where a client should go instead.
+_ROUTE_FOR = {"chat": "/v1/inference/chat (or /oai/v1/chat/completions)",
+              "embedding": "/v1/inference/embed (or /oai/v1/embeddings)"}
+
+
+def chat_payload(model: Model, body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """(upstream body, streamed?, forward the usage chunk?): defaults under the client's values, output capped.
+
+    `metadata` stays with ScaiGrid. Without a limit from the client, the model's max_output_tokens is sent, so the
+    cap holds whatever the backend's own default is.
+    """
+    payload = {**model.default_params, **body} if model.default_params else dict(body)
+    payload.pop("metadata", None)
+    cap = model.max_output_tokens
+    if cap:
+        name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+        given = payload.get(name)
+        payload[name] = cap if given is None or given > cap else given
+    stream = payload.get("stream") is True
+    forward_usage = False
+    if stream:
+        options = payload.get("stream_options") or {}
+        forward_usage = bool(options.get("include_usage"))
+        payload["stream_options"] = {**options, "include_usage": True}  # accounting needs the usage chunk
+    return payload, stream, forward_usage
+
+
+def _model_for(request: web.Request, slug: str, modality: str) -> Model:
+    model = request.app[DISPATCHER].catalogue.current.model(slug, request[PRINCIPAL].tenant_id)
+    if model.modality != modality:
+        where = _ROUTE_FOR.get(model.modality, "no inference route of this node")
+        raise errors.validation_error(
+            [FieldError("model", f"{slug!r} is a {model.modality} model, not a {modality} model; it is served by "
+                                 f"{where}")], f"{slug!r} cannot be used here")
+    return model
+
+
+async def _run(request: web.Request, exchange: Exchange, stream: bool, payload: dict[str, Any],
+               forward_usage: bool, embeddings: bool) -> web.StreamResponse:
+    """Dispatches and answers; every outcome, a client that went away included, is counted and accounted."""
+    dispatcher = request.app[DISPATCHER]
+    try:
+        if stream:
+            response = await dispatcher.stream(exchange, payload, forward_usage)
+        else:
+            answer = await dispatcher.call(exchange, payload, embeddings)
+            body = answer if exchange.protocol == OAI else b'{"status":"ok","data":' + answer + b"}"
+            response = web.Response(body=body, content_type="application/json")
+    except asyncio.CancelledError:
+        exchange.status = "CLIENT_CLOSED"
+        raise
+    except Exception as exc:
+        exchange.status = exc.code if isinstance(exc, errors.ScaigridError) else "INTERNAL_ERROR"
+        raise
+    finally:
+        dispatcher.finish(exchange)
+    return response
+
+
+async def _chat(request: web.Request, protocol: str) -> web.StreamResponse:
+    started = request[STARTED]  # authentication and admission count as gateway time too
+    body = schemas.parse_json(await request.read())
+    schemas.chat(body)
+    model = _model_for(request, body["model"], "chat")
+    payload, stream, forward_usage = chat_payload(model, body)
+    exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
+    return await _run(request, exchange, stream, payload, forward_usage, embeddings=False)
+
+
+async def _embed(request: web.Request, protocol: str) -> web.StreamResponse:
+    started = request[STARTED]
+    body = schemas.parse_json(await request.read())
+    schemas.embed(body)
+    model = _model_for(request, body["model"], "embedding")
+    payload = {**model.default_params, **body} if model.default_params else dict(body)
+    exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
+    return await _run(request, exchange, False, payload, False, embeddings=True)
+
+
+@requires("models:use", metered=True)
+async def native_chat(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, NATIVE)
+
+
+@requires("models:use", metered=True)
+async def native_embed(request: web.Request) -> web.StreamResponse:
+    return await _embed(request, NATIVE)
+
+
+@requires("models:use", metered=True)
+async def oai_chat(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, OAI)
+
+
+@requires("models:use", metered=True)
+async def oai_embeddings(request: web.Request) -> web.StreamResponse:
+    return await _embed(request, OAI)
+
+
+# --- the model list, both shapes ---
+
+def _decimal_text(amount: Any) -> str:
+    return format(amount.normalize(), "f")
+
+
+def native_model(model: Model) -> dict[str, Any]:
+    return {
+        "slug": model.slug, "display_name": model.display_name, "modality": model.modality,
+        "context_window": model.context_window, "max_output_tokens": model.max_output_tokens,
+        "price_input_per_mtok": _decimal_text(model.price_input_per_mtok),
+        "price_output_per_mtok": _decimal_text(model.price_output_per_mtok),
+        "default_params": dict(model.default_params), "status": model.status, "owned_by": model.owned_by,
+        "created": model.created_unix,
+    }
+
+
+def oai_model(model: Model) -> dict[str, Any]:
+    return {"id": model.slug, "object": "model", "created": model.created_unix, "owned_by": model.owned_by,
+            "context_window": model.context_window, "max_output_tokens": model.max_output_tokens}
+
+
+def _visible_models(request: web.Request) -> list[Model]:
+    return request.app[DISPATCHER].catalogue.current.models_for(request[PRINCIPAL].tenant_id)
+
+
+def _visible_model(request: web.Request) -> Model:
+    return request.app[DISPATCHER].catalogue.current.model(request.match_info["slug"], request[PRINCIPAL].tenant_id)
+
+
+@requires("models:list")
+async def list_models(request: web.Request) -> web.Response:
+    """Every model the caller's tenant may use (deprecated ones included, marked so); one page."""
+    items = [native_model(model) for model in _visible_models(request)]
+    return ok({"items": items, "pagination": {"has_more": False, "next_cursor": None}})
+
+
+@requires("models:list")
+async def get_model(request: web.Request) -> web.Response:
+    return ok(native_model(_visible_model(request)))
+
+
+@requires("models:list")
+async def oai_list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [oai_model(model) for model in _visible_models(request)]})
+
+
+@requires("models:list")
+async def oai_get_model(request: web.Request) -> web.Response:
+    return web.json_response(oai_model(_visible_model(request)))
+
+
+# --- GET /v1/backends/{id}/health ---
+
+@requires("routing:view")
+async def backend_health(request: web.Request) -> web.Response:
+    """The backend's circuit breaker as all http processes share it, and this process's requests in flight."""
+    backend_id = request.match_info["id"]
+    dispatcher = request.app[DISPATCHER]
+    backend = dispatcher.catalogue.current.backend(backend_id)
+    if backend is None or not backend.visible_to(request[PRINCIPAL]):
+        raise errors.backend_not_found(backend_id)
+    health = await dispatcher.breakers.health(backend_id)
+    inflight = sum(sample.value for metric in BACKEND_INFLIGHT.collect() for sample in metric.samples
+                   if sample.labels.get("backend_id") == backend_id)
+    return ok({"backend_id": backend_id, "status": backend.status, **health, "inflight": int(inflight)})
+
+
+ROUTES: list[web.RouteDef] = [
+    web.post("/v1/inference/chat", native_chat),
+    web.post("/v1/inference/embed", native_embed),
+    web.get("/v1/models", list_models),
+    web.get("/v1/models/{slug:.+}", get_model),
+    web.post("/oai/v1/chat/completions", oai_chat),
+    web.post("/oai/v1/embeddings", oai_embeddings),
+    web.get("/oai/v1/models", oai_list_models),
+    web.get("/oai/v1/models/{slug:.+}", oai_get_model),
+    web.get("/v1/backends/{id}/health", backend_health),
+]

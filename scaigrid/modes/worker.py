@@ -101,7 +101,7 @@ def trigger_for(job: Job) -> IntervalTrigger | CronTrigger:
 
 async def serve(settings: Settings) -> int:
     modules = load_modules(settings.modules)
-    jobs = [*core_jobs(settings.worker.heartbeat_ttl_s), *(job for m in modules for job in m.jobs)]
+    jobs = [*core_jobs(settings), *(job for m in modules for job in m.jobs)]
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(database_ctx(settings))

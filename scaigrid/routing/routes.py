@@ -1,5 +1,147 @@
 """Catalogue administration under /v1/: backends, models, routing policies, backend health."""
 
-from aiohttp import web
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-ROUTES: list[web.RouteDef] = []
+from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid import errors
+from scaigrid.api.access import requires
+from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.auth.bodies import ok, page
+from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.cache import announce
+from scaigrid.db.tables import backends
+from scaigrid.errors import FieldError
+from scaigrid.routing import store
+from scaigrid.routing.catalogue import TOPIC_CATALOGUE
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise errors.validation_error([FieldError("body", "expected a JSON object")])
+    return body
+
+
+async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Runs one change in a transaction, then tells every http process to reload the catalogue."""
+    async with request.app[DB].begin() as conn:
+        result = await work(conn)
+    try:
+        await announce(request.app[REDIS], TOPIC_CATALOGUE)
+    except RedisError as exc:
+        # Processes that lost Redis too reload when they resubscribe; the others keep the old catalogue until then.
+        logger.warning("catalogue change stored but not announced (%s)", type(exc).__name__,
+                       extra={"event": "announce_failed", "topic": TOPIC_CATALOGUE})
+    return result
+
+
+# --- backends ---
+
+@requires("routing:view")
+async def list_backends(request: web.Request) -> web.Response:
+    """Shared backends and those of the tenants the caller reaches, newest first."""
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, store.visible_backends(request[PRINCIPAL]),
+                                      backends.c.created_at, backends.c.id)
+    return ok({"items": [store.backend_view(row) for row in rows], "pagination": pagination})
+
+
+@requires("routing:manage")
+async def create_backend(request: web.Request) -> web.Response:
+    body = await _body(request)
+    try:
+        backend = await _change(request, lambda conn: store.create_backend(
+            conn, request.app[SETTINGS], request[PRINCIPAL], body))
+    except IntegrityError:  # created concurrently between our check and our insert
+        raise errors.slug_conflict(f"backend id {body.get('id')!r} is taken") from None
+    return ok(backend, status=201)
+
+
+@requires("routing:view")
+async def get_backend(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        return ok(await store.get_backend(conn, request[PRINCIPAL], request.match_info["id"]))
+
+
+@requires("routing:manage")
+async def update_backend(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return ok(await _change(request, lambda conn: store.update_backend(
+        conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body)))
+
+
+@requires("routing:manage")
+async def delete_backend(request: web.Request) -> web.Response:
+    backend_id = request.match_info["id"]
+    await _change(request, lambda conn: store.delete_backend(conn, request[PRINCIPAL], backend_id))
+    return ok({"id": backend_id, "deleted": True})
+
+
+# --- models (GET /v1/models and /v1/models/{slug} are the inference surface's) ---
+
+@requires("models:manage")
+async def create_model(request: web.Request) -> web.Response:
+    body = await _body(request)
+    try:
+        model = await _change(request, lambda conn: store.create_model(conn, request[PRINCIPAL], body))
+    except IntegrityError:
+        raise errors.slug_conflict(f"model slug {body.get('slug')!r} is taken") from None
+    return ok(model, status=201)
+
+
+@requires("models:manage")
+async def update_model(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return ok(await _change(request, lambda conn: store.update_model(
+        conn, request[PRINCIPAL], request.match_info["slug"], body)))
+
+
+@requires("models:manage")
+async def delete_model(request: web.Request) -> web.Response:
+    slug = request.match_info["slug"]
+    await _change(request, lambda conn: store.delete_model(conn, request[PRINCIPAL], slug))
+    return ok({"slug": slug, "deleted": True})
+
+
+# --- routing policies: /v1/routing/{slug}, since slugs contain "/" and would swallow a /routes suffix ---
+
+@requires("routing:view")
+async def get_routes(request: web.Request) -> web.Response:
+    slug = request.match_info["slug"]
+    async with request.app[DB].connect() as conn:
+        return ok({"model": slug, "routes": await store.get_routes(conn, request[PRINCIPAL], slug)})
+
+
+@requires("routing:manage")
+async def set_routes(request: web.Request) -> web.Response:
+    slug = request.match_info["slug"]
+    body = await _body(request)
+    routes = await _change(request, lambda conn: store.set_routes(conn, request[PRINCIPAL], slug, body))
+    return ok({"model": slug, "routes": routes})
+
+
+ROUTES: list[web.RouteDef] = [
+    web.get("/v1/backends", list_backends),
+    web.post("/v1/backends", create_backend),
+    web.get("/v1/backends/{id}", get_backend),
+    web.put("/v1/backends/{id}", update_backend),
+    web.delete("/v1/backends/{id}", delete_backend),
+    web.post("/v1/models", create_model),
+    web.put("/v1/models/{slug:.+}", update_model),
+    web.delete("/v1/models/{slug:.+}", delete_model),
+    web.get("/v1/routing/{slug:.+}", get_routes),
+    web.put("/v1/routing/{slug:.+}", set_routes),
+]

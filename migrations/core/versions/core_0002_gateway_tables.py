@@ -52,7 +52,7 @@ def upgrade() -> None:
         sa.Column("api_key_env", sa.String(128)),
         sa.Column("cost_input_per_mtok", PRICE, nullable=False, server_default="0"),
         sa.Column("cost_output_per_mtok", PRICE, nullable=False, server_default="0"),
-        sa.Column("timeout_s", sa.Float),
+        sa.Column("timeout_s", sa.Double),
         sa.Column("status", sa.String(16), nullable=False, server_default="active"),
         *_timestamps(),
         **TABLE_ARGS,

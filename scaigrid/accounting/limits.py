@@ -1,0 +1,55 @@
+"""Per-object rate limits (requests per minute) on keys, users, tenants and partners: finding and changing them.
+
+A NULL rpm_limit means the RATE_LIMIT_<LEVEL>_RPM default. Changes reach running http processes through
+the `identity` topic of the invalidation bus (the limits are part of every cached principal).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid.db.tables import api_keys, partners, tenants, users
+from scaigrid.settings import Settings
+
+LEVELS: dict[str, Table] = {"key": api_keys, "user": users, "tenant": tenants, "partner": partners}
+RPM_MAX = 10**9  # fits the INT column; far beyond anything a single node serves
+
+
+@dataclass(frozen=True)
+class LimitHolder:
+    level: str
+    id: str
+    tenant_id: str | None  # None for a partner
+    partner_id: str
+    role: str | None  # of a key or user: who may change its limit depends on it
+    rpm: int | None
+
+
+def default_rpm(settings: Settings, level: str) -> int:
+    limits = settings.limits
+    return {"key": limits.key_rpm, "user": limits.user_rpm, "tenant": limits.tenant_rpm,
+            "partner": limits.partner_rpm}[level]
+
+
+async def find_holder(conn: AsyncConnection, level: str, where: ColumnElement[bool]) -> LimitHolder | None:
+    """The one object of `level` matching `where` (a condition on that level's table), with its tenancy."""
+    table = LEVELS[level]
+    query: Any
+    if level == "partner":
+        query = select(partners.c.id, partners.c.id.label("partner_id"), partners.c.rpm_limit)
+    elif level == "tenant":
+        query = select(tenants.c.id, tenants.c.id.label("tenant_id"), tenants.c.partner_id, tenants.c.rpm_limit)
+    else:
+        query = select(table.c.id, table.c.tenant_id, tenants.c.partner_id, table.c.role, table.c.rpm_limit).join(
+            tenants, tenants.c.id == table.c.tenant_id)
+    row = (await conn.execute(query.where(where))).mappings().first()
+    if row is None:
+        return None
+    return LimitHolder(level, row["id"], row.get("tenant_id"), row["partner_id"], row.get("role"), row["rpm_limit"])
+
+
+async def set_rpm(conn: AsyncConnection, holder: LimitHolder, rpm: int | None) -> None:
+    table = LEVELS[holder.level]
+    await conn.execute(update(table).where(table.c.id == holder.id).values(rpm_limit=rpm))

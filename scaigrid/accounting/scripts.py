@@ -1,0 +1,167 @@
+"""The Lua scripts of the request path: one round trip to Redis to admit a request, one to record its usage.
+
+Rate limits are a sliding log: one sorted set per limited object (key, user, tenant, partner) holding the
+Redis TIME of each admitted request in the last 60 s. Chosen over the two-bucket sliding-window counter
+because it is exact: a key with rpm 10 gets exactly 10 requests in any 60 s, across any number of http
+processes, where the counter's interpolation lets one through too many or too few near a bucket edge.
+Its cost is bounded by the limit: only admitted requests are logged, so a set never holds more entries
+than its limit, and every request costs O(log n) per level.
+
+Budget counters are hashes of integers (requests, tokens, cost as whole units + picos), incremented with
+HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's doubles (at 1e-16 relative),
+which is fine for a gate.
+"""
+
+# Shared by both scripts: what a budget's counter hash says it has used, in the budget's own unit.
+_USED = """
+local function used(key, limit_type)
+  if limit_type == 'cost' then
+    local v = redis.call('HMGET', key, 'cost_units', 'cost_picos')
+    return (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) / 1e12
+  end
+  return tonumber(redis.call('HGET', key, limit_type)) or 0
+end
+"""
+
+# KEYS: one sorted set per rate-limited level, then one counter hash per budget to check.
+# ARGV: number of levels, a unique member for this request, each level's limit, then per budget:
+#       hard action, limit type, limit value.
+# Returns {verdict (0 admitted, 1 rate limited, 2 budget), level shown, its limit, remaining, reset (unix s),
+#          retry after (s), index of the blocking budget}.
+ADMIT = _USED + """
+local WINDOW_US = 60000000
+local THROTTLE_DIVISOR = 10
+local n_levels = tonumber(ARGV[1])
+local member = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local blocked, divisor = 0, 1
+for j = 1, #KEYS - n_levels do
+  local arg = 2 + n_levels + (j - 1) * 3
+  if used(KEYS[n_levels + j], ARGV[arg + 2]) >= tonumber(ARGV[arg + 3]) then
+    if ARGV[arg + 1] == 'block' then
+      blocked = j
+      break
+    elseif ARGV[arg + 1] == 'throttle' then
+      divisor = THROTTLE_DIVISOR
+    end
+  end
+end
+
+local counts, limits = {}, {}
+local shown, retry_us = 0, 0
+for i = 1, n_levels do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - WINDOW_US)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+  limits[i] = math.max(1, math.floor(tonumber(ARGV[2 + i]) / divisor))
+  if counts[i] >= limits[i] then
+    -- One more fits once the oldest (count - limit + 1) entries have left the window.
+    local entry = redis.call('ZRANGE', KEYS[i], counts[i] - limits[i], counts[i] - limits[i], 'WITHSCORES')
+    local wait_us = tonumber(entry[2]) + WINDOW_US - now
+    if wait_us > retry_us then
+      retry_us, shown = wait_us, i
+    end
+  end
+end
+
+local verdict = 0
+if blocked > 0 then
+  verdict = 2
+  shown = 0
+elseif shown > 0 then
+  verdict = 1
+else
+  for i = 1, n_levels do
+    redis.call('ZADD', KEYS[i], now, member)
+    redis.call('PEXPIRE', KEYS[i], WINDOW_US / 1000)
+    counts[i] = counts[i] + 1
+  end
+end
+
+if shown == 0 then  -- the most restrictive level: fewest requests left, then the lowest limit
+  shown = 1
+  for i = 2, n_levels do
+    local left, best = limits[i] - counts[i], limits[shown] - counts[shown]
+    if left < best or (left == best and limits[i] < limits[shown]) then
+      shown = i
+    end
+  end
+end
+local reset_us = now + retry_us
+if verdict ~= 1 then  -- a request comes back when the oldest one logged leaves the window
+  local oldest = redis.call('ZRANGE', KEYS[shown], 0, 0, 'WITHSCORES')
+  reset_us = (oldest[2] and tonumber(oldest[2]) or now) + WINDOW_US
+end
+return {verdict, shown, limits[shown], math.max(0, limits[shown] - counts[shown]), math.ceil(reset_us / 1e6),
+        math.ceil(retry_us / 1e6), blocked}
+"""
+
+# KEYS: the usage buffer (a list), then one counter hash per budget the record counts towards.
+# ARGV: the record as JSON, its tokens (in + out), its cost as whole units and picos, then per budget:
+#       counter TTL in seconds (0: none), limit type, limit value, soft limit value.
+# Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period.
+RECORD = _USED + """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local crossed = {}
+for j = 2, #KEYS do
+  local key, arg = KEYS[j], 4 + (j - 2) * 4
+  redis.call('HINCRBY', key, 'requests', 1)
+  redis.call('HINCRBY', key, 'tokens', ARGV[2])
+  redis.call('HINCRBY', key, 'cost_units', ARGV[3])
+  if redis.call('HINCRBY', key, 'cost_picos', ARGV[4]) >= 1e12 then
+    redis.call('HINCRBY', key, 'cost_picos', '-1000000000000')
+    redis.call('HINCRBY', key, 'cost_units', 1)
+  end
+  if tonumber(ARGV[arg + 1]) > 0 then
+    redis.call('EXPIRE', key, ARGV[arg + 1])
+  end
+  local u = used(key, ARGV[arg + 2])
+  -- HSETNX marks the crossing in the counter itself: reported once per budget and period, by one process.
+  if u >= tonumber(ARGV[arg + 4]) and redis.call('HSETNX', key, 'soft', 1) == 1 then
+    table.insert(crossed, j - 1)
+    table.insert(crossed, 'soft')
+  end
+  if u >= tonumber(ARGV[arg + 3]) and redis.call('HSETNX', key, 'hard', 1) == 1 then
+    table.insert(crossed, j - 1)
+    table.insert(crossed, 'hard')
+  end
+end
+return crossed
+"""
+
+# KEYS: a budget's counter hash, the mark that counters have not been lost since the worker last checked.
+# ARGV: TTL in seconds (0: none), requests, tokens, cost units, picos already in MariaDB, and whether that is
+# the whole period's usage (1) or only what came before the budget (0). Adds them once (the `seeded` mark makes
+# a second run a no-op); returns 1 if it did. A partial seed of a counter Redis has just lost would leave it
+# short for good, so without the mark it waits for the next run's whole-period seed.
+SEED = """
+if ARGV[6] == '0' and redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 0 then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'cost_units', ARGV[4])
+if redis.call('HINCRBY', KEYS[1], 'cost_picos', ARGV[5]) >= 1e12 then
+  redis.call('HINCRBY', KEYS[1], 'cost_picos', '-1000000000000')
+  redis.call('HINCRBY', KEYS[1], 'cost_units', 1)
+end
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# KEYS[1]: the usage buffer. ARGV: how many entries were flushed, and the last of them as it was read.
+# Trims them only if they are still at the head: a Redis that restarted empty meanwhile holds only newer
+# entries, which must stay.
+TRIM = """
+if redis.call('LINDEX', KEYS[1], tonumber(ARGV[1]) - 1) == ARGV[2] then
+  redis.call('LTRIM', KEYS[1], ARGV[1], -1)
+  return 1
+end
+return 0
+"""

@@ -1,0 +1,44 @@
+"""Usage records on their way to MariaDB: the JSON they are buffered as in Redis, and the idempotent insert."""
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.dialects.mysql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid.accounting.records import UsageRecord
+from scaigrid.db.tables import usage_records
+
+BUFFER_KEY = "scaigrid:usage:buffer"  # a Redis list: RPUSHed by every http process, drained by the worker
+COST_QUANTUM = Decimal("1e-12")
+
+
+def encode(usage: UsageRecord) -> str:
+    fields = vars(usage).copy()
+    fields["cost"] = str(usage.cost)  # a string: the cost never becomes a float on its way
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def decode(raw: bytes | str) -> UsageRecord:
+    fields = json.loads(raw)
+    fields["cost"] = Decimal(fields["cost"])
+    return UsageRecord(**fields)
+
+
+def row_of(usage: UsageRecord) -> dict[str, Any]:
+    row = vars(usage).copy()
+    del row["created_at_unix"]
+    row["created_at"] = datetime.fromtimestamp(usage.created_at_unix, UTC).replace(tzinfo=None)
+    row["cost"] = usage.cost.quantize(COST_QUANTUM)  # the column's scale; anything finer would be rounded silently
+    return row
+
+
+async def store(conn: AsyncConnection, records: Sequence[UsageRecord]) -> None:
+    """Inserts records; one already stored (same request id) is left as it is, so a replay doubles nothing."""
+    statement = insert(usage_records)
+    # ON DUPLICATE KEY rather than INSERT IGNORE: IGNORE would also swallow bad values as mere warnings.
+    await conn.execute(statement.on_duplicate_key_update(request_id=statement.inserted.request_id),
+                       [row_of(usage) for usage in records])

@@ -1,0 +1,144 @@
+"""The edges of the identity routes: JSON bodies validated field by field (422 with details), envelopes, pages."""
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from aiohttp import web
+from sqlalchemy import Column, Select, and_, or_
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid import errors
+from scaigrid.errors import FieldError
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 100
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response({"status": "ok", "data": data}, status=status, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def iso(value: datetime | None) -> str | None:
+    """Stored times are naive UTC; on the wire they say so."""
+    return None if value is None else value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+class Body:
+    """A JSON object read field by field; every problem is collected, then raised at once as VALIDATION_ERROR."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+        self._seen: set[str] = set()
+        self.problems: list[FieldError] = []
+
+    @classmethod
+    async def of(cls, request: web.Request) -> Self:
+        try:
+            data = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise errors.validation_error([FieldError("body", "expected a JSON object")]) from None
+        if not isinstance(data, dict):
+            raise errors.validation_error([FieldError("body", "expected a JSON object")])
+        return cls(data)
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _raw(self, name: str, required: bool) -> Any:
+        self._seen.add(name)
+        value = self._data.get(name)
+        if value is None and required:
+            self.problems.append(FieldError(name, "required"))
+        return value
+
+    def string(self, name: str, *, required: bool = False, max_length: int = 255,
+               pattern: re.Pattern[str] | None = None, choices: Sequence[str] | None = None,
+               hint: str = "") -> str | None:
+        value = self._raw(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.problems.append(FieldError(name, "expected a non-empty string"))
+        elif len(value) > max_length:
+            self.problems.append(FieldError(name, f"at most {max_length} characters"))
+        elif choices is not None and value not in choices:
+            self.problems.append(FieldError(name, "one of " + ", ".join(choices)))
+        elif pattern is not None and not pattern.match(value):
+            self.problems.append(FieldError(name, hint or f"must match {pattern.pattern}"))
+        else:
+            return value
+        return None
+
+    def timestamp(self, name: str, *, future: bool = False) -> datetime | None:
+        """An ISO 8601 time; without a zone it is taken as UTC. Returned as naive UTC, as stored."""
+        value = self._raw(name, False)
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            self.problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
+            return None
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        if future and parsed <= datetime.now(UTC).replace(tzinfo=None):
+            self.problems.append(FieldError(name, "must be in the future"))
+            return None
+        return parsed
+
+    def done(self) -> None:
+        """Raises VALIDATION_ERROR for every problem found, unknown fields included (a typo must not pass)."""
+        for name in self._data:
+            if name not in self._seen:
+                self.problems.append(FieldError(name, "unknown field"))
+        if self.problems:
+            raise errors.validation_error(self.problems)
+
+
+async def page(conn: AsyncConnection, request: web.Request, query: Select[Any], created_at: Column[datetime],
+               id_: Column[str], *, default_limit: int = DEFAULT_PAGE, max_limit: int = MAX_PAGE
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One page of a listing, newest first: ?limit= (1-max_limit, default_limit if absent) and ?cursor=."""
+    problems = []
+    raw_limit = request.query.get("limit", str(default_limit))
+    limit = int(raw_limit) if raw_limit.isdigit() else 0
+    if not 1 <= limit <= max_limit:
+        problems.append(FieldError("limit", f"a whole number 1-{max_limit}"))
+    cursor = request.query.get("cursor")
+    if cursor:
+        try:
+            stamp, _, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+            after = datetime.fromisoformat(stamp)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            problems.append(FieldError("cursor", "not a cursor from a previous page"))
+        else:
+            query = query.where(or_(created_at < after, and_(created_at == after, id_ < last_id)))
+    if problems:
+        raise errors.validation_error(problems, "invalid query parameters")
+    rows = [dict(row) for row in (await conn.execute(
+        query.order_by(created_at.desc(), id_.desc()).limit(limit + 1))).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = None
+    if more:
+        last = rows[-1]
+        next_cursor = base64.urlsafe_b64encode(
+            f"{last[created_at.name].isoformat()}|{last[id_.name]}".encode()).decode()
+    return rows, {"has_more": more, "next_cursor": next_cursor}

@@ -1,0 +1,254 @@
+"""The ScaiKey webhook receiver: identity changes pushed by ScaiKey, authenticated by signature, applied once each.
+
+ScaiKey signs `"<t>.<raw body>"` with HMAC-SHA256 under SCAIKEY_WEBHOOK_SECRET and sends
+`X-ScaiKey-Signature: t=<unix>,v1=<hex>`. Only signed values are trusted: the event id and type come from the body
+(the headers must agree), the age from `t`. Records are matched by their ScaiKey id; created and updated events
+both upsert, because ScaiKey may deliver them out of order (a user before its tenant makes a placeholder tenant
+that the tenant's own event later fills in).
+"""
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid import errors
+from scaigrid.api.access import public
+from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.auth import tenancy
+from scaigrid.auth.authenticator import TOPIC_IDENTITY, announce_change
+from scaigrid.auth.bodies import ok
+from scaigrid.auth.roles import ROLES
+from scaigrid.db.defaults import DEFAULT_SLUG
+from scaigrid.db.tables import partners, scaikey_events, tenants, users
+from scaigrid.errors import FieldError
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 300  # a signature older (or further in the future) than this is a replay, or a broken clock
+NEW_USER_ROLE = "tenant_user"
+
+
+def signature_invalid(message: str) -> errors.ScaigridError:
+    return errors.ScaigridError(message, "WEBHOOK_SIGNATURE_INVALID", 401)
+
+
+def verify_signature(secret: str, header: str | None, body: bytes, now_s: float) -> None:
+    """Raises unless `header` carries a v1 signature of this body, made within WINDOW_S of now."""
+    if not header:
+        raise signature_invalid("X-ScaiKey-Signature is missing")
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        parts.setdefault(name, []).append(value)
+    stamp = parts.get("t", [""])[0]
+    if not stamp.isdigit() or "v1" not in parts:
+        raise signature_invalid("X-ScaiKey-Signature must look like t=<unix time>,v1=<hex HMAC-SHA256>")
+    if abs(now_s - int(stamp)) > WINDOW_S:
+        raise signature_invalid(f"the signature's time is more than {WINDOW_S} s away from ours")
+    expected = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    # Every candidate is compared in constant time (ScaiKey may send several v1 during a secret rotation).
+    if not any(hmac.compare_digest(expected.encode(), given.encode()) for given in parts["v1"]):
+        raise signature_invalid("the signature does not match this body")
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    event_type: str
+    resource_id: str
+    data: dict[str, Any]
+    tenant_id: str | None  # ScaiKey ids, not ours
+    partner_id: str | None
+
+
+def parse_event(body: bytes, headers: Mapping[str, str]) -> Event:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise errors.validation_error([FieldError("body", "expected a JSON object")]) from None
+    if not isinstance(document, dict):
+        raise errors.validation_error([FieldError("body", "expected a JSON object")])
+    problems = []
+
+    def text(value: Any, field: str, required: bool = True, max_length: int = 128) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value or len(value) > max_length:
+            problems.append(FieldError(field, f"expected a string of 1-{max_length} characters"))
+            return None
+        return value
+
+    event_id = text(document.get("event_id"), "event_id")
+    event_type = text(document.get("event_type"), "event_type", max_length=64)
+    resource = document.get("resource")
+    resource_id = text(resource.get("id") if isinstance(resource, dict) else None, "resource.id", max_length=64)
+    data = document.get("data", {})
+    if not isinstance(data, dict):
+        problems.append(FieldError("data", "expected an object"))
+    tenant_id = text(document.get("tenant_id"), "tenant_id", required=False, max_length=64)
+    partner_id = text(document.get("partner_id"), "partner_id", required=False, max_length=64)
+    for header, value in (("X-ScaiKey-Event-ID", event_id), ("X-ScaiKey-Event-Type", event_type)):
+        if header in headers and value is not None and headers[header] != value:
+            problems.append(FieldError(header, "does not match the signed body"))
+    if problems:
+        raise errors.validation_error(problems, "not a ScaiKey event")
+    assert event_id is not None and event_type is not None and resource_id is not None
+    return Event(event_id, event_type, resource_id, data, tenant_id, partner_id)
+
+
+def _status(raw: Any) -> str | None:
+    """ScaiKey's status in ours; anything but ACTIVE (or DELETED) fails closed as suspended."""
+    if raw is None:
+        return None
+    value = str(raw).lower()
+    return value if value in ("active", "deleted") else "suspended"
+
+
+def _string(data: dict[str, Any], *names: str) -> str | None:
+    for name in names:
+        if isinstance(data.get(name), str) and data[name].strip():
+            return str(data[name]).strip()
+    return None
+
+
+async def _slug(conn: AsyncConnection, table: Table, data: dict[str, Any], fallback: str) -> str:
+    wanted = _string(data, "slug")
+    if wanted is not None and tenancy.SLUG_PATTERN.match(wanted):
+        return await tenancy.free_slug(conn, table, wanted)
+    return await tenancy.free_slug(conn, table, _string(data, "name") or fallback)
+
+
+async def _partner(conn: AsyncConnection, scaikey_id: str | None) -> str:
+    """Our partner for a ScaiKey partner id (a placeholder if it is new); no id: the default partner."""
+    if scaikey_id is None:
+        partner_id = await conn.scalar(select(partners.c.id).where(partners.c.slug == DEFAULT_SLUG))
+        if partner_id is None:
+            raise errors.validation_error([FieldError("partner_id", "required: this node has no default partner")])
+        return str(partner_id)
+    partner_id = await conn.scalar(select(partners.c.id).where(partners.c.scaikey_id == scaikey_id))
+    if partner_id is not None:
+        return str(partner_id)
+    return await tenancy.create_partner(conn, slug=await tenancy.free_slug(conn, partners, scaikey_id),
+                                        name=scaikey_id, scaikey_id=scaikey_id)
+
+
+async def _tenant(conn: AsyncConnection, scaikey_id: str | None, scaikey_partner_id: str | None) -> str:
+    if scaikey_id is None:
+        raise errors.validation_error([FieldError("tenant_id", "required for user events")])
+    tenant_id = await conn.scalar(select(tenants.c.id).where(tenants.c.scaikey_id == scaikey_id))
+    if tenant_id is not None:
+        return str(tenant_id)
+    return await tenancy.create_tenant(
+        conn, partner_id=await _partner(conn, scaikey_partner_id),
+        slug=await tenancy.free_slug(conn, tenants, scaikey_id), name=scaikey_id, scaikey_id=scaikey_id)
+
+
+async def _set_status(conn: AsyncConnection, table: Table, scaikey_id: str, status: str) -> bool:
+    result = await conn.execute(update(table).where(table.c.scaikey_id == scaikey_id).values(status=status))
+    return bool(result.rowcount)
+
+
+async def _upsert_partner(conn: AsyncConnection, event: Event) -> bool:
+    data = event.data
+    changes = {k: v for k, v in (("name", _string(data, "name")), ("status", _status(data.get("status"))))
+               if v is not None}
+    existing = await conn.scalar(select(partners.c.id).where(partners.c.scaikey_id == event.resource_id))
+    if existing is None:
+        existing = await tenancy.create_partner(
+            conn, slug=await _slug(conn, partners, data, event.resource_id),
+            name=changes.get("name", event.resource_id), scaikey_id=event.resource_id)
+    if changes:
+        await conn.execute(update(partners).where(partners.c.id == existing).values(**changes))
+    return True
+
+
+async def _upsert_tenant(conn: AsyncConnection, event: Event) -> bool:
+    data = event.data
+    changes = {k: v for k, v in (("name", _string(data, "name")), ("status", _status(data.get("status"))))
+               if v is not None}
+    existing = await conn.scalar(select(tenants.c.id).where(tenants.c.scaikey_id == event.resource_id))
+    if existing is None:
+        partner_id = await _partner(conn, event.partner_id or _string(data, "partner_id"))
+        existing = await tenancy.create_tenant(
+            conn, partner_id=partner_id, slug=await _slug(conn, tenants, data, event.resource_id),
+            name=changes.get("name", event.resource_id), scaikey_id=event.resource_id)
+    if changes:
+        await conn.execute(update(tenants).where(tenants.c.id == existing).values(**changes))
+    return True
+
+
+async def _upsert_user(conn: AsyncConnection, event: Event) -> bool:
+    data = event.data
+    role = _string(data, "role")
+    if role is not None and role not in ROLES:
+        logger.warning("ScaiKey user %s: unknown role %r ignored", event.resource_id, role,
+                       extra={"event": "scaikey_unknown_role"})
+        role = None
+    changes = {k: v for k, v in (("email", _string(data, "email")), ("role", role),
+                                 ("display_name", _string(data, "display_name", "name")),
+                                 ("status", _status(data.get("status")))) if v is not None}
+    existing = await conn.scalar(select(users.c.id).where(users.c.scaikey_id == event.resource_id))
+    if existing is None:
+        tenant_id = await _tenant(conn, event.tenant_id or _string(data, "tenant_id"), event.partner_id)
+        email = changes.get("email", f"{event.resource_id}@scaikey")
+        # A user the operator made here with the same email becomes this ScaiKey user (ScaiKey is the authority).
+        existing = await conn.scalar(select(users.c.id).where(
+            users.c.tenant_id == tenant_id, users.c.email == email, users.c.scaikey_id.is_(None)))
+        if existing is None:
+            existing = await tenancy.create_user(conn, tenant_id=tenant_id, email=email,
+                                                 role=changes.get("role", NEW_USER_ROLE),
+                                                 scaikey_id=event.resource_id)
+        else:
+            changes["scaikey_id"] = event.resource_id
+    if changes:
+        await conn.execute(update(users).where(users.c.id == existing).values(**changes))
+    return True
+
+
+async def apply(conn: AsyncConnection, event: Event) -> bool:
+    """Applies one event; False when it changes nothing here (group events, unknown records or types)."""
+    kind, _, action = event.event_type.partition(".")
+    table = {"partner": partners, "tenant": tenants, "user": users}.get(kind)
+    if table is None:
+        return False
+    if action in ("created", "updated"):
+        upsert = {"partner": _upsert_partner, "tenant": _upsert_tenant, "user": _upsert_user}[kind]
+        return await upsert(conn, event)
+    status = {"deleted": "deleted", "suspended": "suspended", "activated": "active"}.get(action)
+    if status is None or (kind != "user" and action != "deleted"):
+        return False
+    return await _set_status(conn, table, event.resource_id, status)
+
+
+@public  # authenticated by its signature, not by a bearer token
+async def receive(request: web.Request) -> web.Response:
+    """POST /v1/webhooks/scaikey: verify, record the event id, apply, announce."""
+    secret = request.app[SETTINGS].scaikey.webhook_secret
+    if secret is None:
+        raise errors.ScaigridError("this node takes no ScaiKey webhooks: SCAIKEY_WEBHOOK_SECRET is not set",
+                                   "WEBHOOKS_NOT_CONFIGURED", 503)
+    body = await request.read()
+    verify_signature(secret.reveal(), request.headers.get("X-ScaiKey-Signature"), body, time.time())
+    event = parse_event(body, request.headers)
+    async with request.app[DB].begin() as conn:
+        try:
+            await conn.execute(insert(scaikey_events).values(event_id=event.event_id, event_type=event.event_type))
+        except IntegrityError:
+            logger.info("ScaiKey event %s already applied", event.event_id, extra={"event": "scaikey_duplicate"})
+            return ok({"event_id": event.event_id, "applied": False, "duplicate": True})
+        applied = await apply(conn, event)
+    if applied:
+        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
+    logger.info("ScaiKey event %s %s: %s", event.event_type, event.event_id, "applied" if applied else "ignored",
+                extra={"event": "scaikey_event", "event_type": event.event_type, "applied": applied})
+    return ok({"event_id": event.event_id, "applied": applied, "duplicate": False})

@@ -1,0 +1,451 @@
+"""Dispatch: choose a backend, call it over the OpenAI protocol, fail over, relay the answer, account for it.
+
+Failover happens only while nothing has been sent to the client: on a connection error, a timeout, a 5xx, a 429
+(the backend then cools down for its Retry-After) or an answer that is not the OpenAI shape. Once a stream has
+started, a failure becomes an `event: error` frame, and the stream still ends with `data: [DONE]`.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from scaigrid import errors
+from scaigrid.accounting.records import UsageRecord
+from scaigrid.accounting.service import Accounting
+from scaigrid.api.base import DB, REDIS, REQUEST_ID, SETTINGS
+from scaigrid.api.gateway import ACCOUNTING
+from scaigrid.auth.principal import Principal
+from scaigrid.cache import BUS
+from scaigrid.dispatch import metrics, sse
+from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
+from scaigrid.routing.catalogue import Backend, CatalogueLoader, Model
+from scaigrid.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+NATIVE, OAI = "native", "oai"
+DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a usable Retry-After still cools the backend down this long
+MAX_RETRY_AFTER_S = 3600.0
+DRAIN_AFTER_DONE_S = 1.0  # after [DONE], how long we read on so the connection can be reused
+ERROR_BODY_MAX_BYTES = 4096
+# Statuses meaning "this request is wrong", not "this backend is broken": passed back, no failover.
+REFUSED_STATUSES = frozenset({400, 413, 422})
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Failure(Exception):
+    """One backend attempt that failed; `kind` decides the breaker, failover and the client's error code."""
+
+    kind: str  # connect | timeout | status | rate_limited | shape | refused | cut | upstream
+    detail: str  # for the log and the breaker's last_error; may quote the backend
+    retry_after_s: float = 0.0
+    public: str = ""  # for the client: never the backend's own words (they may name hosts or key prefixes)
+
+
+class Exchange:
+    """One inference request on its way through the dispatcher."""
+
+    __slots__ = ("backend", "created_unix", "model", "principal", "protocol", "request", "started", "status",
+                 "tokens_in", "tokens_out", "upstream_s")
+
+    def __init__(self, request: web.Request, principal: Principal, model: Model, protocol: str,
+                 started: float) -> None:
+        self.request = request
+        self.principal = principal
+        self.model = model
+        self.protocol = protocol
+        self.started = started
+        self.created_unix = time.time()
+        self.backend: Backend | None = None
+        self.status = "ok"  # or the error code the client got
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.upstream_s = 0.0  # time spent waiting on backends
+
+
+def _retry_after_s(header: str | None) -> float:
+    """Retry-After as seconds or an HTTP date; a missing or odd value means DEFAULT_RETRY_AFTER_S."""
+    if header:
+        try:
+            seconds = float(header)
+        except ValueError:
+            try:
+                seconds = parsedate_to_datetime(header).timestamp() - time.time()
+            except (TypeError, ValueError):
+                seconds = DEFAULT_RETRY_AFTER_S
+        if math.isfinite(seconds) and seconds > 0:
+            return min(seconds, MAX_RETRY_AFTER_S)
+    return DEFAULT_RETRY_AFTER_S
+
+
+def _upstream_message(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message or payload)[:300]
+
+
+async def _status_failure(response: aiohttp.ClientResponse) -> Failure:
+    body = await response.content.read(ERROR_BODY_MAX_BYTES)
+    status = response.status
+    if status == 429:
+        return Failure("rate_limited", "HTTP 429", _retry_after_s(response.headers.get("Retry-After")))
+    if status in REFUSED_STATUSES:
+        return Failure("refused", _upstream_message(body))
+    return Failure("status", f"HTTP {status}: {_upstream_message(body)}", public=f"HTTP {status}")
+
+
+async def _check_stream(response: aiohttp.ClientResponse) -> None:
+    """Raises Failure unless the backend answered with an event stream."""
+    if response.status != 200:
+        raise await _status_failure(response)
+    content_type = response.headers.get("Content-Type", "")
+    if not content_type.startswith("text/event-stream"):
+        raise Failure("shape", f"asked for a stream, the backend answered {content_type or 'with no content type'}")
+
+
+def _client_error(exc: Exception) -> Failure:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return Failure("connect", f"cannot connect: {type(exc).__name__}", public="no connection")
+    return Failure("status", f"connection failed: {type(exc).__name__}", public="connection failed")
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (a write then fails with ConnectionResetError)."""
+    return request.transport is None or request.transport.is_closing()
+
+
+def _upstream_body(payload: dict[str, Any], backend: Backend) -> bytes:
+    """The request as this backend gets it: under its own model name."""
+    payload["model"] = backend.model
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _usage_tokens(usage: Any) -> tuple[int, int]:
+    if not isinstance(usage, dict):
+        return 0, 0
+    tokens_in = usage.get("prompt_tokens")
+    tokens_out = usage.get("completion_tokens")
+    return (tokens_in if isinstance(tokens_in, int) else 0), (tokens_out if isinstance(tokens_out, int) else 0)
+
+
+class Dispatcher:
+    """One per process: the upstream ClientSession, the catalogue, the breakers, and the request pipeline."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, catalogue: CatalogueLoader,
+                 breakers: Breakers, accounting: Accounting) -> None:
+        self._session = session
+        self.catalogue = catalogue
+        self.breakers = breakers
+        self._accounting = accounting
+        self._connect_timeout_s = settings.dispatch.connect_timeout_s
+        self._stream_timeout_s = settings.dispatch_stream_timeout_s
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- choosing ---
+
+    async def _choose(self, model: Model, tried: set[str] | None) -> Backend | None:
+        """The lowest priority group with a usable backend, weighted inside it; None when none is left."""
+        now_s = time.time()
+        check = self.breakers.check
+        for group in model.groups:
+            candidates = [route for route in group if tried is None or route.backend.id not in tried]
+            while candidates:
+                route = candidates[0] if len(candidates) == 1 else random.choices(  # noqa: S311 (load spreading)
+                    candidates, [r.weight for r in candidates])[0]
+                verdict = check(route.backend.id, now_s)
+                if verdict == USABLE:
+                    return route.backend
+                if verdict == TRIAL and await self.breakers.claim_trial(
+                        route.backend.id, route.backend.timeout_s + self._connect_timeout_s):
+                    return route.backend
+                candidates.remove(route)
+        return None
+
+    def _exhausted(self, model: Model, failure: Failure | None) -> errors.ScaigridError:
+        """The client's error once no backend is left to try."""
+        if failure is None:
+            now_s = time.time()
+            cooling = [self.breakers.cooling_until(route.backend.id) for group in model.groups for route in group
+                       if self.breakers.check(route.backend.id, now_s) == COOLING]
+            if cooling:
+                return errors.backend_rate_limited(
+                    max(1, math.ceil(min(cooling) - now_s)), f"the backends of {model.slug!r} are rate limited")
+            return errors.model_unavailable(model.slug)
+        if failure.kind == "timeout":
+            return errors.backend_timeout(f"the backend of {model.slug!r} did not answer in time")
+        if failure.kind == "rate_limited":
+            return errors.backend_rate_limited(max(1, math.ceil(failure.retry_after_s)),
+                                               f"the backend of {model.slug!r} is rate limited")
+        if failure.kind == "shape":
+            return errors.upstream_shape_mismatch(f"the backend of {model.slug!r} answered in an unexpected shape")
+        return errors.backend_error(f"the backend of {model.slug!r} failed ({failure.public or failure.kind})")
+
+    async def _report(self, backend: Backend, failure: Failure) -> None:
+        """Tells the breaker how the attempt went (a refused request is the client's fault, not the backend's)."""
+        if failure.kind == "rate_limited":
+            await self.breakers.cool_down(backend.id, failure.retry_after_s)
+        elif failure.kind == "refused":
+            await self._succeeded(backend)
+        else:
+            logger.warning("backend %s failed: %s", backend.id, failure.detail,
+                           extra={"event": "backend_failed", "backend_id": backend.id, "kind": failure.kind})
+            await self.breakers.failed(backend.id, f"{failure.kind}: {failure.detail}")
+
+    async def _succeeded(self, backend: Backend) -> None:
+        if not self.breakers.clean(backend.id):
+            await self.breakers.succeeded(backend.id)
+
+    async def _failover(self, exchange: Exchange, attempt: Callable[[Backend], Awaitable[T]]) -> T:
+        """`attempt` on one backend after another until one succeeds; raises the client's error when none does."""
+        model = exchange.model
+        tried: set[str] | None = None
+        failure: Failure | None = None
+        while (backend := await self._choose(model, tried)) is not None:
+            exchange.backend = backend
+            try:
+                return await attempt(backend)
+            except Failure as exc:
+                failure = exc
+                await self._report(backend, exc)
+                if exc.kind == "refused":
+                    raise errors.validation_error(
+                        [errors.FieldError("body", exc.detail)], "the backend refused the request") from None
+            tried = tried or set()
+            tried.add(backend.id)
+        raise self._exhausted(model, failure)
+
+    # --- non-streamed: chat completions and embeddings ---
+
+    async def call(self, exchange: Exchange, payload: dict[str, Any], embeddings: bool) -> bytes:
+        """The backend's JSON answer with the model renamed."""
+        return await self._failover(exchange, lambda backend: self._call_one(exchange, backend, payload, embeddings))
+
+    async def _call_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
+                        embeddings: bool) -> bytes:
+        data = _upstream_body(payload, backend)
+        url = backend.embeddings_url if embeddings else backend.chat_url
+        inflight = metrics.backend_inflight(backend.id)
+        inflight.inc()
+        waited_from = time.perf_counter()
+        try:
+            async with asyncio.timeout(backend.timeout_s):
+                async with self._session.post(url, data=data, headers=backend.headers) as response:
+                    if response.status != 200:
+                        raise await _status_failure(response)
+                    body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise _client_error(exc) from None
+        except TimeoutError:
+            raise Failure("timeout", f"no answer within {backend.timeout_s:g} s") from None
+        finally:
+            inflight.dec()
+            exchange.upstream_s += time.perf_counter() - waited_from
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise Failure("shape", "the answer is not JSON") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("data" if embeddings else "choices"), list):
+            raise Failure("shape", "the answer lacks `data`" if embeddings else "the answer lacks `choices`")
+        exchange.tokens_in, exchange.tokens_out = _usage_tokens(answer.get("usage"))
+        await self._succeeded(backend)
+        return sse.rename_model(body, sse.model_field(exchange.model.slug))
+
+    # --- streamed chat completions ---
+
+    async def stream(self, exchange: Exchange, payload: dict[str, Any], forward_usage: bool) -> web.StreamResponse:
+        """Relays a stream from the first backend that starts one; raises (nothing sent) when none does."""
+        field = sse.model_field(exchange.model.slug)
+        return await self._failover(exchange, lambda backend: self._stream_one(
+            exchange, backend, payload, sse.ChunkRelay(field, forward_usage)))
+
+    async def _stream_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
+                          relay: sse.ChunkRelay) -> web.StreamResponse:
+        """Raises Failure while nothing was sent; once the client has frames, every ending is written to it."""
+        data = _upstream_body(payload, backend)
+        loop = asyncio.get_running_loop()
+        stream_deadline = loop.time() + self._stream_timeout_s
+        inflight = metrics.backend_inflight(backend.id)
+        inflight.inc()
+        client: web.StreamResponse | None = None
+        upstream: aiohttp.ClientResponse | None = None
+        failure: Failure | None = None
+        served = False
+        perf_counter = time.perf_counter
+        try:
+            async with asyncio.timeout(backend.timeout_s) as deadline:
+                waited_from = perf_counter()
+                upstream = await self._session.post(backend.chat_url, data=data, headers=backend.headers)
+                await _check_stream(upstream)
+                read = upstream.content.readany
+                chunk = await read()
+                exchange.upstream_s += perf_counter() - waited_from
+                while chunk:
+                    frames = relay.feed(chunk)
+                    if frames:
+                        if client is None:
+                            deadline.reschedule(stream_deadline)
+                            client = await self._start(exchange, backend)
+                        await client.write(frames)
+                    if relay.done:
+                        break
+                    waited_from = perf_counter()
+                    chunk = await read()
+                    exchange.upstream_s += perf_counter() - waited_from
+                if not relay.done:
+                    raise Failure("cut", "the backend closed the stream before [DONE]", public="stream cut")
+                if client is None:
+                    raise Failure("shape", "the stream ended without a single chunk")
+                await client.write(sse.DONE_FRAME)
+                await client.write_eof()
+                served = True
+                # The client has everything; reading the rest lets the connection go back to the pool.
+                deadline.reschedule(loop.time() + DRAIN_AFTER_DONE_S)
+                while await read():
+                    pass
+        except (Failure, sse.ShapeError, sse.UpstreamStreamError, aiohttp.ClientError, ConnectionResetError,
+                TimeoutError) as exc:
+            if not served:
+                failure = self._stream_failure(exc, exchange, backend, started=client is not None)
+        finally:
+            inflight.dec()
+            if upstream is not None:
+                if upstream.content.at_eof():
+                    upstream.release()
+                else:
+                    upstream.close()  # the backend sees us go, and stops generating
+            self._count_stream(exchange, relay)  # a client that went away still pays for what it got
+        if client is None:
+            assert failure is not None
+            raise failure
+        if served:
+            return client
+        if failure is None:
+            exchange.status = "CLIENT_CLOSED"  # not the backend's fault; nobody left to tell
+            return client
+        await self._break_stream(exchange, backend, client, failure)
+        return client
+
+    def _stream_failure(self, exc: Exception, exchange: Exchange, backend: Backend, started: bool
+                        ) -> Failure | None:
+        """What went wrong with a stream; None when it was the client that went away."""
+        if isinstance(exc, Failure):
+            return exc
+        if isinstance(exc, sse.ShapeError):
+            return Failure("shape", str(exc))
+        if isinstance(exc, sse.UpstreamStreamError):
+            return Failure("upstream", str(exc), public="error in its stream")
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+            if started:
+                return Failure("timeout", f"longer than DISPATCH_STREAM_TIMEOUT_S ({self._stream_timeout_s:g} s)")
+            return Failure("timeout", f"no first chunk within {backend.timeout_s:g} s")
+        if started and _gone(exchange.request):
+            return None
+        if started or isinstance(exc, aiohttp.ClientPayloadError):
+            return Failure("cut", f"the backend's stream broke off ({type(exc).__name__})", public="stream cut")
+        return _client_error(exc)
+
+    async def _break_stream(self, exchange: Exchange, backend: Backend, client: web.StreamResponse,
+                            failure: Failure) -> None:
+        """A stream that already started and then failed: an error frame, then [DONE], never a silent cut."""
+        await self._report(backend, failure)
+        exchange.status = "BACKEND_TIMEOUT" if failure.kind == "timeout" else "BACKEND_ERROR"
+        logger.warning("stream from backend %s broke after it started: %s", backend.id, failure.detail,
+                       extra={"event": "stream_broken", "backend_id": backend.id, "kind": failure.kind})
+        message = ("the stream took longer than this node allows" if failure.kind == "timeout"
+                   else "the backend's stream broke off")
+        with contextlib.suppress(ConnectionResetError):
+            await client.write(sse.error_frame(exchange.status, message, exchange.protocol == OAI))
+            await client.write(sse.DONE_FRAME)
+            await client.write_eof()
+
+    async def _start(self, exchange: Exchange, backend: Backend) -> web.StreamResponse:
+        """The client's response, opened with the first frame: from here on, no failover."""
+        client = web.StreamResponse(headers=STREAM_HEADERS)
+        await client.prepare(exchange.request)
+        metrics.time_to_first_token(exchange.model.slug).observe(time.perf_counter() - exchange.started)
+        await self._succeeded(backend)
+        return client
+
+    @staticmethod
+    def _count_stream(exchange: Exchange, relay: sse.ChunkRelay) -> None:
+        # Without a usage chunk from the backend, each content chunk counts as one output token.
+        if relay.usage is not None:
+            exchange.tokens_in, exchange.tokens_out = _usage_tokens(relay.usage)
+        else:
+            exchange.tokens_in, exchange.tokens_out = 0, relay.content_chunks
+
+    # --- after every request ---
+
+    def finish(self, exchange: Exchange) -> None:
+        """Metrics now; the usage record on its own task, so that neither the answer nor the next request on
+        this connection waits for it (aiohttp handles one request of a connection at a time)."""
+        elapsed_s = time.perf_counter() - exchange.started
+        model = exchange.model.slug
+        backend_id = exchange.backend.id if exchange.backend is not None else None
+        tenant_id = exchange.principal.tenant_id
+        metrics.requests(model, exchange.status, exchange.protocol).inc()
+        metrics.request_duration(model, backend_id or "").observe(elapsed_s)
+        metrics.GATEWAY_OVERHEAD.observe(max(0.0, elapsed_s - exchange.upstream_s))
+        if exchange.tokens_in:
+            metrics.tokens(model, "in", tenant_id).inc(exchange.tokens_in)
+        if exchange.tokens_out:
+            metrics.tokens(model, "out", tenant_id).inc(exchange.tokens_out)
+        principal = exchange.principal
+        usage = UsageRecord(
+            request_id=exchange.request[REQUEST_ID], created_at_unix=exchange.created_unix,
+            partner_id=principal.partner_id, tenant_id=tenant_id, user_id=principal.user_id,
+            api_key_id=principal.api_key_id, model=model, backend_id=backend_id, protocol=exchange.protocol,
+            status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
+            tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
+            cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out))
+        task = asyncio.create_task(self._record(usage))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record(self, usage: UsageRecord) -> None:
+        try:
+            await self._accounting.record(usage)
+        except Exception:
+            logger.exception("usage of request %s not recorded", usage.request_id, extra={"event": "usage_lost"})
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+
+
+async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The catalogue (loaded, then following announcements), the breakers and one upstream ClientSession."""
+    settings = app[SETTINGS]
+    dispatch = settings.dispatch
+    breakers = Breakers(settings, app[REDIS], app[BUS])
+    loader = CatalogueLoader(app[DB], settings, app[BUS])
+    loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
+    # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=dispatch.connect_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, loader.running():
+        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING])
+        try:
+            yield
+        finally:
+            await app[DISPATCHER].stop()
+            await breakers.stop()

@@ -1,0 +1,150 @@
+"""Inference request bodies, validated at the edge: every problem reported at once as VALIDATION_ERROR details.
+
+Only the fields ScaiGrid documents are checked; any other field (response_format, presence_penalty, user, ...)
+is passed to the backend untouched, as OpenAI clients expect. A JSON null counts as an absent field.
+"""
+
+import json
+from typing import Any
+
+from scaigrid import errors
+from scaigrid.errors import FieldError
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("none", "auto", "required")
+ENCODING_FORMATS = ("float", "base64")
+MAX_STOP_SEQUENCES = 4
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise errors.validation_error([FieldError("body", "not valid JSON")]) from None
+    if not isinstance(body, dict):
+        raise errors.validation_error([FieldError("body", "must be a JSON object")])
+    return body
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _model(body: dict[str, Any], problems: list[FieldError]) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        problems.append(FieldError("model", "required: the slug of a model (GET /v1/models lists them)"))
+
+
+def _messages(messages: Any, problems: list[FieldError]) -> None:
+    if not isinstance(messages, list) or not messages:
+        problems.append(FieldError("messages", "required: a non-empty list of {role, content}"))
+        return
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            problems.append(FieldError(where, "must be an object {role, content}"))
+            continue
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            problems.append(FieldError(f"{where}.role", "one of: " + ", ".join(CHAT_ROLES)))
+        content = message.get("content")
+        if content is None:
+            # An assistant turn that only calls tools carries no content.
+            if not (role == "assistant" and message.get("tool_calls")):
+                problems.append(FieldError(f"{where}.content", "required: a string or a list of content parts"))
+        elif isinstance(content, list):
+            if not all(isinstance(part, dict) and isinstance(part.get("type"), str) for part in content):
+                problems.append(FieldError(f"{where}.content", "content parts must be objects with a `type`"))
+        elif not isinstance(content, str):
+            problems.append(FieldError(f"{where}.content", "a string or a list of content parts"))
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            problems.append(FieldError(f"{where}.tool_call_id", "required for role tool: the id of the tool call"))
+
+
+def _tools(tools: Any, problems: list[FieldError]) -> None:
+    if not isinstance(tools, list):
+        problems.append(FieldError("tools", "a list of {type: function, function: {name, ...}}"))
+        return
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append(FieldError(f"tools[{index}]", "must be {type: function, function: {name, ...}}"))
+
+
+def _tool_choice(choice: Any, problems: list[FieldError]) -> None:
+    if choice in TOOL_CHOICES:
+        return
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        problems.append(FieldError(
+            "tool_choice", "none, auto, required, or {type: function, function: {name}}"))
+
+
+def _stop(stop: Any, problems: list[FieldError]) -> None:
+    if isinstance(stop, str):
+        return
+    if (not isinstance(stop, list) or not 1 <= len(stop) <= MAX_STOP_SEQUENCES
+            or not all(isinstance(item, str) for item in stop)):
+        problems.append(FieldError("stop", f"a string or a list of 1 to {MAX_STOP_SEQUENCES} strings"))
+
+
+def _range(body: dict[str, Any], name: str, low: float, high: float, problems: list[FieldError]) -> None:
+    value = body.get(name)
+    if value is not None and not (_number(value) and low <= value <= high):
+        problems.append(FieldError(name, f"a number from {low:g} to {high:g}"))
+
+
+def _positive(body: dict[str, Any], name: str, problems: list[FieldError]) -> None:
+    value = body.get(name)
+    if value is not None and not (_integer(value) and value >= 1):
+        problems.append(FieldError(name, "an integer >= 1"))
+
+
+def _typed(body: dict[str, Any], name: str, kind: type, what: str, problems: list[FieldError]) -> None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        problems.append(FieldError(name, what))
+
+
+def chat(body: dict[str, Any]) -> None:
+    """Checks a chat completion body (native or OpenAI surface); raises VALIDATION_ERROR listing every problem."""
+    problems: list[FieldError] = []
+    _model(body, problems)
+    _messages(body.get("messages"), problems)
+    _range(body, "temperature", 0, 2, problems)
+    _range(body, "top_p", 0, 1, problems)
+    _positive(body, "max_tokens", problems)
+    _positive(body, "max_completion_tokens", problems)
+    _typed(body, "seed", int, "an integer", problems)
+    _typed(body, "stream", bool, "true or false", problems)
+    _typed(body, "stream_options", dict, "an object such as {include_usage: true}", problems)
+    _typed(body, "metadata", dict, "an object of string values", problems)
+    if body.get("stop") is not None:
+        _stop(body["stop"], problems)
+    if body.get("tools") is not None:
+        _tools(body["tools"], problems)
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], problems)
+    if problems:
+        raise errors.validation_error(problems)
+
+
+def embed(body: dict[str, Any]) -> None:
+    """Checks an embeddings body; raises VALIDATION_ERROR listing every problem."""
+    problems: list[FieldError] = []
+    _model(body, problems)
+    given = body.get("input")
+    if not (isinstance(given, str) and given) and not (
+            isinstance(given, list) and given and all(isinstance(item, str) and item for item in given)):
+        problems.append(FieldError("input", "required: a non-empty string or a non-empty list of non-empty strings"))
+    _positive(body, "dimensions", problems)
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ENCODING_FORMATS:
+        problems.append(FieldError("encoding_format", "one of: " + ", ".join(ENCODING_FORMATS)))
+    if problems:
+        raise errors.validation_error(problems)

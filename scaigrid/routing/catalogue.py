@@ -1,0 +1,227 @@
+"""The catalogue as the request path reads it: every model, route and backend in process, reloaded when announced.
+
+Requests never query MariaDB for the catalogue. A snapshot is loaded at start and replaced whenever a writer
+announces the topic "catalogue" on the invalidation bus (and after the bus reconnects, when a change may have been
+missed). A failed reload keeps the previous snapshot and is retried.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from yarl import URL
+
+from scaigrid import errors
+from scaigrid.auth.principal import Principal
+from scaigrid.cache import InvalidationBus
+from scaigrid.crypto import UndecryptableCredential, decrypt
+from scaigrid.db.tables import backends, model_routes, models, tenants
+from scaigrid.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+TOPIC_CATALOGUE = "catalogue"
+RELOAD_RETRY_S = 2.0
+OFFERED_STATUSES = frozenset({"active", "deprecated"})  # a deprecated model still serves; clients should move on
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    id: str
+    tenant_id: str | None  # None = shared by every tenant
+    partner_id: str | None  # the owning tenant's partner
+    provider: str
+    base_url: str
+    model: str  # the upstream's own model name
+    timeout_s: float  # the answer, or the first streamed event
+    status: str  # active | disabled
+    cost_input_per_mtok: Decimal
+    cost_output_per_mtok: Decimal
+    chat_url: URL
+    embeddings_url: URL
+    headers: Mapping[str, str] = field(repr=False)  # carries the upstream credential
+
+    def visible_to(self, principal: Principal) -> bool:
+        """Shared backends are seen by everyone allowed to look at backends; a tenant's by those reaching it."""
+        return self.tenant_id is None or principal.reaches(self.tenant_id, self.partner_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend: Backend
+    weight: int
+    priority: int  # lower is tried first
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: str
+    slug: str
+    tenant_id: str | None  # None = offered to every tenant
+    owned_by: str  # "scaigrid", or the slug of the tenant that owns a private model
+    display_name: str | None
+    modality: str
+    context_window: int | None
+    max_output_tokens: int | None
+    price_input_per_mtok: Decimal
+    price_output_per_mtok: Decimal
+    default_params: Mapping[str, Any]
+    status: str
+    created_unix: int
+    # Routes to active backends, grouped by priority, lowest number first.
+    groups: tuple[tuple[Route, ...], ...]
+
+    def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
+        """Exact price of a call: tokens times the price per million tokens."""
+        return (tokens_in * self.price_input_per_mtok + tokens_out * self.price_output_per_mtok) / 1_000_000
+
+
+class Catalogue:
+    """An immutable snapshot: lookups are dictionary reads."""
+
+    def __init__(self, all_models: Iterable[Model], all_backends: Iterable[Backend]) -> None:
+        self._models = {model.slug: model for model in all_models}
+        self._sorted = sorted(self._models.values(), key=lambda model: model.slug)
+        self._backends = {backend.id: backend for backend in all_backends}
+        self.backend_ids = tuple(self._backends)
+        self.model_count = len(self._models)
+
+    def model(self, slug: str, tenant_id: str) -> Model:
+        """The model `slug` as this tenant sees it; another tenant's private model does not exist for it."""
+        model = self._models.get(slug)
+        if model is None or (model.tenant_id is not None and model.tenant_id != tenant_id):
+            raise errors.model_not_found(slug)
+        return model
+
+    def models_for(self, tenant_id: str) -> list[Model]:
+        return [model for model in self._sorted if model.tenant_id is None or model.tenant_id == tenant_id]
+
+    def backend(self, backend_id: str) -> Backend | None:
+        return self._backends.get(backend_id)
+
+
+def _credential(settings: Settings, row: Any) -> str | None:
+    if row.api_key_encrypted is not None:
+        try:
+            return decrypt(settings, row.api_key_encrypted)
+        except UndecryptableCredential as exc:
+            logger.error("backend %s: %s", row.id, exc, extra={"event": "backend_key_unreadable", "backend_id": row.id})
+            return None
+    if row.api_key_env:
+        key = os.environ.get(row.api_key_env)
+        if key is None:
+            logger.warning("backend %s: environment variable %s is not set; calling it without a key", row.id,
+                           row.api_key_env, extra={"event": "backend_key_missing", "backend_id": row.id})
+        return key
+    return None
+
+
+def _backend(settings: Settings, row: Any) -> Backend:
+    headers = {"Content-Type": "application/json"}
+    key = _credential(settings, row)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    root = row.base_url.rstrip("/")
+    return Backend(
+        id=row.id, tenant_id=row.tenant_id, partner_id=row.partner_id, provider=row.provider, base_url=root,
+        model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,
+        cost_input_per_mtok=row.cost_input_per_mtok, cost_output_per_mtok=row.cost_output_per_mtok,
+        chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers)
+
+
+async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
+    """Reads every backend, model and route (three queries)."""
+    async with engine.connect() as conn:
+        backend_rows = (await conn.execute(
+            select(backends, tenants.c.partner_id)
+            .select_from(backends.outerjoin(tenants, backends.c.tenant_id == tenants.c.id)))).all()
+        model_rows = (await conn.execute(
+            select(models, tenants.c.slug.label("tenant_slug"))
+            .select_from(models.outerjoin(tenants, models.c.tenant_id == tenants.c.id)))).all()
+        route_rows = (await conn.execute(select(model_routes))).all()
+    by_id = {row.id: _backend(settings, row) for row in backend_rows}
+    routes_of: dict[str, list[Route]] = {}
+    for row in route_rows:
+        backend = by_id.get(row.backend_id)
+        if backend is not None and backend.status == "active":
+            routes_of.setdefault(row.model_id, []).append(Route(backend, row.weight, row.priority))
+    loaded = []
+    for row in model_rows:
+        if row.status not in OFFERED_STATUSES:
+            continue
+        routes = sorted(routes_of.get(row.id, ()), key=lambda route: (route.priority, route.backend.id))
+        groups = tuple(tuple(r for r in routes if r.priority == p) for p in sorted({r.priority for r in routes}))
+        loaded.append(Model(
+            id=row.id, slug=row.slug, tenant_id=row.tenant_id, owned_by=row.tenant_slug or "scaigrid",
+            display_name=row.display_name, modality=row.modality, context_window=row.context_window,
+            max_output_tokens=row.max_output_tokens, price_input_per_mtok=row.price_input_per_mtok,
+            price_output_per_mtok=row.price_output_per_mtok, default_params=row.default_params or {},
+            status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups))
+    return Catalogue(loaded, by_id.values())
+
+
+class CatalogueLoader:
+    """Holds the current snapshot and replaces it whenever the catalogue is announced as changed."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings, bus: InvalidationBus) -> None:
+        self._engine = engine
+        self._settings = settings
+        self.current = Catalogue((), ())
+        self._wanted = asyncio.Event()
+        self._failing = False
+        self._listeners: list[Callable[[Catalogue], None]] = []
+        bus.on(TOPIC_CATALOGUE, lambda _key: self._wanted.set())
+
+    def on_load(self, listener: Callable[[Catalogue], None]) -> None:
+        """`listener(catalogue)` runs after every successful load."""
+        self._listeners.append(listener)
+
+    async def load(self) -> None:
+        self.current = await load_catalogue(self._engine, self._settings)
+        for listener in self._listeners:
+            listener(self.current)
+        logger.info("catalogue loaded: %d model(s), %d backend(s)", self.current.model_count,
+                    len(self.current.backend_ids), extra={"event": "catalogue_loaded"})
+
+    async def _try_load(self) -> bool:
+        try:
+            await self.load()
+        except Exception as exc:
+            # Once per outage (a node started before `scaigrid migrate` would otherwise log every retry).
+            if not self._failing:
+                logger.warning("catalogue load failed (%s); serving the previous one, retrying every %g s",
+                               type(exc).__name__, RELOAD_RETRY_S, extra={"event": "catalogue_load_failed"})
+            self._failing = True
+            return False
+        self._failing = False
+        return True
+
+    async def _follow(self) -> None:
+        """Reloads on every announcement; several announcements during one load cause one more load."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            if not await self._try_load():
+                await asyncio.sleep(RELOAD_RETRY_S)
+                self._wanted.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator["CatalogueLoader"]:
+        """Loads before serving; a node whose schema is not migrated yet still starts, and keeps trying."""
+        if not await self._try_load():
+            self._wanted.set()
+        task = asyncio.create_task(self._follow(), name="catalogue-loader")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,104 @@
+"""Accounting driven in process, against the test's real MariaDB and Redis, next to real http and worker processes."""
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scaigrid.accounting.records import UsageRecord
+from scaigrid.accounting.service import Accounting
+from scaigrid.cache import InvalidationBus
+from scaigrid.db.tables import usage_records
+from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.settings import load_settings
+from tests.conftest import ModeProcess
+
+
+@dataclass
+class Ledger:
+    """An http process's Accounting, built the way create_app builds it, on the test's database and Redis."""
+
+    accounting: Accounting
+    engine: AsyncEngine
+    redis: Redis
+
+    async def stored(self) -> tuple[int, Decimal, int]:
+        """(rows, total cost, total tokens) in usage_records."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(
+                func.count(), func.sum(usage_records.c.cost),
+                func.sum(usage_records.c.tokens_in + usage_records.c.tokens_out)))).one()
+        return int(row[0]), Decimal(row[1] or 0), int(row[2] or 0)
+
+    async def has_rows(self, rows: int) -> bool:
+        return (await self.stored())[0] == rows
+
+
+@contextlib.asynccontextmanager
+async def ledger_for(env: dict[str, str]) -> AsyncIterator[Ledger]:
+    settings = load_settings(env, env_file=None)
+    async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
+        bus = InvalidationBus()
+        listening = asyncio.create_task(bus.listen(redis))
+        await asyncio.wait_for(bus.subscribed.wait(), 5)
+        try:
+            yield Ledger(Accounting(settings, engine, redis, bus), engine, redis)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+
+
+@pytest.fixture(name="ledger")
+async def ledger_fixture(migrated_env: dict[str, str]) -> AsyncIterator[Ledger]:
+    async with ledger_for(migrated_env) as found:
+        yield found
+
+
+def usage(owner: dict[str, Any], *, cost: str = "0.000123456789", tokens_in: int = 10, tokens_out: int = 20,
+          model: str = "acme/chat", backend_id: str | None = "mock-1", created_at_unix: float | None = None
+          ) -> UsageRecord:
+    """One usage record of `owner` ({partner_id, tenant_id, user_id}), as dispatch hands it to `record`."""
+    return UsageRecord(
+        request_id="req_" + secrets.token_hex(12), created_at_unix=created_at_unix or time.time(),
+        partner_id=owner["partner_id"], tenant_id=owner["tenant_id"], user_id=owner.get("user_id"),
+        api_key_id=None, model=model, backend_id=backend_id, protocol="native", status="ok",
+        tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=12, cost=Decimal(cost))
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float = 30, what: str = "condition",
+                     interval_s: float = 0.01) -> None:
+    """Polls; over HTTP, poll slowly enough to stay within the key's rate limit (60 a minute by default)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await condition():
+            return
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s} s"
+        await asyncio.sleep(interval_s)
+
+
+def get_json(url: str, token: str | None = None) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """GET with the status, headers and JSON body, errors included."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())
+
+
+def start_worker(start_mode: Callable[..., ModeProcess], env: dict[str, str], flush_interval_s: int = 1
+                 ) -> ModeProcess:
+    return start_mode("worker", {**env, "USAGE_FLUSH_INTERVAL_S": str(flush_interval_s)})

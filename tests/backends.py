@@ -1,0 +1,329 @@
+"""Real OpenAI-compatible backends for the tests: an aiohttp server in its own thread, behaving as its model says.
+
+The `model` a request names selects the behaviour (or `FakeBackend.behaviours[model]` overrides it at run time):
+  ok                 answers at once (streams: 3 chunks, then a usage chunk)
+  paced-N-D          streams N chunks D ms apart, then a usage chunk
+  nousage-N          streams N chunks and no usage chunk
+  gated-N            streams 1 chunk, waits for `gate` to be set, then the other N-1
+  cut-N              streams N chunks, then drops the connection (no [DONE])
+  fail               HTTP 500
+  ratelimit-S        HTTP 429 with Retry-After: S
+  slow-S             sleeps S seconds, then answers like ok
+  garbage            HTTP 200 whose body is not JSON
+Every request is recorded (path, body, Authorization) with an event set when its client went away.
+"""
+
+import asyncio
+import base64
+import json
+import re
+import secrets
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import redis as sync_redis
+from aiohttp import web
+
+from appliance import devstack
+from tests.conftest import REPO, ModeProcess, command_env, http_ok, node_env, s3_client, scaigrid
+
+PROMPT_TOKENS = 11
+CREATED = 1_700_000_000
+EMBEDDING_DIMENSIONS = 4
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout_s} s")
+        time.sleep(0.02)
+
+
+@dataclass
+class Received:
+    path: str
+    body: dict[str, Any]
+    authorization: str | None
+    gone: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": CREATED, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.port = devstack.free_ports(1)[0]
+        self.received: list[Received] = []
+        self.behaviours: dict[str, str] = {}
+        self.gate = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-backend", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The OpenAI API root, as a backend's base_url."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "FakeBackend":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        self.gate.set()
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        # handler_cancellation: a client that goes away cancels the handler, which records it.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def requests_for(self, model: str) -> list[Received]:
+        return [r for r in self.received if r.body.get("model") == model]
+
+    async def _record(self, request: web.Request) -> tuple[Received, str]:
+        body = await request.json()
+        received = Received(request.path, body, request.headers.get("Authorization"))
+        self.received.append(received)
+        model = str(body.get("model", ""))
+        return received, self.behaviours.get(model, model)
+
+    async def _refusal(self, behaviour: str) -> web.Response | None:
+        """The answers that are not a success, shared by both routes."""
+        if behaviour == "fail":
+            return web.json_response({"error": {"message": "the model crashed", "type": "server_error"}}, status=500)
+        if match := re.fullmatch(r"ratelimit-(\d+)", behaviour):
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                     headers={"Retry-After": match[1]})
+        if behaviour == "garbage":
+            return web.Response(text="<html>proxy error</html>", content_type="application/json")
+        if match := re.fullmatch(r"slow-([\d.]+)", behaviour):
+            await asyncio.sleep(float(match[1]))
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        received, behaviour = await self._record(request)
+        try:
+            refusal = await self._refusal(behaviour)
+            if refusal is not None:
+                return refusal
+            model = str(received.body["model"])
+            if not received.body.get("stream"):
+                return web.json_response({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": CREATED, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 13}})
+            return await self._stream(request, received, behaviour, model)
+        except (asyncio.CancelledError, ConnectionResetError):
+            received.gone.set()
+            raise
+        finally:
+            received.finished.set()
+
+    async def _stream(self, request: web.Request, received: Received, behaviour: str,
+                      model: str) -> web.StreamResponse:
+        chunks, interval_s, usage, cut = 3, 0.0, True, False
+        if match := re.fullmatch(r"paced-(\d+)-(\d+)", behaviour):
+            chunks, interval_s = int(match[1]), int(match[2]) / 1000
+        elif match := re.fullmatch(r"(nousage|gated|cut)-(\d+)", behaviour):
+            chunks = int(match[2])
+            usage, cut = match[1] != "nousage", match[1] == "cut"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_sse(_chunk(model, {"role": "assistant", "content": ""})))
+        for index in range(chunks):
+            if index and interval_s:
+                await asyncio.sleep(interval_s)
+            if index == 1 and behaviour.startswith("gated"):
+                await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
+            await response.write(_sse(_chunk(model, {"content": f"tok{index} "})))
+        if cut:
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(_sse(_chunk(model, {}, "stop")))
+        if usage:
+            await response.write(_sse({
+                "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": CREATED, "model": model,
+                "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": chunks,
+                                         "total_tokens": PROMPT_TOKENS + chunks}}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        received, behaviour = await self._record(request)
+        try:
+            refusal = await self._refusal(behaviour)
+            if refusal is not None:
+                return refusal
+            body = received.body
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            dimensions = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
+            data = []
+            for index in range(len(inputs)):
+                vector = [float(index + 1)] * dimensions
+                encoded: Any = vector
+                if body.get("encoding_format") == "base64":
+                    encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                data.append({"object": "embedding", "index": index, "embedding": encoded})
+            tokens = sum(len(text.split()) for text in inputs)
+            return web.json_response({"object": "list", "data": data, "model": body["model"],
+                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        finally:
+            received.finished.set()
+
+
+# --- the catalogue, the way an operator writes it ---
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    raise TypeError(type(value))
+
+
+def catalogue_toml(backends: list[dict[str, Any]], models: list[dict[str, Any]]) -> str:
+    tables = [("backends", item) for item in backends] + [("models", item) for item in models]
+    return "\n".join(f"[[{name}]]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in item.items())
+                     for name, item in tables)
+
+
+def backend(backend_id: str, server: FakeBackend, model: str, **extra: Any) -> dict[str, Any]:
+    return {"id": backend_id, "provider": "custom", "base_url": server.url, "model": model, **extra}
+
+
+def chat_model(slug: str, routes: list[tuple[str, int, int]], **extra: Any) -> dict[str, Any]:
+    """A chat model routed to (backend, weight, priority) triples."""
+    return {"slug": slug, "modality": "chat", **extra,
+            "routes": [{"backend": b, "weight": w, "priority": p} for b, w, p in routes]}
+
+
+def apply(env: dict[str, str], path: Path, backends: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
+    """`scaigrid admin apply` of a catalogue file written to `path`."""
+    path.write_text(catalogue_toml(backends, models))
+    result = scaigrid("admin", "apply", str(path), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Generous limits: these tests are about inference, not rate limiting.
+GATEWAY_SETTINGS = {"RATE_LIMIT_KEY_RPM": "100000", "RATE_LIMIT_USER_RPM": "100000",
+                    "RATE_LIMIT_TENANT_RPM": "100000", "RATE_LIMIT_PARTNER_RPM": "100000"}
+
+
+@contextmanager
+def shared_env(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server
+               ) -> Iterator[dict[str, str]]:
+    """A migrated node's settings on a database of its own, for fixtures that outlive one test."""
+    name = "t_" + secrets.token_hex(6)
+    database_url = mariadb.create_database(name, name, secrets.token_hex(12))
+    bucket = "t-" + secrets.token_hex(6)
+    s3_client(s3_server).make_bucket(bucket)
+    with sync_redis.Redis(port=redis_server.port) as client:
+        client.flushall()
+    env = {**node_env(database_url, redis_server.url, s3_server, bucket), **GATEWAY_SETTINGS}
+    result = scaigrid("migrate", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        yield env
+    finally:
+        mariadb.drop_database(name)
+
+
+@contextmanager
+def http_process(env: dict[str, str], log_path: Path) -> Iterator[ModeProcess]:
+    """An http mode process (like conftest's start_mode, for any fixture scope), ready; killed at the end."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", "http"],
+                                   env=command_env(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    mode = ModeProcess("http", process, log_path)
+    try:
+        mode.wait_for(lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"), what="readiness")
+        yield mode
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Gateway:
+    """A node serving a catalogue of fake backends, and a tenant_user key of the default tenant."""
+
+    env: dict[str, str]
+    key: str
+    clients: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['HTTP_PORT']}"
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        """An OpenAI SDK client on /oai/v1 (no retries, so every error is the node's); closed after the test."""
+        client = openai.OpenAI(base_url=self.url + "/oai/v1", api_key=key or self.key, max_retries=0, timeout=20)
+        self.clients.append(client)
+        return client
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/oai/v1", api_key=self.key, max_retries=0, timeout=20)
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+# --- plain HTTP with a key, for the native API ---
+
+def http_call(method: str, url: str, key: str, body: Any = None, timeout_s: float = 20
+              ) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request, errors included."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def models_listed(url: str, key: str) -> set[str]:
+    status, _, body = http_call("GET", url + "/oai/v1/models", key)
+    return {item["id"] for item in json.loads(body)["data"]} if status == 200 else set()

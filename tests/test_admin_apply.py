@@ -1,0 +1,253 @@
+"""`scaigrid admin apply FILE.toml`: idempotent upsert of the catalogue, all or nothing, secrets kept secret."""
+
+import json
+from pathlib import Path
+
+import redis as sync_redis
+from cryptography.fernet import Fernet
+
+from scaigrid.cache import CHANNEL
+from tests.catalogue_fixtures import add_tenant, sql
+from tests.conftest import REPO, scaigrid
+
+SECRET = "sk-test-0123456789abcdef"
+ROTATED = "sk-rotated-key-000000000000"
+
+CATALOGUE = f"""
+[[backends]]
+id = "vllm-a"
+provider = "custom"
+base_url = "http://127.0.0.1:8080/v1/"
+model = "meta-llama/Llama-3.3-70B-Instruct"
+api_key = "{SECRET}"
+cost_input_per_mtok = "0.10"
+cost_output_per_mtok = "0.20"
+timeout_s = 60
+
+[[backends]]
+id = "openai-b"
+provider = "openai"
+base_url = "https://api.openai.com/v1"
+model = "gpt-4o"
+api_key_env = "OPENAI_KEY"
+cost_input_per_mtok = "2.50"
+cost_output_per_mtok = "10"
+
+[[models]]
+slug = "scailabs/poolnoodle-omni"
+display_name = "Poolnoodle Omni"
+modality = "chat"
+context_window = 128000
+max_output_tokens = 4096
+price_input_per_mtok = "2.50"
+price_output_per_mtok = "10.00"
+default_params = {{ temperature = 0.7 }}
+routes = [ {{ backend = "vllm-a", weight = 3, priority = 1 }}, {{ backend = "openai-b", weight = 1, priority = 2 }} ]
+"""
+
+
+def apply(env: dict[str, str], tmp_path: Path, text: str, name: str = "catalogue.toml") -> tuple[int, str, str]:
+    path = tmp_path / name
+    path.write_text(text)
+    result = scaigrid("admin", "apply", str(path), env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
+def routes(env: dict[str, str], slug: str) -> list[tuple[str, int, int]]:
+    rows = sql(env, "SELECT r.backend_id, r.weight, r.priority FROM model_routes r JOIN models m ON m.id = r.model_id "
+                    "WHERE m.slug = :slug ORDER BY r.priority", slug=slug)
+    return [tuple(row) for row in rows]
+
+
+def test_apply_creates_then_changes_nothing_when_applied_again(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE)
+    assert code == 0, err
+    assert out.splitlines() == [
+        "backend vllm-a: created", "backend openai-b: created", "model scailabs/poolnoodle-omni: created"]
+    backend = sql(migrated_env, "SELECT base_url, api_key_encrypted, api_key_env, cost_input_per_mtok, timeout_s "
+                                "FROM backends WHERE id = 'vllm-a'")[0]
+    assert backend.base_url == "http://127.0.0.1:8080/v1"  # the trailing slash would double in {base_url}/chat/...
+    assert str(backend.cost_input_per_mtok) == "0.100000" and backend.timeout_s == 60
+    assert backend.api_key_env is None
+    model = sql(migrated_env, "SELECT modality, context_window, default_params, price_output_per_mtok, status "
+                              "FROM models WHERE slug = 'scailabs/poolnoodle-omni'")[0]
+    assert (model.modality, model.context_window, model.status) == ("chat", 128000, "active")
+    assert json.loads(model.default_params) == {"temperature": 0.7}
+    assert routes(migrated_env, "scailabs/poolnoodle-omni") == [("vllm-a", 3, 1), ("openai-b", 1, 2)]
+    stamps = sql(migrated_env, "SELECT id, updated_at, api_key_encrypted FROM backends ORDER BY id")
+
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE)
+    assert code == 0, err
+    assert out.splitlines() == [
+        "backend vllm-a: unchanged", "backend openai-b: unchanged", "model scailabs/poolnoodle-omni: unchanged"]
+    # Unchanged means unwritten: the same ciphertext, not a fresh encryption of the same key.
+    assert sql(migrated_env, "SELECT id, updated_at, api_key_encrypted FROM backends ORDER BY id") == stamps
+
+
+def test_api_key_is_stored_encrypted_and_never_printed(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE)
+    assert code == 0, err
+    token = sql(migrated_env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0]
+    assert SECRET not in token
+    assert Fernet(migrated_env["SCAIGRID_ENCRYPTION_KEY"].encode()).decrypt(token.encode()).decode() == SECRET
+    # A changed key is re-encrypted and the item reported updated; still never echoed, not even in errors.
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE.replace(SECRET, ROTATED))
+    assert code == 0, err
+    assert "backend vllm-a: updated" in out.splitlines()
+    token = sql(migrated_env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0]
+    assert Fernet(migrated_env["SCAIGRID_ENCRYPTION_KEY"].encode()).decrypt(token).decode() == ROTATED
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE.replace('provider = "custom"', 'provider = "nope"'))
+    assert code == 1
+    for text in (out, err):
+        assert SECRET not in text and ROTATED not in text
+
+
+def test_changes_update_only_what_changed_and_routes_are_replaced(migrated_env: dict[str, str], tmp_path: Path
+                                                                  ) -> None:
+    assert apply(migrated_env, tmp_path, CATALOGUE)[0] == 0
+    changed = (CATALOGUE.replace('cost_output_per_mtok = "10"', 'cost_output_per_mtok = "11"')
+               .replace('{ backend = "vllm-a", weight = 3, priority = 1 }, ', ""))
+    code, out, err = apply(migrated_env, tmp_path, changed)
+    assert code == 0, err
+    assert out.splitlines() == [
+        "backend vllm-a: unchanged", "backend openai-b: updated", "model scailabs/poolnoodle-omni: updated"]
+    assert routes(migrated_env, "scailabs/poolnoodle-omni") == [("openai-b", 1, 2)]
+    # A model without `routes` keeps the routes it has.
+    without_routes = changed.rsplit("routes = ", 1)[0]
+    code, out, err = apply(migrated_env, tmp_path, without_routes)
+    assert code == 0, err
+    assert out.splitlines()[-1] == "model scailabs/poolnoodle-omni: unchanged"
+    assert routes(migrated_env, "scailabs/poolnoodle-omni") == [("openai-b", 1, 2)]
+
+
+def test_any_invalid_item_writes_nothing_and_names_each_problem(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    bad = CATALOGUE + """
+[[backends]]
+id = "Bad Id"
+provider = "custom"
+base_url = "ftp://example"
+model = "m"
+
+[[backends]]
+id = "cheap"
+provider = "custom"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+cost_input_per_mtok = 0.1
+cost_output_per_mtok = "0.0000001"
+api_key = "x"
+api_key_env = "Y"
+
+[[models]]
+slug = "acme/embed"
+modality = "smell"
+max_output_tokens = 0
+"""
+    code, out, err = apply(migrated_env, tmp_path, bad)
+    assert code == 1
+    assert out == ""
+    lines = err.splitlines()
+    for expected in (
+        "backend Bad Id: id: must match [a-z0-9][a-z0-9._-]{0,63}",
+        "backend Bad Id: base_url: an http:// or https:// URL",
+        "backend cheap: cost_input_per_mtok: a decimal string",
+        "backend cheap: cost_output_per_mtok: at most 6 decimals",
+        "backend cheap: api_key_env: give api_key or api_key_env, not both",
+        "model acme/embed: modality: one of: chat, embedding, image, audio",
+        "model acme/embed: max_output_tokens: an integer from 1",
+    ):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    assert lines[-1].endswith("nothing was written")
+    assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0  # the valid items were not written either
+
+
+def test_problems_found_in_the_database_roll_back_the_whole_file(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    add_tenant(migrated_env, "acme")
+    add_tenant(migrated_env, "globex")
+    code, out, err = apply(migrated_env, tmp_path, """
+[[backends]]
+id = "acme-gpu"
+provider = "custom"
+base_url = "http://127.0.0.1:8081/v1"
+model = "llama"
+tenant = "acme"
+
+[[backends]]
+id = "lost"
+provider = "custom"
+base_url = "http://127.0.0.1:8082/v1"
+model = "llama"
+tenant = "nowhere"
+
+[[models]]
+slug = "globex/chat"
+modality = "chat"
+tenant = "globex"
+routes = [ { backend = "acme-gpu" }, { backend = "missing" } ]
+
+[[models]]
+slug = "shared/chat"
+modality = "chat"
+routes = [ { backend = "acme-gpu" } ]
+""")
+    assert code == 1, out
+    lines = err.splitlines()
+    assert "backend lost: tenant: no tenant 'nowhere' that you manage" in lines
+    assert any(line.startswith("model globex/chat: routes[0].backend: no backend 'acme-gpu' visible") for line in lines)
+    assert any(line.startswith("model globex/chat: routes[1].backend: no backend 'missing'") for line in lines)
+    # A shared model may route only to shared backends: otherwise other tenants would reach acme's server.
+    assert any(line.startswith("model shared/chat: routes[0].backend: no backend 'acme-gpu'") for line in lines)
+    assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0
+    assert sql(migrated_env, "SELECT COUNT(*) FROM models")[0][0] == 0
+
+    code, out, err = apply(migrated_env, tmp_path, """
+[[backends]]
+id = "acme-gpu"
+provider = "custom"
+base_url = "http://127.0.0.1:8081/v1"
+model = "llama"
+tenant = "acme"
+
+[[models]]
+slug = "acme/chat"
+modality = "chat"
+tenant = "acme"
+routes = [ { backend = "acme-gpu" } ]
+""")
+    assert code == 0, err
+    assert routes(migrated_env, "acme/chat") == [("acme-gpu", 1, 1)]
+
+
+def test_bad_files_are_refused_with_one_line(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    code, _, err = apply(migrated_env, tmp_path, "[[backends]\nid=")
+    assert code == 1 and "not valid TOML" in err and "Traceback" not in err
+    code, _, err = apply(migrated_env, tmp_path, '[[backend]]\nid = "x"\n[backends]\nid = "y"\n')
+    assert code == 1
+    assert "unknown table 'backend' (expected [[backends]] and [[models]])" in err
+    assert "backends: write each item as a [[backends]] table" in err
+    code, _, err = apply(migrated_env, tmp_path, CATALOGUE + CATALOGUE.split("[[models]]")[0])
+    assert code == 1
+    assert "backend vllm-a: id: defined twice in the file" in err
+
+
+def test_a_change_is_announced_to_running_processes(migrated_env: dict[str, str], tmp_path: Path) -> None:
+    with sync_redis.Redis.from_url(migrated_env["REDIS_URL"]) as client, client.pubsub() as pubsub:
+        pubsub.subscribe(CHANNEL)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        assert apply(migrated_env, tmp_path, CATALOGUE)[0] == 0
+        message = pubsub.get_message(timeout=5)
+        assert message is not None and message["data"] == b"catalogue:"
+        assert apply(migrated_env, tmp_path, CATALOGUE)[0] == 0
+        assert pubsub.get_message(timeout=0.5) is None  # nothing changed, nothing to reload
+
+    without_redis = {k: v for k, v in migrated_env.items() if k != "REDIS_URL"}
+    code, _, err = apply(without_redis, tmp_path, CATALOGUE.replace('"0.10"', '"0.11"'))
+    assert code == 0
+    assert "REDIS_URL is not set" in err and "next start" in err
+
+
+def test_the_documented_example_applies(migrated_env: dict[str, str]) -> None:
+    result = scaigrid("admin", "apply", str(REPO / "docs" / "catalogue.example.toml"), env=migrated_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "backend vllm-a: created", "backend openai-b: created", "model scailabs/poolnoodle-omni: created"]

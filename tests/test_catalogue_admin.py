@@ -1,0 +1,200 @@
+"""The /v1/ catalogue admin API: backends, models and routing policies, with permissions and tenancy."""
+
+from typing import Any
+
+import redis as sync_redis
+from cryptography.fernet import Fernet
+
+from scaigrid.cache import CHANNEL
+from tests.catalogue_fixtures import add_tenant, call, sql
+from tests.conftest import Node
+
+SECRET = "sk-upstream-secret-0123456789"
+
+
+def backend(backend_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": backend_id, "provider": "custom", "base_url": "http://127.0.0.1:9/v1", "model": "llama", **fields}
+
+
+def model(slug: str, *backend_ids: str, **fields: Any) -> dict[str, Any]:
+    return {"slug": slug, "modality": "chat", "routes": [{"backend": b} for b in backend_ids], **fields}
+
+
+def error_of(reply: tuple[int, dict[str, Any]]) -> tuple[int, str]:
+    status, envelope = reply
+    assert envelope["status"] == ("ok" if status < 400 else "error"), envelope
+    return status, envelope["error"]["code"] if status >= 400 else "ok"
+
+
+def test_backends_are_managed_and_their_key_is_never_shown(node: Node) -> None:
+    admin = node.admin_key
+    status, reply = call(node.url, "POST", "/v1/backends", admin, backend(
+        "vllm-a", api_key=SECRET, cost_input_per_mtok="0.10", timeout_s=30))
+    assert status == 201, reply
+    assert reply["data"] == {
+        "id": "vllm-a", "provider": "custom", "base_url": "http://127.0.0.1:9/v1", "model": "llama",
+        "has_api_key": True, "api_key_env": None, "cost_input_per_mtok": "0.1", "cost_output_per_mtok": "0",
+        "timeout_s": 30.0, "tenant": None, "status": "active"}
+    status, listing = call(node.url, "GET", "/v1/backends", admin)
+    assert status == 200 and [b["id"] for b in listing["data"]["items"]] == ["vllm-a"]
+    assert listing["data"]["pagination"] == {"has_more": False, "next_cursor": None}
+    assert SECRET not in str(listing)
+
+    # PUT changes what it names and keeps the rest, the stored key included.
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"cost_output_per_mtok": "0.30",
+                                                                         "status": "disabled"})
+    assert status == 200, reply
+    assert (reply["data"]["cost_output_per_mtok"], reply["data"]["status"], reply["data"]["has_api_key"],
+            reply["data"]["timeout_s"]) == ("0.3", "disabled", True, 30.0)
+    token = sql(node.env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0]
+    assert Fernet(node.env["SCAIGRID_ENCRYPTION_KEY"].encode()).decrypt(token.encode()).decode() == SECRET
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key_env": "VLLM_KEY"})
+    assert status == 200 and reply["data"]["has_api_key"] is False and reply["data"]["api_key_env"] == "VLLM_KEY"
+    assert sql(node.env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0] is None
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key": SECRET})
+    assert (reply["data"]["has_api_key"], reply["data"]["api_key_env"]) == (True, None)
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key": None})
+    assert (reply["data"]["has_api_key"], reply["data"]["api_key_env"]) == (False, None)
+
+    assert error_of(call(node.url, "POST", "/v1/backends", admin, backend("vllm-a"))) == (409, "SLUG_CONFLICT")
+    assert error_of(call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"id": "other"})) == (422, "VALIDATION_ERROR")
+    assert error_of(call(node.url, "DELETE", "/v1/backends/vllm-a", admin)) == (200, "ok")
+    for method in ("GET", "PUT", "DELETE"):
+        assert error_of(call(node.url, method, "/v1/backends/vllm-a", admin, {} if method == "PUT" else None)) == (
+            404, "BACKEND_NOT_FOUND")
+
+
+def test_bad_bodies_are_refused_field_by_field(node: Node) -> None:
+    status, reply = call(node.url, "POST", "/v1/backends", node.admin_key, {
+        "id": "-x", "provider": "azure", "base_url": "localhost:8000", "cost_input_per_mtok": 0.5, "colour": "red"})
+    assert status == 422 and reply["error"]["code"] == "VALIDATION_ERROR"
+    fields = {d["field"]: d["message"] for d in reply["error"]["details"]}
+    assert set(fields) == {"id", "provider", "base_url", "model", "cost_input_per_mtok", "colour"}
+    assert fields["model"] == "required" and fields["colour"].startswith("unknown field")
+    status, reply = call(node.url, "POST", "/v1/models", node.admin_key, raw=b"not json")
+    assert status == 422 and reply["error"]["details"] == [{"field": "body", "message": "expected a JSON object"}]
+    status, reply = call(node.url, "POST", "/v1/models", node.admin_key, {
+        "slug": "Acme Chat", "modality": "chat", "routes": [{"backend": "x", "weight": 0}, {"priority": "1"}]})
+    assert status == 422
+    assert {d["field"] for d in reply["error"]["details"]} == {
+        "slug", "routes[0].weight", "routes[1].backend", "routes[1].priority"}
+    assert sql(node.env, "SELECT COUNT(*) FROM backends")[0][0] == 0
+
+
+def test_models_and_their_routing_policy(node: Node) -> None:
+    admin = node.admin_key
+    for backend_id in ("vllm-a", "openai-b"):
+        assert call(node.url, "POST", "/v1/backends", admin, backend(backend_id))[0] == 201
+    status, reply = call(node.url, "POST", "/v1/models", admin, {
+        **model("scailabs/poolnoodle-omni"), "display_name": "Poolnoodle", "context_window": 8192,
+        "max_output_tokens": 1024, "price_input_per_mtok": "2.50", "default_params": {"temperature": 0.7},
+        "routes": [{"backend": "vllm-a", "weight": 3, "priority": 1}, {"backend": "openai-b", "priority": 2}]})
+    assert status == 201, reply
+    assert reply["data"]["routes"] == [
+        {"backend": "vllm-a", "weight": 3, "priority": 1}, {"backend": "openai-b", "weight": 1, "priority": 2}]
+    assert (reply["data"]["price_input_per_mtok"], reply["data"]["default_params"]) == ("2.5", {"temperature": 0.7})
+    assert error_of(call(node.url, "POST", "/v1/models", admin, model("scailabs/poolnoodle-omni"))) == (
+        409, "SLUG_CONFLICT")
+
+    # The slug's "/" is part of the path: PUT keeps what the body does not name (routes included).
+    status, reply = call(node.url, "PUT", "/v1/models/scailabs/poolnoodle-omni", admin, {"status": "deprecated"})
+    assert status == 200, reply
+    assert (reply["data"]["status"], reply["data"]["context_window"], len(reply["data"]["routes"])) == (
+        "deprecated", 8192, 2)
+    status, reply = call(node.url, "PUT", "/v1/models/scailabs/poolnoodle-omni", admin, {"max_output_tokens": 9000})
+    assert status == 422 and reply["error"]["details"][0]["field"] == "max_output_tokens"
+
+    status, reply = call(node.url, "PUT", "/v1/routing/scailabs/poolnoodle-omni", admin,
+                         {"routes": [{"backend": "openai-b", "weight": 2}]})
+    assert status == 200 and reply["data"]["routes"] == [{"backend": "openai-b", "weight": 2, "priority": 1}]
+    status, reply = call(node.url, "GET", "/v1/routing/scailabs/poolnoodle-omni", admin)
+    assert reply["data"] == {"model": "scailabs/poolnoodle-omni",
+                             "routes": [{"backend": "openai-b", "weight": 2, "priority": 1}]}
+    status, reply = call(node.url, "PUT", "/v1/routing/scailabs/poolnoodle-omni", admin,
+                         {"routes": [{"backend": "nowhere"}]})
+    assert status == 422 and reply["error"]["details"][0]["field"] == "routes[0].backend"
+
+    # A backend still routed cannot go: the model would silently lose it.
+    status, reply = call(node.url, "DELETE", "/v1/backends/openai-b", admin)
+    assert (status, reply["error"]["code"]) == (409, "BACKEND_IN_USE")
+    assert "scailabs/poolnoodle-omni" in reply["error"]["message"]
+    assert error_of(call(node.url, "DELETE", "/v1/models/scailabs/poolnoodle-omni", admin)) == (200, "ok")
+    assert error_of(call(node.url, "DELETE", "/v1/backends/openai-b", admin)) == (200, "ok")
+    for method, path in (("PUT", "/v1/models/"), ("DELETE", "/v1/models/"), ("GET", "/v1/routing/"),
+                         ("PUT", "/v1/routing/")):
+        body = {"routes": []} if method == "PUT" else None
+        assert error_of(call(node.url, method, path + "scailabs/poolnoodle-omni", admin, body)) == (
+            404, "MODEL_NOT_FOUND"), (method, path)
+
+
+def test_roles_decide_who_reads_and_who_writes(node: Node) -> None:
+    assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("shared-1"))[0] == 201
+    viewer = node.key("tenant_admin")  # routing:view, not routing:manage
+    assert call(node.url, "GET", "/v1/backends/shared-1", viewer)[0] == 200
+    assert error_of(call(node.url, "POST", "/v1/backends", viewer, backend("mine"))) == (403, "AUTHZ_PERMISSION_DENIED")
+    assert error_of(call(node.url, "PUT", "/v1/backends/shared-1", viewer, {})) == (403, "AUTHZ_PERMISSION_DENIED")
+    assert error_of(call(node.url, "POST", "/v1/models", viewer, model("x"))) == (403, "AUTHZ_PERMISSION_DENIED")
+    user = node.key("tenant_user")
+    assert error_of(call(node.url, "GET", "/v1/backends", user)) == (403, "AUTHZ_PERMISSION_DENIED")
+    assert error_of(call(node.url, "GET", "/v1/backends", "sgk_" + "x" * 40)) == (401, "AUTH_TOKEN_INVALID")
+
+
+def test_a_tenant_neither_sees_nor_uses_another_tenants_backends_and_models(node: Node) -> None:
+    add_tenant(node.env, "acme")  # partner "default"
+    add_tenant(node.env, "globex", partner="globex-partner")
+    admin = node.admin_key
+    for body in (backend("shared-1"), backend("acme-gpu", tenant="acme"), backend("globex-gpu", tenant="globex")):
+        assert call(node.url, "POST", "/v1/backends", admin, body)[0] == 201
+    assert call(node.url, "POST", "/v1/models", admin, model("globex/chat", "globex-gpu", tenant="globex"))[0] == 201
+
+    acme_admin = node.key("tenant_admin", "acme")
+    status, listing = call(node.url, "GET", "/v1/backends", acme_admin)
+    assert sorted(b["id"] for b in listing["data"]["items"]) == ["acme-gpu", "shared-1"]
+    assert error_of(call(node.url, "GET", "/v1/backends/globex-gpu", acme_admin)) == (404, "BACKEND_NOT_FOUND")
+    assert error_of(call(node.url, "GET", "/v1/routing/globex/chat", acme_admin)) == (404, "MODEL_NOT_FOUND")
+
+    # A partner admin manages its partner's tenants only, and shared objects not at all.
+    partner_admin = node.key("partner_admin")  # partner "default": tenants default and acme
+    status, listing = call(node.url, "GET", "/v1/backends", partner_admin)
+    assert sorted(b["id"] for b in listing["data"]["items"]) == ["acme-gpu", "shared-1"]
+    assert call(node.url, "POST", "/v1/backends", partner_admin, backend("acme-2", tenant="acme"))[0] == 201
+    status, reply = call(node.url, "POST", "/v1/backends", partner_admin, backend("mine"))
+    assert (status, reply["error"]["code"]) == (403, "AUTHZ_PERMISSION_DENIED")
+    assert "name a tenant" in reply["error"]["message"]
+    status, reply = call(node.url, "POST", "/v1/backends", partner_admin, backend("theirs", tenant="globex"))
+    assert status == 422 and reply["error"]["details"][0]["field"] == "tenant"
+    assert error_of(call(node.url, "PUT", "/v1/backends/shared-1", partner_admin, {"status": "disabled"})) == (
+        403, "AUTHZ_PERMISSION_DENIED")
+    for method in ("PUT", "DELETE"):
+        assert error_of(call(node.url, method, "/v1/backends/globex-gpu", partner_admin,
+                             {} if method == "PUT" else None)) == (404, "BACKEND_NOT_FOUND")
+        assert error_of(call(node.url, method, "/v1/models/globex/chat", partner_admin,
+                             {} if method == "PUT" else None)) == (404, "MODEL_NOT_FOUND")
+    # Taking over another tenant's id by creating it again is refused without telling whose it is.
+    assert error_of(call(node.url, "POST", "/v1/backends", partner_admin, backend("globex-gpu", tenant="acme"))) == (
+        409, "SLUG_CONFLICT")
+
+    # Nor can acme's model be routed to globex's server, or a shared model to acme's.
+    status, reply = call(node.url, "POST", "/v1/models", partner_admin, model("acme/chat", "globex-gpu", tenant="acme"))
+    assert status == 422 and reply["error"]["details"][0]["field"] == "routes[0].backend"
+    status, reply = call(node.url, "POST", "/v1/models", partner_admin,
+                         model("acme/chat", "acme-gpu", "shared-1", tenant="acme"))
+    assert status == 201, reply
+    status, reply = call(node.url, "POST", "/v1/models", admin, model("shared/chat", "acme-gpu"))
+    assert status == 422 and reply["error"]["details"][0]["field"] == "routes[0].backend"
+    # Moving a routed backend to another tenant would blind its models: refused.
+    status, reply = call(node.url, "PUT", "/v1/backends/acme-gpu", admin, {"tenant": "globex"})
+    assert status == 422 and "acme/chat" in reply["error"]["details"][0]["message"]
+    owners = sql(node.env, "SELECT b.id, t.slug FROM backends b JOIN tenants t ON t.id = b.tenant_id ORDER BY b.id")
+    assert [tuple(row) for row in owners] == [("acme-2", "acme"), ("acme-gpu", "acme"), ("globex-gpu", "globex")]
+
+
+def test_every_change_is_announced(node: Node) -> None:
+    with sync_redis.Redis.from_url(node.env["REDIS_URL"]) as client, client.pubsub() as pubsub:
+        pubsub.subscribe(CHANNEL)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("vllm-a"))[0] == 201
+        message = pubsub.get_message(timeout=5)
+        assert message is not None and message["data"] == b"catalogue:"
+        assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("-bad"))[0] == 422
+        assert pubsub.get_message(timeout=0.5) is None  # nothing stored, nothing to reload

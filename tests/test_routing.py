@@ -1,0 +1,231 @@
+"""Backend selection against real test backends: priorities, weights, failover, cooldowns, circuit breakers shared
+by two http processes, backend health, and the catalogue following `scaigrid admin apply` while running."""
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import devstack
+from tests.backends import (
+    FakeBackend,
+    apply,
+    backend,
+    chat_model,
+    http_call,
+    http_process,
+    models_listed,
+    shared_env,
+    wait_until,
+)
+from tests.catalogue_fixtures import add_tenant
+from tests.conftest import create_key, http_get
+
+BREAKER_OPEN_S = 2
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeBackend]:
+    server = FakeBackend().start()
+    yield server
+    server.stop()
+
+
+def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    nowhere = f"http://127.0.0.1:{devstack.free_port()}/v1"  # nothing listens: connections are refused
+    return [
+        {**backend("unreachable", fake, "never"), "base_url": nowhere},
+        backend("failing", fake, "fail"),
+        backend("healthy", fake, "healthy-model"),
+        backend("fail-peer", fake, "fail"),
+        backend("ok-peer", fake, "peer-model"),
+        backend("heavy", fake, "heavy-model"),
+        backend("light", fake, "light-model"),
+        backend("first", fake, "first-model"),
+        backend("second", fake, "second-model"),
+        backend("limited", fake, "ratelimit-30"),
+        backend("spare", fake, "spare-model"),
+        backend("sluggish", fake, "slow-5", timeout_s=0.5),
+        backend("quick", fake, "quick-model"),
+        backend("off", fake, "off-model", status="disabled"),
+        backend("on", fake, "on-model"),
+        backend("flaky", fake, "flaky-model"),
+        backend("beta-box", fake, "beta-model", tenant="beta"),
+    ], [
+        chat_model("r/failover", [("unreachable", 1, 1), ("failing", 1, 2), ("healthy", 1, 3)]),
+        chat_model("r/peers", [("fail-peer", 1, 1), ("ok-peer", 1, 1)]),
+        chat_model("r/weighted", [("heavy", 3, 1), ("light", 1, 1)]),
+        chat_model("r/priority", [("second", 1, 2), ("first", 1, 1)]),
+        chat_model("r/limited", [("limited", 1, 1), ("spare", 1, 2)]),
+        chat_model("r/slow", [("sluggish", 1, 1), ("quick", 1, 2)]),
+        chat_model("r/disabled", [("off", 1, 1), ("on", 1, 2)]),
+        chat_model("r/flaky", [("flaky", 1, 1)]),
+    ]
+
+
+@dataclass
+class Pair:
+    """Two http processes of one node (same database and Redis), and keys."""
+
+    env: dict[str, str]
+    urls: tuple[str, str]
+    user: str
+    admin: str
+
+    def chat(self, model: str, process: int = 0) -> tuple[int, dict[str, Any]]:
+        status, _, body = http_call("POST", self.urls[process] + "/v1/inference/chat", self.user,
+                                    {"model": model, "messages": USER})
+        return status, json.loads(body)
+
+    def health(self, backend_id: str, process: int = 0, key: str | None = None) -> tuple[int, dict[str, Any]]:
+        status, _, body = http_call("GET", f"{self.urls[process]}/v1/backends/{backend_id}/health", key or self.admin)
+        return status, json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def node_pair(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server,
+              fake: FakeBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    tmp_path = tmp_path_factory.mktemp("routing")
+    with shared_env(mariadb, redis_server, s3_server) as env:
+        env.update(BREAKER_FAILURE_THRESHOLD="2", BREAKER_OPEN_S=str(BREAKER_OPEN_S))
+        add_tenant(env, "beta")
+        apply(env, tmp_path / "catalogue.toml", *catalogue(fake))
+        other = {**env, "HTTP_PORT": str(devstack.free_port())}
+        with http_process(env, tmp_path / "http-a.log"), http_process(other, tmp_path / "http-b.log"):
+            yield Pair(env, (f"http://127.0.0.1:{env['HTTP_PORT']}", f"http://127.0.0.1:{other['HTTP_PORT']}"),
+                       create_key(env, "tenant_user"), create_key(env, "super_admin"))
+
+
+@pytest.fixture
+def pair(node_pair: Pair, fake: FakeBackend) -> Pair:
+    fake.received.clear()
+    fake.behaviours.clear()
+    return node_pair
+
+
+def test_failover_walks_the_priority_groups_past_refused_and_failing_backends(pair: Pair, fake: FakeBackend) -> None:
+    status, reply = pair.chat("r/failover")
+    assert status == 200 and reply["data"]["model"] == "r/failover"
+    assert [r.body["model"] for r in fake.received] == ["fail", "healthy-model"]  # "unreachable" refused to connect
+    health = pair.health("unreachable")[1]
+    assert health["data"]["consecutive_failures"] == 1 and "connect" in health["data"]["last_error"]
+
+    fake.received.clear()
+    status, _, body = http_call("POST", pair.urls[1] + "/v1/inference/chat", pair.user,
+                                {"model": "r/failover", "messages": USER, "stream": True})
+    assert status == 200 and "tok2" in body.decode() and body.endswith(b"data: [DONE]\n\n")
+    assert b"event: error" not in body  # the failures came before the first chunk: nothing of them shows
+    assert [r.body["model"] for r in fake.received] == ["fail", "healthy-model"]
+
+
+def test_failover_inside_a_group_then_the_failing_peer_is_left_alone(pair: Pair, fake: FakeBackend) -> None:
+    for _ in range(8):
+        status, _ = pair.chat("r/peers")
+        assert status == 200
+    # At most two failures (BREAKER_FAILURE_THRESHOLD) reach the failing peer before its breaker opens.
+    assert 1 <= len(fake.requests_for("fail")) <= 2
+    assert len(fake.requests_for("peer-model")) == 8
+
+
+def test_lower_priority_number_first_and_weights_inside_a_group(pair: Pair, fake: FakeBackend) -> None:
+    for _ in range(5):
+        assert pair.chat("r/priority")[0] == 200
+    assert len(fake.requests_for("first-model")) == 5 and not fake.requests_for("second-model")
+    for _ in range(60):
+        assert pair.chat("r/weighted")[0] == 200
+    heavy, light = len(fake.requests_for("heavy-model")), len(fake.requests_for("light-model"))
+    assert heavy + light == 60 and heavy > light > 0  # weights 3:1 (expected 45:15)
+
+
+def test_a_rate_limited_backend_cools_down_for_its_retry_after(pair: Pair, fake: FakeBackend) -> None:
+    for _ in range(3):
+        assert pair.chat("r/limited", process=1)[0] == 200
+    assert len(fake.requests_for("ratelimit-30")) == 1  # asked once; then spared for 30 s
+    assert len(fake.requests_for("spare-model")) == 3
+    health = pair.health("limited")[1]
+    assert health["data"]["state"] == "closed" and health["data"]["consecutive_failures"] == 0
+    assert health["data"]["healthy"] is False and health["data"]["cooldown_until"]
+
+
+def test_a_timed_out_backend_fails_over_and_disabled_backends_are_skipped(pair: Pair, fake: FakeBackend) -> None:
+    assert pair.chat("r/slow")[0] == 200
+    assert [r.body["model"] for r in fake.received] == ["slow-5", "quick-model"]
+    assert "timeout" in pair.health("sluggish")[1]["data"]["last_error"]
+    fake.received.clear()
+    assert pair.chat("r/disabled")[0] == 200
+    assert [r.body["model"] for r in fake.received] == ["on-model"]
+
+
+def _trial_in_background(pair: Pair, process: int) -> tuple[threading.Thread, list[int]]:
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(pair.chat("r/flaky", process)[0]))
+    thread.start()
+    return thread, outcome
+
+
+def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fake: FakeBackend) -> None:
+    fake.behaviours["flaky-model"] = "fail"
+    for _ in range(2):
+        status, reply = pair.chat("r/flaky", process=0)
+        assert (status, reply["error"]["code"]) == (502, "BACKEND_ERROR")
+    # Process B never called the backend, yet refuses it: the breaker is shared.
+    status, reply = pair.chat("r/flaky", process=1)
+    assert (status, reply["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+    assert len(fake.requests_for("flaky-model")) == 2
+    status, health = pair.health("flaky", process=1)
+    assert status == 200
+    assert health["data"]["state"] == "open" and health["data"]["consecutive_failures"] == 2
+    assert "HTTP 500" in health["data"]["last_error"] and health["data"]["opened_until"]
+    metrics = http_get(pair.urls[1] + "/metrics")[2].decode()
+    assert 'scaigrid_circuit_breaker_state{backend_id="flaky"} 2.0' in metrics
+    assert 'scaigrid_backend_health{backend_id="flaky"} 0.0' in metrics
+
+    # After BREAKER_OPEN_S one trial goes through; it fails, so the breaker opens again.
+    wait_until(lambda: pair.chat("r/flaky", process=1)[0] == 502, "a failed trial", timeout_s=BREAKER_OPEN_S + 5)
+    assert len(fake.requests_for("flaky-model")) == 3
+    assert pair.health("flaky")[1]["data"]["state"] == "open"
+
+    # The backend recovers, slowly: while its trial runs on B, A sends it nothing.
+    fake.behaviours["flaky-model"] = "slow-1.5"
+    opened_until = datetime.fromisoformat(pair.health("flaky")[1]["data"]["opened_until"]).timestamp()
+    time.sleep(max(0.0, opened_until - time.time()) + 1)  # the times shown are whole seconds
+    trial, outcome = _trial_in_background(pair, process=1)
+    wait_until(lambda: pair.health("flaky")[1]["data"]["state"] == "half_open", "half-open")
+    status, reply = pair.chat("r/flaky", process=0)
+    assert (status, reply["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+    trial.join(10)
+    assert outcome == [200]
+    assert len(fake.requests_for("flaky-model")) == 4
+    status, health = pair.health("flaky", process=0)
+    assert (health["data"]["state"], health["data"]["consecutive_failures"]) == ("closed", 0)
+    wait_until(lambda: pair.chat("r/flaky", process=0)[0] == 200, "closed on A too")
+    metrics = http_get(pair.urls[0] + "/metrics")[2].decode()
+    assert 'scaigrid_circuit_breaker_state{backend_id="flaky"} 0.0' in metrics
+
+
+def test_backend_health_needs_routing_view_and_hides_other_tenants_backends(pair: Pair) -> None:
+    status, reply = pair.health("healthy", key=pair.user)
+    assert (status, reply["error"]["code"]) == (403, "AUTHZ_PERMISSION_DENIED")
+    tenant_admin = create_key(pair.env, "tenant_admin")
+    status, reply = pair.health("healthy", key=tenant_admin)
+    assert status == 200 and reply["data"]["state"] == "closed" and reply["data"]["inflight"] == 0
+    assert pair.health("beta-box", key=tenant_admin)[1]["error"]["code"] == "BACKEND_NOT_FOUND"
+    assert pair.health("no-such-backend")[1]["error"]["code"] == "BACKEND_NOT_FOUND"
+    beta_admin = create_key(pair.env, "tenant_admin", "beta")
+    assert pair.health("beta-box", key=beta_admin)[0] == 200
+
+
+def test_every_process_follows_an_applied_catalogue_change(pair: Pair, fake: FakeBackend, tmp_path: Path) -> None:
+    apply(pair.env, tmp_path / "more.toml", [backend("late", fake, "late-model")],
+          [chat_model("r/late", [("late", 1, 1)])])
+    for url in pair.urls:
+        wait_until(lambda url=url: "r/late" in models_listed(url, pair.user), f"r/late listed at {url}")
+    assert pair.chat("r/late", process=1)[0] == 200
+    assert [r.body["model"] for r in fake.received] == ["late-model"]
