@@ -392,7 +392,7 @@ def environment() -> dict[str, str]:
         "load average at start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
         "cpu": cpu, "cores": str(os.cpu_count()), "kernel": platform.release(),
         "python": platform.python_version(), "aiohttp": aiohttp.__version__,
-        "wrk": (wrk_version.stdout + wrk_version.stderr).split("\n", 1)[0].strip(),
+        "wrk": (wrk_version.stdout + wrk_version.stderr).split("\n", 1)[0].split(" Copyright")[0].strip(),
         "commit": commit + " (plus the working tree)",
     }
 

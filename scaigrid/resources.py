@@ -13,10 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from scaigrid.settings import Settings
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
-# Connections per process. Beyond it, a command waits for a free connection (up to the socket timeout) instead of
-# failing at once, as the default pool does: every request of the http mode talks to Redis, so bursts of a few
-# hundred concurrent requests must queue, not be taken for a Redis outage.
-REDIS_MAX_CONNECTIONS = 64
+# Connections per process, at most. Every request of the http mode talks to Redis, so a burst of a few hundred
+# concurrent requests holds that many connections for a moment; redis-py's default cap (100) would turn such a
+# burst into errors that look like a Redis outage. A plain pool, not the blocking one: its cheaper checkout is
+# measurable on the hot path (bench/RESULTS.md), and idle connections cost Redis little.
+REDIS_MAX_CONNECTIONS = 2048
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
     assert settings.redis.url is not None
     target = parse_redis_url(settings.redis.url.reveal())
     if not target.sentinels:
-        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            target.url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_SOCKET_TIMEOUT_S,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S))
+        client = aioredis.Redis.from_url(
+            target.url, max_connections=REDIS_MAX_CONNECTIONS, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
         try:
             yield client
         finally:
@@ -90,7 +91,7 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
         return
     sentinel = Sentinel(list(target.sentinels), socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(target.master, db=target.db, password=target.password,
-                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S, max_connections=REDIS_MAX_CONNECTIONS)
     try:
         yield client
     finally:

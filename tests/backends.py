@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 import redis as sync_redis
 from aiohttp import web
 
 from appliance import devstack
-from tests.conftest import REPO, ModeProcess, command_env, http_ok, node_env, s3_client, scaigrid
+from tests.conftest import REPO, ModeProcess, command_env, create_key, http_ok, node_env, s3_client, scaigrid
 
 PROMPT_TOKENS = 11
 CREATED = 1_700_000_000
@@ -307,6 +308,32 @@ class Gateway:
         for client in self.clients:
             client.close()
         self.clients.clear()
+
+
+@contextmanager
+def serving(env: dict[str, str], tmp_path: Path, backends: list[dict[str, Any]], models: list[dict[str, Any]]
+            ) -> Iterator[Gateway]:
+    """The catalogue applied, then an http process serving it, with a tenant_user key."""
+    apply(env, tmp_path / "catalogue.toml", backends, models)
+    with http_process(env, tmp_path / "http.log"):
+        yield Gateway(env, create_key(env, "tenant_user"))
+
+
+# Fixtures for the test modules that import them; `gateway` needs a module-scoped `node_gateway` of the module's own.
+
+@pytest.fixture(name="fake", scope="module")
+def fake_fixture() -> Iterator[FakeBackend]:
+    server = FakeBackend().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(name="gateway")
+def gateway_fixture(node_gateway: Gateway, fake: FakeBackend) -> Iterator[Gateway]:
+    """The module's node, with the backend's record of requests cleared and the test's SDK clients closed after."""
+    fake.received.clear()
+    yield node_gateway
+    node_gateway.close_clients()
 
 
 # --- plain HTTP with a key, for the native API ---

@@ -10,6 +10,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from tests.conftest import Node
+
 
 @dataclass
 class Reply:
@@ -74,3 +76,8 @@ def user_with_key(base_url: str, admin_key: str, tenant_id: str, role: str, **fi
     reply = call(base_url, "POST", "/v1/api-keys", admin_key, {"name": f"{role} key", "user_id": user_id})
     assert reply.status == 201, reply.body
     return user_id, str(reply.data["key"])
+
+
+def users_with_keys(node: Node, tenant_row: dict[str, Any], *roles: str) -> list[tuple[str, str]]:
+    """`user_with_key` for each role in turn, made by the node's admin: [(user id, key), ...]."""
+    return [user_with_key(node.url, node.admin_key, tenant_row["id"], role) for role in roles]

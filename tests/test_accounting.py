@@ -14,7 +14,7 @@ from scaigrid.accounting.service import Accounting
 from scaigrid.cache import InvalidationBus
 from scaigrid.settings import load_settings
 from tests.accounting_fixtures import Ledger, eventually, get_json, ledger_fixture, start_worker, usage  # noqa: F401
-from tests.identity import call, tenant, user_with_key
+from tests.identity import call, tenant, users_with_keys
 
 
 def owner_of(node, key: str) -> dict[str, str]:
@@ -28,12 +28,9 @@ def owner_of(node, key: str) -> dict[str, str]:
 async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, start_mode, ledger: Ledger):
     acme = tenant(node.url, node.admin_key, "acme")
     globex = tenant(node.url, node.admin_key, "globex")
-    _, alice = user_with_key(node.url, node.admin_key, acme["id"], "tenant_user")
-    _, bob = user_with_key(node.url, node.admin_key, acme["id"], "tenant_user")
-    _, acme_admin = user_with_key(node.url, node.admin_key, acme["id"], "tenant_admin")
-    _, globex_admin = user_with_key(node.url, node.admin_key, globex["id"], "tenant_admin")
-    _, carol = user_with_key(node.url, node.admin_key, globex["id"], "tenant_user")
-    _, partner_viewer = user_with_key(node.url, node.admin_key, globex["id"], "partner_viewer")
+    (_, alice), (_, bob), (_, acme_admin) = users_with_keys(node, acme, "tenant_user", "tenant_user", "tenant_admin")
+    (_, globex_admin), (_, carol), (_, partner_viewer) = users_with_keys(
+        node, globex, "tenant_admin", "tenant_user", "partner_viewer")
     owners = {name: owner_of(node, key) for name, key in (("alice", alice), ("bob", bob), ("carol", carol))}
     records = [
         usage(owners["alice"], cost="0.000000000001", model="m/a", tokens_in=1, tokens_out=2),

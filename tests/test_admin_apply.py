@@ -45,6 +45,15 @@ default_params = {{ temperature = 0.7 }}
 routes = [ {{ backend = "vllm-a", weight = 3, priority = 1 }}, {{ backend = "openai-b", weight = 1, priority = 2 }} ]
 """
 
+ACME_GPU = """
+[[backends]]
+id = "acme-gpu"
+provider = "custom"
+base_url = "http://127.0.0.1:8081/v1"
+model = "llama"
+tenant = "acme"
+"""
+
 
 def apply(env: dict[str, str], tmp_path: Path, text: str, name: str = "catalogue.toml") -> tuple[int, str, str]:
     path = tmp_path / name
@@ -164,14 +173,7 @@ max_output_tokens = 0
 def test_problems_found_in_the_database_roll_back_the_whole_file(migrated_env: dict[str, str], tmp_path: Path) -> None:
     add_tenant(migrated_env, "acme")
     add_tenant(migrated_env, "globex")
-    code, out, err = apply(migrated_env, tmp_path, """
-[[backends]]
-id = "acme-gpu"
-provider = "custom"
-base_url = "http://127.0.0.1:8081/v1"
-model = "llama"
-tenant = "acme"
-
+    code, out, err = apply(migrated_env, tmp_path, ACME_GPU + """
 [[backends]]
 id = "lost"
 provider = "custom"
@@ -200,14 +202,7 @@ routes = [ { backend = "acme-gpu" } ]
     assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0
     assert sql(migrated_env, "SELECT COUNT(*) FROM models")[0][0] == 0
 
-    code, out, err = apply(migrated_env, tmp_path, """
-[[backends]]
-id = "acme-gpu"
-provider = "custom"
-base_url = "http://127.0.0.1:8081/v1"
-model = "llama"
-tenant = "acme"
-
+    code, out, err = apply(migrated_env, tmp_path, ACME_GPU + """
 [[models]]
 slug = "acme/chat"
 modality = "chat"

@@ -20,7 +20,7 @@ from scaigrid.errors import ScaigridError
 from tests.accounting_fixtures import Ledger, eventually, ledger_fixture, start_worker, usage  # noqa: F401
 from tests.backends import FakeBackend, apply, backend, chat_model
 from tests.conftest import create_key, start_http
-from tests.identity import call, tenant, user_with_key
+from tests.identity import call, tenant, user_with_key, users_with_keys
 
 MONTHLY_COST = {"scope": "tenant", "period": "monthly", "limit_type": "cost", "limit_value": "100.50"}
 
@@ -28,11 +28,9 @@ MONTHLY_COST = {"scope": "tenant", "period": "monthly", "limit_type": "cost", "l
 def test_budgets_are_managed_within_reach_and_validated(node):
     acme = tenant(node.url, node.admin_key, "acme")
     other = tenant(node.url, node.admin_key, "other")
-    alice_id, alice = user_with_key(node.url, node.admin_key, acme["id"], "tenant_user")
-    _, admin = user_with_key(node.url, node.admin_key, acme["id"], "tenant_admin")
-    _, other_admin = user_with_key(node.url, node.admin_key, other["id"], "tenant_admin")
-    stranger_id, _ = user_with_key(node.url, node.admin_key, other["id"], "tenant_user")
-    _, partner_admin = user_with_key(node.url, node.admin_key, acme["id"], "partner_admin")
+    (alice_id, alice), (_, admin) = users_with_keys(node, acme, "tenant_user", "tenant_admin")
+    (_, other_admin), (stranger_id, _) = users_with_keys(node, other, "tenant_admin", "tenant_user")
+    [(_, partner_admin)] = users_with_keys(node, acme, "partner_admin")
 
     created = call(node.url, "POST", "/v1/accounting/budgets", admin, MONTHLY_COST)
     assert created.status == 201, created.body

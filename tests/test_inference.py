@@ -15,18 +15,21 @@ import redis as sync_redis
 from appliance import devstack
 from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
-from tests.backends import FakeBackend, Gateway, apply, backend, chat_model, http_process, shared_env, wait_until
+from tests.backends import (  # noqa: F401
+    FakeBackend,
+    Gateway,
+    backend,
+    chat_model,
+    fake_fixture,
+    gateway_fixture,
+    serving,
+    shared_env,
+    wait_until,
+)
 from tests.conftest import create_key, http_get
 
 STREAM_TIMEOUT_S = 3
 USER = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeBackend]:
-    server = FakeBackend().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
     tmp_path = tmp_path_factory.mktemp("inference")
     with shared_env(mariadb, redis_server, s3_server) as env:
         env["DISPATCH_STREAM_TIMEOUT_S"] = str(STREAM_TIMEOUT_S)
-        apply(env, tmp_path / "catalogue.toml", [
+        with serving(env, tmp_path, [
             backend("plain", fake, "ok"),
             backend("paced", fake, "paced-3-5"),
             backend("gated", fake, "gated-3"),
@@ -58,15 +61,8 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
             chat_model("acme/garbage", [("garbage", 1, 1)]),
             {"slug": "acme/embed", "modality": "embedding", "routes": [{"backend": "emb"}],
              "price_input_per_mtok": "0.1"},
-        ])
-        with http_process(env, tmp_path / "http.log"):
-            yield Gateway(env, create_key(env, "tenant_user"))
-
-
-@pytest.fixture
-def gateway(node_gateway: Gateway, fake: FakeBackend) -> Gateway:
-    fake.received.clear()
-    return node_gateway
+        ]) as gateway:
+            yield gateway
 
 
 @pytest.fixture

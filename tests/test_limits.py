@@ -13,7 +13,7 @@ import pytest
 
 from appliance import devstack
 from tests.conftest import Node, create_key, scaigrid, start_http
-from tests.identity import call, tenant, user_with_key
+from tests.identity import call, tenant, user_with_key, users_with_keys
 
 # Any authenticated route counts; this one is open to every role.
 PROBE = "/v1/accounting/usage?limit=1"
@@ -108,9 +108,8 @@ def test_headers_and_the_most_restrictive_level(node):
 def test_who_may_set_which_limit(node):
     acme = tenant(node.url, node.admin_key, "acme")
     other = tenant(node.url, node.admin_key, "other")
-    _, admin = user_with_key(node.url, node.admin_key, acme["id"], "tenant_admin")
-    user_id, user_key = user_with_key(node.url, node.admin_key, acme["id"], "tenant_user")
-    _, foreign_key = user_with_key(node.url, node.admin_key, other["id"], "tenant_user")
+    (_, admin), (user_id, user_key) = users_with_keys(node, acme, "tenant_admin", "tenant_user")
+    [(_, foreign_key)] = users_with_keys(node, other, "tenant_user")
     own_key_id, foreign_key_id = key_id(node, user_key), key_id(node, foreign_key)
     partner_id = acme["partner_id"]
 

@@ -6,16 +6,9 @@ import openai
 import pytest
 
 from appliance import devstack
-from tests.backends import FakeBackend, Gateway, apply, backend, chat_model, http_process, shared_env
+from tests.backends import FakeBackend, Gateway, backend, chat_model, fake_fixture, gateway_fixture, serving, shared_env  # noqa: F401
 from tests.catalogue_fixtures import add_tenant
 from tests.conftest import create_key
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeBackend]:
-    server = FakeBackend().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +19,7 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
     with shared_env(mariadb, redis_server, s3_server) as env:
         env["FAKE_UPSTREAM_KEY"] = "sk-from-the-environment"
         add_tenant(env, "beta")
-        apply(env, tmp_path / "catalogue.toml", [
+        with serving(env, tmp_path, [
             backend("plain", fake, "ok", api_key="sk-plain-secret"),
             backend("env-keyed", fake, "tooled", api_key_env="FAKE_UPSTREAM_KEY"),
             backend("paced", fake, "paced-4-10"),
@@ -47,16 +40,8 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
             chat_model("acme/busy", [("busy", 1, 1)]),
             chat_model("acme/cut", [("cutter", 1, 1)]),
             chat_model("beta/private", [("beta-only", 1, 1)], tenant="beta"),
-        ])
-        with http_process(env, tmp_path / "http.log"):
-            yield Gateway(env, create_key(env, "tenant_user"))
-
-
-@pytest.fixture
-def gateway(node_gateway: Gateway, fake: FakeBackend) -> Iterator[Gateway]:
-    fake.received.clear()
-    yield node_gateway
-    node_gateway.close_clients()
+        ]) as gateway:
+            yield gateway
 
 
 def test_chat_completion_goes_to_the_backend_with_defaults_cap_and_key(gateway: Gateway, fake: FakeBackend) -> None:

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from appliance import devstack
-from tests.backends import (
+from tests.backends import (  # noqa: F401
     FakeBackend,
     apply,
     backend,
     chat_model,
+    fake_fixture,
     http_call,
     http_process,
     models_listed,
@@ -29,13 +30,6 @@ from tests.conftest import create_key, http_get
 
 BREAKER_OPEN_S = 2
 USER = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeBackend]:
-    server = FakeBackend().start()
-    yield server
-    server.stop()
 
 
 def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -33,7 +33,7 @@ from scaigrid.accounting.budgets import (
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, iso, ok, page
+from scaigrid.auth.bodies import Body, decimal_text, iso, listing, ok, page
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import grants_at_most
 from scaigrid.auth.tenancy import visible_to
@@ -58,11 +58,6 @@ SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def decimal_text(value: Decimal) -> str:
-    """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
-    return format(value.normalize(), "f") if value else "0"
 
 
 async def _announce(request: web.Request, topic: str) -> None:
@@ -122,10 +117,8 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
 async def list_usage(request: web.Request) -> web.Response:
     """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
     query = _usage_query(request, request[PRINCIPAL], select(usage_records))
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, query, usage_records.c.created_at, usage_records.c.request_id,
-                                      default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
-    return ok({"items": [_usage_json(row) for row in rows], "pagination": pagination})
+    return await listing(request, query, usage_records.c.created_at, usage_records.c.request_id, _usage_json,
+                         default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
 
 
 @requires("accounting:view_own")

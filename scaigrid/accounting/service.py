@@ -6,17 +6,18 @@ unlimited (counted in scaigrid_redis_failures_total, a warning at most once a mi
 503 LIMITS_UNAVAILABLE. Usage is never dropped: without Redis it is written to MariaDB directly.
 """
 
+import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
@@ -41,6 +42,7 @@ RATE_STATE = web.RequestKey("rate_state", RateState)
 RATE_KEY_PREFIX = "scaigrid:rl:"  # + level:id, a sorted set of the last minute's admitted requests
 WINDOW_S = 60
 FAILURE_LOG_INTERVAL_S = 60.0
+RECORD_BATCH_MAX = 256  # usage records written in one pipelined round trip, at most
 _ADMITTED, _RATE_LIMITED, _OVER_BUDGET = 0, 1, 2
 
 REDIS_FAILURES = Counter("scaigrid_redis_failures_total", "Redis operations of the request path that failed",
@@ -66,8 +68,6 @@ class BudgetEvent:
     period: Period
 
 
-BudgetListener = Callable[[BudgetEvent], Awaitable[None]]
-
 
 class Accounting:
     def __init__(self, settings: Settings, engine: AsyncEngine, redis: Redis, bus: InvalidationBus) -> None:
@@ -76,13 +76,11 @@ class Accounting:
         self._budgets = BudgetCache(engine)
         bus.on(TOPIC_BUDGETS, self._budgets.invalidate)
         self._admit = redis.register_script(scripts.ADMIT)
+        self._redis = redis
         self._record = redis.register_script(scripts.RECORD)
-        self._budget_listeners: list[BudgetListener] = []
+        self._pending: list[tuple[UsageRecord, asyncio.Future[None] | None]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._next_failure_log = 0.0
-
-    def add_budget_listener(self, listener: BudgetListener) -> None:
-        """The hook for budget.soft_limit_reached / budget.hard_limit_reached (outbound webhooks)."""
-        self._budget_listeners.append(listener)
 
     async def admit(self, request: web.Request, principal: Principal, *, metered: bool) -> None:
         """Counts the request against its rate limits (and, when metered, checks budgets); raises when refused.
@@ -125,27 +123,87 @@ class Accounting:
             raise errors.budget_exceeded(
                 f"the {budget.period} {budget.limit_type} budget of this {budget.scope} ({budget.id}) is used up")
 
+    def submit(self, record: UsageRecord) -> None:
+        """Queues one usage record for the next write and returns at once (the request path does not wait).
+
+        Records queued while a write is on its way go together in the next one (group commit: one pipelined
+        round trip for the lot), so an idle node writes each record at once and a busy one pays one round trip
+        per batch instead of per request. A write that fails even in MariaDB is logged with its request ids.
+        """
+        self._enqueue(record, None)
+
     async def record(self, record: UsageRecord) -> None:
-        """Buffers one usage record in Redis and counts it towards its budgets; the worker flushes it to MariaDB."""
-        budgets = await self._budgets.applying_to(record.partner_id, record.tenant_id, record.user_id)
-        at = datetime.fromtimestamp(record.created_at_unix, UTC)
-        periods = [current_period(budget.period, at) for budget in budgets]
-        units, picos = split_cost(record.cost)
-        keys = [usage.BUFFER_KEY, *(counter_key(b.id, p) for b, p in zip(budgets, periods, strict=True))]
-        args: list[str | int] = [usage.encode(record), record.tokens_in + record.tokens_out, units, picos]
-        for budget, period in zip(budgets, periods, strict=True):
-            args += [period.ttl_s or 0, budget.limit_type, str(budget.limit_value), str(budget.soft_value)]
+        """Like submit, but returns once the record is stored, and raises if it could not be."""
+        stored = asyncio.get_running_loop().create_future()
+        self._enqueue(record, stored)
+        await asyncio.shield(stored)  # a cancelled caller must not take its record out of the batch
+
+    async def drain(self) -> None:
+        """Returns when every queued record is written: the last step of a clean shutdown."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    def _enqueue(self, record: UsageRecord, stored: "asyncio.Future[None] | None") -> None:
+        self._pending.append((record, stored))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:RECORD_BATCH_MAX], self._pending[RECORD_BATCH_MAX:]
+            try:
+                await self._write([record for record, _ in batch])
+            except Exception as exc:
+                logger.exception("usage of %d request(s) not recorded: %s", len(batch),
+                                 ", ".join(record.request_id for record, _ in batch), extra={"event": "usage_lost"})
+                for _, stored in batch:
+                    if stored is not None:
+                        stored.set_exception(exc)
+            else:
+                for _, stored in batch:
+                    if stored is not None:
+                        stored.set_result(None)
+
+    async def _write(self, records: list[UsageRecord]) -> None:
+        writes = []
+        for record in records:
+            budgets = await self._budgets.applying_to(record.partner_id, record.tenant_id, record.user_id)
+            at = datetime.fromtimestamp(record.created_at_unix, UTC)
+            periods = [current_period(budget.period, at) for budget in budgets]
+            units, picos = split_cost(record.cost)
+            keys = [usage.BUFFER_KEY, *(counter_key(b.id, p) for b, p in zip(budgets, periods, strict=True))]
+            args: list[str | int] = [usage.encode(record), record.tokens_in + record.tokens_out, units, picos]
+            for budget, period in zip(budgets, periods, strict=True):
+                args += [period.ttl_s or 0, budget.limit_type, str(budget.limit_value), str(budget.soft_value)]
+            writes.append((keys, args, budgets, periods))
         try:
-            crossed = await self._record(keys, args)
+            results = await self._run_record_script([(keys, args) for keys, args, _, _ in writes])
         except RedisError as exc:
             self._redis_failed("record", exc)
-            async with self._engine.begin() as conn:  # the budget counters miss it; the bill does not
-                await usage.store(conn, [record])
+            async with self._engine.begin() as conn:  # the budget counters miss them; the bill does not
+                await usage.store(conn, records)
             return
-        for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):
-            await self._budget_crossed(BudgetEvent(budgets[index - 1], threshold.decode(), periods[index - 1]))
+        for (_, _, budgets, periods), crossed in zip(writes, results, strict=True):
+            for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):
+                self._budget_crossed(BudgetEvent(budgets[index - 1], threshold.decode(), periods[index - 1]))
 
-    async def _budget_crossed(self, event: BudgetEvent) -> None:
+    async def _run_record_script(self, calls: list[tuple[list[str], list[str | int]]]) -> list[list[Any]]:
+        """EVALSHA of the record script for each call, in one pipelined round trip."""
+        try:
+            return await self._pipelined(calls)
+        except NoScriptError:
+            # A restarted Redis has lost its scripts. NOSCRIPT fails every call alike, so none ran: redo them all.
+            await self._redis.script_load(scripts.RECORD)
+            return await self._pipelined(calls)
+
+    async def _pipelined(self, calls: list[tuple[list[str], list[str | int]]]) -> list[list[Any]]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self._record.sha, len(keys), *keys, *args)
+            results: list[list[Any]] = await pipe.execute()
+            return results
+
+    def _budget_crossed(self, event: BudgetEvent) -> None:
         budget = event.budget
         BUDGET_THRESHOLDS.labels(event.threshold, budget.hard_action).inc()
         what = (f"{budget.period} {budget.limit_type} budget {budget.id} of {budget.scope} {budget.scope_id} "
@@ -155,11 +213,6 @@ class Accounting:
             logger.warning("%s reached its soft limit (%s)", what, budget.soft_limit_pct, extra=fields)
         else:
             logger.warning("%s is used up: %s", what, _HARD_CONSEQUENCE[budget.hard_action], extra=fields)
-        for listener in self._budget_listeners:
-            try:
-                await listener(event)
-            except Exception:  # a listener's failure must not lose the usage record it came with
-                logger.exception("budget listener failed", extra={"event": "budget_listener_failed"})
 
     def _redis_failed(self, operation: str, exc: RedisError) -> None:
         REDIS_FAILURES.labels(operation).inc()

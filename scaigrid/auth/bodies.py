@@ -4,8 +4,9 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Self
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from sqlalchemy import Column, Select, and_, or_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
+from scaigrid.api.base import DB
 from scaigrid.errors import FieldError
 
 DEFAULT_PAGE = 50
@@ -38,6 +40,22 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's body, which must be a JSON object (422 VALIDATION_ERROR otherwise)."""
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise errors.validation_error([FieldError("body", "expected a JSON object")])
+    return data
+
+
 class Body:
     """A JSON object read field by field; every problem is collected, then raised at once as VALIDATION_ERROR."""
 
@@ -48,13 +66,7 @@ class Body:
 
     @classmethod
     async def of(cls, request: web.Request) -> Self:
-        try:
-            data = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise errors.validation_error([FieldError("body", "expected a JSON object")]) from None
-        if not isinstance(data, dict):
-            raise errors.validation_error([FieldError("body", "expected a JSON object")])
-        return cls(data)
+        return cls(await json_object(request))
 
     def has(self, name: str) -> bool:
         return name in self._data
@@ -142,3 +154,17 @@ async def page(conn: AsyncConnection, request: web.Request, query: Select[Any], 
         next_cursor = base64.urlsafe_b64encode(
             f"{last[created_at.name].isoformat()}|{last[id_.name]}".encode()).decode()
     return rows, {"has_more": more, "next_cursor": next_cursor}
+
+
+async def listing(request: web.Request, query: Select[Any], created_at: Column[datetime], id_: Column[str],
+                  shown: Callable[[dict[str, Any]], dict[str, Any]], *, filters: Sequence[Column[str]] = (),
+                  default_limit: int = DEFAULT_PAGE, max_limit: int = MAX_PAGE) -> web.Response:
+    """One `page` of a listing in the envelope, {"items": [each row as `shown`], "pagination": ...}; each of
+    `filters` narrows it to the value ?<its name>= gives, if given."""
+    for column in filters:
+        if column.name in request.query:
+            query = query.where(column == request.query[column.name])
+    async with request.app[DB].connect() as conn:
+        rows, pagination = await page(conn, request, query, created_at, id_, default_limit=default_limit,
+                                      max_limit=max_limit)
+    return ok({"items": [shown(row) for row in rows], "pagination": pagination})

@@ -18,7 +18,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS
 from scaigrid.auth import keys, tenancy, webhooks
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY, announce_change
-from scaigrid.auth.bodies import Body, iso, ok, page
+from scaigrid.auth.bodies import Body, iso, listing, ok
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
 from scaigrid.db.tables import api_keys, partners, tenants, users
@@ -41,6 +41,12 @@ def _now() -> datetime:
 
 def _roles_within(principal: Principal) -> list[str]:
     return [role for role in ROLES if grants_at_most(role, principal.role)]
+
+
+def _require_id(body: Body, name: str, value: str | None, what: str) -> None:
+    """A service caller has no user, tenant or partner of its own: it must name the one it means."""
+    if not value and not body.problems:
+        body.problems.append(FieldError(name, f"required: a service caller has no {what} of its own"))
 
 
 # --- API keys ---
@@ -67,12 +73,8 @@ async def list_api_keys(request: web.Request) -> web.Response:
             api_keys.c.role.in_(_roles_within(principal)) | (api_keys.c.user_id == principal.user_id))
     else:
         query = query.where(api_keys.c.user_id == principal.user_id)
-    for name in ("user_id", "tenant_id"):
-        if name in request.query:
-            query = query.where(api_keys.c[name] == request.query[name])
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, query, api_keys.c.created_at, api_keys.c.id)
-    return ok({"items": [_key_json(row) for row in rows], "pagination": pagination})
+    return await listing(request, query, api_keys.c.created_at, api_keys.c.id, _key_json,
+                         filters=(api_keys.c.user_id, api_keys.c.tenant_id))
 
 
 async def _user_in_reach(conn: AsyncConnection, principal: Principal, user_id: str) -> Row[Any]:
@@ -93,8 +95,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     role = body.string("role", choices=ROLES)
     expires_at = body.timestamp("expires_at", future=True)
     user_id = body.string("user_id", max_length=40) or principal.user_id
-    if user_id is None and not body.problems:
-        body.problems.append(FieldError("user_id", "required: a service caller has no user of its own"))
+    _require_id(body, "user_id", user_id, "user")
     body.done()
     assert name is not None and user_id is not None
     async with request.app[DB].begin() as conn:
@@ -156,9 +157,7 @@ async def list_partners(request: web.Request) -> web.Response:
     query = select(*PARTNER_COLUMNS)
     if principal.reach == "partner":
         query = query.where(partners.c.id == principal.partner_id)
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, query, partners.c.created_at, partners.c.id)
-    return ok({"items": [_partner_json(row) for row in rows], "pagination": pagination})
+    return await listing(request, query, partners.c.created_at, partners.c.id, _partner_json)
 
 
 @requires("admin:access")
@@ -200,13 +199,9 @@ async def _tenant_in_reach(conn: AsyncConnection, principal: Principal, tenant_i
 @requires("admin:access")
 async def list_tenants(request: web.Request) -> web.Response:
     """The tenants in the caller's reach (a tenant admin: its own)."""
-    principal = request[PRINCIPAL]
-    query = tenancy.visible_to(principal, select(*TENANT_COLUMNS), tenants.c.id, tenants.c.partner_id)
-    if "partner_id" in request.query:
-        query = query.where(tenants.c.partner_id == request.query["partner_id"])
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, query, tenants.c.created_at, tenants.c.id)
-    return ok({"items": [_tenant_json(row) for row in rows], "pagination": pagination})
+    query = tenancy.visible_to(request[PRINCIPAL], select(*TENANT_COLUMNS), tenants.c.id, tenants.c.partner_id)
+    return await listing(request, query, tenants.c.created_at, tenants.c.id, _tenant_json,
+                         filters=(tenants.c.partner_id,))
 
 
 @requires("admin:access")
@@ -221,8 +216,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     name = body.string("name", required=True)
     partner_id = body.string("partner_id", max_length=40) or principal.partner_id
     scaikey_id = body.string("scaikey_id", max_length=64)
-    if not partner_id and not body.problems:
-        body.problems.append(FieldError("partner_id", "required: a service caller has no partner of its own"))
+    _require_id(body, "partner_id", partner_id, "partner")
     body.done()
     assert slug is not None and name is not None
     async with request.app[DB].begin() as conn:
@@ -277,15 +271,10 @@ def _user_json(row: Any) -> dict[str, Any]:
 
 @requires("users:manage")
 async def list_users(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
     query = tenancy.visible_to(
-        principal, select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),
+        request[PRINCIPAL], select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),
         users.c.tenant_id, tenants.c.partner_id)
-    if "tenant_id" in request.query:
-        query = query.where(users.c.tenant_id == request.query["tenant_id"])
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, query, users.c.created_at, users.c.id)
-    return ok({"items": [_user_json(row) for row in rows], "pagination": pagination})
+    return await listing(request, query, users.c.created_at, users.c.id, _user_json, filters=(users.c.tenant_id,))
 
 
 @requires("users:manage")
@@ -298,8 +287,7 @@ async def create_user(request: web.Request) -> web.Response:
     display_name = body.string("display_name")
     tenant_id = body.string("tenant_id", max_length=40) or principal.tenant_id
     scaikey_id = body.string("scaikey_id", max_length=64)
-    if not tenant_id and not body.problems:
-        body.problems.append(FieldError("tenant_id", "required: a service caller has no tenant of its own"))
+    _require_id(body, "tenant_id", tenant_id, "tenant")
     body.done()
     assert email is not None
     if not grants_at_most(role, principal.role):

@@ -12,7 +12,6 @@ from scaigrid import errors
 from scaigrid.auth.principal import Principal
 from scaigrid.db.tables import new_id, partners, tenants, users
 
-STATUSES = ("active", "suspended", "deleted")  # anything but active refuses every credential
 SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 SLUG_MAX = 64
 

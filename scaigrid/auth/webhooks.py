@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,33 +158,35 @@ async def _set_status(conn: AsyncConnection, table: Table, scaikey_id: str, stat
     return bool(result.rowcount)
 
 
-async def _upsert_partner(conn: AsyncConnection, event: Event) -> bool:
+async def _upsert_organisation(conn: AsyncConnection, table: Table, event: Event,
+                               create: Callable[[str, str], Awaitable[str]]) -> bool:
+    """A partner or tenant by its ScaiKey id: made by `create(slug, name)` if new, then given ScaiKey's fields."""
     data = event.data
     changes = {k: v for k, v in (("name", _string(data, "name")), ("status", _status(data.get("status"))))
                if v is not None}
-    existing = await conn.scalar(select(partners.c.id).where(partners.c.scaikey_id == event.resource_id))
+    existing = await conn.scalar(select(table.c.id).where(table.c.scaikey_id == event.resource_id))
     if existing is None:
-        existing = await tenancy.create_partner(
-            conn, slug=await _slug(conn, partners, data, event.resource_id),
-            name=changes.get("name", event.resource_id), scaikey_id=event.resource_id)
+        existing = await create(await _slug(conn, table, data, event.resource_id),
+                                changes.get("name", event.resource_id))
     if changes:
-        await conn.execute(update(partners).where(partners.c.id == existing).values(**changes))
+        await conn.execute(update(table).where(table.c.id == existing).values(**changes))
     return True
+
+
+async def _upsert_partner(conn: AsyncConnection, event: Event) -> bool:
+    async def create(slug: str, name: str) -> str:
+        return await tenancy.create_partner(conn, slug=slug, name=name, scaikey_id=event.resource_id)
+
+    return await _upsert_organisation(conn, partners, event, create)
 
 
 async def _upsert_tenant(conn: AsyncConnection, event: Event) -> bool:
-    data = event.data
-    changes = {k: v for k, v in (("name", _string(data, "name")), ("status", _status(data.get("status"))))
-               if v is not None}
-    existing = await conn.scalar(select(tenants.c.id).where(tenants.c.scaikey_id == event.resource_id))
-    if existing is None:
-        partner_id = await _partner(conn, event.partner_id or _string(data, "partner_id"))
-        existing = await tenancy.create_tenant(
-            conn, partner_id=partner_id, slug=await _slug(conn, tenants, data, event.resource_id),
-            name=changes.get("name", event.resource_id), scaikey_id=event.resource_id)
-    if changes:
-        await conn.execute(update(tenants).where(tenants.c.id == existing).values(**changes))
-    return True
+    async def create(slug: str, name: str) -> str:
+        partner_id = await _partner(conn, event.partner_id or _string(event.data, "partner_id"))
+        return await tenancy.create_tenant(conn, partner_id=partner_id, slug=slug, name=name,
+                                           scaikey_id=event.resource_id)
+
+    return await _upsert_organisation(conn, tenants, event, create)
 
 
 async def _upsert_user(conn: AsyncConnection, event: Event) -> bool:

@@ -156,7 +156,6 @@ class Dispatcher:
         self._accounting = accounting
         self._connect_timeout_s = settings.dispatch.connect_timeout_s
         self._stream_timeout_s = settings.dispatch_stream_timeout_s
-        self._background: set[asyncio.Task[None]] = set()
 
     # --- choosing ---
 
@@ -394,8 +393,8 @@ class Dispatcher:
     # --- after every request ---
 
     def finish(self, exchange: Exchange) -> None:
-        """Metrics now; the usage record on its own task, so that neither the answer nor the next request on
-        this connection waits for it (aiohttp handles one request of a connection at a time)."""
+        """Metrics, and the usage record handed to accounting without waiting for its write, so that neither the
+        answer nor the next request on this connection waits for it."""
         elapsed_s = time.perf_counter() - exchange.started
         model = exchange.model.slug
         backend_id = exchange.backend.id if exchange.backend is not None else None
@@ -415,18 +414,7 @@ class Dispatcher:
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
             cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out))
-        task = asyncio.create_task(self._record(usage))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _record(self, usage: UsageRecord) -> None:
-        try:
-            await self._accounting.record(usage)
-        except Exception:
-            logger.exception("usage of request %s not recorded", usage.request_id, extra={"event": "usage_lost"})
-
-    async def stop(self) -> None:
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._accounting.submit(usage)
 
 
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
@@ -447,5 +435,5 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await app[DISPATCHER].stop()
+            await app[ACCOUNTING].drain()
             await breakers.stop()

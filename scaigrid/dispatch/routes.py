@@ -8,7 +8,7 @@ from aiohttp import web
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import STARTED
-from scaigrid.auth.bodies import ok
+from scaigrid.auth.bodies import decimal_text, ok
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
@@ -117,16 +117,12 @@ async def oai_embeddings(request: web.Request) -> web.StreamResponse:
 
 # --- the model list, both shapes ---
 
-def _decimal_text(amount: Any) -> str:
-    return format(amount.normalize(), "f")
-
-
 def native_model(model: Model) -> dict[str, Any]:
     return {
         "slug": model.slug, "display_name": model.display_name, "modality": model.modality,
         "context_window": model.context_window, "max_output_tokens": model.max_output_tokens,
-        "price_input_per_mtok": _decimal_text(model.price_input_per_mtok),
-        "price_output_per_mtok": _decimal_text(model.price_output_per_mtok),
+        "price_input_per_mtok": decimal_text(model.price_input_per_mtok),
+        "price_output_per_mtok": decimal_text(model.price_output_per_mtok),
         "default_params": dict(model.default_params), "status": model.status, "owned_by": model.owned_by,
         "created": model.created_unix,
     }

@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -12,27 +12,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.auth.bodies import ok, page
+from scaigrid.auth.bodies import json_object, listing, ok
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.cache import announce
 from scaigrid.db.tables import backends
-from scaigrid.errors import FieldError
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        raise errors.validation_error([FieldError("body", "expected a JSON object")])
-    return body
 
 
 async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
@@ -53,15 +42,13 @@ async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaita
 @requires("routing:view")
 async def list_backends(request: web.Request) -> web.Response:
     """Shared backends and those of the tenants the caller reaches, newest first."""
-    async with request.app[DB].connect() as conn:
-        rows, pagination = await page(conn, request, store.visible_backends(request[PRINCIPAL]),
-                                      backends.c.created_at, backends.c.id)
-    return ok({"items": [store.backend_view(row) for row in rows], "pagination": pagination})
+    return await listing(request, store.visible_backends(request[PRINCIPAL]), backends.c.created_at, backends.c.id,
+                         store.backend_view)
 
 
 @requires("routing:manage")
 async def create_backend(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     try:
         backend = await _change(request, lambda conn: store.create_backend(
             conn, request.app[SETTINGS], request[PRINCIPAL], body))
@@ -78,7 +65,7 @@ async def get_backend(request: web.Request) -> web.Response:
 
 @requires("routing:manage")
 async def update_backend(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_backend(
         conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body)))
 
@@ -94,7 +81,7 @@ async def delete_backend(request: web.Request) -> web.Response:
 
 @requires("models:manage")
 async def create_model(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     try:
         model = await _change(request, lambda conn: store.create_model(conn, request[PRINCIPAL], body))
     except IntegrityError:
@@ -104,7 +91,7 @@ async def create_model(request: web.Request) -> web.Response:
 
 @requires("models:manage")
 async def update_model(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_model(
         conn, request[PRINCIPAL], request.match_info["slug"], body)))
 
@@ -128,7 +115,7 @@ async def get_routes(request: web.Request) -> web.Response:
 @requires("routing:manage")
 async def set_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
-    body = await _body(request)
+    body = await json_object(request)
     routes = await _change(request, lambda conn: store.set_routes(conn, request[PRINCIPAL], slug, body))
     return ok({"model": slug, "routes": routes})
 

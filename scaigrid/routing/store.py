@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Row, Select, delete, insert, or_, select, 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
+from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, model_routes, models, new_id, tenants
@@ -325,17 +326,13 @@ async def _writable_backend(conn: AsyncConnection, actor: Actor, backend_id: str
     return row
 
 
-def _decimal_text(amount: Decimal) -> str:
-    return format(amount.normalize(), "f")
-
-
 def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """A backend as the API shows it (a row of `visible_backends`): never the key, only whether there is one."""
     return {
         "id": row["id"], "provider": row["provider"], "base_url": row["base_url"], "model": row["model"],
         "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
-        "cost_input_per_mtok": _decimal_text(row["cost_input_per_mtok"]),
-        "cost_output_per_mtok": _decimal_text(row["cost_output_per_mtok"]),
+        "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
+        "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),
         "timeout_s": row["timeout_s"], "tenant": row["tenant_slug"], "status": row["status"],
     }
 
@@ -488,8 +485,8 @@ def model_view(row: Row[Any], routes: Sequence[RouteSpec]) -> dict[str, Any]:
     return {
         "slug": row.slug, "display_name": row.display_name, "modality": row.modality,
         "context_window": row.context_window, "max_output_tokens": row.max_output_tokens,
-        "price_input_per_mtok": _decimal_text(row.price_input_per_mtok),
-        "price_output_per_mtok": _decimal_text(row.price_output_per_mtok),
+        "price_input_per_mtok": decimal_text(row.price_input_per_mtok),
+        "price_output_per_mtok": decimal_text(row.price_output_per_mtok),
         "default_params": row.default_params, "status": row.status, "tenant": row.tenant_slug,
         "routes": _route_views(routes),
     }
