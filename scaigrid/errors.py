@@ -52,8 +52,12 @@ def service_token_invalid(message: str = "the service token is not valid") -> Sc
     return ScaigridError(message, "SERVICE_TOKEN_INVALID", 401)
 
 
+def not_permitted(message: str) -> ScaigridError:
+    return ScaigridError(message, "AUTHZ_PERMISSION_DENIED", 403)
+
+
 def permission_denied(permission: str) -> ScaigridError:
-    return ScaigridError(f"this needs the permission {permission}", "AUTHZ_PERMISSION_DENIED", 403)
+    return not_permitted(f"this needs the permission {permission}")
 
 
 def insufficient_scope(message: str) -> ScaigridError:

@@ -402,9 +402,8 @@ async def set_rate_limit(request: web.Request) -> web.Response:
         needed = SETTER_REACH[holder.level]
         if REACH_ORDER.index(principal.reach) < REACH_ORDER.index(needed) or (
                 holder.role is not None and not grants_at_most(holder.role, principal.role)):
-            raise errors.ScaigridError(
-                f"changing this {holder.level}'s rate limit needs a caller of {needed} reach and at least its role",
-                "AUTHZ_PERMISSION_DENIED", 403)
+            raise errors.not_permitted(
+                f"changing this {holder.level}'s rate limit needs a caller of {needed} reach and at least its role")
         await limits.set_rpm(conn, holder, rpm)
     await _announce(request, TOPIC_IDENTITY)
     return ok(_limit_json(request, dataclasses.replace(holder, rpm=rpm)))

@@ -28,7 +28,7 @@ async def gateway_middleware(request: web.Request, handler: Callable[[web.Reques
         # Fail closed: a route that forgot to say who may call it is refused, loudly, instead of open.
         logger.error("route %s declares no access rule; refused", request.match_info.route.resource,
                      extra={"event": "undeclared_route"})
-        raise errors.permission_denied("(undeclared route)")
+        raise errors.not_permitted("this route declares no access rule, so it is refused")
     if access.permission is None:
         return await handler(request)
     principal = await request.app[AUTHENTICATOR].authenticate(request.headers.get("Authorization"))

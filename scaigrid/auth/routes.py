@@ -31,9 +31,6 @@ SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not startin
 SETTABLE_STATUSES = ("active", "suspended")
 
 
-def _denied(message: str) -> errors.ScaigridError:
-    return errors.ScaigridError(message, "AUTHZ_PERMISSION_DENIED", 403)
-
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
@@ -104,7 +101,7 @@ async def create_api_key(request: web.Request) -> web.Response:
             raise errors.permission_denied("users:manage")
         role = role or (principal.role if user_id == principal.user_id else user.role)
         if not grants_at_most(role, principal.role):
-            raise _denied(f"a key's role may not exceed your own ({principal.role}); {role} does")
+            raise errors.not_permitted(f"a key's role may not exceed your own ({principal.role}); {role} does")
         if not grants_at_most(role, user.role):
             raise errors.validation_error([FieldError("role", f"exceeds the user's role ({user.role})")])
         if user.status != "active":
@@ -153,7 +150,7 @@ async def list_partners(request: web.Request) -> web.Response:
     """Every partner for the platform; a partner admin sees its own."""
     principal = request[PRINCIPAL]
     if principal.reach == "tenant":
-        raise _denied("partners are administered with partner or platform reach")
+        raise errors.not_permitted("partners are administered with partner or platform reach")
     query = select(*PARTNER_COLUMNS)
     if principal.reach == "partner":
         query = query.where(partners.c.id == principal.partner_id)
@@ -164,7 +161,7 @@ async def list_partners(request: web.Request) -> web.Response:
 async def create_partner(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if principal.reach != "platform":
-        raise _denied("only a platform admin creates partners")
+        raise errors.not_permitted("only a platform admin creates partners")
     body = await Body.of(request)
     slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
                        hint=SLUG_HINT)
@@ -209,7 +206,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     """A partner admin creates tenants of its partner; the platform names any partner."""
     principal = request[PRINCIPAL]
     if principal.reach == "tenant":
-        raise _denied("tenants are created with partner or platform reach")
+        raise errors.not_permitted("tenants are created with partner or platform reach")
     body = await Body.of(request)
     slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
                        hint=SLUG_HINT)
@@ -247,7 +244,7 @@ async def update_tenant(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await _tenant_in_reach(conn, principal, request.match_info["id"])
         if principal.reach == "tenant":
-            raise _denied("tenants are changed with partner or platform reach")
+            raise errors.not_permitted("tenants are changed with partner or platform reach")
         changes = {k: v for k, v in (("name", name), ("status", status)) if v is not None}
         if changes:
             await conn.execute(update(tenants).where(tenants.c.id == row["id"]).values(**changes))
@@ -291,7 +288,7 @@ async def create_user(request: web.Request) -> web.Response:
     body.done()
     assert email is not None
     if not grants_at_most(role, principal.role):
-        raise _denied(f"a user's role may not exceed your own ({principal.role}); {role} does")
+        raise errors.not_permitted(f"a user's role may not exceed your own ({principal.role}); {role} does")
     async with request.app[DB].begin() as conn:
         await _tenant_in_reach(conn, principal, tenant_id)
         user_id = await tenancy.create_user(conn, tenant_id=tenant_id, email=email, role=role,
@@ -313,9 +310,9 @@ async def update_user(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         user = await _user_in_reach(conn, principal, user_id)
         if not grants_at_most(user.role, principal.role):
-            raise _denied(f"this user's role ({user.role}) exceeds your own ({principal.role})")
+            raise errors.not_permitted(f"this user's role ({user.role}) exceeds your own ({principal.role})")
         if role is not None and not grants_at_most(role, principal.role):
-            raise _denied(f"a user's role may not exceed your own ({principal.role}); {role} does")
+            raise errors.not_permitted(f"a user's role may not exceed your own ({principal.role}); {role} does")
         changes = {k: v for k, v in (("role", role), ("status", status), ("display_name", display_name))
                    if v is not None}
         if changes:

@@ -22,7 +22,7 @@ from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, model_routes, models, new_id, tenants
-from scaigrid.errors import FieldError, ScaigridError
+from scaigrid.errors import FieldError
 from scaigrid.settings import Settings
 
 BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -269,9 +269,6 @@ def parse_model(body: Any) -> ModelSpec:
 
 # --- who may see and change what ---
 
-def _denied(message: str) -> ScaigridError:
-    return ScaigridError(message, "AUTHZ_PERMISSION_DENIED", 403)
-
 
 def _reaches(actor: Actor, tenant_id: str | None, partner_id: str | None) -> bool:
     return actor is None or actor.reaches(tenant_id, partner_id)
@@ -295,8 +292,8 @@ async def _tenant(conn: AsyncConnection, actor: Actor, slug: str | None) -> str 
     """The id of the tenant an object is written for; only the platform writes shared (tenant-less) objects."""
     if slug is None:
         if not _reaches(actor, None, None):
-            raise _denied("shared objects (no tenant) are managed by a super_admin; name a tenant of your partner "
-                          "in `tenant`")
+            raise errors.not_permitted(
+                "shared objects (no tenant) are managed by a super_admin; name a tenant of your partner in `tenant`")
         return None
     row = (await conn.execute(select(tenants.c.id, tenants.c.partner_id).where(tenants.c.slug == slug))).first()
     if row is None or not _reaches(actor, row.id, row.partner_id):
@@ -322,7 +319,7 @@ async def _backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> Row[
 async def _writable_backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> Row[Any]:
     row = await _backend(conn, actor, backend_id)
     if not _reaches(actor, row.tenant_id, row.partner_id):
-        raise _denied(f"backend {backend_id!r} is shared; only a super_admin changes it")
+        raise errors.not_permitted(f"backend {backend_id!r} is shared; only a super_admin changes it")
     return row
 
 
@@ -443,7 +440,7 @@ async def _model(conn: AsyncConnection, actor: Actor, slug: str, *, write: bool)
     if row is None or not _may_read(actor, row.tenant_id, row.partner_id):
         raise errors.model_not_found(slug)
     if write and not _reaches(actor, row.tenant_id, row.partner_id):
-        raise _denied(f"model {slug!r} is shared; only a super_admin changes it")
+        raise errors.not_permitted(f"model {slug!r} is shared; only a super_admin changes it")
     return row
 
 
