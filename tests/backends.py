@@ -10,6 +10,7 @@ The `model` a request names selects the behaviour (or `FakeBackend.behaviours[mo
   ratelimit-S        HTTP 429 with Retry-After: S
   slow-S             sleeps S seconds, then answers like ok
   garbage            HTTP 200 whose body is not JSON
+  liar               answers like ok, with a usage no real call has (2**40 tokens in, -5 out)
 Every request is recorded (path, body, Authorization) with an event set when its client went away.
 """
 
@@ -142,7 +143,8 @@ class FakeBackend:
                     "id": "chatcmpl-test", "object": "chat.completion", "created": CREATED, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
                                  "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 13}})
+                    "usage": {"prompt_tokens": 2**40, "completion_tokens": -5} if behaviour == "liar" else
+                    {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 13}})
             return await self._stream(request, received, behaviour, model)
         except (asyncio.CancelledError, ConnectionResetError):
             received.gone.set()

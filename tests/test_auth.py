@@ -86,6 +86,21 @@ def test_key_creation_is_validated(node):
     assert (not_json.status, not_json.code) == (422, "VALIDATION_ERROR")
 
 
+def test_values_out_of_every_range_are_422s_not_500s(node):
+    deep = call(node.url, "POST", "/v1/api-keys", node.admin_key, raw=b'{"name": ' + b"[" * 100_000 + b"]" * 100_000
+                + b"}")
+    assert (deep.status, deep.code) == (422, "VALIDATION_ERROR")
+    # Valid ISO 8601, but beyond the years a datetime holds once moved to UTC.
+    for stamp in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):
+        reply = call(node.url, "POST", "/v1/api-keys", node.admin_key, {"name": "x", "expires_at": stamp})
+        assert (reply.status, reply.body["error"]["details"][0]["field"]) == (422, "expires_at"), reply.body
+        reply = call(node.url, "GET", f"/v1/accounting/usage?end={stamp.replace('+', '%2B')}", node.admin_key)
+        assert (reply.status, reply.body["error"]["details"][0]["field"]) == (422, "end"), reply.body
+    for limit in ("%C2%B2", "9" * 5000):  # a superscript two is a digit to str.isdigit, not to int()
+        reply = call(node.url, "GET", f"/v1/api-keys?limit={limit}", node.admin_key)
+        assert (reply.status, reply.body["error"]["details"][0]["field"]) == (422, "limit"), reply.body
+
+
 def test_a_key_never_exceeds_its_creator(node):
     team = tenant(node.url, node.admin_key, "team")
     _, admin = user_with_key(node.url, node.admin_key, team["id"], "tenant_admin")

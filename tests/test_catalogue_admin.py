@@ -1,5 +1,6 @@
 """The /v1/ catalogue admin API: backends, models and routing policies, with permissions and tenancy."""
 
+import time
 from typing import Any
 
 import redis as sync_redis
@@ -79,6 +80,24 @@ def test_bad_bodies_are_refused_field_by_field(node: Node) -> None:
     assert {d["field"] for d in reply["error"]["details"]} == {
         "slug", "routes[0].weight", "routes[1].backend", "routes[1].priority"}
     assert sql(node.env, "SELECT COUNT(*) FROM backends")[0][0] == 0
+
+
+def test_values_the_catalogue_could_not_load_are_refused(node: Node) -> None:
+    # One stored backend whose URL cannot be called would stop every process from loading the catalogue.
+    for base_url in ("http://127.0.0.1:99999/v1", "http://127.0.0.1:port/v1", "http://[::1/v1"):
+        status, reply = call(node.url, "POST", "/v1/backends", node.admin_key, backend("bad", base_url=base_url))
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["base_url"]), reply
+    status, reply = call(node.url, "POST", "/v1/backends", node.admin_key,
+                         backend("bad", cost_input_per_mtok="1e999999999999"))
+    assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["cost_input_per_mtok"]), reply
+    assert sql(node.env, "SELECT COUNT(*) FROM backends")[0][0] == 0
+    assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("good"))[0] == 201
+    assert call(node.url, "POST", "/v1/models", node.admin_key, model("acme/after", "good"))[0] == 201
+    deadline = time.monotonic() + 5
+    while "acme/after" not in {
+            m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]}:
+        assert time.monotonic() < deadline, "the catalogue was not reloaded"
+        time.sleep(0.05)
 
 
 def test_models_and_their_routing_policy(node: Node) -> None:

@@ -15,6 +15,8 @@ import redis as sync_redis
 from appliance import devstack
 from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
+from scaigrid.resources import database_ctx
+from scaigrid.settings import load_settings
 from tests.backends import (  # noqa: F401
     FakeBackend,
     Gateway,
@@ -47,6 +49,7 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
             backend("quiet", fake, "nousage-4"),
             backend("slow", fake, "slow-5", timeout_s=0.5),
             backend("garbage", fake, "garbage"),
+            backend("liar", fake, "liar"),
             backend("emb", fake, "ok"),
         ], [
             chat_model("acme/chat", [("plain", 1, 1)], max_output_tokens=100, price_input_per_mtok="3",
@@ -59,6 +62,7 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
             chat_model("acme/quiet", [("quiet", 1, 1)]),
             chat_model("acme/slow", [("slow", 1, 1)]),
             chat_model("acme/garbage", [("garbage", 1, 1)]),
+            chat_model("acme/liar", [("liar", 1, 1)], price_input_per_mtok="3"),
             {"slug": "acme/embed", "modality": "embedding", "routes": [{"backend": "emb"}],
              "price_input_per_mtok": "0.1"},
         ]) as gateway:
@@ -192,6 +196,10 @@ async def test_bodies_are_validated_with_every_problem_named(session: aiohttp.Cl
     async with session.post("/v1/inference/chat", data=b"{not json",
                             headers={"Content-Type": "application/json"}) as response:
         assert response.status == 422 and (await response.json())["error"]["details"][0]["field"] == "body"
+    nested_too_deep = b'{"model": "acme/chat", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path, validation_status in (("/v1/inference/chat", 422), ("/oai/v1/chat/completions", 400)):
+        async with session.post(path, data=nested_too_deep, headers={"Content-Type": "application/json"}) as response:
+            assert response.status == validation_status and "VALIDATION_ERROR" in await response.text()
     assert fake.received == []
 
 
@@ -302,3 +310,17 @@ async def test_metrics_and_usage_records_account_for_each_request(
     assert metric(text, "scaigrid_backend_inflight_requests", backend_id="paced") == 0
     assert metric(text, "scaigrid_backend_health", backend_id="paced") == 1
     assert metric(text, "scaigrid_circuit_breaker_state", backend_id="paced") == 0
+
+
+async def test_a_backend_reporting_impossible_usage_cannot_stall_accounting(
+        gateway: Gateway, session: aiohttp.ClientSession) -> None:
+    # A count the usage table cannot hold would fail the worker's flush of every record queued after it.
+    async with session.post("/v1/inference/chat", json={"model": "acme/liar", "messages": USER}) as response:
+        assert response.status == 200
+        request_id = response.headers["X-Request-ID"]
+    await asyncio.to_thread(wait_until, lambda: request_id in buffered_usage(gateway), "the usage record")
+    record = buffered_usage(gateway)[request_id]
+    assert (record.tokens_in, record.tokens_out) == (2**31 - 1, 0)
+    assert record.cost == Decimal(3 * (2**31 - 1)) / 1_000_000
+    async with database_ctx(load_settings(gateway.env, env_file=None)) as engine, engine.begin() as conn:
+        await usage.store(conn, [record])  # as the worker's flush stores it

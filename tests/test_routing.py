@@ -177,6 +177,9 @@ def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fa
     assert status == 200
     assert health["data"]["state"] == "open" and health["data"]["consecutive_failures"] == 2
     assert "HTTP 500" in health["data"]["last_error"] and health["data"]["opened_until"]
+    # A tenant admin sees what kind of failure it was, never a shared backend's own words.
+    tenant_view = pair.health("flaky", process=1, key=create_key(pair.env, "tenant_admin"))[1]["data"]
+    assert tenant_view["state"] == "open" and tenant_view["last_error"] == "status"
     metrics = http_get(pair.urls[1] + "/metrics")[2].decode()
     assert 'scaigrid_circuit_breaker_state{backend_id="flaky"} 2.0' in metrics
     assert 'scaigrid_backend_health{backend_id="flaky"} 0.0' in metrics

@@ -74,6 +74,9 @@ def test_an_unknown_user_is_created_on_first_sight_only_for_a_known_tenant(sk_no
     assert "tenant" in _refused(sk_node, scaikey.token("sk-carol"))
     assert "tenant" in _refused(sk_node, scaikey.token("sk-carol", tenant_id="sk-nowhere"))
     assert "role" in _refused(sk_node, scaikey.token("sk-dave", tenant_id="sk-acme", role="emperor"))
+    # A sign-in never creates a partner or platform admin: those roles are granted on the node.
+    for role in ("super_admin", "partner_admin", "partner_viewer"):
+        assert "first sign-in" in _refused(sk_node, scaikey.token("sk-eve", tenant_id="sk-acme", role=role))
 
 
 def test_claims_are_checked_with_leeway(sk_node, scaikey, acme):
@@ -138,6 +141,21 @@ def test_suspended_users_and_tenants_are_refused(sk_node, scaikey, acme):
     assert call(sk_node.url, "PATCH", f"/v1/tenants/{acme['tenant_id']}", sk_node.admin_key,
                 {"status": "suspended"}).status == 200
     assert "tenant is suspended" in _refused(sk_node, token)
+
+
+def test_only_the_platform_links_records_to_scaikey(sk_node, scaikey, acme):
+    # Otherwise another tenant's admin could claim a ScaiKey subject (or tenant) not seen here yet, and its
+    # owner's sign-ins would land in the claimer's tenant, prompts and all.
+    rival = tenant(sk_node.url, sk_node.admin_key, "rival")
+    _, rival_admin = user_with_key(sk_node.url, sk_node.admin_key, rival["id"], "tenant_admin")
+    _, rival_partner_admin = user_with_key(sk_node.url, sk_node.admin_key, rival["id"], "partner_admin")
+    claim = call(sk_node.url, "POST", "/v1/users", rival_admin, {"email": "trap@rival.test", "scaikey_id": "sk-erin"})
+    assert (claim.status, claim.code) == (403, "AUTHZ_PERMISSION_DENIED"), claim.body
+    claim = call(sk_node.url, "POST", "/v1/tenants", rival_partner_admin,
+                 {"slug": "trap", "name": "Trap", "scaikey_id": "sk-elsewhere"})
+    assert (claim.status, claim.code) == (403, "AUTHZ_PERMISSION_DENIED"), claim.body
+    erin = call(sk_node.url, "POST", "/v1/api-keys", scaikey.token("sk-erin", tenant_id="sk-acme"), {"name": "e"})
+    assert erin.status == 201 and erin.data["tenant_id"] == acme["tenant_id"]
 
 
 def test_an_unreachable_jwks_is_a_503_not_a_bad_token(migrated_env, start_mode, scaikey):

@@ -170,6 +170,8 @@ def test_webhook_signatures_are_checked(wh_node):
         "tampered body": (body.replace(b"P1", b"P2"), headers),
         "no signature": (body, {k: v for k, v in headers.items() if k != "X-ScaiKey-Signature"}),
         "garbled": (body, {**headers, "X-ScaiKey-Signature": "v1=abc"}),
+        "time past int()": (body, {**headers, "X-ScaiKey-Signature": "t=" + "9" * 5000 + ",v1=abc"}),
+        "time not ASCII": (body, {**headers, "X-ScaiKey-Signature": "t=\xc2\xb2,v1=abc"}),  # "²" in UTF-8
         "too old": webhook(WEBHOOK_SECRET, "partner.created", "sk-p1", signed_at=int(time.time()) - 301),
         "from the future": webhook(WEBHOOK_SECRET, "partner.created", "sk-p1", signed_at=int(time.time()) + 301),
     }

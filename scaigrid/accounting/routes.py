@@ -33,7 +33,7 @@ from scaigrid.accounting.budgets import (
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, decimal_text, iso, listing, ok, page
+from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import grants_at_most
 from scaigrid.auth.tenancy import visible_to
@@ -102,11 +102,10 @@ def _time_param(params: Mapping[str, str], name: str, problems: list[FieldError]
     if name not in params:
         return None
     try:
-        parsed = datetime.fromisoformat(params[name])
-    except ValueError:
+        return naive_utc(datetime.fromisoformat(params[name]))
+    except (ValueError, OverflowError):
         problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
         return None
-    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
 
 
 def _usage_json(row: dict[str, Any]) -> dict[str, Any]:

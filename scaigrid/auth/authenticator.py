@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scaigrid import errors
 from scaigrid.auth import keys, service_tokens
 from scaigrid.auth.principal import Principal, RateLimits
-from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.auth.roles import ROLE_REACH, ROLES, grants_at_most
 from scaigrid.auth.scaikey import ScaiKeyVerifier
 from scaigrid.auth.tenancy import Membership, create_user, load_membership
 from scaigrid.cache import InvalidationBus, announce
@@ -37,6 +37,7 @@ NEGATIVE_TTL_S = 5.0  # an unknown key is remembered briefly, so a flood of bad 
 DEV_EMAIL = f"dev@{DEFAULT_SLUG}.local"
 DEV_ROLE = "tenant_admin"
 JIT_DEFAULT_ROLE = "tenant_user"
+TENANT_ROLES = tuple(role for role in ROLES if ROLE_REACH[role] == "tenant")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class Authenticator:
         if cached is not None and cached[0] > now:
             member = cached[1]
         else:
+            generation = self._generation
             try:
                 member = await self._scaikey_user(subject, claims)
             except errors.ScaigridError as exc:
@@ -185,7 +187,8 @@ class Authenticator:
                 if found is None:
                     raise errors.auth_token_invalid(f"cannot create the local user: {exc.message}") from None
                 member = found
-            self._subjects[subject] = (now + self._settings.auth.api_key_cache_ttl_s, member)
+            if generation == self._generation:  # else a suspension arrived meanwhile: this answer may predate it
+                self._subjects[subject] = (now + self._settings.auth.api_key_cache_ttl_s, member)
         return self._principal("jwt", member.role, member, subject)
 
     async def _scaikey_user(self, subject: str, claims: dict[str, Any]) -> Membership:
@@ -201,8 +204,10 @@ class Authenticator:
                 raise errors.auth_token_invalid(
                     "this ScaiKey user is not known here, and the token names no tenant (`tenant_id`) known here")
             role = claims.get("role", JIT_DEFAULT_ROLE)
-            if role not in ROLES:
-                raise errors.auth_token_invalid(f"the token's role {role!r} is not one of {', '.join(ROLES)}")
+            # Sign-in creates tenant members only; partner and platform roles are granted on the node itself.
+            if role not in ROLES or ROLE_REACH[role] != "tenant":
+                raise errors.auth_token_invalid(
+                    f"the token's role {role!r} cannot be given at first sign-in; one of {', '.join(TENANT_ROLES)}")
             email = claims["email"] if isinstance(claims.get("email"), str) else f"{subject}@scaikey"
             name = claims["name"] if isinstance(claims.get("name"), str) else None
             await create_user(conn, tenant_id=tenant_id, email=email, role=role, display_name=name,

@@ -40,6 +40,11 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
+def naive_utc(value: datetime) -> datetime:
+    """A parsed time as stored: naive UTC (without a zone it is taken as UTC). OverflowError past year 1 or 9999."""
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+
+
 def decimal_text(value: Decimal) -> str:
     """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
     return format(value.normalize(), "f") if value else "0"
@@ -49,7 +54,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     """The request's body, which must be a JSON object (422 VALIDATION_ERROR otherwise)."""
     try:
         data = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json parses
         data = None
     if not isinstance(data, dict):
         raise errors.validation_error([FieldError("body", "expected a JSON object")])
@@ -102,14 +107,12 @@ class Body:
         if value is None:
             return None
         try:
-            parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
-        except ValueError:
+            parsed = naive_utc(datetime.fromisoformat(value)) if isinstance(value, str) else None
+        except (ValueError, OverflowError):
             parsed = None
         if parsed is None:
             self.problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
             return None
-        if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
         if future and parsed <= datetime.now(UTC).replace(tzinfo=None):
             self.problems.append(FieldError(name, "must be in the future"))
             return None
@@ -130,7 +133,8 @@ async def page(conn: AsyncConnection, request: web.Request, query: Select[Any], 
     """One page of a listing, newest first: ?limit= (1-max_limit, default_limit if absent) and ?cursor=."""
     problems = []
     raw_limit = request.query.get("limit", str(default_limit))
-    limit = int(raw_limit) if raw_limit.isdigit() else 0
+    # ASCII and short: str.isdigit also takes "²", and int() refuses strings of over 4300 digits.
+    limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9 else 0
     if not 1 <= limit <= max_limit:
         problems.append(FieldError("limit", f"a whole number 1-{max_limit}"))
     cursor = request.query.get("cursor")

@@ -46,6 +46,12 @@ def _require_id(body: Body, name: str, value: str | None, what: str) -> None:
         body.problems.append(FieldError(name, f"required: a service caller has no {what} of its own"))
 
 
+def _require_platform_link(principal: Principal, scaikey_id: str | None) -> None:
+    """Linking to ScaiKey is the platform's: a link made elsewhere could capture another tenant's sign-ins."""
+    if scaikey_id is not None and principal.reach != "platform":
+        raise errors.not_permitted("only a platform admin (or ScaiKey, by webhook) links records to ScaiKey")
+
+
 # --- API keys ---
 
 KEY_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.key_prefix, api_keys.c.role, api_keys.c.user_id,
@@ -216,6 +222,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     _require_id(body, "partner_id", partner_id, "partner")
     body.done()
     assert slug is not None and name is not None
+    _require_platform_link(principal, scaikey_id)
     async with request.app[DB].begin() as conn:
         exists = await conn.scalar(select(partners.c.id).where(partners.c.id == partner_id))
         if exists is None or (principal.reach == "partner" and partner_id != principal.partner_id):
@@ -287,6 +294,7 @@ async def create_user(request: web.Request) -> web.Response:
     _require_id(body, "tenant_id", tenant_id, "tenant")
     body.done()
     assert email is not None
+    _require_platform_link(principal, scaikey_id)
     if not grants_at_most(role, principal.role):
         raise errors.not_permitted(f"a user's role may not exceed your own ({principal.role}); {role} does")
     async with request.app[DB].begin() as conn:

@@ -51,7 +51,8 @@ def verify_signature(secret: str, header: str | None, body: bytes, now_s: float)
         name, _, value = item.strip().partition("=")
         parts.setdefault(name, []).append(value)
     stamp = parts.get("t", [""])[0]
-    if not stamp.isdigit() or "v1" not in parts:
+    # ASCII and short: str.isdigit also takes "²", and int() refuses strings of over 4300 digits.
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12) or "v1" not in parts:
         raise signature_invalid("X-ScaiKey-Signature must look like t=<unix time>,v1=<hex HMAC-SHA256>")
     if abs(now_s - int(stamp)) > WINDOW_S:
         raise signature_invalid(f"the signature's time is more than {WINDOW_S} s away from ours")

@@ -40,6 +40,7 @@ DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a usable Retry-After still cools th
 MAX_RETRY_AFTER_S = 3600.0
 DRAIN_AFTER_DONE_S = 1.0  # after [DONE], how long we read on so the connection can be reused
 ERROR_BODY_MAX_BYTES = 4096
+MAX_TOKENS = 2**31 - 1  # the usage_records token columns' range
 # Statuses meaning "this request is wrong", not "this backend is broken": passed back, no failover.
 REFUSED_STATUSES = frozenset({400, 413, 422})
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -140,9 +141,14 @@ def _upstream_body(payload: dict[str, Any], backend: Backend) -> bytes:
 def _usage_tokens(usage: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
         return 0, 0
-    tokens_in = usage.get("prompt_tokens")
-    tokens_out = usage.get("completion_tokens")
-    return (tokens_in if isinstance(tokens_in, int) else 0), (tokens_out if isinstance(tokens_out, int) else 0)
+    return _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens"))
+
+
+def _token_count(value: Any) -> int:
+    """A backend's count, within what usage_records holds: one record it cannot store would stall every flush."""
+    if not isinstance(value, int):
+        return 0
+    return min(max(value, 0), MAX_TOKENS)
 
 
 class Dispatcher:

@@ -174,6 +174,9 @@ async def backend_health(request: web.Request) -> web.Response:
     if backend is None or not backend.visible_to(request[PRINCIPAL]):
         raise errors.backend_not_found(backend_id)
     health = await dispatcher.breakers.health(backend_id)
+    if backend.tenant_id is None and request[PRINCIPAL].reach != "platform" and health.get("last_error"):
+        # A shared backend's own error text may name hosts or key prefixes: only the platform sees it in full.
+        health["last_error"] = health["last_error"].split(":", 1)[0]
     inflight = sum(sample.value for metric in BACKEND_INFLIGHT.collect() for sample in metric.samples
                    if sample.labels.get("backend_id") == backend_id)
     return ok({"backend_id": backend_id, "status": backend.status, **health, "inflight": int(inflight)})

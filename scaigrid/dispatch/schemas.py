@@ -19,7 +19,7 @@ MAX_STOP_SEQUENCES = 4
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
         raise errors.validation_error([FieldError("body", "not valid JSON")]) from None
     if not isinstance(body, dict):
         raise errors.validation_error([FieldError("body", "must be a JSON object")])

@@ -157,10 +157,10 @@ class _Fields:
         except InvalidOperation:
             self.fail(name, 'a decimal string such as "2.50"')
             return Decimal(0)
-        exponent = amount.normalize().as_tuple().exponent
         if not amount.is_finite() or amount < 0 or amount >= MONEY_MAX:
             self.fail(name, f"at least 0 and less than {MONEY_MAX:,}")
-        elif isinstance(exponent, int) and exponent < -MONEY_DECIMALS:
+        # Normalised only once in range: normalising a huge exponent overflows.
+        elif isinstance(exponent := amount.normalize().as_tuple().exponent, int) and exponent < -MONEY_DECIMALS:
             self.fail(name, f"at most {MONEY_DECIMALS} decimals")
         return amount
 
@@ -185,8 +185,13 @@ def _base_url(fields: _Fields) -> str | None:
     url = fields.text("base_url", required=True, max_len=1024)
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    try:
+        parts = urlsplit(url)
+        callable_url = parts.port is None or parts.port > 0
+    except ValueError:  # a port out of range or not a number, a broken IPv6 address: the catalogue would not load
+        callable_url = False
+    if (not callable_url or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment):
         fields.fail("base_url", "an http:// or https:// URL of the OpenAI API root, e.g. http://10.0.0.5:8000/v1")
         return None
     return url.rstrip("/")
