@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +22,20 @@ RESUBSCRIBE_DELAY_S = 0.5
 Handler = Callable[[str | None], None]
 
 
-async def announce(redis: aioredis.Redis, topic: str, key: str = "") -> None:
-    """Tells every process to forget `key` of `topic` (empty key: the whole topic)."""
-    await redis.publish(CHANNEL, f"{topic}:{key}")
+async def announce(redis: aioredis.Redis, topic: str, key: str = "") -> bool:
+    """Tells every process to forget `key` of `topic` (empty key: the whole topic), after a committed change.
+
+    A Redis failure is logged and returns False, never raises: the change itself is stored, processes that lost
+    Redis too drop their caches when they resubscribe, and the others' entries expire on their own.
+    """
+    try:
+        await redis.publish(CHANNEL, f"{topic}:{key}")
+    except RedisError as exc:
+        logger.warning("change stored but not announced (%s): other processes keep their cached %s until it "
+                       "expires or they resubscribe", type(exc).__name__, topic,
+                       extra={"event": "announce_failed", "topic": topic})
+        return False
+    return True
 
 
 class InvalidationBus:

@@ -7,7 +7,8 @@ from typing import TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scaigrid.resources import database_ctx
+from scaigrid import cache
+from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -29,3 +30,15 @@ def with_database(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]
             return await work(engine)
 
     return asyncio.run(run())
+
+
+def announce(settings: Settings, topic: str) -> bool:
+    """Tells running http processes about a change the command committed; False when Redis is unset or away."""
+    if settings.redis.url is None:
+        return False
+
+    async def publish() -> bool:
+        async with redis_ctx(settings) as redis:
+            return await cache.announce(redis, topic)
+
+    return asyncio.run(publish())

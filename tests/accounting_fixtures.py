@@ -2,11 +2,8 @@
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -87,16 +84,6 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float 
             return
         assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s} s"
         await asyncio.sleep(interval_s)
-
-
-def get_json(url: str, token: str | None = None) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """GET with the status, headers and JSON body, errors included."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read())
 
 
 def start_worker(start_mode: Callable[..., ModeProcess], env: dict[str, str], flush_interval_s: int = 1

@@ -340,10 +340,10 @@ def gateway_fixture(node_gateway: Gateway, fake: FakeBackend) -> Iterator[Gatewa
 
 # --- plain HTTP with a key, for the native API ---
 
-def http_call(method: str, url: str, key: str, body: Any = None, timeout_s: float = 20
+def http_call(method: str, url: str, key: str, body: Any = None, timeout_s: float = 20, raw: bytes | None = None
               ) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one request, errors included."""
-    data = None if body is None else json.dumps(body).encode()
+    """(status, headers, body) of one request, errors included; `raw` is sent as the body as it is."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method, headers={
         "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:

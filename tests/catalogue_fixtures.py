@@ -2,14 +2,13 @@
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from scaigrid.db.tables import new_id
+from tests.backends import http_call
 
 
 def sql(env: dict[str, str], statement: str, **params: Any) -> list[Any]:
@@ -38,11 +37,5 @@ def add_tenant(env: dict[str, str], slug: str, partner: str = "default") -> None
 def call(node_url: str, method: str, path: str, key: str, body: Any = None, raw: bytes | None = None
          ) -> tuple[int, dict[str, Any]]:
     """One /v1/ request with an API key; returns (status, decoded envelope) for errors too."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(node_url + path, data=data, method=method, headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, _, data = http_call(method, node_url + path, key, body, timeout_s=10, raw=raw)
+    return status, json.loads(data)

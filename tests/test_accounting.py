@@ -13,7 +13,7 @@ from scaigrid.accounting import usage as usage_codec
 from scaigrid.accounting.service import Accounting
 from scaigrid.cache import InvalidationBus
 from scaigrid.settings import load_settings
-from tests.accounting_fixtures import Ledger, eventually, get_json, ledger_fixture, start_worker, usage  # noqa: F401
+from tests.accounting_fixtures import Ledger, eventually, ledger_fixture, start_worker, usage  # noqa: F401
 from tests.identity import call, tenant, users_with_keys
 
 
@@ -46,9 +46,9 @@ async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, 
     worker = start_worker(start_mode, node.env)
 
     def listed(token: str, **params: object) -> list[dict[str, object]]:
-        status, _, body = get_json(f"{node.url}/v1/accounting/usage?{urlencode(params)}", token)
-        assert status == 200, body
-        return list(body["data"]["items"])
+        reply = call(node.url, "GET", f"/v1/accounting/usage?{urlencode(params)}", token)
+        assert reply.status == 200, reply.body
+        return list(reply.data["items"])
 
     await eventually(lambda: ledger.has_rows(5), what="usage flushed")
     assert len(listed(node.admin_key)) == 5
@@ -69,7 +69,7 @@ async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, 
     cursor = None
     while True:
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
-        status, _, body = get_json(f"{node.url}/v1/accounting/usage?{urlencode(params)}", node.admin_key)
+        body = call(node.url, "GET", f"/v1/accounting/usage?{urlencode(params)}", node.admin_key).body
         seen += [item["request_id"] for item in body["data"]["items"]]
         if not body["data"]["pagination"]["has_more"]:
             break
@@ -78,9 +78,9 @@ async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, 
     assert seen == [r.request_id for r in sorted(records, key=lambda r: r.created_at_unix, reverse=True)]
 
     def summary(token: str, group_by: str) -> dict[str, object]:
-        status, _, body = get_json(f"{node.url}/v1/accounting/usage/summary?group_by={group_by}", token)
-        assert status == 200, body
-        return dict(body["data"])
+        reply = call(node.url, "GET", f"/v1/accounting/usage/summary?group_by={group_by}", token)
+        assert reply.status == 200, reply.body
+        return dict(reply.data)
 
     by_model = summary(acme_admin, "model")
     assert by_model["items"] == [
@@ -96,27 +96,28 @@ async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, 
 
     for query, field in (("start=yesterday", "start"), ("limit=1001", "limit"), ("limit=0", "limit"),
                          ("cursor=garbage", "cursor")):
-        status, _, body = get_json(f"{node.url}/v1/accounting/usage?{query}", node.admin_key)
-        assert (status, body["error"]["code"]) == (422, "VALIDATION_ERROR"), query
-        assert [d["field"] for d in body["error"]["details"]] == [field]
-    status, _, body = get_json(f"{node.url}/v1/accounting/usage/summary?group_by=colour", node.admin_key)
-    assert (status, body["error"]["details"][0]["field"]) == (422, "group_by")
+        reply = call(node.url, "GET", f"/v1/accounting/usage?{query}", node.admin_key)
+        assert (reply.status, reply.code) == (422, "VALIDATION_ERROR"), query
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field]
+    reply = call(node.url, "GET", "/v1/accounting/usage/summary?group_by=colour", node.admin_key)
+    assert (reply.status, reply.body["error"]["details"][0]["field"]) == (422, "group_by")
     assert listed(node.admin_key, start="2999-01-01T00:00:00Z") == []
     assert len(listed(node.admin_key, start="2000-01-01", end="2999-01-01T00:00:00+02:00")) == 5
 
     # The operator's view of the node: dependencies, schemas, the worker's heartbeat.
-    status, _, health = get_json(node.url + "/health/detailed", node.admin_key)
-    assert status == 200 and health["status"] == "ok", health
+    reply = call(node.url, "GET", "/health/detailed", node.admin_key)
+    health = reply.body
+    assert reply.status == 200 and health["status"] == "ok", health
     for dependency in ("database", "redis"):
         assert health["dependencies"][dependency]["status"] == "ok"
         assert isinstance(health["dependencies"][dependency]["latency_ms"], float)
     assert [(m["id"], m["status"]) for m in health["modules"]] == [("core", "ok"), ("scaibunker", "ok")]
     assert health["modules"][0]["revision"] == health["modules"][0]["head"]
     assert len(health["workers"]) == 1 and health["workers"][0]["heartbeat_age_s"] < 30
-    assert get_json(node.url + "/health/detailed", alice)[0] == 403
-    assert get_json(node.url + "/health/detailed")[0] == 401
+    assert call(node.url, "GET", "/health/detailed", alice).status == 403
+    assert call(node.url, "GET", "/health/detailed").status == 401
     assert worker.stop() == 0
-    status, _, health = get_json(node.url + "/health/detailed", node.admin_key)
+    health = call(node.url, "GET", "/health/detailed", node.admin_key).body
     assert (health["status"], health["workers"]) == ("degraded", [])  # nobody flushes usage now
 
 

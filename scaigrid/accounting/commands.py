@@ -3,16 +3,14 @@
 import asyncio
 
 import click
-from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement
 
 from scaigrid.accounting import limits
 from scaigrid.auth import keys
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.cache import announce
-from scaigrid.commands import AdminError, settings_of
+from scaigrid.commands import AdminError, announce, settings_of
 from scaigrid.db.tables import api_keys, partners, tenants, users
-from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.resources import database_ctx
 
 
 def _rpm(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
@@ -57,22 +55,15 @@ def set_limits(ctx: click.Context, key_ref: str | None, user_id: str | None, ten
     level, where, name = _target(key_ref, user_id, tenant_slug, partner_slug)
     settings = settings_of(ctx, "database")
 
-    async def work() -> bool:
+    async def work() -> None:
         async with database_ctx(settings) as engine, engine.begin() as conn:
             holder = await limits.find_holder(conn, level, where)
             if holder is None:
                 raise AdminError(f"no {name}")
             await limits.set_rpm(conn, holder, rpm)
-        if settings.redis.url is None:
-            return False
-        try:
-            async with redis_ctx(settings) as redis:
-                await announce(redis, TOPIC_IDENTITY)
-        except RedisError:
-            return False
-        return True
 
-    announced = asyncio.run(work())
+    asyncio.run(work())
+    announced = announce(settings, TOPIC_IDENTITY)
     effective = rpm or limits.default_rpm(settings, level)
     click.echo(f"{name}: {effective} requests per minute" + (" (the default)" if rpm is None else ""))
     if not announced:

@@ -60,15 +60,6 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-async def _announce(request: web.Request, topic: str) -> None:
-    try:
-        await announce(request.app[REDIS], topic)
-    except RedisError as exc:
-        # Processes that lost Redis too reload when they resubscribe; the others keep the old state until then.
-        logger.warning("change stored, but not announced (%s)", type(exc).__name__,
-                       extra={"event": "announce_failed", "topic": topic})
-
-
 # --- usage ---
 
 def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
@@ -303,7 +294,7 @@ async def create_budget(request: web.Request) -> web.Response:
             limit_type=limit_type, limit_value=limit_value, hard_action=hard_action, soft_limit_pct=soft_limit_pct,
             created_at=now, updated_at=now))
         row = await _budget_row(conn, principal, budget_id)
-    await _announce(request, TOPIC_BUDGETS)
+    await announce(request.app[REDIS], TOPIC_BUDGETS)
     return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
 
 
@@ -343,7 +334,7 @@ async def update_budget(request: web.Request) -> web.Response:
     with contextlib.suppress(RedisError):
         await request.app[REDIS].hdel(counter_key(row["id"], current_period(row["period"], datetime.now(UTC))),
                                       "soft", "hard")
-    await _announce(request, TOPIC_BUDGETS)
+    await announce(request.app[REDIS], TOPIC_BUDGETS)
     return ok(_budget_json(row, (await _counters(request, [row]))[0]))
 
 
@@ -352,7 +343,7 @@ async def delete_budget(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
         await conn.execute(delete(budgets).where(budgets.c.id == row["id"]))
-    await _announce(request, TOPIC_BUDGETS)
+    await announce(request.app[REDIS], TOPIC_BUDGETS)
     # Without Redis: a periodic budget's counter expires on its own; a `total` one's stays, unread.
     with contextlib.suppress(RedisError):
         await request.app[REDIS].delete(counter_key(row["id"], current_period(row["period"], datetime.now(UTC))))
@@ -404,7 +395,7 @@ async def set_rate_limit(request: web.Request) -> web.Response:
             raise errors.not_permitted(
                 f"changing this {holder.level}'s rate limit needs a caller of {needed} reach and at least its role")
         await limits.set_rpm(conn, holder, rpm)
-    await _announce(request, TOPIC_IDENTITY)
+    await announce(request.app[REDIS], TOPIC_IDENTITY)
     return ok(_limit_json(request, dataclasses.replace(holder, rpm=rpm)))
 
 

@@ -55,16 +55,21 @@ async def _timed(check: Awaitable[str]) -> dict[str, Any]:
 async def _module_states(app: web.Application) -> list[dict[str, Any]]:
     """The core and each enabled module: the schema revision the database is at, and the one the code wants."""
     heads, modules = app[SCHEMA_HEADS], app[MODULES]
-    states = {m.id: {"id": m.id, "revision": None, "head": None, "status": "ok"} for m in modules}
+    names = ("core", *(m.id for m in modules))
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S), app[DB].connect() as conn:
-            for stream in migrations.streams(modules):
-                revision = await migrations.current_revision(conn, stream)
-                states[stream.name] = {"id": stream.name, "revision": revision, "head": ",".join(heads[stream.name]),
-                                       "status": "ok" if (revision,) == heads[stream.name] else "behind"}
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            revisions = await migrations.stream_revisions(app[DB], modules)
     except Exception:  # the database entry says why; here it only means "not known"
-        return [{"id": name, "status": "unknown"} for name in ("core", *(m.id for m in modules))]
-    return [states["core"], *(states[m.id] for m in modules)]
+        return [{"id": name, "status": "unknown"} for name in names]
+
+    def state(name: str) -> dict[str, Any]:
+        if name not in revisions:  # a module without migrations
+            return {"id": name, "revision": None, "head": None, "status": "ok"}
+        revision = revisions[name]
+        return {"id": name, "revision": revision, "head": ",".join(heads[name]),
+                "status": "ok" if (revision,) == heads[name] else "behind"}
+
+    return [state(name) for name in names]
 
 
 async def _worker_states(app: web.Application) -> list[dict[str, Any]] | None:

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,7 +21,7 @@ from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.auth.roles import ROLE_REACH, ROLES, grants_at_most
 from scaigrid.auth.scaikey import ScaiKeyVerifier
 from scaigrid.auth.tenancy import Membership, create_user, load_membership
-from scaigrid.cache import InvalidationBus, announce
+from scaigrid.cache import InvalidationBus
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import tenants, users
 from scaigrid.settings import Settings
@@ -46,16 +44,6 @@ class _CachedKey:
     expires_at: datetime | None  # the key's own expiry (naive UTC)
     principal: Principal | None  # None: refused, for `refusal`
     refusal: str
-
-
-async def announce_change(redis: Redis, topic: str, key: str = "") -> None:
-    """Tells every process to forget cached identities, after a committed change; a Redis failure is logged only."""
-    try:
-        await announce(redis, topic, key)
-    except RedisError as exc:
-        # A process that lost Redis as well drops its caches on reconnect; the others trust theirs a while longer.
-        logger.warning("identity change stored but not announced (%s): caches elsewhere expire within "
-                       "API_KEY_CACHE_TTL_S", type(exc).__name__, extra={"event": "announce_failed", "topic": topic})
 
 
 class Authenticator:

@@ -2,15 +2,16 @@
 
 import click
 from cryptography.fernet import Fernet
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.auth import service_tokens
 from scaigrid.auth.keys import create_api_key
 from scaigrid.auth.roles import ROLES
+from scaigrid.auth.tenancy import create_user
 from scaigrid.commands import AdminError, settings_of, with_database
 from scaigrid.db.defaults import DEFAULT_SLUG
-from scaigrid.db.tables import new_id, tenants, users
+from scaigrid.db.tables import tenants, users
 
 
 @click.command("create-key")
@@ -32,9 +33,8 @@ def create_key(ctx: click.Context, role: str, tenant_slug: str, name: str) -> No
             user_id = await conn.scalar(
                 select(users.c.id).where(users.c.tenant_id == tenant_id, users.c.email == email))
             if user_id is None:
-                user_id = new_id("usr")
-                await conn.execute(insert(users).values(
-                    id=user_id, tenant_id=tenant_id, email=email, role=role, display_name=f"operator ({role})"))
+                user_id = await create_user(conn, tenant_id=tenant_id, email=email, role=role,
+                                            display_name=f"operator ({role})")
             _, key = await create_api_key(conn, tenant_id=tenant_id, user_id=user_id, name=name, role=role)
             return key
 

@@ -17,10 +17,11 @@ from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS
 from scaigrid.auth import keys, tenancy, webhooks
-from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY, announce_change
+from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
 from scaigrid.auth.bodies import Body, iso, listing, ok
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.cache import announce
 from scaigrid.db.tables import api_keys, partners, tenants, users
 from scaigrid.errors import FieldError
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not starting or ending with a dash"
 SETTABLE_STATUSES = ("active", "suspended")
-
 
 
 def _now() -> datetime:
@@ -135,7 +135,7 @@ async def revoke_api_key(request: web.Request) -> web.Response:
             raise errors.not_found(f"no API key {key_id!r}")
         revoked_at = row["revoked_at"] or _now()
         await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
-    await announce_change(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
+    await announce(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
     logger.info("API key %s revoked", key_id, extra={"event": "api_key_revoked", "key_id": key_id})
     return ok(_key_json({**row, "revoked_at": revoked_at}))
 
@@ -256,7 +256,7 @@ async def update_tenant(request: web.Request) -> web.Response:
         if changes:
             await conn.execute(update(tenants).where(tenants.c.id == row["id"]).values(**changes))
     if status is not None and status != row["status"]:
-        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
+        await announce(request.app[REDIS], TOPIC_IDENTITY)
         logger.info("tenant %s is now %s", row["id"], status, extra={"event": "tenant_status", "status": status})
     return ok(_tenant_json({**row, **changes}))
 
@@ -325,10 +325,9 @@ async def update_user(request: web.Request) -> web.Response:
                    if v is not None}
         if changes:
             await conn.execute(update(users).where(users.c.id == user_id).values(**changes))
-        row = (await conn.execute(select(*USER_COLUMNS).where(users.c.id == user_id))).mappings().one()
     if role is not None or status is not None:
-        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
-    return ok(_user_json(row))
+        await announce(request.app[REDIS], TOPIC_IDENTITY)
+    return ok(_user_json({**user._mapping, **changes}))
 
 
 ROUTES: list[web.RouteDef] = [

@@ -25,9 +25,10 @@ from scaigrid import errors
 from scaigrid.api.access import public
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth import tenancy
-from scaigrid.auth.authenticator import TOPIC_IDENTITY, announce_change
+from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.bodies import ok
 from scaigrid.auth.roles import ROLES
+from scaigrid.cache import announce
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import partners, scaikey_events, tenants, users
 from scaigrid.errors import FieldError
@@ -75,8 +76,8 @@ class Event:
 def parse_event(body: bytes, headers: Mapping[str, str]) -> Event:
     try:
         document = json.loads(body)
-    except ValueError:
-        raise errors.validation_error([FieldError("body", "expected a JSON object")]) from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
+        document = None
     if not isinstance(document, dict):
         raise errors.validation_error([FieldError("body", "expected a JSON object")])
     problems = []
@@ -251,7 +252,7 @@ async def receive(request: web.Request) -> web.Response:
             return ok({"event_id": event.event_id, "applied": False, "duplicate": True})
         applied = await apply(conn, event)
     if applied:
-        await announce_change(request.app[REDIS], TOPIC_IDENTITY)
+        await announce(request.app[REDIS], TOPIC_IDENTITY)
     logger.info("ScaiKey event %s %s: %s", event.event_type, event.event_id, "applied" if applied else "ignored",
                 extra={"event": "scaikey_event", "event_type": event.event_type, "applied": applied})
     return ok({"event_id": event.event_id, "applied": applied, "duplicate": False})

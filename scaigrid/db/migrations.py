@@ -140,12 +140,14 @@ async def downgrade(engine: AsyncEngine, modules: Sequence[Module], *, target: s
     return results
 
 
+async def stream_revisions(engine: AsyncEngine, modules: Sequence[Module]) -> dict[str, str | None]:
+    """The revision the database is at for each stream (core first; None = never migrated)."""
+    async with engine.connect() as conn:
+        return {stream.name: await current_revision(conn, stream) for stream in streams(modules)}
+
+
 async def schema_status(engine: AsyncEngine, modules: Sequence[Module], heads: dict[str, tuple[str, ...]]) -> str:
     """"ok" when every stream is at its head, else which streams are behind (for readiness)."""
-    behind = []
-    async with engine.connect() as conn:
-        for stream in streams(modules):
-            revision = await current_revision(conn, stream)
-            if (revision,) != heads[stream.name]:
-                behind.append(f"{stream.name} at {revision or 'base'}, head {','.join(heads[stream.name])}")
+    behind = [f"{name} at {revision or 'base'}, head {','.join(heads[name])}"
+              for name, revision in (await stream_revisions(engine, modules)).items() if (revision,) != heads[name]]
     return "ok" if not behind else "error: not migrated: " + "; ".join(behind)

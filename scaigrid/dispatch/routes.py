@@ -27,7 +27,7 @@ def chat_payload(model: Model, body: dict[str, Any]) -> tuple[dict[str, Any], bo
     `metadata` stays with ScaiGrid. Without a limit from the client, the model's max_output_tokens is sent, so the
     cap holds whatever the backend's own default is.
     """
-    payload = {**model.default_params, **body} if model.default_params else dict(body)
+    payload = {**model.default_params, **body}
     payload.pop("metadata", None)
     cap = model.max_output_tokens
     if cap:
@@ -90,7 +90,7 @@ async def _embed(request: web.Request, protocol: str) -> web.StreamResponse:
     body = schemas.parse_json(await request.read())
     schemas.embed(body)
     model = _model_for(request, body["model"], "embedding")
-    payload = {**model.default_params, **body} if model.default_params else dict(body)
+    payload = {**model.default_params, **body}
     exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
     return await _run(request, exchange, False, payload, False, embeddings=True)
 

@@ -1,6 +1,5 @@
 """`scaigrid admin apply FILE.toml`: the catalogue, declaratively (format: docs/api.md, "Catalogue")."""
 
-import asyncio
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +8,8 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scaigrid import cache
-from scaigrid.commands import AdminError, settings_of, with_database
+from scaigrid.commands import AdminError, announce, settings_of, with_database
 from scaigrid.errors import ScaigridError
-from scaigrid.resources import redis_ctx
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 from scaigrid.settings import Settings
@@ -82,17 +79,9 @@ def _announce(settings: Settings) -> None:
     if settings.redis.url is None:
         click.echo("note: REDIS_URL is not set, so running http processes load the new catalogue on their next "
                    "start", err=True)
-        return
-
-    async def publish() -> None:
-        async with redis_ctx(settings) as redis:
-            await cache.announce(redis, TOPIC_CATALOGUE)
-
-    try:
-        asyncio.run(publish())
-    except Exception as exc:  # the catalogue is committed; only the nudge failed
-        click.echo(f"warning: written, but running http processes were not told ({type(exc).__name__} from Redis); "
-                   "they reload when their Redis subscription is back or on their next start", err=True)
+    elif not announce(settings, TOPIC_CATALOGUE):
+        click.echo("warning: written, but running http processes were not told (Redis unreachable); they reload "
+                   "when their Redis subscription is back or on their next start", err=True)
 
 
 @click.command("apply")

@@ -5,7 +5,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
-from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,12 +27,7 @@ async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaita
     """Runs one change in a transaction, then tells every http process to reload the catalogue."""
     async with request.app[DB].begin() as conn:
         result = await work(conn)
-    try:
-        await announce(request.app[REDIS], TOPIC_CATALOGUE)
-    except RedisError as exc:
-        # Processes that lost Redis too reload when they resubscribe; the others keep the old catalogue until then.
-        logger.warning("catalogue change stored but not announced (%s)", type(exc).__name__,
-                       extra={"event": "announce_failed", "topic": TOPIC_CATALOGUE})
+    await announce(request.app[REDIS], TOPIC_CATALOGUE)
     return result
 
 
