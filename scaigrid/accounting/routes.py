@@ -33,7 +33,7 @@ from scaigrid.accounting.budgets import (
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page
+from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import grants_at_most
 from scaigrid.auth.tenancy import visible_to
@@ -54,10 +54,6 @@ SETTER_REACH = {"key": "tenant", "user": "tenant", "tenant": "partner", "partner
 SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
     "model": usage_records.c.model, "user": usage_records.c.user_id, "backend": usage_records.c.backend_id,
     "tenant": usage_records.c.tenant_id}
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 # --- usage ---
@@ -288,7 +284,7 @@ async def create_budget(request: web.Request) -> web.Response:
     budget_id = new_id("bud")
     async with request.app[DB].begin() as conn:
         tenant_id, partner_id = await _scope_owner(conn, principal, scope, scope_id)
-        now = _now()  # not the server's NOW(): usage before it is counted in, compared with UTC times
+        now = utc_now()  # not the server's NOW(): usage before it is counted in, compared with UTC times
         await conn.execute(insert(budgets).values(
             id=budget_id, scope=scope, scope_id=scope_id, partner_id=partner_id, tenant_id=tenant_id, period=period,
             limit_type=limit_type, limit_value=limit_value, hard_action=hard_action, soft_limit_pct=soft_limit_pct,
@@ -328,7 +324,7 @@ async def update_budget(request: web.Request) -> web.Response:
             body.problems.append(FieldError("limit_value", "must be a whole number for limit_type tokens or requests"))
         body.done()
         values = {name: value for name, value in changes.items() if value is not None}
-        await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(**values, updated_at=_now()))
+        await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(**values, updated_at=utc_now()))
         row = await _budget_row(conn, principal, row["id"])
     # A new limit is a new threshold, whose crossing is reported again (without Redis: once less, no harm).
     with contextlib.suppress(RedisError):

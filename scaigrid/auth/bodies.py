@@ -40,6 +40,11 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
+def utc_now() -> datetime:
+    """Now, as stored: naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def naive_utc(value: datetime) -> datetime:
     """A parsed time as stored: naive UTC (without a zone it is taken as UTC). OverflowError past year 1 or 9999."""
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
@@ -113,7 +118,7 @@ class Body:
         if parsed is None:
             self.problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
             return None
-        if future and parsed <= datetime.now(UTC).replace(tzinfo=None):
+        if future and parsed <= utc_now():
             self.problems.append(FieldError(name, "must be in the future"))
             return None
         return parsed

@@ -6,7 +6,6 @@ existence is not revealed. Among what it reaches, a caller manages only what is 
 
 import logging
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +17,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS
 from scaigrid.auth import keys, tenancy, webhooks
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, iso, listing, ok
+from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
 from scaigrid.cache import announce
@@ -30,10 +29,6 @@ logger = logging.getLogger(__name__)
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not starting or ending with a dash"
 SETTABLE_STATUSES = ("active", "suspended")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _roles_within(principal: Principal) -> list[str]:
@@ -133,7 +128,7 @@ async def revoke_api_key(request: web.Request) -> web.Response:
         if row is None or not (own or (principal.can("users:manage") and grants_at_most(row["role"], principal.role)
                                        and principal.reaches(row["tenant_id"], row["partner_id"]))):
             raise errors.not_found(f"no API key {key_id!r}")
-        revoked_at = row["revoked_at"] or _now()
+        revoked_at = row["revoked_at"] or utc_now()
         await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
     await announce(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
     logger.info("API key %s revoked", key_id, extra={"event": "api_key_revoked", "key_id": key_id})
