@@ -249,6 +249,40 @@ class DispatchSettings:
 
 
 @dataclass(frozen=True)
+class NodeSettings:
+    """ScaiInfer nodes: heartbeat cadence and the ages at which a node is warning, then stale."""
+
+    heartbeat_interval_s: float = setting(
+        "NODE_HEARTBEAT_INTERVAL_S", _positive_float, 10.0, "how often ScaiInfer nodes are told to heartbeat")
+    warning_after_s: float = setting(
+        "NODE_WARNING_AFTER_S", _positive_float, 30.0, "a node whose last heartbeat is older is `warning` (still used)")
+    stale_after_s: float = setting(
+        "NODE_STALE_AFTER_S", _positive_float, 90.0, "a node whose last heartbeat is older is `stale`: never dispatched to")
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Outbound webhooks, delivered by the worker from the outbox."""
+
+    allow_private_targets: bool = setting(
+        "WEBHOOK_ALLOW_PRIVATE_TARGETS", _bool, False,
+        "allow webhook URLs on private, loopback and link-local addresses (receivers inside the site network)")
+    timeout_s: float = setting("WEBHOOK_TIMEOUT_S", _positive_float, 10.0, "a receiver must answer 2xx within this")
+    auto_disable_after: int = setting(
+        "WEBHOOK_AUTO_DISABLE_AFTER", _positive_int, 50, "consecutive failed deliveries that disable a webhook")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """The ScaiBunker storage proxy (http and bunker_proxy modes) and its capabilities."""
+
+    capability_secret: Secret | None = setting(
+        "STORAGE_CAPABILITY_SECRET", _secret,
+        help="HMAC key of storage capabilities, the same on every http and bunker_proxy process; unset = none accepted",
+        secret=True)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     bind_host: str = setting("BIND_HOST", _str, "127.0.0.1", "address every listener binds (nginx fronts them)")
     http_port: int = setting("HTTP_PORT", _port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
@@ -268,6 +302,8 @@ class WorkerSettings:
         "WORKER_HEARTBEAT_TTL_S", _positive_int, 30, "a worker whose heartbeat is older than this counts as dead")
     stop_grace_s: float = setting(
         "WORKER_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long running jobs may finish")
+    usage_retention_days: int = setting(
+        "USAGE_RETENTION_DAYS", _positive_int, 400, "usage records older than this are deleted by the worker")
 
 
 @dataclass(frozen=True)
@@ -290,6 +326,9 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    nodes: NodeSettings = field(default_factory=NodeSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
@@ -393,4 +432,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     settings: Settings = build(Settings)
     if settings.auth_disabled and settings.app_env == "production":
         raise ConfigError("SCAIGRID_AUTH_DISABLED: must not be true when APP_ENV=production")
+    if settings.nodes.warning_after_s >= settings.nodes.stale_after_s:
+        raise ConfigError("NODE_WARNING_AFTER_S: must be below NODE_STALE_AFTER_S "
+                          f"({settings.nodes.warning_after_s:g} >= {settings.nodes.stale_after_s:g})")
     return settings

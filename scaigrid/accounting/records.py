@@ -31,3 +31,4 @@ class UsageRecord:
     tokens_out: int
     latency_ms: int
     cost: Decimal
+    error_code: str | None = None  # the code a failed request answered with (request.failed events)

@@ -177,6 +177,7 @@ usage_records = Table(
     Column("tokens_out", Integer, nullable=False, server_default="0"),
     Column("latency_ms", Integer, nullable=False, server_default="0"),
     Column("cost", COST, nullable=False, server_default="0"),
+    Column("error_code", String(64)),  # what a failed request answered with
     Index("ix_usage_tenant_time", "tenant_id", "created_at"),
     Index("ix_usage_user_time", "user_id", "created_at"),
     Index("ix_usage_partner_time", "partner_id", "created_at"),
@@ -197,5 +198,74 @@ budgets = Table(
     Column("soft_limit_pct", Numeric(4, 3), nullable=False, server_default="0.8"),
     *_timestamps(),
     Index("ix_budgets_scope", "scope", "scope_id"),
+    **TABLE_ARGS,
+)
+
+
+# --- ScaiInfer nodes (core_0003) ---
+
+infra_nodes = Table(
+    "infra_nodes", metadata,
+    Column("id", String(64), primary_key=True),  # the node's own id, as in scaiinfer:<node>/<model>
+    Column("endpoint", String(255), nullable=False),  # host:port of its InferenceService
+    Column("models", JSON, nullable=False),  # loaded model names
+    Column("capacity", Integer, nullable=False, server_default="0"),
+    Column("load", Integer, nullable=False, server_default="0"),
+    Column("version", String(64)),
+    Column("status", String(16), nullable=False, server_default="healthy"),  # healthy | warning | stale
+    Column("registered_at", MICROSECONDS, nullable=False),
+    Column("last_heartbeat_at", MICROSECONDS, nullable=False),
+    **TABLE_ARGS,
+)
+
+# --- outbound webhooks (core_0004) ---
+
+webhooks = Table(
+    "webhooks", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("partner_id", String(40), nullable=False),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("events", JSON, nullable=False),
+    Column("secret_encrypted", Text, nullable=False),  # Fernet; the signing key must be readable
+    Column("description", String(255)),
+    Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
+    Column("max_retries", Integer, nullable=False, server_default="5"),
+    Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    Column("disabled_reason", String(255)),
+    *_timestamps(),
+    Index("ix_webhooks_tenant_id", "tenant_id"),
+    **TABLE_ARGS,
+)
+
+# The outbox: an event is stored, with a delivery row per subscribed webhook, before anything is sent.
+webhook_events = Table(
+    "webhook_events", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("event_type", String(64), nullable=False),
+    Column("partner_id", String(40), nullable=False),
+    Column("tenant_id", String(40), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Index("ix_webhook_events_created_at", "created_at"),
+    **TABLE_ARGS,
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("webhook_id", String(40), ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+    Column("event_id", String(40), ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False),
+    Column("status", String(16), nullable=False, server_default="pending"),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", MICROSECONDS, nullable=False),
+    Column("lease_until", MICROSECONDS),  # a worker holds the attempt until then
+    Column("last_attempt_at", MICROSECONDS),
+    Column("last_status_code", Integer),
+    Column("last_error", String(255)),
+    Column("delivered_at", MICROSECONDS),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_webhook", "webhook_id", "created_at"),
     **TABLE_ARGS,
 )

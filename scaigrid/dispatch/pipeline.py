@@ -419,7 +419,8 @@ class Dispatcher:
             api_key_id=principal.api_key_id, model=model, backend_id=backend_id, protocol=exchange.protocol,
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
-            cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out))
+            cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out),
+            error_code=None if exchange.status == "ok" else exchange.status)
         self._accounting.submit(usage)
 
 
