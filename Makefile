@@ -6,7 +6,7 @@ DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
 # Debian's own python3 has no venv module until python3-venv is installed.
 DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test lint bench lock clean
+.PHONY: install run test lint bench bench-storage lock clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ lint: install
 # Mock vs floor proxy vs one pinned http process (about 5 minutes); rewrites bench/RESULTS.md.
 bench: install
 	$(PY) -m bench.run
+
+# A 256 MiB object through bunker_proxy vs straight to S3 (moto), about a minute; rewrites its block of RESULTS.md.
+bench-storage: install
+	$(PY) -m bench.storage
 
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
 lock:

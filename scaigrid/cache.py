@@ -6,13 +6,14 @@ process may have missed messages, so on every (re)subscribe each handler is call
 """
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
+
+from scaigrid.lifecycle import background
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,7 @@ BUS = web.AppKey("invalidation_bus", InvalidationBus)
 
 def bus_ctx(redis_key: web.AppKey[aioredis.Redis]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(app[BUS].listen(app[redis_key]), name="invalidation-bus")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background(app[BUS].listen(app[redis_key]), "invalidation-bus"):
+            yield
 
     return ctx

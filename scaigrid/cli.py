@@ -106,6 +106,44 @@ def check_worker(ctx: click.Context) -> None:
 
 
 @cli.group()
+def job() -> None:
+    """The worker's scheduled jobs: list them, or run one now."""
+
+
+@job.command("list")
+@click.pass_context
+def job_list(ctx: click.Context) -> None:
+    """Every job of the core and the enabled modules, with its schedule."""
+    from scaigrid.modes.worker import all_jobs
+
+    for item in all_jobs(_validated(ctx, None)):
+        schedule = f"every {item.every_s} s" if item.every_s is not None else f"cron {item.cron}"
+        scope = "one worker per tick" if item.exclusive else "every worker"
+        click.echo(f"{item.name:<24} {schedule:<22} timeout {item.timeout_s:g} s, {scope}")
+
+
+@job.command("run")
+@click.argument("name")
+@click.pass_context
+def job_run(ctx: click.Context, name: str) -> None:
+    """Run job NAME once now, under the same lock as the worker's scheduled runs.
+
+    Example: scaigrid job run usage_retention
+    """
+    from scaigrid.modes.worker import all_jobs, run_once
+
+    settings = _validated(ctx, None)
+    settings.require("database", "redis")
+    setup_logging(settings.log_level, "job")
+    found = {item.name: item for item in all_jobs(settings)}
+    if name not in found:
+        raise click.ClickException(f"no job {name!r} (jobs: {', '.join(found)})")
+    outcome = asyncio.run(run_once(settings, found[name]))
+    click.echo(f"{name}: {outcome}")
+    ctx.exit(0 if outcome == "ok" else 1)
+
+
+@cli.group()
 def admin() -> None:
     """Administer the node's data: API keys, catalogue, limits (talks to the database directly)."""
 

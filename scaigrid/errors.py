@@ -114,3 +114,47 @@ def backend_rate_limited(retry_after_s: int, message: str) -> ScaigridError:
 
 def upstream_shape_mismatch(message: str) -> ScaigridError:
     return ScaigridError(message, "UPSTREAM_SHAPE_MISMATCH", 502)
+
+
+# --- ScaiBunker storage proxy ---
+
+def capability_invalid(message: str = "the storage capability is not valid") -> ScaigridError:
+    return ScaigridError(message, "CAPABILITY_INVALID", 401)
+
+
+def capability_expired() -> ScaigridError:
+    return ScaigridError("the storage capability has expired; mint a new one", "CAPABILITY_EXPIRED", 401)
+
+
+def capability_denied(message: str) -> ScaigridError:
+    return ScaigridError(message, "CAPABILITY_DENIED", 403)
+
+
+def storage_key_invalid(message: str) -> ScaigridError:
+    return ScaigridError(message, "STORAGE_KEY_INVALID", 400)
+
+
+def storage_object_not_found() -> ScaigridError:
+    return ScaigridError("no such object", "STORAGE_OBJECT_NOT_FOUND", 404)
+
+
+def storage_object_too_large(limit_bytes: int) -> ScaigridError:
+    return ScaigridError(f"the object exceeds the limit of {limit_bytes} bytes; nothing was stored",
+                         "STORAGE_OBJECT_TOO_LARGE", 413)
+
+
+def storage_range_not_satisfiable() -> ScaigridError:
+    return ScaigridError("the requested range lies outside the object", "STORAGE_RANGE_NOT_SATISFIABLE", 416)
+
+
+def storage_unavailable() -> ScaigridError:
+    return ScaigridError("the object store cannot be reached; retry shortly", "STORAGE_UNAVAILABLE", 503,
+                         retry_after_s=5)
+
+
+def storage_backend_error(message: str) -> ScaigridError:
+    return ScaigridError(message, "STORAGE_BACKEND_ERROR", 502)
+
+
+def storage_not_configured(message: str) -> ScaigridError:
+    return ScaigridError(message, "STORAGE_NOT_CONFIGURED", 503)

@@ -1,8 +1,11 @@
 """Process lifecycle shared by the long-running modes: wait for SIGTERM/SIGINT, then leave cleanly."""
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -23,3 +26,15 @@ async def wait_for_stop_signal() -> str:
     name = await received
     logger.info("received %s, stopping", name, extra={"event": "stopping"})
     return name
+
+
+@contextlib.asynccontextmanager
+async def background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Runs `work` as a task while the block runs; cancels it, and waits for it to end, on the way out."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -95,6 +95,13 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+def _part_size(raw: str) -> int:
+    # S3's multipart limits: every part but the last is 5 MiB to 5 GiB.
+    if not raw.isdigit() or not 5 * 1024**2 <= int(raw) <= 5 * 1024**3:
+        raise ValueError("a number of bytes from 5242880 (5 MiB) to 5368709120 (5 GiB)")
+    return int(raw)
+
+
 def _non_negative_int(raw: str) -> int:
     if not raw.isdigit():
         raise ValueError("a whole number >= 0")
@@ -257,7 +264,8 @@ class NodeSettings:
     warning_after_s: float = setting(
         "NODE_WARNING_AFTER_S", _positive_float, 30.0, "a node whose last heartbeat is older is `warning` (still used)")
     stale_after_s: float = setting(
-        "NODE_STALE_AFTER_S", _positive_float, 90.0, "a node whose last heartbeat is older is `stale`: never dispatched to")
+        "NODE_STALE_AFTER_S", _positive_float, 90.0,
+        "a node whose last heartbeat is older is `stale`: never dispatched to")
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,11 @@ class WebhookSettings:
     timeout_s: float = setting("WEBHOOK_TIMEOUT_S", _positive_float, 10.0, "a receiver must answer 2xx within this")
     auto_disable_after: int = setting(
         "WEBHOOK_AUTO_DISABLE_AFTER", _positive_int, 50, "consecutive failed deliveries that disable a webhook")
+    poll_interval_s: int = setting(
+        "WEBHOOK_POLL_INTERVAL_S", _positive_int, 1, "every worker looks for due webhook deliveries this often")
+    retention_days: int = setting(
+        "WEBHOOK_RETENTION_DAYS", _positive_int, 14,
+        "delivered and failed webhook deliveries (and their events) older than this are deleted by the worker")
 
 
 @dataclass(frozen=True)
@@ -280,6 +293,15 @@ class StorageSettings:
         "STORAGE_CAPABILITY_SECRET", _secret,
         help="HMAC key of storage capabilities, the same on every http and bunker_proxy process; unset = none accepted",
         secret=True)
+    max_object_bytes: int = setting(
+        "STORAGE_MAX_OBJECT_BYTES", _positive_int, 5 * 1024**3,
+        "largest object the storage proxy accepts, whatever a capability allows")
+    capability_max_ttl_s: int = setting(
+        "STORAGE_CAPABILITY_MAX_TTL_S", _positive_int, 86400,
+        "longest validity a minted storage capability may ask for")
+    part_size_bytes: int = setting(
+        "STORAGE_PART_SIZE_BYTES", _part_size, 8 * 1024**2,
+        "multipart part size of uploads to S3; with the pipe ahead of it, bounds the proxy's memory per upload")
 
 
 @dataclass(frozen=True)
@@ -304,6 +326,9 @@ class WorkerSettings:
         "WORKER_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long running jobs may finish")
     usage_retention_days: int = setting(
         "USAGE_RETENTION_DAYS", _positive_int, 400, "usage records older than this are deleted by the worker")
+    api_key_retention_days: int = setting(
+        "API_KEY_RETENTION_DAYS", _positive_int, 30,
+        "API keys expired or revoked longer ago than this are deleted by the worker")
 
 
 @dataclass(frozen=True)

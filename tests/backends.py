@@ -39,6 +39,7 @@ from aiohttp import web
 
 from appliance import devstack
 from tests.conftest import REPO, ModeProcess, command_env, create_key, http_ok, node_env, s3_client, scaigrid
+from tests.threaded_server import ThreadedServer
 
 PROMPT_TOKENS = 11
 CREATED = 1_700_000_000
@@ -71,42 +72,25 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-class FakeBackend:
+class FakeBackend(ThreadedServer):
+    name = "fake-backend"
+
     def __init__(self) -> None:
-        self.port = devstack.free_ports(1)[0]
+        super().__init__()
         self.received: list[Received] = []
         self.behaviours: dict[str, str] = {}
         self.gate = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-backend", daemon=True)
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         """The OpenAI API root, as a backend's base_url."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeBackend":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
+    def releasing(self) -> None:
         self.gate.set()
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
-    async def _serve(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/embeddings", self._embeddings)
-        # handler_cancellation: a client that goes away cancels the handler, which records it.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/chat/completions", self._chat), web.post("/v1/embeddings", self._embeddings)]
 
     def requests_for(self, model: str) -> list[Received]:
         return [r for r in self.received if r.body.get("model") == model]

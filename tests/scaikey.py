@@ -4,9 +4,7 @@ It runs on its own thread and event loop so that synchronous tests (and the node
 rotate its signing keys and counts how often the JWKS is fetched.
 """
 
-import asyncio
 import base64
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
-from appliance import devstack
+from tests.threaded_server import ThreadedServer
 
 ISSUER = "https://scaikey.test"
 AUDIENCE = "scaigrid-test"
@@ -47,14 +45,13 @@ def make_key(kid: str) -> SigningKey:
              "e": _b64_uint(numbers.e)})
 
 
-class ScaiKey:
+class ScaiKey(ThreadedServer):
+    name = "scaikey"
+
     def __init__(self) -> None:
-        self.port = devstack.free_ports(1)[0]
+        super().__init__()
         self.keys = [make_key("k1")]
         self.fetches = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="scaikey", daemon=True)
-        self._runner: web.AppRunner | None = None
 
     @property
     def jwks_url(self) -> str:
@@ -64,24 +61,8 @@ class ScaiKey:
         self.fetches += 1
         return web.json_response({"keys": [key.jwk for key in self.keys]})
 
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/jwks.json", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def start(self) -> "ScaiKey":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/.well-known/jwks.json", self._jwks)]
 
     def rotate(self, kid: str, keep_old: bool = False) -> SigningKey:
         """A new signing key; the old ones stay published only if keep_old."""

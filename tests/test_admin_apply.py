@@ -245,4 +245,5 @@ def test_the_documented_example_applies(migrated_env: dict[str, str]) -> None:
     result = scaigrid("admin", "apply", str(REPO / "docs" / "catalogue.example.toml"), env=migrated_env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "backend vllm-a: created", "backend openai-b: created", "model scailabs/poolnoodle-omni: created"]
+        "backend vllm-a: created", "backend openai-b: created", "backend node-eu-01-llama: created",
+        "model scailabs/poolnoodle-omni: created"]

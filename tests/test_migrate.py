@@ -35,7 +35,7 @@ async def _scalar(url: str, sql: str) -> object:
 
 
 CORE_TABLES = {"partners", "tenants", "users", "api_keys", "alembic_version"}
-BUNKER_TABLES = {"mod_scaibunker_storage_audit", "alembic_version_mod_scaibunker"}
+BUNKER_TABLES = {"mod_scaibunker_storage_audit", "mod_scaibunker_capabilities", "alembic_version_mod_scaibunker"}
 
 
 def test_migrate_on_empty_database_creates_core_module_and_default_tenant(env):
@@ -44,7 +44,7 @@ def test_migrate_on_empty_database_creates_core_module_and_default_tenant(env):
     assert asyncio.run(_tables(env["DATABASE_URL"])) >= CORE_TABLES | BUNKER_TABLES
     assert asyncio.run(_scalar(env["DATABASE_URL"], "SELECT version_num FROM alembic_version")) == CORE_HEAD
     assert asyncio.run(_scalar(env["DATABASE_URL"],
-                               "SELECT version_num FROM alembic_version_mod_scaibunker")) == "scaibunker_0001"
+                               "SELECT version_num FROM alembic_version_mod_scaibunker")) == "scaibunker_0002"
     assert asyncio.run(_scalar(env["DATABASE_URL"],
                                "SELECT COUNT(*) FROM tenants t JOIN partners p ON p.id = t.partner_id "
                                "WHERE t.slug = 'default' AND p.slug = 'default'")) == 1
@@ -73,7 +73,7 @@ async def test_downgrade_to_base_and_up_again(settings):
         assert left <= {"alembic_version", "alembic_version_mod_scaibunker"}
         again = await migrations.upgrade(engine, modules, lock_timeout_s=10)
         assert [(r.stream, r.after, r.error) for r in again] == [
-            ("core", CORE_HEAD, None), ("scaibunker", "scaibunker_0001", None)]
+            ("core", CORE_HEAD, None), ("scaibunker", "scaibunker_0002", None)]
     finally:
         await engine.dispose()
 

@@ -106,7 +106,8 @@ def test_http_drains_an_in_flight_stream_before_exiting(start_mode, migrated_env
     assert received[-2:] == [b"data: [DONE]", b""] or received[-1] == b"data: [DONE]"
     assert http.stop() == 0
     drained = next(line for line in http.log_lines() if line.get("event") == "drained")
-    assert (drained["finished"], drained["cut"]) == (1, 0)
+    # At least the stream (a readiness probe of the test's own may still have been in flight on a busy machine).
+    assert drained["finished"] >= 1 and drained["cut"] == 0
 
 
 def test_http_cuts_a_stream_that_outlives_the_grace(start_mode, migrated_env):
@@ -176,7 +177,11 @@ def test_worker_heartbeat_metrics_and_check_worker(start_mode, migrated_env):
     assert scaigrid("check", "worker", env=migrated_env).returncode == 1  # nobody is running yet
     worker = start_mode("worker", migrated_env)
     worker.wait_for(lambda: scaigrid("check", "worker", env=migrated_env).returncode == 0, what="fresh heartbeat")
-    assert "scaigrid_job_runs_total" in metrics_text(int(migrated_env["WORKER_METRICS_PORT"]))
+    port = int(migrated_env["WORKER_METRICS_PORT"])
+    # The first scheduled beat (the one at start runs before the scheduler) shows in the job metrics.
+    worker.wait_for(lambda: 'scaigrid_job_runs_total{job="worker_heartbeat",outcome="ok"}' in metrics_text(port),
+                    timeout_s=30, what="a counted heartbeat run")
+    assert 'scaigrid_job_last_success_timestamp_seconds{job="worker_heartbeat"}' in metrics_text(port)
     assert worker.stop() == 0
     # A worker that left cleanly removes its heartbeat, so the check fails at once rather than after the TTL.
     result = scaigrid("check", "worker", env=migrated_env)

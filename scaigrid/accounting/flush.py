@@ -27,6 +27,7 @@ from scaigrid.accounting import scripts, usage
 from scaigrid.accounting.budgets import Budget, Period, counter_key, current_period, load_budgets, split_cost
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.db.tables import usage_records
+from scaigrid.webhooks import outbox
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock) -> int:
         if records:
             async with engine.begin() as conn:
                 await usage.store(conn, records)
+                await outbox.emit_usage(conn, records)  # request.* webhook events, committed with the usage
         if undecodable:
             logger.error("%d buffered entries are not usage records; moved to %s", len(undecodable),
                          UNDECODABLE_KEY, extra={"event": "usage_undecodable", "count": len(undecodable)})

@@ -35,6 +35,7 @@ from scaigrid.accounting.records import RateState, UsageRecord
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.settings import Settings
+from scaigrid.webhooks import outbox
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Accounting:
         self._record = redis.register_script(scripts.RECORD)
         self._pending: list[tuple[UsageRecord, asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._emitting: set[asyncio.Task[None]] = set()  # budget webhook events on their way to the outbox
         self._next_failure_log = 0.0
 
     async def admit(self, request: web.Request, principal: Principal, *, metered: bool) -> None:
@@ -139,9 +141,10 @@ class Accounting:
         await asyncio.shield(stored)  # a cancelled caller must not take its record out of the batch
 
     async def drain(self) -> None:
-        """Returns when every queued record is written: the last step of a clean shutdown."""
+        """Returns when every queued record (and budget event) is written: the last step of a clean shutdown."""
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+        await asyncio.gather(*self._emitting)
 
     def _enqueue(self, record: UsageRecord, stored: "asyncio.Future[None] | None") -> None:
         self._pending.append((record, stored))
@@ -182,6 +185,7 @@ class Accounting:
             self._redis_failed("record", exc)
             async with self._engine.begin() as conn:  # the budget counters miss them; the bill does not
                 await usage.store(conn, records)
+                await outbox.emit_usage(conn, records)  # the flush, which would have emitted them, never sees them
             return
         for (_, _, budgets, periods), crossed in zip(writes, results, strict=True):
             for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):
@@ -213,6 +217,19 @@ class Accounting:
             logger.warning("%s reached its soft limit (%s)", what, budget.soft_limit_pct, extra=fields)
         else:
             logger.warning("%s is used up: %s", what, _HARD_CONSEQUENCE[budget.hard_action], extra=fields)
+        # In the background: the request path never waits for MariaDB.
+        task = asyncio.create_task(self._emit_budget_event(event))
+        self._emitting.add(task)
+        task.add_done_callback(self._emitting.discard)
+
+    async def _emit_budget_event(self, event: BudgetEvent) -> None:
+        """budget.*_limit_reached into the webhook outbox; a failure is logged, the request never sees it."""
+        try:
+            await outbox.emit_budget(self._engine, event.budget, event.threshold, event.period,
+                                     datetime.now(UTC).replace(tzinfo=None))
+        except Exception:
+            logger.exception("the budget webhook event of budget %s could not be stored", event.budget.id,
+                             extra={"event": "budget_webhook_event_lost", "budget_id": event.budget.id})
 
     def _redis_failed(self, operation: str, exc: RedisError) -> None:
         REDIS_FAILURES.labels(operation).inc()

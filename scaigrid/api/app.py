@@ -9,20 +9,25 @@ from aiohttp import web
 
 from scaigrid.accounting import routes as accounting_routes
 from scaigrid.accounting.service import Accounting
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, READY_CHECKS, REDIS, SETTINGS, base_app, resource_ctx
+from scaigrid.api.access import access_of, requires
+from scaigrid.api.base import DB, READY_CHECKS, REDIS, S3, SETTINGS, base_app, resource_ctx
 from scaigrid.api.gateway import ACCOUNTING, AUTHENTICATOR, add_rate_limit_headers, gateway_middleware
 from scaigrid.auth import routes as auth_routes
 from scaigrid.auth.authenticator import Authenticator
+from scaigrid.auth.bodies import iso
+from scaigrid.auth.roles import PERMISSIONS
 from scaigrid.cache import BUS, InvalidationBus, bus_ctx
 from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
 from scaigrid.dispatch.pipeline import dispatch_ctx
 from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
 from scaigrid.modules import Module, load_modules
-from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.resources import database_ctx, redis_ctx, s3_ctx
 from scaigrid.routing import routes as routing_routes
-from scaigrid.settings import Settings
+from scaigrid.rpc import routes as rpc_routes
+from scaigrid.rpc.nodes import list_nodes
+from scaigrid.settings import ConfigError, Settings
+from scaigrid.webhooks import routes as webhook_routes
 from scaigrid.worker.heartbeat import fresh_heartbeats
 
 MODULES = web.AppKey("modules", tuple[Module, ...])
@@ -81,20 +86,31 @@ async def _worker_states(app: web.Application) -> list[dict[str, Any]] | None:
     return [{"id": worker_id, "heartbeat_age_s": round(age_s, 1)} for worker_id, age_s in sorted(ages.items())]
 
 
+async def _node_states(app: web.Application) -> list[dict[str, Any]] | None:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            nodes = await list_nodes(app[DB], app[SETTINGS].nodes)
+    except Exception:  # the database entry says why
+        return None
+    return [{"id": node["id"], "health": node["health"], "last_heartbeat_at": iso(node["last_heartbeat_at"]),
+             "heartbeat_age_s": node["heartbeat_age_s"]} for node in nodes]
+
+
 @requires("admin:access")
 async def detailed_health(request: web.Request) -> web.Response:
-    """For operators: dependencies with ping latency, schema state per module, worker heartbeats.
+    """For operators: dependencies with ping latency, schema state per module, worker and ScaiInfer node heartbeats.
 
     `degraded` when a dependency fails, a schema is behind, or no worker is alive (usage is then not flushed).
     """
     app = request.app
-    database, redis, modules, workers = await asyncio.gather(
-        _timed(check_database(app[DB])), _timed(check_redis(app[REDIS])), _module_states(app), _worker_states(app))
+    database, redis, modules, workers, nodes = await asyncio.gather(
+        _timed(check_database(app[DB])), _timed(check_redis(app[REDIS])), _module_states(app), _worker_states(app),
+        _node_states(app))
     healthy = (database["status"] == redis["status"] == "ok" and all(m["status"] == "ok" for m in modules)
                and bool(workers))
     return web.json_response({"status": "ok" if healthy else "degraded",
                               "dependencies": {"database": database, "redis": redis},
-                              "modules": modules, "workers": workers})
+                              "modules": modules, "workers": workers, "nodes": nodes})
 
 
 async def _schema_heads_ctx(app: web.Application):  # type: ignore[no-untyped-def]
@@ -112,7 +128,13 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def mount_module(app: web.Application, module: Module) -> None:
+    """Registers the module's routes under its prefix; a route needing a permission that is neither the core's nor
+    declared by the module is refused at start (roles hold module permissions by declaration, auth/roles.py)."""
     for route in module.routes:
+        access = access_of(route.handler)
+        if access and access.permission and access.permission not in (*PERMISSIONS, *module.permissions):
+            raise ConfigError(f"module {module.id}: route {route.path} needs {access.permission!r}, "
+                              "which the module does not declare in Module.permissions")
         web.RouteDef(route.method, module.route_prefix + route.path, route.handler, route.kwargs).register(app.router)
 
 
@@ -124,11 +146,14 @@ def create_app(settings: Settings) -> web.Application:
     app[BUS] = InvalidationBus()
     app.cleanup_ctx.append(resource_ctx(DB, database_ctx))
     app.cleanup_ctx.append(resource_ctx(REDIS, redis_ctx))
+    if settings.s3.endpoint_url is not None:  # for the storage routes; without it they answer STORAGE_NOT_CONFIGURED
+        app.cleanup_ctx.append(resource_ctx(S3, s3_ctx))
     app.cleanup_ctx.append(bus_ctx(REDIS))
     app.cleanup_ctx.append(_gateway_ctx)
     app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services
     app.cleanup_ctx.append(_schema_heads_ctx)
-    for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES):
+    for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES,
+                  webhook_routes.ROUTES, rpc_routes.ROUTES):
         app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
     app.router.add_get("/health/detailed", detailed_health)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from scaigrid import errors
-from scaigrid.auth.roles import ROLE_PERMISSIONS, ROLE_REACH
+from scaigrid.auth.roles import ROLE_REACH, role_can
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Principal:
     name: str = ""  # for logs: key prefix, JWT subject or service name
 
     def can(self, permission: str) -> bool:
-        return permission in ROLE_PERMISSIONS[self.role]
+        return role_can(self.role, permission)
 
     def require(self, permission: str) -> None:
         if not self.can(permission):

@@ -24,6 +24,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "tenant_viewer": _TENANT_VIEWER,
 }
 ROLES = tuple(ROLE_PERMISSIONS)
+# A module's own permissions (Module.permissions, e.g. scaibunker:images:manage) are held by every role holding
+# this one: whoever may manage modules may manage what they do. mount_module refuses a route needing any other.
+MODULE_PERMISSIONS_HOLDER = "modules:manage"
 
 # How far a role reaches: every tenant, the tenants of its partner, or its own tenant.
 ROLE_REACH = {
@@ -38,3 +41,9 @@ def grants_at_most(role: str, ceiling: str) -> bool:
     reach = ("tenant", "partner", "platform")
     return (ROLE_PERMISSIONS[role] <= ROLE_PERMISSIONS[ceiling]
             and reach.index(ROLE_REACH[role]) <= reach.index(ROLE_REACH[ceiling]))
+
+
+def role_can(role: str, permission: str) -> bool:
+    """A core permission if the role lists it; a module's permission if the role holds modules:manage."""
+    held = ROLE_PERMISSIONS[role]
+    return permission in held if permission in PERMISSIONS else MODULE_PERMISSIONS_HOLDER in held

@@ -256,7 +256,8 @@ webhook_deliveries = Table(
     Column("id", String(40), primary_key=True),
     Column("webhook_id", String(40), ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
     Column("event_id", String(40), ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False),
-    Column("status", String(16), nullable=False, server_default="pending"),  # pending | delivered | failed
+    # pending | paused (its webhook is disabled) | delivered | failed
+    Column("status", String(16), nullable=False, server_default="pending"),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", MICROSECONDS, nullable=False),
     Column("lease_until", MICROSECONDS),  # a worker holds the attempt until then

@@ -1,5 +1,8 @@
 """Dispatch: choose a backend, call it over the OpenAI protocol, fail over, relay the answer, account for it.
 
+HTTP backends speak the OpenAI protocol; ScaiInfer nodes speak scaiinfer.v1 over gRPC, and their answer is read
+as the same OpenAI SSE bytes (scaigrid/dispatch/scaiinfer.py), so everything below is one pipeline for both.
+
 Failover happens only while nothing has been sent to the client: on a connection error, a timeout, a 5xx, a 429
 (the backend then cools down for its Retry-After) or an answer that is not the OpenAI shape. Once a stream has
 started, a failure becomes an `event: error` frame, and the stream still ends with `data: [DONE]`.
@@ -13,9 +16,8 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -28,8 +30,11 @@ from scaigrid.api.gateway import ACCOUNTING
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import BUS
 from scaigrid.dispatch import metrics, sse
+from scaigrid.dispatch.failures import Failure
+from scaigrid.dispatch.scaiinfer import NodeClient
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
 from scaigrid.routing.catalogue import Backend, CatalogueLoader, Model
+from scaigrid.rpc.nodes import NodeDirectory
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,14 +51,30 @@ REFUSED_STATUSES = frozenset({400, 413, 422})
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@dataclass
-class Failure(Exception):
-    """One backend attempt that failed; `kind` decides the breaker, failover and the client's error code."""
+class Upstream(Protocol):
+    """A backend's streamed answer as OpenAI SSE bytes, whatever its transport."""
 
-    kind: str  # connect | timeout | status | rate_limited | shape | refused | cut | upstream
-    detail: str  # for the log and the breaker's last_error; may quote the backend
-    retry_after_s: float = 0.0
-    public: str = ""  # for the client: never the backend's own words (they may name hosts or key prefixes)
+    async def read(self) -> bytes:
+        """The next bytes; b"" at the end."""
+
+    def close(self) -> None:
+        """Lets go of the answer; before its end, the backend sees us go and stops generating."""
+
+
+class HttpStream:
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def read(self) -> bytes:
+        return await self._response.content.readany()
+
+    def close(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # back to the pool
+        else:
+            self._response.close()
 
 
 class Exchange:
@@ -155,8 +176,9 @@ class Dispatcher:
     """One per process: the upstream ClientSession, the catalogue, the breakers, and the request pipeline."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, catalogue: CatalogueLoader,
-                 breakers: Breakers, accounting: Accounting) -> None:
+                 breakers: Breakers, accounting: Accounting, nodes: NodeClient) -> None:
         self._session = session
+        self._nodes = nodes
         self.catalogue = catalogue
         self.breakers = breakers
         self._accounting = accounting
@@ -166,11 +188,16 @@ class Dispatcher:
     # --- choosing ---
 
     async def _choose(self, model: Model, tried: set[str] | None) -> Backend | None:
-        """The lowest priority group with a usable backend, weighted inside it; None when none is left."""
+        """The lowest priority group with a usable backend, weighted inside it; None when none is left.
+
+        A backend on a node that is unknown or stale is passed over without counting against its breaker.
+        """
         now_s = time.time()
         check = self.breakers.check
+        reachable = self._nodes.reachable
         for group in model.groups:
-            candidates = [route for route in group if tried is None or route.backend.id not in tried]
+            candidates = [route for route in group if (tried is None or route.backend.id not in tried)
+                          and reachable(route.backend, now_s)]
             while candidates:
                 route = candidates[0] if len(candidates) == 1 else random.choices(  # noqa: S311 (load spreading)
                     candidates, [r.weight for r in candidates])[0]
@@ -244,17 +271,12 @@ class Dispatcher:
 
     async def _call_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
                         embeddings: bool) -> bytes:
-        data = _upstream_body(payload, backend)
-        url = backend.embeddings_url if embeddings else backend.chat_url
         inflight = metrics.backend_inflight(backend.id)
         inflight.inc()
         waited_from = time.perf_counter()
         try:
             async with asyncio.timeout(backend.timeout_s):
-                async with self._session.post(url, data=data, headers=backend.headers) as response:
-                    if response.status != 200:
-                        raise await _status_failure(response)
-                    body = await response.read()
+                body = await self._fetch(exchange, backend, payload, embeddings)
         except aiohttp.ClientError as exc:
             raise _client_error(exc) from None
         except TimeoutError:
@@ -272,6 +294,37 @@ class Dispatcher:
         await self._succeeded(backend)
         return sse.rename_model(body, sse.model_field(exchange.model.slug))
 
+    async def _fetch(self, exchange: Exchange, backend: Backend, payload: dict[str, Any], embeddings: bool
+                     ) -> bytes:
+        """The backend's whole answer (a node's stream, gathered into one chat.completion)."""
+        if backend.node_id is not None:
+            if embeddings:
+                raise Failure("refused", "scaiinfer.v1 has no embeddings call: route embedding models to HTTP "
+                                         "backends")
+            stream = self._nodes.open(backend, payload, exchange.request[REQUEST_ID])
+            try:
+                return await stream.completion()
+            finally:
+                stream.close()
+        url = backend.embeddings_url if embeddings else backend.chat_url
+        async with self._session.post(url, data=_upstream_body(payload, backend), headers=backend.headers) as response:
+            if response.status != 200:
+                raise await _status_failure(response)
+            return await response.read()
+
+    async def _open(self, exchange: Exchange, backend: Backend, payload: dict[str, Any]) -> Upstream:
+        """The backend's stream, once it has accepted the request (a node's acceptance shows with its first read)."""
+        if backend.node_id is not None:
+            return self._nodes.open(backend, payload, exchange.request[REQUEST_ID])
+        response = await self._session.post(backend.chat_url, data=_upstream_body(payload, backend),
+                                            headers=backend.headers)
+        try:
+            await _check_stream(response)
+        except BaseException:
+            response.close()
+            raise
+        return HttpStream(response)
+
     # --- streamed chat completions ---
 
     async def stream(self, exchange: Exchange, payload: dict[str, Any], forward_usage: bool) -> web.StreamResponse:
@@ -283,22 +336,20 @@ class Dispatcher:
     async def _stream_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
                           relay: sse.ChunkRelay) -> web.StreamResponse:
         """Raises Failure while nothing was sent; once the client has frames, every ending is written to it."""
-        data = _upstream_body(payload, backend)
         loop = asyncio.get_running_loop()
         stream_deadline = loop.time() + self._stream_timeout_s
         inflight = metrics.backend_inflight(backend.id)
         inflight.inc()
         client: web.StreamResponse | None = None
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Upstream | None = None
         failure: Failure | None = None
         served = False
         perf_counter = time.perf_counter
         try:
             async with asyncio.timeout(backend.timeout_s) as deadline:
                 waited_from = perf_counter()
-                upstream = await self._session.post(backend.chat_url, data=data, headers=backend.headers)
-                await _check_stream(upstream)
-                read = upstream.content.readany
+                upstream = await self._open(exchange, backend, payload)
+                read = upstream.read
                 chunk = await read()
                 exchange.upstream_s += perf_counter() - waited_from
                 while chunk:
@@ -331,10 +382,7 @@ class Dispatcher:
         finally:
             inflight.dec()
             if upstream is not None:
-                if upstream.content.at_eof():
-                    upstream.release()
-                else:
-                    upstream.close()  # the backend sees us go, and stops generating
+                upstream.close()
             self._count_stream(exchange, relay)  # a client that went away still pays for what it got
         if client is None:
             assert failure is not None
@@ -428,19 +476,24 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 
 
 async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The catalogue (loaded, then following announcements), the breakers and one upstream ClientSession."""
+    """The catalogue (loaded, then following announcements), the breakers, one upstream ClientSession, and the
+    ScaiInfer nodes (their directory, and a gRPC channel per node)."""
     settings = app[SETTINGS]
     dispatch = settings.dispatch
     breakers = Breakers(settings, app[REDIS], app[BUS])
     loader = CatalogueLoader(app[DB], settings, app[BUS])
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
+    directory = NodeDirectory(app[DB], settings.nodes)
+    nodes = NodeClient(settings, directory)
     # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=dispatch.connect_timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, loader.running():
-        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING])
+    async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session, loader.running(),
+                directory.running()):
+        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING], nodes)
         try:
             yield
         finally:
             await app[ACCOUNTING].drain()
             await breakers.stop()
+            await nodes.close()

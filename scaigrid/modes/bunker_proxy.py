@@ -1,7 +1,8 @@
-"""bunker_proxy mode: only the ScaiBunker storage routes, on BUNKER_PROXY_PORT; no database, no Redis."""
+"""bunker_proxy mode: only the ScaiBunker object routes, on BUNKER_PROXY_PORT; no database, no Redis."""
 
-import asyncio
+import dataclasses
 
+import uvloop
 from aiohttp import web
 
 from scaigrid.api.app import mount_module
@@ -21,11 +22,13 @@ def create_proxy_app(settings: Settings) -> web.Application:
     app = base_app(settings)
     app.cleanup_ctx.append(resource_ctx(S3, s3_ctx))
     app[READY_CHECKS]["s3"] = _s3_ready
-    mount_module(app, scaibunker.MODULE)
+    # Object routes only: capabilities are minted (and recorded) by the http process.
+    mount_module(app, dataclasses.replace(scaibunker.MODULE, routes=scaibunker.storage.ROUTES))
     return app
 
 
 def run(settings: Settings) -> int:
     server = settings.server
-    return asyncio.run(
+    # uvloop: moving object bytes between two sockets is event-loop work, which uvloop does in C.
+    return uvloop.run(
         serve(create_proxy_app(settings), server.bind_host, server.bunker_proxy_port, server.http_drain_grace_s))

@@ -1,4 +1,4 @@
-"""grpc mode: internal integrations on GRPC_PORT, standard health (following DB and Redis) and reflection."""
+"""grpc mode: scaiinfer.v1 HeartbeatService on GRPC_PORT, standard health (following DB and Redis) and reflection."""
 
 import asyncio
 import logging
@@ -15,6 +15,9 @@ from scaigrid.health import check_database, check_redis
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
+from scaigrid.rpc.interceptors import ServiceInterceptor
+from scaigrid.rpc.servicers import HeartbeatServicer
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,11 +55,13 @@ async def serve(settings: Settings) -> int:
         await stack.enter_async_context(
             metrics_site_ctx(server_settings.bind_host, server_settings.grpc_metrics_port))
 
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.auth.service_token_secret)])
         servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        scaiinfer_pb2_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatServicer(engine, settings), server)
         reflection.enable_server_reflection(
-            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"].full_name, reflection.SERVICE_NAME), server)
         address = f"{server_settings.bind_host}:{server_settings.grpc_port}"
         server.add_insecure_port(address)
         await server.start()

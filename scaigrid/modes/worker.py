@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.lifecycle import wait_for_stop_signal
@@ -32,8 +32,10 @@ TICK_LOCK_PREFIX = "scaigrid:job:"
 # Interval triggers count from this instant, so every worker's ticks fall on the same wall-clock times.
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
-JOB_RUNS = Counter("scaigrid_job_runs_total", "job ticks by outcome", ["job", "result"])
+JOB_RUNS = Counter("scaigrid_job_runs_total", "job ticks by outcome", ["job", "outcome"])
 JOB_DURATION = Histogram("scaigrid_job_duration_seconds", "duration of job runs", ["job"])
+JOB_LAST_SUCCESS = Gauge("scaigrid_job_last_success_timestamp_seconds", "unix time of the job's last successful run",
+                         ["job"])
 
 
 class JobRunner:
@@ -55,30 +57,34 @@ class JobRunner:
 
         return tick
 
-    async def run(self, job: Job, tick: int) -> None:
+    async def run(self, job: Job, tick: int) -> str:
+        """Runs one tick of the job; returns its outcome (ok, error, timeout, taken_by_other_worker)."""
         if job.exclusive:
             # The lock outlives the run, so a slower worker reaching the same tick later still skips it.
             lock_ttl_s = max(2 * job.period_s, int(job.timeout_s) + 1)
             key = f"{TICK_LOCK_PREFIX}{job.name}:{tick}"
             if not await self.redis.set(key, self.worker_id, nx=True, ex=lock_ttl_s):
                 JOB_RUNS.labels(job.name, "taken_by_other_worker").inc()
-                return
+                return "taken_by_other_worker"
         ctx = JobContext(self.settings, self.engine, self.redis, self.worker_id, tick)
         started = time.perf_counter()
+        outcome = "ok"
         try:
             await asyncio.wait_for(job.func(ctx), job.timeout_s)
         except TimeoutError:
-            JOB_RUNS.labels(job.name, "timeout").inc()
+            outcome = "timeout"
             logger.error("job %s timed out after %g s", job.name, job.timeout_s,
                          extra={"event": "job_timeout", "job": job.name, "tick": tick})
         except Exception:
-            JOB_RUNS.labels(job.name, "error").inc()
+            outcome = "error"
             logger.exception("job %s failed", job.name, extra={"event": "job_failed", "job": job.name, "tick": tick})
         else:
-            JOB_RUNS.labels(job.name, "ok").inc()
+            JOB_LAST_SUCCESS.labels(job.name).set(time.time())
             logger.debug("job %s ran", job.name, extra={"event": "job_ran", "job": job.name, "tick": tick})
         finally:
+            JOB_RUNS.labels(job.name, outcome).inc()
             JOB_DURATION.labels(job.name).observe(time.perf_counter() - started)
+        return outcome
 
     async def finish(self, grace_s: float) -> tuple[int, int]:
         """Gives running ticks grace_s to end, then cancels the rest; returns (finished, cut)."""
@@ -99,9 +105,20 @@ def trigger_for(job: Job) -> IntervalTrigger | CronTrigger:
     return CronTrigger.from_crontab(job.cron, timezone=UTC)
 
 
+def all_jobs(settings: Settings) -> list[Job]:
+    """The core's jobs and those of every enabled module."""
+    return [*core_jobs(settings), *(job for m in load_modules(settings.modules) for job in m.jobs)]
+
+
+async def run_once(settings: Settings, job: Job) -> str:
+    """One run of `job` now, as the scheduler would run it (same tick lock): `scaigrid job run NAME`."""
+    async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
+        runner = JobRunner(settings, engine, redis, f"{socket.gethostname()}:{os.getpid()}:cli")
+        return await runner.run(job, job.tick_for(time.time()))
+
+
 async def serve(settings: Settings) -> int:
-    modules = load_modules(settings.modules)
-    jobs = [*core_jobs(settings), *(job for m in modules for job in m.jobs)]
+    jobs = all_jobs(settings)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(database_ctx(settings))

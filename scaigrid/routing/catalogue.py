@@ -24,6 +24,7 @@ from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.crypto import UndecryptableCredential, decrypt
 from scaigrid.db.tables import backends, model_routes, models, tenants
+from scaigrid.lifecycle import background
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 TOPIC_CATALOGUE = "catalogue"
 RELOAD_RETRY_S = 2.0
 OFFERED_STATUSES = frozenset({"active", "deprecated"})  # a deprecated model still serves; clients should move on
+SCAIINFER = "scaiinfer"  # the provider whose backends are ScaiInfer nodes, reached over gRPC
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,9 @@ class Backend:
     chat_url: URL
     embeddings_url: URL
     headers: Mapping[str, str] = field(repr=False)  # carries the upstream credential
+    # provider "scaiinfer": model is "<node_id>/<node_model>", dispatched over gRPC to the node (no base_url)
+    node_id: str | None = None
+    node_model: str = ""
 
     def visible_to(self, principal: Principal) -> bool:
         """Shared backends are seen by everyone allowed to look at backends; a tenant's by those reaching it."""
@@ -130,11 +135,13 @@ def _backend(settings: Settings, row: Any) -> Backend:
     if key:
         headers["Authorization"] = f"Bearer {key}"
     root = row.base_url.rstrip("/")
+    node_id, _, node_model = row.model.partition("/") if row.provider == SCAIINFER else (None, "", "")
     return Backend(
         id=row.id, tenant_id=row.tenant_id, partner_id=row.partner_id, provider=row.provider, base_url=root,
         model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,
         cost_input_per_mtok=row.cost_input_per_mtok, cost_output_per_mtok=row.cost_output_per_mtok,
-        chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers)
+        chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers,
+        node_id=node_id, node_model=node_model)
 
 
 async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
@@ -218,10 +225,5 @@ class CatalogueLoader:
         """Loads before serving; a node whose schema is not migrated yet still starts, and keeps trying."""
         if not await self._try_load():
             self._wanted.set()
-        task = asyncio.create_task(self._follow(), name="catalogue-loader")
-        try:
+        async with background(self._follow(), "catalogue-loader"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

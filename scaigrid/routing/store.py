@@ -23,13 +23,17 @@ from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, model_routes, models, new_id, tenants
 from scaigrid.errors import FieldError
+from scaigrid.routing.catalogue import SCAIINFER
+from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
 
 BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SEGMENT = r"[a-z0-9][a-z0-9._:-]*"
 MODEL_SLUG = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-PROVIDERS = ("openai", "custom")
+PROVIDERS = ("openai", "custom", SCAIINFER)
+# A scaiinfer backend names its node and the node's model: "node-eu-01/llama-3.3" (the URI scaiinfer:<node>/<model>).
+NODE_MODEL = re.compile(rf"(?:{NODE_ID.pattern})/[^\s/][^\s]{{0,190}}")
 BACKEND_STATUSES = ("active", "disabled")
 MODALITIES = ("chat", "embedding", "image", "audio")
 MODEL_STATUSES = ("active", "deprecated")
@@ -200,10 +204,12 @@ def _base_url(fields: _Fields) -> str | None:
 def parse_backend(body: Any) -> BackendSpec:
     """A backend from a body (API) or a [[backends]] table (apply); VALIDATION_ERROR lists every problem."""
     f = _Fields(body, BACKEND_FIELDS)
+    provider = f.text("provider", required=True, choices=PROVIDERS) or ""
+    node = provider == SCAIINFER
     spec = BackendSpec(
         id=f.text("id", required=True, max_len=64, pattern=BACKEND_ID) or "",
-        provider=f.text("provider", required=True, choices=PROVIDERS) or "",
-        base_url=_base_url(f) or "",
+        provider=provider,
+        base_url="" if node else _base_url(f) or "",
         model=f.text("model", required=True) or "",
         api_key=f.text("api_key", max_len=4096),
         api_key_env=f.text("api_key_env", max_len=128, pattern=ENV_NAME),
@@ -215,6 +221,14 @@ def parse_backend(body: Any) -> BackendSpec:
     )
     if spec.api_key is not None and spec.api_key_env is not None:
         f.fail("api_key_env", "give api_key or api_key_env, not both")
+    if node and spec.model and not NODE_MODEL.fullmatch(spec.model):
+        f.fail("model", "for a scaiinfer backend: <node id>/<model the node serves>, e.g. node-eu-01/llama-3.3")
+    if node:
+        # The node announces its endpoint by heartbeat, and the gateway calls it with a service token.
+        for name in ("base_url", "api_key", "api_key_env"):
+            if f.body.get(name):
+                f.fail(name, "a scaiinfer backend has none: its node announces its endpoint by heartbeat and "
+                             "is called with a service token")
     f.done()
     return spec
 
@@ -331,7 +345,7 @@ async def _writable_backend(conn: AsyncConnection, actor: Actor, backend_id: str
 def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """A backend as the API shows it (a row of `visible_backends`): never the key, only whether there is one."""
     return {
-        "id": row["id"], "provider": row["provider"], "base_url": row["base_url"], "model": row["model"],
+        "id": row["id"], "provider": row["provider"], "base_url": row["base_url"] or None, "model": row["model"],
         "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
         "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
         "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),

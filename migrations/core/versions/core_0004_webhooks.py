@@ -59,7 +59,8 @@ def upgrade() -> None:
         sa.Column("id", sa.String(40), primary_key=True),
         sa.Column("webhook_id", sa.String(40), sa.ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
         sa.Column("event_id", sa.String(40), sa.ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("status", sa.String(16), nullable=False, server_default="pending"),  # pending | delivered | failed
+        # pending | paused (its webhook is disabled) | delivered | failed
+        sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("next_attempt_at", MICROSECONDS, nullable=False),
         sa.Column("lease_until", MICROSECONDS),  # a worker holds the attempt until then

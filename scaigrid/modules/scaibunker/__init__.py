@@ -1,12 +1,15 @@
-"""ScaiBunker: sandbox workers' storage proxy (its routes are also the whole of the bunker_proxy mode)."""
+"""ScaiBunker: sandbox workers' storage proxy (its object routes are also the whole of the bunker_proxy mode)."""
 
 from migrations import MODULE_VERSIONS
 from scaigrid.modules import Module
-from scaigrid.modules.scaibunker import storage
+from scaigrid.modules.scaibunker import jobs, minting, storage
 
 MODULE = Module(
     id="scaibunker",
     migrations=MODULE_VERSIONS / "scaibunker" / "versions",
-    routes=storage.ROUTES,
-    permissions=("scaibunker:images:manage",),
+    # Minting needs the database (it records each capability): the http process only. bunker_proxy mounts
+    # storage.ROUTES alone.
+    routes=(*minting.ROUTES, *storage.ROUTES),
+    jobs=jobs.JOBS,
+    permissions=(minting.PERMISSION,),
 )

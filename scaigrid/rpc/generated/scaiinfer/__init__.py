@@ -1,0 +1,1 @@
+"""scaiinfer protocol, generated."""

@@ -1,0 +1,1 @@
+"""scaiinfer.v1, generated from scaigrid/rpc/protos/scaiinfer/v1/scaiinfer.proto."""

@@ -1,0 +1,229 @@
+"""/v1/webhooks: a tenant's subscriptions, a test event, and the record of deliveries.
+
+The signing secret is generated here, stored Fernet-encrypted (the worker must read it to sign) and shown
+in the answer that creates (or rotates) it only. Webhooks of tenants out of the caller's reach answer 404.
+"""
+
+import logging
+import secrets
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scaigrid import crypto, errors
+from scaigrid.api.access import requires
+from scaigrid.api.base import DB, SETTINGS
+from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
+from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.tenancy import visible_to
+from scaigrid.db.tables import new_id, tenants, webhook_deliveries, webhook_events, webhooks
+from scaigrid.errors import FieldError
+from scaigrid.webhooks import delivery, outbox, targets
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RETRIES = 5
+MAX_RETRIES_LIMIT = 20
+STATUSES = ("active", "disabled")
+
+
+class WebhookBody(Body):
+    def events(self, name: str, *, required: bool = False) -> list[str] | None:
+        value = self._raw(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+            self.problems.append(FieldError(name, "expected a non-empty list of event types"))
+        elif unknown := [item for item in value if item not in outbox.EVENT_TYPES]:
+            self.problems.append(FieldError(name, f"unknown event type(s) {', '.join(unknown)}; known: "
+                                            + ", ".join(outbox.EVENT_TYPES)))
+        else:
+            return sorted(set(value))
+        return None
+
+    def count(self, name: str, *, maximum: int) -> int | None:
+        value = self._raw(name, False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+            self.problems.append(FieldError(name, f"a whole number 0-{maximum}"))
+            return None
+        return value
+
+    async def url(self, name: str, *, required: bool, allow_private: bool) -> str | None:
+        value = self.string(name, required=required, max_length=2048)
+        if value is not None and (problem := await targets.target_problem(value, allow_private=allow_private)):
+            self.problems.append(FieldError(name, problem))
+            return None
+        return value
+
+
+def _webhook_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "tenant_id": row["tenant_id"], "partner_id": row["partner_id"], "url": row["url"],
+            "events": row["events"], "description": row["description"], "status": row["status"],
+            "max_retries": row["max_retries"], "consecutive_failures": row["consecutive_failures"],
+            "disabled_reason": row["disabled_reason"], "created_at": iso(row["created_at"]),
+            "updated_at": iso(row["updated_at"])}
+
+
+def _new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+async def _webhook_row(conn: AsyncConnection, principal: Principal, webhook_id: str, *, lock: bool = False) -> Any:
+    query = select(webhooks).where(webhooks.c.id == webhook_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).mappings().first()
+    if row is None or not principal.reaches(row["tenant_id"], row["partner_id"]):
+        raise errors.not_found(f"no webhook {webhook_id!r}")
+    return row
+
+
+@requires("webhooks:manage")
+async def list_webhooks(request: web.Request) -> web.Response:
+    """The webhooks of the tenants in the caller's reach, newest first; ?tenant_id= and ?status= narrow it."""
+    query = visible_to(request[PRINCIPAL], select(webhooks), webhooks.c.tenant_id, webhooks.c.partner_id)
+    return await listing(request, query, webhooks.c.created_at, webhooks.c.id, _webhook_json,
+                         filters=(webhooks.c.tenant_id, webhooks.c.status))
+
+
+@requires("webhooks:manage")
+async def create_webhook(request: web.Request) -> web.Response:
+    """A webhook of the caller's tenant (or of tenant_id, in reach); `secret` is in this answer only."""
+    principal = request[PRINCIPAL]
+    settings = request.app[SETTINGS]
+    body = await WebhookBody.of(request)
+    url = await body.url("url", required=True, allow_private=settings.webhooks.allow_private_targets)
+    events = body.events("events", required=True)
+    description = body.string("description")
+    max_retries = body.count("max_retries", maximum=MAX_RETRIES_LIMIT)
+    status = body.string("status", choices=STATUSES) or "active"
+    own_tenant = principal.tenant_id if principal.kind != "service" else None
+    tenant_id = body.string("tenant_id", max_length=40) or own_tenant
+    if tenant_id is None and not body.problems:
+        body.problems.append(FieldError("tenant_id", "required: a service caller has no tenant of its own"))
+    body.done()
+    assert url is not None and events is not None and tenant_id is not None  # done() raised otherwise
+    secret = _new_secret()
+    webhook_id = new_id("whk")
+    async with request.app[DB].begin() as conn:
+        partner_id = await conn.scalar(select(tenants.c.partner_id).where(tenants.c.id == tenant_id))
+        if partner_id is None or not principal.reaches(tenant_id, partner_id):
+            raise errors.not_found(f"no tenant {tenant_id!r}")
+        now = utc_now()
+        await conn.execute(insert(webhooks).values(
+            id=webhook_id, partner_id=partner_id, tenant_id=tenant_id, url=url, events=events,
+            secret_encrypted=crypto.encrypt(settings, secret), description=description, status=status,
+            max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries, created_at=now, updated_at=now))
+        row = await _webhook_row(conn, principal, webhook_id)
+    logger.info("webhook %s created for tenant %s", webhook_id, tenant_id,
+                extra={"event": "webhook_created", "webhook_id": webhook_id})
+    return ok({**_webhook_json(row), "secret": secret}, status=201)
+
+
+@requires("webhooks:manage")
+async def get_webhook(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
+    return ok(_webhook_json(row))
+
+
+@requires("webhooks:manage")
+async def update_webhook(request: web.Request) -> web.Response:
+    """Changes url, events, description, max_retries or status; enabling again resets the failure count."""
+    principal = request[PRINCIPAL]
+    settings = request.app[SETTINGS]
+    body = await WebhookBody.of(request)
+    changes: dict[str, Any] = {
+        "url": await body.url("url", required=False, allow_private=settings.webhooks.allow_private_targets),
+        "events": body.events("events"),
+        "max_retries": body.count("max_retries", maximum=MAX_RETRIES_LIMIT),
+        "status": body.string("status", choices=STATUSES),
+    }
+    description = body.string("description")
+    body.done()
+    values = {name: value for name, value in changes.items() if value is not None}
+    if body.has("description"):  # null clears it
+        values["description"] = description
+    now = utc_now()
+    async with request.app[DB].begin() as conn:
+        row = await _webhook_row(conn, principal, request.match_info["id"], lock=True)
+        status = values.get("status", row["status"])
+        if status != row["status"]:
+            if status == "active":  # a fresh start: the failures that disabled it are behind it
+                values.update(consecutive_failures=0, disabled_reason=None)
+                await delivery.resume(conn, row["id"], now)
+            else:
+                values["disabled_reason"] = "disabled by a user"
+                await delivery.pause(conn, row["id"])
+        await conn.execute(update(webhooks).where(webhooks.c.id == row["id"]).values(**values, updated_at=now))
+        row = await _webhook_row(conn, principal, row["id"])
+    return ok(_webhook_json(row))
+
+
+@requires("webhooks:manage")
+async def delete_webhook(request: web.Request) -> web.Response:
+    """Deletes the webhook and its deliveries (pending ones are never sent)."""
+    async with request.app[DB].begin() as conn:
+        row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"], lock=True)
+        await conn.execute(delete(webhooks).where(webhooks.c.id == row["id"]))
+    logger.info("webhook %s deleted", row["id"], extra={"event": "webhook_deleted", "webhook_id": row["id"]})
+    return ok({"id": row["id"], "deleted": True})
+
+
+@requires("webhooks:manage")
+async def rotate_secret(request: web.Request) -> web.Response:
+    """A new signing secret, in this answer only; attempts from now on are signed with it."""
+    settings = request.app[SETTINGS]
+    secret = _new_secret()
+    async with request.app[DB].begin() as conn:
+        row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"], lock=True)
+        await conn.execute(update(webhooks).where(webhooks.c.id == row["id"]).values(
+            secret_encrypted=crypto.encrypt(settings, secret), updated_at=utc_now()))
+        row = await _webhook_row(conn, request[PRINCIPAL], row["id"])
+    return ok({**_webhook_json(row), "secret": secret})
+
+
+@requires("webhooks:manage")
+async def test_webhook(request: web.Request) -> web.Response:
+    """Queues a `webhook.test` event to this webhook alone (disabled or not); the worker sends it within seconds."""
+    now = utc_now()
+    async with request.app[DB].begin() as conn:
+        row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
+        event = outbox.Event(new_id("evt"), outbox.TEST, row["partner_id"], row["tenant_id"],
+                             {"webhook_id": row["id"], "message": "a test event, sent on request"}, now)
+        await outbox.store(conn, [(event, row["id"])])
+    return ok({"event_id": event.id, "delivery_id": outbox.delivery_id(row["id"], event.id)}, status=202)
+
+
+def _delivery_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "event_id": row["event_id"], "event_type": row["event_type"], "status": row["status"],
+            "attempts": row["attempts"],
+            "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
+            "last_attempt_at": iso(row["last_attempt_at"]), "last_status_code": row["last_status_code"],
+            "last_error": row["last_error"], "delivered_at": iso(row["delivered_at"]),
+            "created_at": iso(row["created_at"])}
+
+
+@requires("webhooks:manage")
+async def list_deliveries(request: web.Request) -> web.Response:
+    """The webhook's deliveries, newest first; ?status= (pending, paused, delivered, failed) narrows it."""
+    async with request.app[DB].connect() as conn:
+        row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
+    d = webhook_deliveries
+    query = select(d, webhook_events.c.event_type).join(webhook_events, webhook_events.c.id == d.c.event_id).where(
+        d.c.webhook_id == row["id"])
+    return await listing(request, query, d.c.created_at, d.c.id, _delivery_json, filters=(d.c.status,))
+
+
+ROUTES: list[web.RouteDef] = [
+    web.get("/v1/webhooks", list_webhooks),
+    web.post("/v1/webhooks", create_webhook),
+    web.get("/v1/webhooks/{id}", get_webhook),
+    web.put("/v1/webhooks/{id}", update_webhook),
+    web.delete("/v1/webhooks/{id}", delete_webhook),
+    web.post("/v1/webhooks/{id}/test", test_webhook),
+    web.post("/v1/webhooks/{id}/rotate-secret", rotate_secret),
+    web.get("/v1/webhooks/{id}/deliveries", list_deliveries),
+]

@@ -1,0 +1,56 @@
+"""The worker's housekeeping jobs, run the way an operator runs one now: `scaigrid job run NAME`."""
+
+from datetime import UTC, datetime, timedelta
+
+from tests.catalogue_fixtures import sql
+from tests.conftest import create_key, scaigrid
+
+
+def _ago(days: float) -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
+
+
+def _add_usage(env: dict[str, str], request_id: str, created_at: datetime) -> None:
+    sql(env, "INSERT INTO usage_records (request_id, created_at, partner_id, tenant_id, model, protocol, status) "
+             "VALUES (:id, :at, 'prt_x', 'ten_x', 'acme/chat', 'native', 'ok')", id=request_id, at=created_at)
+
+
+def test_job_list_names_every_job_with_its_schedule(migrated_env):
+    result = scaigrid("job", "list", env=migrated_env)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "cron 17 3 * * *" in lines["usage_retention"]
+    assert "cron 41 * * * *" in lines["api_key_purge"]
+    assert "every 30 s" in lines["usage_flush"]
+    assert "every worker" in lines["worker_heartbeat"]
+
+
+def test_usage_retention_deletes_only_records_older_than_the_setting(migrated_env):
+    env = {**migrated_env, "USAGE_RETENTION_DAYS": "30"}
+    _add_usage(env, "req_old", _ago(31))
+    _add_usage(env, "req_recent", _ago(29))
+    result = scaigrid("job", "run", "usage_retention", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("usage_retention: ok")
+    assert [row[0] for row in sql(env, "SELECT request_id FROM usage_records")] == ["req_recent"]
+
+
+def test_api_key_purge_deletes_keys_dead_longer_than_the_retention(migrated_env):
+    env = {**migrated_env, "API_KEY_RETENTION_DAYS": "7"}
+    for _ in range(4):
+        create_key(env, "tenant_user")
+    ids = [row[0] for row in sql(env, "SELECT id FROM api_keys ORDER BY id")]
+    expired_long_ago, revoked_long_ago, expired_recently, alive = ids
+    sql(env, "UPDATE api_keys SET expires_at = :at WHERE id = :id", at=_ago(8), id=expired_long_ago)
+    sql(env, "UPDATE api_keys SET revoked_at = :at WHERE id = :id", at=_ago(8), id=revoked_long_ago)
+    sql(env, "UPDATE api_keys SET expires_at = :at WHERE id = :id", at=_ago(1), id=expired_recently)
+    result = scaigrid("job", "run", "api_key_purge", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(row[0] for row in sql(env, "SELECT id FROM api_keys")) == sorted([expired_recently, alive])
+
+
+def test_job_run_refuses_an_unknown_job(migrated_env):
+    result = scaigrid("job", "run", "no_such_job", env=migrated_env)
+    assert result.returncode == 1
+    assert "no job 'no_such_job'" in result.stderr and "usage_retention" in result.stderr
+

@@ -1,0 +1,413 @@
+"""scaiinfer.v1 end to end: real test nodes (tests/scaiinfer_node.py) heartbeat to the grpc mode and serve inference
+that the http process dispatches to them; node health, gRPC authentication and error mapping, the generated code."""
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import select
+
+from appliance import devstack
+from scaigrid.auth import service_tokens
+from scaigrid.db.tables import infra_nodes
+from scaigrid.resources import database_ctx
+from scaigrid.rpc import codegen, nodes
+from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
+from scaigrid.settings import Secret, load_settings
+from scaigrid.worker.jobs import JobContext
+from tests.backends import Gateway, chat_model, http_call, serving, shared_env, wait_until
+from tests.conftest import REPO, ModeProcess, command_env, create_key
+from tests.test_inference import buffered_usage
+
+USER = [{"role": "user", "content": "three words here"}]
+# Small thresholds so that health transitions take seconds (the directory rereads every 2 s on top).
+NODE_SETTINGS = {"NODE_HEARTBEAT_INTERVAL_S": "0.3", "NODE_WARNING_AFTER_S": "1.5", "NODE_STALE_AFTER_S": "3",
+                 "BREAKER_FAILURE_THRESHOLD": "2"}
+
+
+def test_committed_code_matches_the_protos(tmp_path: Path) -> None:
+    generated = codegen.generate(tmp_path)
+    assert {path.name for path in generated} == {"scaiinfer_pb2.py", "scaiinfer_pb2.pyi", "scaiinfer_pb2_grpc.py"}
+    for path in generated:
+        assert (tmp_path / path).read_bytes() == (REPO / path).read_bytes(), (
+            f"{path} differs from the protos: run `python -m scaigrid.rpc.codegen` and commit the result")
+
+
+# --- the cluster: grpc mode, http mode, test nodes ---
+
+@contextmanager
+def running(args: list[str], env: dict[str, str], log_path: Path, name: str) -> Iterator[ModeProcess]:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, *args], env=command_env(env), cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    proc = ModeProcess(name, process, log_path)
+    try:
+        yield proc
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    gateway: Gateway
+    admin_key: str
+    calls: Path
+    tmp_path: Path
+    grpc_target: str
+
+    def node(self, node_id: str, models: str, *extra: str) -> Any:
+        port = devstack.free_ports(1)[0]
+        token = service_tokens.mint(Secret(self.env["SERVICE_TOKEN_SECRET"]), f"scaiinfer-{node_id}", 3600)
+        return running(["-m", "tests.scaiinfer_node", "--port", str(port), "--gateway", self.grpc_target,
+                        "--node-id", node_id, "--models", models, "--calls", str(self.calls), *extra],
+                       {**self.env, "SCAIINFER_NODE_TOKEN": token}, self.tmp_path / f"{node_id}.log", node_id)
+
+    def listed(self) -> dict[str, dict[str, Any]]:
+        status, _, body = http_call("GET", self.gateway.url + "/v1/infra/nodes", self.admin_key)
+        assert status == 200, body
+        return {item["id"]: item for item in json.loads(body)["data"]["items"]}
+
+    def node_calls(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.calls.read_text().splitlines()] if self.calls.exists() else []
+
+
+def node_backend(backend_id: str, node_model: str, **extra: Any) -> dict[str, Any]:
+    return {"id": backend_id, "provider": "scaiinfer", "model": node_model, **extra}
+
+
+def serving_node(proc: ModeProcess) -> None:
+    proc.wait_for(lambda: "serving" in proc.log_path.read_text(), what="the node's first heartbeat")
+
+
+@pytest.fixture(scope="module")
+def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp_path = tmp_path_factory.mktemp("scaiinfer")
+    with shared_env(mariadb, redis_server, s3_server) as env:
+        env.update(NODE_SETTINGS)
+        grpc_target = f"127.0.0.1:{env['GRPC_PORT']}"
+        with running(["-m", "scaigrid", "run", "--mode", "grpc"], env, tmp_path / "grpc.log", "grpc") as grpc_mode:
+            grpc_mode.wait_for(lambda: _health(grpc_target) == health_pb2.HealthCheckResponse.SERVING, what="SERVING")
+            cluster = Cluster(env, None, "", tmp_path / "calls.jsonl", tmp_path, grpc_target)  # type: ignore[arg-type]
+            with cluster.node("node-a", "ok,fail-UNAVAILABLE") as node_a:
+                serving_node(node_a)
+                backends = [
+                    node_backend("a-ok", "node-a/ok"), node_backend("a-ok2", "node-a/ok"),
+                    node_backend("a-ok3", "node-a/ok"), node_backend("a-unavailable", "node-a/fail-UNAVAILABLE"),
+                    node_backend("a-internal", "node-a/fail-INTERNAL"),
+                    node_backend("a-refuse", "node-a/fail-INVALID_ARGUMENT"),
+                    node_backend("a-busy", "node-a/fail-RESOURCE_EXHAUSTED"),
+                    node_backend("a-cut", "node-a/cut-2"), node_backend("a-slow", "node-a/slow-5", timeout_s=1),
+                    node_backend("x-unknown", "node-x/ok"), node_backend("c-ok", "node-c/ok")]
+                models = [
+                    chat_model("local/chat", [("a-ok", 1, 1)], price_input_per_mtok="1", price_output_per_mtok="2"),
+                    chat_model("local/failover", [("a-unavailable", 1, 1), ("a-ok2", 1, 2)]),
+                    chat_model("local/breaker", [("a-internal", 1, 1)]),
+                    chat_model("local/refuse", [("a-refuse", 1, 1)]),
+                    chat_model("local/busy", [("a-busy", 1, 1)]),
+                    chat_model("local/cut", [("a-cut", 1, 1)]),
+                    chat_model("local/slow", [("a-slow", 1, 1)]),
+                    chat_model("local/unknown-first", [("x-unknown", 1, 1), ("a-ok3", 1, 2)]),
+                    chat_model("local/node-c", [("c-ok", 1, 1)]),
+                    {"slug": "local/embed", "modality": "embedding", "routes": [
+                        {"backend": "a-ok", "weight": 1, "priority": 1}]},
+                ]
+                with serving(env, tmp_path, backends, models) as gateway:
+                    cluster.gateway = gateway
+                    cluster.admin_key = create_key(env, "super_admin")
+                    yield cluster
+                    gateway.close_clients()
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+
+
+def chat(cluster: Cluster, model: str, stream: bool = False, **extra: Any) -> tuple[int, dict[str, str], bytes]:
+    return http_call("POST", cluster.gateway.url + "/v1/inference/chat", cluster.gateway.key,
+                     {"model": model, "messages": USER, "stream": stream, **extra})
+
+
+def sse_events(body: bytes) -> list[tuple[str | None, str]]:
+    events = []
+    for block in body.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        name = None
+        data = []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        events.append((name, "\n".join(data)))
+    return events
+
+
+# --- heartbeats, health, the node list ---
+
+def test_heartbeats_register_the_node_and_it_is_listed_for_platform_operators(cluster: Cluster) -> None:
+    node = cluster.listed()["node-a"]
+    assert node["health"] == "healthy"
+    assert node["endpoint"].startswith("127.0.0.1:")
+    assert node["models"] == ["ok", "fail-UNAVAILABLE"]
+    assert (node["capacity"], node["load"], node["version"]) == (8, 1, "test-node 1.0")
+    assert node["heartbeat_age_s"] < 1.5
+    first = node["last_heartbeat_at"]
+    wait_until(lambda: cluster.listed()["node-a"]["last_heartbeat_at"] != first, "a later heartbeat stored")
+
+    # Nodes are shared infrastructure: a tenant admin (who holds admin:access for its tenant) may not list them.
+    status, _, body = http_call("GET", cluster.gateway.url + "/v1/infra/nodes", create_key(cluster.env, "tenant_admin"))
+    assert (status, json.loads(body)["error"]["code"]) == (403, "AUTHZ_PERMISSION_DENIED")
+    status, _, _ = http_call("GET", cluster.gateway.url + "/v1/infra/nodes", cluster.gateway.key)
+    assert status == 403
+
+    status, _, body = http_call("GET", cluster.gateway.url + "/health/detailed", cluster.admin_key)
+    assert status in (200, 503)
+    detailed = {item["id"]: item for item in json.loads(body)["nodes"]}
+    assert detailed["node-a"]["health"] == "healthy"
+
+
+async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_skipped(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    with cluster.node("node-c", "ok") as node_c:
+        await asyncio.to_thread(serving_node, node_c)
+        await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 200,
+                                "node-c reachable through the gateway")
+        node_c.process.send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no answer
+        try:
+            await asyncio.to_thread(wait_until, lambda: cluster.listed()["node-c"]["health"] == "warning",
+                                    "node-c warning", 5)
+            await asyncio.to_thread(wait_until, lambda: cluster.listed()["node-c"]["health"] == "stale",
+                                    "node-c stale", 6)
+            # Once the directory has seen it stale, it is not called at all: MODEL_UNAVAILABLE, not a timeout,
+            # and its breaker counts nothing.
+            await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 503, "node-c skipped", 5)
+            status, _, body = chat(cluster, "local/node-c")
+            assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+            _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/c-ok/health", cluster.admin_key)
+            assert json.loads(body)["data"]["consecutive_failures"] == 0
+
+            # The worker's sweep records the transition (and logs it once).
+            settings = load_settings(cluster.env, env_file=None)
+            caplog.set_level(logging.INFO, logger="scaigrid.rpc.nodes")
+            async with database_ctx(settings) as engine:
+                context = JobContext(settings, engine, None, "test-worker", 0)  # type: ignore[arg-type]
+                await nodes.sweep_node_status(context)
+                await nodes.sweep_node_status(context)
+                async with engine.connect() as conn:
+                    stored = dict((await conn.execute(select(infra_nodes.c.id, infra_nodes.c.status))).all())
+            transitions = [r for r in caplog.records if getattr(r, "event", None) == "node_status_changed"
+                           and getattr(r, "node_id", None) == "node-c"]
+            assert [(r.__dict__["from"], r.__dict__["to"]) for r in transitions] == [("healthy", "stale")]
+        finally:
+            node_c.process.send_signal(signal.SIGCONT)
+    assert stored["node-c"] == "stale"
+
+
+# --- gRPC authentication and error mapping ---
+
+def _heartbeat(cluster: Cluster, metadata: tuple[tuple[str, str], ...] = (), **fields: Any) -> Any:
+    request = {"node_id": "node-z", "endpoint": "127.0.0.1:1", "models": ["m"], **fields}
+    with grpc.insecure_channel(cluster.grpc_target) as channel:
+        return scaiinfer_pb2_grpc.HeartbeatServiceStub(channel).Heartbeat(
+            scaiinfer_pb2.HeartbeatRequest(**request), metadata=metadata, timeout=5)
+
+
+def _error_code(error: grpc.RpcError) -> str | None:
+    return dict(error.trailing_metadata() or ()).get("scaigrid-error-code")  # type: ignore[attr-defined]
+
+
+def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes(cluster: Cluster) -> None:
+    secret = Secret(cluster.env["SERVICE_TOKEN_SECRET"])
+    for metadata in ((), (("authorization", "Bearer sst_forged.token"),),
+                     (("authorization", "Bearer " + service_tokens.mint(Secret("another-secret"), "x", 60)),),
+                     (("authorization", "Basic " + service_tokens.mint(secret, "x", 60)),)):
+        with pytest.raises(grpc.RpcError) as refused:
+            _heartbeat(cluster, metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert _error_code(refused.value) == "SERVICE_TOKEN_INVALID"
+    expired = service_tokens.mint(secret, "x", 1, now_s=time.time() - 10)
+    with pytest.raises(grpc.RpcError) as refused:
+        _heartbeat(cluster, (("authorization", f"Bearer {expired}"),))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+    # Probes hold no token: health is exempt.
+    assert _health(cluster.grpc_target) == health_pb2.HealthCheckResponse.SERVING
+
+    # A domain error (VALIDATION_ERROR, 422) becomes INVALID_ARGUMENT, naming every field.
+    token = (("authorization", "Bearer " + service_tokens.mint(secret, "scaiinfer-node-z", 60)),)
+    with pytest.raises(grpc.RpcError) as invalid:
+        _heartbeat(cluster, token, node_id="", endpoint="no-port", capacity=2**32 - 1)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert _error_code(invalid.value) == "VALIDATION_ERROR"
+    for field in ("node_id", "endpoint", "capacity"):
+        assert field in invalid.value.details()  # type: ignore[attr-defined]
+    assert "node-z" not in cluster.listed()
+
+    # A valid token of another service (or node) may not speak for node-z: 403 becomes PERMISSION_DENIED.
+    other = (("authorization", "Bearer " + service_tokens.mint(secret, "scaiinfer-node-a", 60)),)
+    with pytest.raises(grpc.RpcError) as denied:
+        _heartbeat(cluster, other)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert _error_code(denied.value) == "AUTHZ_PERMISSION_DENIED"
+    assert "node-z" not in cluster.listed()
+
+    reply = _heartbeat(cluster, token)
+    assert reply.heartbeat_interval_s == pytest.approx(0.3)
+    assert cluster.listed()["node-z"]["endpoint"] == "127.0.0.1:1"
+    # The reply tells the node how the gateway's calls will authenticate: a credential of its own, which is
+    # neither a service token nor the same for another node.
+    other_reply = _heartbeat(cluster, other, node_id="node-a")
+    assert reply.gateway_token.startswith("sgc_") and other_reply.gateway_token.startswith("sgc_")
+    assert reply.gateway_token != other_reply.gateway_token
+    with pytest.raises(grpc.RpcError) as as_service_token:
+        _heartbeat(cluster, (("authorization", f"Bearer {reply.gateway_token}"),))
+    assert as_service_token.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_a_node_with_a_wrong_token_is_refused_and_never_listed(cluster: Cluster) -> None:
+    with cluster.node("node-w", "ok", "--wrong-token") as node_w:
+        serving_node(node_w)
+        assert "heartbeat refused: UNAUTHENTICATED" in node_w.log_path.read_text()
+    assert "node-w" not in cluster.listed()
+
+
+# --- dispatch to scaiinfer backends ---
+
+def test_streamed_and_whole_answers_from_a_node_natively_with_usage_from_the_node(cluster: Cluster) -> None:
+    status, headers, body = chat(cluster, "local/chat", stream=True)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(body)
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert {chunk["model"] for chunk in chunks} == {"local/chat"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "tok0 tok1 tok2 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    streamed_id = headers["X-Request-ID"]
+
+    status, headers, body = chat(cluster, "local/chat", max_tokens=50)
+    assert status == 200, body
+    answer = json.loads(body)["data"]
+    assert answer["object"] == "chat.completion" and answer["model"] == "local/chat"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "tok0 tok1 tok2 "}
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    whole_id = headers["X-Request-ID"]
+
+    # The node got the request under its own model name, with the credential its heartbeats gave it.
+    calls = {call["request_id"]: call for call in cluster.node_calls()}
+    assert calls[whole_id]["model"] == "ok" and calls[whole_id]["authorized"] is True
+    assert calls[whole_id]["max_tokens"] == 50 and calls[whole_id]["messages"] == [["user", "three words here"]]
+
+    wait_until(lambda: {streamed_id, whole_id} <= set(buffered_usage(cluster.gateway)), "usage records")
+    records = buffered_usage(cluster.gateway)
+    for request_id in (streamed_id, whole_id):
+        record = records[request_id]
+        assert (record.backend_id, record.status, record.tokens_in, record.tokens_out) == ("a-ok", "ok", 3, 3)
+        assert str(record.cost) == "0.000009"  # 3 in at 1/Mtok + 3 out at 2/Mtok
+
+
+def test_the_openai_sdk_streams_and_completes_through_a_node(cluster: Cluster) -> None:
+    client = cluster.gateway.client()
+    completion = client.chat.completions.create(model="local/chat", messages=USER)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == "tok0 tok1 tok2 "
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+    stream = client.chat.completions.create(model="local/chat", messages=USER, stream=True,  # type: ignore[arg-type]
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 "
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 3
+
+    # A stream that breaks after its first chunk: the SDK raises on the error event (the gateway sent [DONE] too).
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model="local/cut", messages=USER, stream=True))  # type: ignore[arg-type]
+
+
+def test_a_failing_node_fails_over_and_errors_map_like_http_backends(cluster: Cluster) -> None:
+    # UNAVAILABLE is a connection failure: the next backend answers, the client never knows.
+    status, _, body = chat(cluster, "local/failover")
+    assert status == 200, body
+    _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/a-unavailable/health", cluster.admin_key)
+    assert json.loads(body)["data"]["last_error"].startswith("connect: gRPC UNAVAILABLE")
+
+    # INVALID_ARGUMENT: the request is wrong, not the node: 422, no failover.
+    status, _, body = chat(cluster, "local/refuse")
+    assert (status, json.loads(body)["error"]["code"]) == (422, "VALIDATION_ERROR")
+    # So is asking for what the protocol cannot carry.
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    status, _, body = chat(cluster, "local/chat", tools=[tool])
+    assert status == 422 and "no tool calls" in json.loads(body)["error"]["details"][0]["message"]
+    # RESOURCE_EXHAUSTED: rate limited, with Retry-After.
+    status, headers, body = chat(cluster, "local/busy")
+    assert (status, json.loads(body)["error"]["code"]) == (429, "BACKEND_RATE_LIMITED")
+    assert int(headers["Retry-After"]) >= 1
+    # A first token later than the backend's timeout_s.
+    status, _, body = chat(cluster, "local/slow", stream=True)
+    assert (status, json.loads(body)["error"]["code"]) == (504, "BACKEND_TIMEOUT")
+
+    # Cut after the first chunk: an error event, then [DONE].
+    status, _, body = chat(cluster, "local/cut", stream=True)
+    assert status == 200
+    events = sse_events(body)
+    assert [json.loads(d)["choices"][0]["delta"].get("content") for n, d in events[:2]] == ["tok0 ", "tok1 "]
+    assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "BACKEND_ERROR"
+    assert events[-1] == (None, "[DONE]")
+
+    # Embeddings: the protocol has no such call.
+    status, _, body = http_call("POST", cluster.gateway.url + "/v1/inference/embed", cluster.gateway.key,
+                                {"model": "local/embed", "input": "hello"})
+    assert status == 422
+    assert "no embeddings call" in json.loads(body)["error"]["details"][0]["message"]
+
+
+def test_a_node_backend_that_keeps_failing_opens_its_breaker(cluster: Cluster) -> None:
+    before = sum(call["model"] == "fail-INTERNAL" for call in cluster.node_calls())
+    for _ in range(2):  # BREAKER_FAILURE_THRESHOLD
+        status, _, body = chat(cluster, "local/breaker")
+        assert (status, json.loads(body)["error"]["code"]) == (502, "BACKEND_ERROR")
+    status, _, body = chat(cluster, "local/breaker")
+    assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+    assert sum(call["model"] == "fail-INTERNAL" for call in cluster.node_calls()) - before == 2  # not called again
+    _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/a-internal/health", cluster.admin_key)
+    assert json.loads(body)["data"]["state"] == "open"
+
+
+def test_a_backend_on_an_unknown_node_is_skipped_without_counting_as_a_failure(cluster: Cluster) -> None:
+    for _ in range(3):
+        status, _, body = chat(cluster, "local/unknown-first")
+        assert status == 200, body
+    _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/x-unknown/health", cluster.admin_key)
+    health = json.loads(body)["data"]
+    assert (health["state"], health["consecutive_failures"]) == ("closed", 0)
+
+
+def test_catalogue_validation_of_scaiinfer_backends(cluster: Cluster) -> None:
+    url = cluster.gateway.url + "/v1/backends"
+    status, _, body = http_call("POST", url, cluster.admin_key, {
+        "id": "bad-node", "provider": "scaiinfer", "model": "no-slash", "base_url": "http://10.0.0.1/v1",
+        "api_key": "sk-x"})
+    assert status == 422
+    fields = {detail["field"] for detail in json.loads(body)["error"]["details"]}
+    assert fields == {"model", "base_url", "api_key"}
+    status, _, body = http_call("POST", url, cluster.admin_key,
+                                {"id": "good-node", "provider": "scaiinfer", "model": "node-b/llama-3.3"})
+    assert status == 201, body
+    assert json.loads(body)["data"]["base_url"] is None
+
