@@ -71,6 +71,9 @@ def node_env(var: Path, mariadb: devstack.MariaDB, redis: devstack.Redis, s3: de
         "JWT_SIGNING_SECRET": private_secret(var / "jwt-secret"),
         "SCAIGRID_ENCRYPTION_KEY": private_secret(var / "encryption-key", lambda: Fernet.generate_key().decode()),
         "SERVICE_TOKEN_SECRET": private_secret(var / "service-token-secret"),
+        "STORAGE_CAPABILITY_SECRET": private_secret(var / "storage-capability-secret"),
+        # On a developer's machine, webhook receivers usually listen on localhost.
+        "WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
         **{key: os.environ[key] for key in PASSED_THROUGH if key in os.environ},
     }
 
@@ -196,7 +199,7 @@ def main() -> int:
         rows = [
             ("http", http_url, "/v1/, /oai/v1/, /health, /health/ready, /metrics"),
             ("grpc", f"127.0.0.1:{server.grpc_port}",
-             f"gRPC health + reflection; metrics http://127.0.0.1:{server.grpc_metrics_port}/metrics"),
+             f"scaiinfer.v1 heartbeats, gRPC health; metrics http://127.0.0.1:{server.grpc_metrics_port}/metrics"),
             ("worker", "-", f"scheduled jobs; metrics http://127.0.0.1:{server.worker_metrics_port}/metrics"),
             ("bunker_proxy", proxy_url, "storage proxy, /health, /metrics"),
             ("mariadb", f"127.0.0.1:{mariadb.port}", f"database scaigrid, data in {mariadb.datadir}"),

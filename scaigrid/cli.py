@@ -116,10 +116,12 @@ def job_list(ctx: click.Context) -> None:
     """Every job of the core and the enabled modules, with its schedule."""
     from scaigrid.modes.worker import all_jobs
 
-    for item in all_jobs(_validated(ctx, None)):
+    jobs = all_jobs(_validated(ctx, None))
+    width = max(len(item.name) for item in jobs)
+    for item in jobs:
         schedule = f"every {item.every_s} s" if item.every_s is not None else f"cron {item.cron}"
         scope = "one worker per tick" if item.exclusive else "every worker"
-        click.echo(f"{item.name:<24} {schedule:<22} timeout {item.timeout_s:g} s, {scope}")
+        click.echo(f"{item.name:<{width}}  {schedule:<18} timeout {item.timeout_s:g} s, {scope}")
 
 
 @job.command("run")

@@ -206,6 +206,18 @@ async def test_put_get_head_list_delete_round_trip(storage, target):
             assert response.status == 404
 
 
+def test_an_upload_sent_as_a_form_is_stored_as_bytes(storage):
+    # curl --data-binary says application/x-www-form-urlencoded; the bytes must still be what is stored.
+    token = storage.token("form/")
+    data = secrets.token_bytes(4096)
+    status, _, body = raw_request(storage.bases["proxy"], "PUT", f"{STORAGE}/objects/form/blob", token, data,
+                                  {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 201, body
+    status, headers, body = raw_request(storage.bases["proxy"], "GET", f"{STORAGE}/objects/form/blob", token)
+    assert status == 200 and body == data
+    assert headers["content-type"] == "application/octet-stream"
+
+
 @TARGETS
 async def test_range_requests(storage, target):
     base, prefix = storage.bases[target], f"range-{target}/"

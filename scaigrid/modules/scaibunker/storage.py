@@ -47,6 +47,7 @@ OBJECT_PATH = OBJECTS_PATH + r"/{key:[\s\S]+}"
 DEFAULT_LIST = 100
 MAX_LIST = 1000
 NAMESPACE = "tenants/{tenant_id}/"
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 REQUESTS = Counter("scaibunker_storage_requests_total", "storage proxy requests", ["verb", "status"])
 BYTES = Counter("scaibunker_storage_bytes_total", "object bytes through the storage proxy", ["direction"])
@@ -243,6 +244,15 @@ class _Pump:
         self._thread.exception()
 
 
+def _object_type(request: web.Request) -> str:
+    """The type the object is stored with: the client's, unless it names a form encoding of the request itself
+    (curl's default), which says nothing about the bytes and makes some S3 servers (moto) parse them away."""
+    content_type = request.headers.get("Content-Type", "")
+    if not content_type or content_type.startswith(FORM_TYPES):
+        return "application/octet-stream"
+    return content_type
+
+
 @public
 @_counted("PUT")
 async def put_object(request: web.Request) -> web.Response:
@@ -258,7 +268,7 @@ async def put_object(request: web.Request) -> web.Response:
     pipe = _Pipe(asyncio.get_running_loop(), depth=max(2, settings.part_size_bytes // CHUNK_BYTES))
     upload = asyncio.ensure_future(asyncio.to_thread(
         s3.put_object, bucket, name, cast(BinaryIO, pipe), -1 if length is None else length,
-        content_type=request.headers.get("Content-Type") or "application/octet-stream",
+        content_type=_object_type(request),
         part_size=settings.part_size_bytes,
         # One part at a time: minio's parallel pool keeps its threads when an upload is aborted, and the pipe
         # already overlaps reading the next part with sending this one.
