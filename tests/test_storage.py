@@ -442,20 +442,20 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 async def test_large_transfers_keep_proxy_memory_flat(storage, start_mode):
-    """512 MiB up and down through a fresh proxy: its peak RSS grows by far less than the object."""
+    """1 GiB up and down through a fresh proxy: its peak RSS grows by far less than the object."""
     port = str(devstack.free_ports(1)[0])
-    env = {**proxy_env(storage.env), "BUNKER_PROXY_PORT": port, "STORAGE_MAX_OBJECT_BYTES": str(1024 * MiB)}
+    env = {**proxy_env(storage.env), "BUNKER_PROXY_PORT": port, "STORAGE_MAX_OBJECT_BYTES": str(2048 * MiB)}
     proxy = start_mode("bunker_proxy", env)
     base = f"http://127.0.0.1:{port}"
     proxy.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
-    # The node mints at most its own STORAGE_MAX_OBJECT_BYTES (12 MiB); this proxy allows 1 GiB, and so does the
+    # The node mints at most its own STORAGE_MAX_OBJECT_BYTES (12 MiB); this proxy allows 2 GiB, and so does the
     # capability, signed with the shared secret as the http process would sign it.
     tenant_id = tenant_id_of(storage, storage.token("large/"))
     token = capabilities.mint(Secret(storage.env["STORAGE_CAPABILITY_SECRET"]), capabilities.Capability(
-        "cap_large", tenant_id, "large/", frozenset(ALL_VERBS), 1024 * MiB, int(time.time()) + 600))
+        "cap_large", tenant_id, "large/", frozenset(ALL_VERBS), 2048 * MiB, int(time.time()) + 600))
     url = f"{base}{STORAGE}/objects/large/blob"
     auth = {"Authorization": f"Bearer {token}"}
-    size = 512 * MiB
+    size = 1024 * MiB
     block = os.urandom(MiB)
     # Warm up (imports, first S3 connection), then take the baseline.
     assert raw_request(base, "PUT", f"{STORAGE}/objects/large/warm", token, block)[0] == 201
