@@ -97,6 +97,7 @@ class Catalogue:
         self._sorted = sorted(self._models.values(), key=lambda model: model.slug)
         self._backends = {backend.id: backend for backend in all_backends}
         self.backend_ids = tuple(self._backends)
+        self.node_ids = frozenset(b.node_id for b in self._backends.values() if b.node_id is not None)
         self.model_count = len(self._models)
 
     def model(self, slug: str, tenant_id: str) -> Model:

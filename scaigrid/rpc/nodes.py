@@ -173,13 +173,28 @@ class KnownNode:
 
 
 class NodeDirectory:
-    """The http process's view of the nodes, reread every DIRECTORY_REFRESH_S: requests never query for it."""
+    """The http process's view of the nodes its catalogue routes to, reread every DIRECTORY_REFRESH_S while there
+    are any (a catalogue without scaiinfer backends costs no query at all): requests never query for it."""
 
     def __init__(self, engine: AsyncEngine, settings: NodeSettings) -> None:
         self._engine = engine
         self._stale_after_s = settings.stale_after_s
         self._nodes: dict[str, KnownNode] = {}
+        self._tracked: frozenset[str] = frozenset()
+        self._wanted = asyncio.Event()  # set while some node is tracked
+        self._refresh_now = asyncio.Event()
         self._failing = False
+
+    def track(self, node_ids: frozenset[str]) -> None:
+        """The nodes the catalogue routes to now (called on every catalogue load)."""
+        newly = node_ids - self._tracked
+        self._tracked = node_ids
+        if node_ids:
+            self._wanted.set()
+        else:
+            self._wanted.clear()
+        if newly:
+            self._refresh_now.set()
 
     def reachable(self, node_id: str, now_s: float) -> KnownNode | None:
         """The node, unless it is unknown or stale."""
@@ -197,7 +212,11 @@ class NodeDirectory:
 
     async def _follow(self) -> None:
         while True:
-            await asyncio.sleep(DIRECTORY_REFRESH_S)
+            await self._wanted.wait()
+            # A node the catalogue just started routing to is read at once, not after the interval.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_now.wait(), DIRECTORY_REFRESH_S)
+            self._refresh_now.clear()
             try:
                 await self.refresh()
             except Exception as exc:
@@ -211,7 +230,10 @@ class NodeDirectory:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator["NodeDirectory"]:
-        with contextlib.suppress(Exception):  # an unmigrated schema: _follow keeps trying and says so
-            await self.refresh()
+        """Reads the tracked nodes before serving (so the first requests find them), then follows."""
+        if self._tracked:
+            with contextlib.suppress(Exception):  # an unmigrated schema: _follow keeps trying and says so
+                await self.refresh()
+                self._refresh_now.clear()
         async with background(self._follow(), "node-directory"):
             yield self
