@@ -32,6 +32,7 @@ from scaigrid.accounting.budgets import (
     split_cost,
 )
 from scaigrid.accounting.records import RateState, UsageRecord
+from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.settings import Settings
@@ -225,8 +226,7 @@ class Accounting:
     async def _emit_budget_event(self, event: BudgetEvent) -> None:
         """budget.*_limit_reached into the webhook outbox; a failure is logged, the request never sees it."""
         try:
-            await outbox.emit_budget(self._engine, event.budget, event.threshold, event.period,
-                                     datetime.now(UTC).replace(tzinfo=None))
+            await outbox.emit_budget(self._engine, event.budget, event.threshold, event.period, utc_now())
         except Exception:
             logger.exception("the budget webhook event of budget %s could not be stored", event.budget.id,
                              extra={"event": "budget_webhook_event_lost", "budget_id": event.budget.id})

@@ -2,7 +2,6 @@
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -10,6 +9,7 @@ from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid.accounting.records import UsageRecord
+from scaigrid.auth.bodies import utc_from_unix
 from scaigrid.db.tables import usage_records
 
 BUFFER_KEY = "scaigrid:usage:buffer"  # a Redis list: RPUSHed by every http process, drained by the worker
@@ -31,7 +31,7 @@ def decode(raw: bytes | str) -> UsageRecord:
 def row_of(usage: UsageRecord) -> dict[str, Any]:
     row = vars(usage).copy()
     del row["created_at_unix"]
-    row["created_at"] = datetime.fromtimestamp(usage.created_at_unix, UTC).replace(tzinfo=None)
+    row["created_at"] = utc_from_unix(usage.created_at_unix)
     row["cost"] = usage.cost.quantize(COST_QUANTUM)  # the column's scale; anything finer would be rounded silently
     return row
 

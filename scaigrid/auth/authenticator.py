@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
 from scaigrid.auth import keys, service_tokens
+from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.auth.roles import ROLE_REACH, ROLES, grants_at_most
 from scaigrid.auth.scaikey import ScaiKeyVerifier
@@ -119,7 +120,7 @@ class Authenticator:
             cached = await asyncio.shield(pending)  # a waiter whose client left must not cancel the others' lookup
         if cached.principal is None:
             raise errors.auth_token_invalid(cached.refusal)
-        if cached.expires_at is not None and cached.expires_at <= datetime.now(UTC).replace(tzinfo=None):
+        if cached.expires_at is not None and cached.expires_at <= utc_now():
             raise errors.auth_token_invalid("this API key has expired")
         return cached.principal
 

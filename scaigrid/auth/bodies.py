@@ -45,6 +45,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def utc_from_unix(unix_s: float) -> datetime:
+    """A unix time as stored: naive UTC."""
+    return datetime.fromtimestamp(unix_s, UTC).replace(tzinfo=None)
+
+
 def naive_utc(value: datetime) -> datetime:
     """A parsed time as stored: naive UTC (without a zone it is taken as UTC). OverflowError past year 1 or 9999."""
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
@@ -105,6 +110,18 @@ class Body:
         else:
             return value
         return None
+
+    def whole_number(self, name: str, *, maximum: int, minimum: int = 0, unit: str = "",
+                     required: bool = False) -> int | None:
+        """An integer (a boolean is not one) from `minimum` to `maximum`; `unit` ("seconds") goes into the message."""
+        value = self._raw(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            what = f"a whole number of {unit}," if unit else "a whole number"
+            self.problems.append(FieldError(name, f"{what} {minimum}-{maximum}"))
+            return None
+        return value
 
     def timestamp(self, name: str, *, future: bool = False) -> datetime | None:
         """An ISO 8601 time; without a zone it is taken as UTC. Returned as naive UTC, as stored."""

@@ -14,13 +14,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
+from scaigrid.auth.bodies import iso, utc_from_unix
 from scaigrid.cache import CHANNEL, InvalidationBus
 from scaigrid.settings import Settings
 
@@ -123,7 +123,7 @@ def _iso(unix_s: float) -> str | None:
     """Like every time the API shows: UTC to the second, with a Z."""
     if not unix_s:
         return None
-    return datetime.fromtimestamp(unix_s, UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+    return iso(utc_from_unix(unix_s))
 
 
 class Breakers:

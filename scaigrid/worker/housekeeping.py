@@ -3,22 +3,34 @@
 import logging
 from datetime import timedelta
 
-from sqlalchemy import delete, or_
+from sqlalchemy import Select, delete, or_, select
 
 from scaigrid.auth.bodies import utc_now
 from scaigrid.db import delete_in_batches
-from scaigrid.db.tables import api_keys, usage_records
+from scaigrid.db.tables import api_keys, budgets, usage_records
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
 
 
+def _total_budget_scopes(scope: str) -> Select[tuple[str]]:
+    return select(budgets.c.scope_id).where(budgets.c.period == "total", budgets.c.scope == scope)
+
+
 async def purge_usage(ctx: JobContext) -> None:
-    """Daily, at a quiet hour: usage older than USAGE_RETENTION_DAYS leaves MariaDB (budgets and summaries of
-    shorter periods never read it). Cut at the timeout, it goes on at the next run."""
+    """Daily, at a quiet hour: usage older than USAGE_RETENTION_DAYS leaves MariaDB. Cut at the timeout, it goes on
+    at the next run.
+
+    Usage of a partner, tenant or user with a `total` budget stays while that budget exists: after Redis lost its
+    counters, a total budget is counted again from every record of its scope, and a purged record would be spend
+    it no longer sees. Budgets of shorter periods only read their current period, well within any retention.
+    """
     days = ctx.settings.worker.usage_retention_days
+    u = usage_records.c
     deleted = await delete_in_batches(ctx.engine, delete(usage_records).where(
-        usage_records.c.created_at < utc_now() - timedelta(days=days)))
+        u.created_at < utc_now() - timedelta(days=days),
+        u.partner_id.not_in(_total_budget_scopes("partner")), u.tenant_id.not_in(_total_budget_scopes("tenant")),
+        or_(u.user_id.is_(None), u.user_id.not_in(_total_budget_scopes("user")))))
     logger.info("deleted %d usage record(s) older than %d days", deleted, days,
                 extra={"event": "usage_purged", "count": deleted})
 
