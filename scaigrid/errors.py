@@ -152,6 +152,11 @@ def storage_unavailable() -> ScaigridError:
                          retry_after_s=5)
 
 
+def storage_busy() -> ScaigridError:
+    return ScaigridError("this node is moving as many objects as it may (STORAGE_MAX_TRANSFERS); retry shortly",
+                         "STORAGE_BUSY", 503, retry_after_s=2)
+
+
 def storage_backend_error(message: str) -> ScaigridError:
     return ScaigridError(message, "STORAGE_BACKEND_ERROR", 502)
 

@@ -95,6 +95,9 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+S3_MAX_PARTS = 10_000  # parts of one multipart upload
+
+
 def _part_size(raw: str) -> int:
     # S3's multipart limits: every part but the last is 5 MiB to 5 GiB.
     if not raw.isdigit() or not 5 * 1024**2 <= int(raw) <= 5 * 1024**3:
@@ -302,6 +305,9 @@ class StorageSettings:
     part_size_bytes: int = setting(
         "STORAGE_PART_SIZE_BYTES", _part_size, 8 * 1024**2,
         "multipart part size of uploads to S3; with the pipe ahead of it, bounds the proxy's memory per upload")
+    max_transfers: int = setting(
+        "STORAGE_MAX_TRANSFERS", _positive_int, 64,
+        "object requests one process serves at once, each on a thread of the storage pool; more answer STORAGE_BUSY")
 
 
 @dataclass(frozen=True)
@@ -460,4 +466,9 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     if settings.nodes.warning_after_s >= settings.nodes.stale_after_s:
         raise ConfigError("NODE_WARNING_AFTER_S: must be below NODE_STALE_AFTER_S "
                           f"({settings.nodes.warning_after_s:g} >= {settings.nodes.stale_after_s:g})")
+    storage = settings.storage
+    if storage.max_object_bytes > S3_MAX_PARTS * storage.part_size_bytes:
+        raise ConfigError(f"STORAGE_MAX_OBJECT_BYTES: must be at most {S3_MAX_PARTS} x STORAGE_PART_SIZE_BYTES "
+                          f"(S3 takes at most {S3_MAX_PARTS} parts per upload; {storage.max_object_bytes} > "
+                          f"{S3_MAX_PARTS} x {storage.part_size_bytes})")
     return settings

@@ -9,6 +9,7 @@ request names selects its behaviour, as with tests/backends.py:
   slow-S              waits S seconds before the first chunk, then like ok
   fail-CODE           aborts at once with the gRPC status CODE (e.g. fail-UNAVAILABLE)
   cut-N               N chunks, then aborts with INTERNAL (a stream broken mid-way)
+  short-N             N chunks, then ends the stream with status OK but no finish_reason (a node that gave up)
 Every call is appended as a JSON line to --calls (model, request_id, authorization valid or not, max_tokens).
 It prints "serving" once the first heartbeat is accepted (or refused, with --wrong-token) and logs refusals.
 """
@@ -59,12 +60,14 @@ class Inference(scaiinfer_pb2_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode[arg], f"failing on purpose with {arg}")
         if behaviour == "slow":
             await asyncio.sleep(float(arg))
-        count = int(arg) if behaviour == "cut" else 3
+        count = int(arg) if behaviour in ("cut", "short") else 3
         for index in range(count):
             yield scaiinfer_pb2.InferenceChunk(delta=f"tok{index} ")
             await asyncio.sleep(0.01)
         if behaviour == "cut":
             await context.abort(grpc.StatusCode.INTERNAL, "the model crashed mid-stream")
+        if behaviour == "short":
+            return
         yield scaiinfer_pb2.InferenceChunk(finish_reason="stop")
         prompt_tokens = sum(len(message.content.split()) for message in request.messages)
         yield scaiinfer_pb2.InferenceChunk(usage=scaiinfer_pb2.Usage(prompt_tokens=prompt_tokens,

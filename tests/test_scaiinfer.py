@@ -3,7 +3,6 @@ that the http process dispatches to them; node health, gRPC authentication and e
 
 import asyncio
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -24,18 +23,33 @@ from appliance import devstack
 from scaigrid.auth import service_tokens
 from scaigrid.db.tables import infra_nodes
 from scaigrid.resources import database_ctx
-from scaigrid.rpc import codegen, nodes
+from scaigrid.rpc import codegen
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
+from scaigrid.rpc.interceptors import require_unary
 from scaigrid.settings import Secret, load_settings
-from scaigrid.worker.jobs import JobContext
-from tests.backends import Gateway, chat_model, http_call, serving, shared_env, wait_until
-from tests.conftest import REPO, ModeProcess, command_env, create_key
+from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
+    FakeBackend,
+    Gateway,
+    backend,
+    chat_model,
+    fake_fixture,
+    http_call,
+    serving,
+    shared_env,
+    wait_until,
+)
+from tests.conftest import REPO, ModeProcess, command_env, create_key, scaigrid
 from tests.test_inference import buffered_usage
 
 USER = [{"role": "user", "content": "three words here"}]
 # Small thresholds so that health transitions take seconds (the directory rereads every 2 s on top).
 NODE_SETTINGS = {"NODE_HEARTBEAT_INTERVAL_S": "0.3", "NODE_WARNING_AFTER_S": "1.5", "NODE_STALE_AFTER_S": "3",
                  "BREAKER_FAILURE_THRESHOLD": "2"}
+# What node-a announces as loaded: the behaviours of tests/scaiinfer_node.py that its backends name.
+NODE_A_MODELS = "ok,fail-UNAVAILABLE,fail-INTERNAL,fail-INVALID_ARGUMENT,fail-RESOURCE_EXHAUSTED,cut-2,short-2,slow-5"
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+PICTURE = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
 
 
 def test_committed_code_matches_the_protos(tmp_path: Path) -> None:
@@ -70,6 +84,7 @@ class Cluster:
     calls: Path
     tmp_path: Path
     grpc_target: str
+    fake: FakeBackend  # an HTTP backend next to the nodes
 
     def node(self, node_id: str, models: str, *extra: str) -> Any:
         port = devstack.free_ports(1)[0]
@@ -86,6 +101,13 @@ class Cluster:
     def node_calls(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.calls.read_text().splitlines()] if self.calls.exists() else []
 
+    def node_request_ids(self) -> set[str]:
+        return {call["request_id"] for call in self.node_calls()}
+
+    def breaker(self, backend_id: str) -> dict[str, Any]:
+        _, _, body = http_call("GET", f"{self.gateway.url}/v1/backends/{backend_id}/health", self.admin_key)
+        return dict(json.loads(body)["data"])
+
 
 def node_backend(backend_id: str, node_model: str, **extra: Any) -> dict[str, Any]:
     return {"id": backend_id, "provider": "scaiinfer", "model": node_model, **extra}
@@ -97,15 +119,16 @@ def serving_node(proc: ModeProcess) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+            tmp_path_factory: pytest.TempPathFactory, fake: FakeBackend) -> Iterator[Cluster]:
     tmp_path = tmp_path_factory.mktemp("scaiinfer")
     with shared_env(mariadb, redis_server, s3_server) as env:
         env.update(NODE_SETTINGS)
         grpc_target = f"127.0.0.1:{env['GRPC_PORT']}"
         with running(["-m", "scaigrid", "run", "--mode", "grpc"], env, tmp_path / "grpc.log", "grpc") as grpc_mode:
             grpc_mode.wait_for(lambda: _health(grpc_target) == health_pb2.HealthCheckResponse.SERVING, what="SERVING")
-            cluster = Cluster(env, None, "", tmp_path / "calls.jsonl", tmp_path, grpc_target)  # type: ignore[arg-type]
-            with cluster.node("node-a", "ok,fail-UNAVAILABLE") as node_a:
+            cluster = Cluster(env, None, "", tmp_path / "calls.jsonl", tmp_path, grpc_target,  # type: ignore[arg-type]
+                              fake)
+            with cluster.node("node-a", NODE_A_MODELS) as node_a:
                 serving_node(node_a)
                 backends = [
                     node_backend("a-ok", "node-a/ok"), node_backend("a-ok2", "node-a/ok"),
@@ -114,7 +137,9 @@ def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
                     node_backend("a-refuse", "node-a/fail-INVALID_ARGUMENT"),
                     node_backend("a-busy", "node-a/fail-RESOURCE_EXHAUSTED"),
                     node_backend("a-cut", "node-a/cut-2"), node_backend("a-slow", "node-a/slow-5", timeout_s=1),
-                    node_backend("x-unknown", "node-x/ok"), node_backend("c-ok", "node-c/ok")]
+                    node_backend("a-short", "node-a/short-2"), node_backend("a-unloaded", "node-a/not-loaded"),
+                    node_backend("x-unknown", "node-x/ok"), node_backend("c-ok", "node-c/ok"),
+                    node_backend("m-ok", "node-m/ok"), backend("h-ok", fake, "ok")]
                 models = [
                     chat_model("local/chat", [("a-ok", 1, 1)], price_input_per_mtok="1", price_output_per_mtok="2"),
                     chat_model("local/failover", [("a-unavailable", 1, 1), ("a-ok2", 1, 2)]),
@@ -125,8 +150,16 @@ def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
                     chat_model("local/slow", [("a-slow", 1, 1)]),
                     chat_model("local/unknown-first", [("x-unknown", 1, 1), ("a-ok3", 1, 2)]),
                     chat_model("local/node-c", [("c-ok", 1, 1)]),
+                    chat_model("local/short", [("a-short", 1, 1)]),
+                    chat_model("local/unloaded-first", [("a-unloaded", 1, 1), ("a-ok", 1, 2)]),
+                    chat_model("local/unloaded", [("a-unloaded", 1, 1)]),
+                    chat_model("local/moving", [("m-ok", 1, 1)]),
+                    chat_model("local/mixed", [("a-ok", 1, 1), ("h-ok", 1, 2)]),
                     {"slug": "local/embed", "modality": "embedding", "routes": [
                         {"backend": "a-ok", "weight": 1, "priority": 1}]},
+                    {"slug": "local/embed-mixed", "modality": "embedding", "routes": [
+                        {"backend": "a-ok", "weight": 1, "priority": 1},
+                        {"backend": "h-ok", "weight": 1, "priority": 2}]},
                 ]
                 with serving(env, tmp_path, backends, models) as gateway:
                     cluster.gateway = gateway
@@ -167,7 +200,7 @@ def test_heartbeats_register_the_node_and_it_is_listed_for_platform_operators(cl
     node = cluster.listed()["node-a"]
     assert node["health"] == "healthy"
     assert node["endpoint"].startswith("127.0.0.1:")
-    assert node["models"] == ["ok", "fail-UNAVAILABLE"]
+    assert node["models"] == NODE_A_MODELS.split(",")
     assert (node["capacity"], node["load"], node["version"]) == (8, 1, "test-node 1.0")
     assert node["heartbeat_age_s"] < 1.5
     first = node["last_heartbeat_at"]
@@ -185,8 +218,7 @@ def test_heartbeats_register_the_node_and_it_is_listed_for_platform_operators(cl
     assert detailed["node-a"]["health"] == "healthy"
 
 
-async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_skipped(
-        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_skipped(cluster: Cluster) -> None:
     with cluster.node("node-c", "ok") as node_c:
         await asyncio.to_thread(serving_node, node_c)
         await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 200,
@@ -202,24 +234,38 @@ async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_sk
             await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 503, "node-c skipped", 5)
             status, _, body = chat(cluster, "local/node-c")
             assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
-            _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/c-ok/health", cluster.admin_key)
-            assert json.loads(body)["data"]["consecutive_failures"] == 0
+            assert cluster.breaker("c-ok")["consecutive_failures"] == 0
 
-            # The worker's sweep records the transition (and logs it once).
-            settings = load_settings(cluster.env, env_file=None)
-            caplog.set_level(logging.INFO, logger="scaigrid.rpc.nodes")
-            async with database_ctx(settings) as engine:
-                context = JobContext(settings, engine, None, "test-worker", 0)  # type: ignore[arg-type]
-                await nodes.sweep_node_status(context)
-                await nodes.sweep_node_status(context)
-                async with engine.connect() as conn:
-                    stored = dict((await conn.execute(select(infra_nodes.c.id, infra_nodes.c.status))).all())
-            transitions = [r for r in caplog.records if getattr(r, "event", None) == "node_status_changed"
-                           and getattr(r, "node_id", None) == "node-c"]
-            assert [(r.__dict__["from"], r.__dict__["to"]) for r in transitions] == [("healthy", "stale")]
+            # The worker's sweep records the transition and logs it; an operator can run it at once.
+            result = await asyncio.to_thread(scaigrid, "job", "run", "node_staleness_sweep", env=cluster.env)
         finally:
             node_c.process.send_signal(signal.SIGCONT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "node_staleness_sweep: ok"
+    transitions = [line for line in map(json.loads, lines[:-1])
+                   if line["event"] == "node_status_changed" and line["node_id"] == "node-c"]
+    assert [(line["from"], line["to"]) for line in transitions] == [("healthy", "stale")]
+    async with database_ctx(load_settings(cluster.env, env_file=None)) as engine, engine.connect() as conn:
+        stored = dict((await conn.execute(select(infra_nodes.c.id, infra_nodes.c.status))).all())
     assert stored["node-c"] == "stale"
+
+
+def test_a_node_that_restarts_on_another_port_is_called_there(cluster: Cluster) -> None:
+    with cluster.node("node-m", "ok") as first:
+        serving_node(first)
+        wait_until(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable through the gateway")
+        first_endpoint = cluster.listed()["node-m"]["endpoint"]
+    # Gone (killed): once stale it is skipped, so no request tries the dead endpoint meanwhile.
+    wait_until(lambda: cluster.listed()["node-m"]["health"] == "stale", "node-m stale", 6)
+    with cluster.node("node-m", "ok") as second:
+        serving_node(second)
+        assert cluster.listed()["node-m"]["endpoint"] != first_endpoint
+        wait_until(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable on its new port")
+        status, headers, body = chat(cluster, "local/moving", stream=True)
+        assert status == 200 and sse_events(body)[-1] == (None, "[DONE]")
+    assert headers["X-Request-ID"] in cluster.node_request_ids()
+    assert cluster.breaker("m-ok")["consecutive_failures"] == 0
 
 
 # --- gRPC authentication and error mapping ---
@@ -281,6 +327,12 @@ def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes
     with pytest.raises(grpc.RpcError) as as_service_token:
         _heartbeat(cluster, (("authorization", f"Bearer {reply.gateway_token}"),))
     assert as_service_token.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_the_interceptor_wraps_unary_rpcs_only_and_a_streaming_service_fails_at_start_up() -> None:
+    require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"])  # what the grpc mode serves
+    with pytest.raises(RuntimeError, match="StreamInference"):
+        require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["InferenceService"])
 
 
 def test_a_node_with_a_wrong_token_is_refused_and_never_listed(cluster: Cluster) -> None:
@@ -350,10 +402,6 @@ def test_a_failing_node_fails_over_and_errors_map_like_http_backends(cluster: Cl
     # INVALID_ARGUMENT: the request is wrong, not the node: 422, no failover.
     status, _, body = chat(cluster, "local/refuse")
     assert (status, json.loads(body)["error"]["code"]) == (422, "VALIDATION_ERROR")
-    # So is asking for what the protocol cannot carry.
-    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-    status, _, body = chat(cluster, "local/chat", tools=[tool])
-    assert status == 422 and "no tool calls" in json.loads(body)["error"]["details"][0]["message"]
     # RESOURCE_EXHAUSTED: rate limited, with Retry-After.
     status, headers, body = chat(cluster, "local/busy")
     assert (status, json.loads(body)["error"]["code"]) == (429, "BACKEND_RATE_LIMITED")
@@ -370,11 +418,57 @@ def test_a_failing_node_fails_over_and_errors_map_like_http_backends(cluster: Cl
     assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "BACKEND_ERROR"
     assert events[-1] == (None, "[DONE]")
 
-    # Embeddings: the protocol has no such call.
+
+def test_a_node_stream_that_ends_without_a_finish_reason_is_a_cut_stream(cluster: Cluster) -> None:
+    status, _, body = chat(cluster, "local/short", stream=True)
+    assert status == 200
+    events = sse_events(body)
+    assert [json.loads(d)["choices"][0]["delta"].get("content") for n, d in events[:2]] == ["tok0 ", "tok1 "]
+    assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "BACKEND_ERROR"
+    assert events[-1] == (None, "[DONE]")
+    # Not streamed, the gathered answer would be missing its end: no answer rather than a truncated one.
+    status, _, body = chat(cluster, "local/short")
+    assert (status, json.loads(body)["error"]["code"]) == (502, "BACKEND_ERROR")
+    breaker = cluster.breaker("a-short")
+    assert breaker["state"] == "open" and breaker["last_error"].startswith("cut: ")  # 2 failures: the threshold
+
+
+def test_a_request_a_node_cannot_carry_goes_to_a_backend_of_the_model_that_can(cluster: Cluster) -> None:
+    cluster.fake.received.clear()
+    # Plain text: the node, first in priority.
+    status, headers, _ = chat(cluster, "local/mixed")
+    assert status == 200 and headers["X-Request-ID"] in cluster.node_request_ids()
+    assert cluster.fake.received == []
+
+    # Tools or a picture: the HTTP backend of priority 2, and the node never hears of it.
+    for extra in ({"tools": [TOOL]}, {"tools": [TOOL], "stream": True}, {"messages": PICTURE}):
+        status, headers, body = chat(cluster, "local/mixed", **extra)
+        assert status == 200, body
+        assert headers["X-Request-ID"] not in cluster.node_request_ids()
+    assert [r.body.get("tools") for r in cluster.fake.received] == [[TOOL], [TOOL], None]
+    assert cluster.fake.received[2].body["messages"] == PICTURE
+    status, _, body = http_call("POST", cluster.gateway.url + "/v1/inference/embed", cluster.gateway.key,
+                                {"model": "local/embed-mixed", "input": "hello"})
+    assert status == 200, body
+    assert cluster.fake.received[3].path == "/v1/embeddings"
+    assert cluster.breaker("a-ok")["consecutive_failures"] == 0
+
+
+def test_a_request_no_backend_of_the_model_can_carry_is_refused_naming_why(cluster: Cluster) -> None:
+    before = len(cluster.node_calls())
+    for extra, field, why in (({"tools": [TOOL]}, "tools", "no tool calls"),
+                              ({"messages": PICTURE, "stream": True}, "messages", "text only")):
+        status, _, body = chat(cluster, "local/chat", **extra)
+        error = json.loads(body)["error"]
+        assert (status, error["code"]) == (422, "VALIDATION_ERROR")
+        assert [detail["field"] for detail in error["details"]] == [field]
+        assert why in error["details"][0]["message"]
     status, _, body = http_call("POST", cluster.gateway.url + "/v1/inference/embed", cluster.gateway.key,
                                 {"model": "local/embed", "input": "hello"})
-    assert status == 422
-    assert "no embeddings call" in json.loads(body)["error"]["details"][0]["message"]
+    error = json.loads(body)["error"]
+    assert (status, error["code"], error["details"][0]["field"]) == (422, "VALIDATION_ERROR", "model")
+    assert "no embeddings call" in error["details"][0]["message"]
+    assert len(cluster.node_calls()) == before
 
 
 def test_a_node_backend_that_keeps_failing_opens_its_breaker(cluster: Cluster) -> None:
@@ -389,13 +483,21 @@ def test_a_node_backend_that_keeps_failing_opens_its_breaker(cluster: Cluster) -
     assert json.loads(body)["data"]["state"] == "open"
 
 
-def test_a_backend_on_an_unknown_node_is_skipped_without_counting_as_a_failure(cluster: Cluster) -> None:
+def test_a_backend_on_an_unknown_node_or_a_model_the_node_has_not_loaded_is_skipped_without_a_failure(
+        cluster: Cluster) -> None:
     for _ in range(3):
         status, _, body = chat(cluster, "local/unknown-first")
         assert status == 200, body
-    _, _, body = http_call("GET", cluster.gateway.url + "/v1/backends/x-unknown/health", cluster.admin_key)
-    health = json.loads(body)["data"]
-    assert (health["state"], health["consecutive_failures"]) == ("closed", 0)
+        status, headers, body = chat(cluster, "local/unloaded-first")
+        assert status == 200, body
+        calls = {call["request_id"]: call for call in cluster.node_calls()}
+        assert calls[headers["X-Request-ID"]]["model"] == "ok"
+    status, _, body = chat(cluster, "local/unloaded")
+    assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+    assert "not-loaded" not in {call["model"] for call in cluster.node_calls()}
+    for backend_id in ("x-unknown", "a-unloaded"):
+        health = cluster.breaker(backend_id)
+        assert (health["state"], health["consecutive_failures"]) == ("closed", 0)
 
 
 def test_catalogue_validation_of_scaiinfer_backends(cluster: Cluster) -> None:

@@ -61,6 +61,16 @@ def test_auth_disabled_is_refused_in_production_and_allowed_in_development():
     assert load_settings({"SCAIGRID_AUTH_DISABLED": "true", "APP_ENV": "development"}, env_file=None).auth_disabled
 
 
+def test_objects_s3_cannot_take_in_10000_parts_are_refused():
+    part = {"STORAGE_PART_SIZE_BYTES": str(5 * 1024**2)}
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**part, "STORAGE_MAX_OBJECT_BYTES": str(10_000 * 5 * 1024**2 + 1)}, env_file=None)
+    assert str(caught.value).startswith(
+        "STORAGE_MAX_OBJECT_BYTES: must be at most 10000 x STORAGE_PART_SIZE_BYTES")
+    at_limit = load_settings({**part, "STORAGE_MAX_OBJECT_BYTES": str(10_000 * 5 * 1024**2)}, env_file=None)
+    assert at_limit.storage.max_object_bytes == 10_000 * 5 * 1024**2
+
+
 def test_secrets_are_masked_in_repr_and_entries():
     settings = load_settings({**MINIMAL, "S3_SECRET_ACCESS_KEY": "s3-secret-key", "JWT_SIGNING_SECRET": "jwt-secret",
                               "SCAIKEY_WEBHOOK_SECRET": "hook-secret"}, env_file=None)

@@ -3,12 +3,14 @@
 import asyncio
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
+from scaigrid.auth import service_tokens
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.tables import capabilities as capability_rows
 from scaigrid.modules.scaibunker.tables import metadata as module_metadata
@@ -147,7 +150,10 @@ def test_minting_validates_the_body(storage):
     reply = call(storage.bases["http"], "POST", STORAGE + "/capabilities", storage.admin_key, {
         "prefix": "a/../b/", "verbs": ["GET", "FLY"], "ttl_s": 86401, "max_bytes": LIMIT_BYTES + 1, "colour": 1})
     assert (reply.status, reply.code) == (422, "VALIDATION_ERROR")
-    assert {d["field"] for d in reply.body["error"]["details"]} == {"prefix", "verbs", "ttl_s", "max_bytes", "colour"}
+    details = {d["field"]: d["message"] for d in reply.body["error"]["details"]}
+    assert set(details) == {"prefix", "verbs", "ttl_s", "max_bytes", "colour"}
+    assert (details["ttl_s"], details["max_bytes"], details["colour"]) == (
+        "a whole number of seconds, 1-86400", f"a whole number of bytes, 1-{LIMIT_BYTES}", "unknown field")
     for body, field in [({"prefix": "images", "verbs": ["GET"]}, "prefix"),
                         ({"prefix": "images/", "verbs": []}, "verbs"),
                         ({"prefix": "images/", "verbs": ["GET", "GET"]}, "verbs"),
@@ -345,6 +351,13 @@ def test_tenants_are_isolated(storage):
     reply = call(base, "POST", STORAGE + "/capabilities", own_admin,
                  {"prefix": "shared/", "verbs": ["GET"], "tenant_id": other["id"]})
     assert (reply.status, reply.code) == (404, "NOT_FOUND")
+    # A service caller has no tenant of its own: it must name one.
+    service = service_tokens.mint(Secret(storage.env["SERVICE_TOKEN_SECRET"]), "sandbox-runner", 600)
+    reply = call(base, "POST", STORAGE + "/capabilities", service, {"prefix": "shared/", "verbs": ["GET"]})
+    assert (reply.status, [d["field"] for d in reply.body["error"]["details"]]) == (422, ["tenant_id"])
+    reply = call(base, "POST", STORAGE + "/capabilities", service,
+                 {"prefix": "shared/", "verbs": ["GET"], "tenant_id": other["id"]})
+    assert (reply.status, reply.data["tenant_id"]) == (201, other["id"])
     proxy = storage.bases["proxy"]
     assert raw_request(proxy, "PUT", f"{STORAGE}/objects/shared/doc", mine, b"mine")[0] == 201
     assert raw_request(proxy, "PUT", f"{STORAGE}/objects/shared/doc", theirs, b"theirs")[0] == 201
@@ -483,3 +496,126 @@ async def test_large_transfers_keep_proxy_memory_flat(storage, start_mode):
     growth_mib = (rss_kib(proxy.process.pid, "VmHWM") - baseline_kib) / 1024
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB for a {size // MiB} MiB object"
     assert proxy.stop() == 0
+
+
+# --- the storage thread pool (STORAGE_MAX_TRANSFERS) ---
+
+def own_capability(storage: Storage, prefix: str, max_bytes: int) -> str:
+    """A capability past the node's own STORAGE_MAX_OBJECT_BYTES, signed with the shared secret as the node would."""
+    tenant_id = tenant_id_of(storage, storage.token(prefix))
+    return capabilities.mint(Secret(storage.env["STORAGE_CAPABILITY_SECRET"]), capabilities.Capability(
+        "cap_" + secrets.token_hex(4), tenant_id, prefix, frozenset(ALL_VERBS), max_bytes, int(time.time()) + 600))
+
+
+async def test_a_full_pool_answers_busy_instead_of_queueing(storage, start_mode):
+    port = str(devstack.free_ports(1)[0])
+    proxy = start_mode("bunker_proxy", {**proxy_env(storage.env), "BUNKER_PROXY_PORT": port,
+                                        "STORAGE_MAX_TRANSFERS": "1", "STORAGE_MAX_OBJECT_BYTES": str(64 * MiB)})
+    base = f"http://127.0.0.1:{port}"
+    proxy.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
+    auth = {"Authorization": f"Bearer {own_capability(storage, 'busy/', 64 * MiB)}"}
+    url = f"{base}{STORAGE}/objects/busy/"
+    first = bytes(32 * MiB)  # far more than the sockets buffer: sent only once the proxy's handler reads it
+    in_handler, finish = asyncio.Event(), asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield first
+        in_handler.set()
+        await finish.wait()
+        yield b"end"
+
+    async with aiohttp.ClientSession() as session:
+        async def upload() -> tuple[int, Any]:
+            async with session.put(url + "held", data=held_body(), headers=auth) as response:
+                return response.status, await response.json()
+
+        held = asyncio.create_task(upload())
+        await asyncio.wait_for(in_handler.wait(), 30)
+        for method, key in [("GET", "held"), ("HEAD", "other"), ("PUT", "other")]:
+            async with session.request(method, url + key, headers=auth, data=b"x" if method == "PUT" else None
+                                       ) as response:
+                assert response.status == 503, method
+                assert response.headers["Retry-After"] == "2"
+                if method != "HEAD":
+                    assert (await response.json())["error"]["code"] == "STORAGE_BUSY"
+        finish.set()
+        status, body = await held
+        assert status == 201 and body["data"]["size"] == len(first) + 3
+        async with session.head(url + "held", headers=auth) as response:  # the slot is free again
+            assert response.status == 200 and int(response.headers["Content-Length"]) == len(first) + 3
+    assert proxy.stop() == 0
+
+
+class StallingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 that answers a download with its headers and first 9 MiB, then sends nothing until released."""
+
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if "location" in self.path:  # minio asks the bucket's region first
+            self.reply(200, b'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/"/>')
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(64 * MiB))
+        self.end_headers()
+        self.wfile.write(bytes(9 * MiB))  # the proxy's first 8 MiB chunk, and part of the second
+        self.wfile.flush()
+        self.release.wait(60)
+        self.close_connection = True
+
+    def do_HEAD(self) -> None:
+        bucket_only = "/" not in self.path.strip("/")
+        self.send_response(200 if bucket_only else 404)  # readiness finds the bucket; no object exists
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def stalling_s3() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", devstack.free_ports(1)[0]), StallingS3)
+    server.daemon_threads = True
+    StallingS3.release.clear()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        StallingS3.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_download_stalled_in_s3_frees_its_thread_when_the_client_leaves(storage, start_mode):
+    # minio would wait minutes for the stalled body (its read timeout), holding the one thread all along.
+    with stalling_s3() as s3_url:
+        port = str(devstack.free_ports(1)[0])
+        proxy = start_mode("bunker_proxy", {**proxy_env(storage.env), "BUNKER_PROXY_PORT": port,
+                                            "S3_ENDPOINT_URL": s3_url, "STORAGE_MAX_TRANSFERS": "1"})
+        base = f"http://127.0.0.1:{port}"
+        proxy.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
+        auth = {"Authorization": f"Bearer {storage.token('stall/')}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(f"{base}{STORAGE}/objects/stall/blob", headers=auth) as response:
+                # The first chunk arrives; the proxy's thread then waits in its read of the second, which stalls.
+                # Leaving with the body unread closes the connection.
+                assert response.status == 200 and len(await response.content.readexactly(8 * MiB)) == 8 * MiB
+            deadline = time.monotonic() + 20
+            while True:
+                async with session.head(f"{base}{STORAGE}/objects/stall/other", headers=auth) as response:
+                    if response.status != 503:
+                        break
+                assert time.monotonic() < deadline, "the stalled download kept the only thread"
+                await asyncio.sleep(0.1)
+            # Served while S3 still stalls (it does for 60 s): the thread is free, and the proxy was never blocked.
+            assert response.status == 404 and time.monotonic() < deadline
+        assert proxy.stop() == 0

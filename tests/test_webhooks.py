@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,11 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from appliance import devstack
 from scaigrid.accounting import flush
 from scaigrid.accounting.service import Accounting
+from scaigrid.auth import service_tokens
 from scaigrid.auth.bodies import utc_now
 from scaigrid.cache import InvalidationBus
 from scaigrid.db.tables import webhook_deliveries, webhook_events, webhooks
 from scaigrid.resources import database_ctx
-from scaigrid.settings import Settings, load_settings
+from scaigrid.settings import Secret, Settings, load_settings
 from scaigrid.webhooks import delivery, outbox
 from tests.accounting_fixtures import eventually, ledger_for, start_worker, usage
 from tests.backends import GATEWAY_SETTINGS, FakeBackend, backend, chat_model, http_call, serving
@@ -74,7 +74,7 @@ def subscribe(node: Node | Caller, receiver: Receiver, name: str, events: list[s
 
 
 def deliveries(node: Node, webhook_id: str) -> list[dict[str, Any]]:
-    reply = call(node.url, "GET", f"/v1/webhooks/{webhook_id}/deliveries", node.admin_key)
+    reply = call(node.url, "GET", f"/v1/webhooks/{webhook_id}/deliveries?limit=100", node.admin_key)
     assert reply.status == 200, reply.body
     return list(reply.data["items"])
 
@@ -133,6 +133,11 @@ async def test_crud_validation_secret_and_tenancy(node: Node, start_mode, receiv
     assert create({"url": PUBLIC_URL, "events": events, "tenant_id": hook["tenant_id"]}, other_admin).status == 404
     own = create({"url": PUBLIC_URL, "events": events}, other_admin)
     assert own.status == 201 and own.data["tenant_id"] == other["id"]
+    # A service caller has no tenant of its own: it must name one.
+    service = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "billing", 600)
+    assert problems(create({"url": PUBLIC_URL, "events": events}, service)) == {
+        "tenant_id": "required: a service caller has no tenant of its own"}
+    assert create({"url": PUBLIC_URL, "events": events, "tenant_id": other["id"]}, service).status == 201
     reply = call(node.url, "GET", "/v1/webhooks", create_key(node.env, "tenant_user"))
     assert reply.status == 403 and reply.code == "AUTHZ_PERMISSION_DENIED"
 
@@ -253,11 +258,11 @@ async def test_request_events_of_usage_written_without_redis(hooks_node: Node, r
     hook = subscribe(hooks_node, receiver, "direct", ["request.completed"])
     settings = load_settings(hooks_node.env, env_file=None)
     dead_redis = Redis.from_url(f"redis://127.0.0.1:{devstack.free_ports(1)[0]}")
-    async with engine_for(hooks_node.env) as engine:
+    async with engine_for(hooks_node.env) as engine, delivery.new_session(settings) as session:
         accounting = Accounting(settings, engine, dead_redis, InvalidationBus())
         record = usage({"partner_id": hook["partner_id"], "tenant_id": hook["tenant_id"]})
         await accounting.record(record)
-        assert await delivery.deliver_due(engine, settings, Clock(utc_now() + timedelta(seconds=1))) == 1
+        assert await delivery.deliver_due(engine, settings, session, Clock(utc_now() + timedelta(seconds=1))) == 1
     await dead_redis.aclose()
     [arrival] = receiver.arrived("direct")
     assert arrival.signature_valid and arrival.event["payload"]["request_id"] == record.request_id
@@ -295,16 +300,16 @@ async def test_retry_schedule_max_retries_and_purge(hooks_node: Node, receiver: 
     for hook in (five, two):
         assert call(hooks_node.url, "POST", f"/v1/webhooks/{hook['id']}/test", hooks_node.admin_key).status == 202
     clock = Clock(utc_now() + timedelta(seconds=1))
-    async with engine_for(hooks_node.env) as engine:
-        assert await delivery.deliver_due(engine, settings, clock) == 2
+    async with engine_for(hooks_node.env) as engine, delivery.new_session(settings) as session:
+        assert await delivery.deliver_due(engine, settings, session, clock) == 2
         for wait_s in (30, 120, 600, 1800, 7200):
             clock.advance(wait_s - 1)
-            assert await delivery.deliver_due(engine, settings, clock) == 0, f"sent before {wait_s} s"
+            assert await delivery.deliver_due(engine, settings, session, clock) == 0, f"sent before {wait_s} s"
             clock.advance(1)
-            sent = await delivery.deliver_due(engine, settings, clock)
+            sent = await delivery.deliver_due(engine, settings, session, clock)
             assert sent == (2 if wait_s <= 120 else 1), wait_s
         clock.advance(86400)
-        assert await delivery.deliver_due(engine, settings, clock) == 0
+        assert await delivery.deliver_due(engine, settings, session, clock) == 0
         assert len(receiver.arrived("five")) == 6 and len(receiver.arrived("two")) == 3
         assert all(a.signature_valid for a in receiver.arrivals)
         assert [a.headers["X-ScaiGrid-Delivery-Attempt"] for a in receiver.arrived("five")] == list("123456")
@@ -319,7 +324,7 @@ async def test_retry_schedule_max_retries_and_purge(hooks_node: Node, receiver: 
         receiver.behaviours["five"] = "ok"
         call(hooks_node.url, "POST", f"/v1/webhooks/{five['id']}/test", hooks_node.admin_key)
         clock.now = utc_now() + timedelta(seconds=1)
-        assert await delivery.deliver_due(engine, settings, clock) == 1
+        assert await delivery.deliver_due(engine, settings, session, clock) == 1
         assert (await hook_row(engine, five["id"]))["consecutive_failures"] == 0
 
         # Housekeeping: finished deliveries and their events go after the retention; pending ones stay.
@@ -341,8 +346,8 @@ async def test_private_targets_are_refused_at_delivery_time(hooks_node: Node, re
     for hook_id in (by_ip["id"], reply.data["id"]):
         call(hooks_node.url, "POST", f"/v1/webhooks/{hook_id}/test", hooks_node.admin_key)
     clock = Clock(utc_now() + timedelta(seconds=1))
-    async with engine_for(hooks_node.env) as engine:
-        assert await delivery.deliver_due(engine, strict, clock) == 2
+    async with engine_for(hooks_node.env) as engine, delivery.new_session(strict) as session:
+        assert await delivery.deliver_due(engine, strict, session, clock) == 2
         for hook_id in (by_ip["id"], reply.data["id"]):
             [row] = await delivery_rows(engine, hook_id)
             assert row["status"] == "pending" and row["attempts"] == 1
@@ -356,8 +361,8 @@ async def test_an_answer_later_than_the_timeout_is_a_failed_attempt(hooks_node: 
     hook = subscribe(hooks_node, receiver, "late", ["request.failed"])
     call(hooks_node.url, "POST", f"/v1/webhooks/{hook['id']}/test", hooks_node.admin_key)
     clock = Clock(utc_now() + timedelta(seconds=1))
-    async with engine_for(hooks_node.env) as engine:
-        assert await delivery.deliver_due(engine, settings, clock) == 1
+    async with engine_for(hooks_node.env) as engine, delivery.new_session(settings) as session:
+        assert await delivery.deliver_due(engine, settings, session, clock) == 1
         [row] = await delivery_rows(engine, hook["id"])
     receiver.release.set()
     assert (row["status"], row["last_error"], row["last_status_code"]) == ("pending", "no answer within 1 s", None)
@@ -372,10 +377,10 @@ async def test_auto_disable_after_50_consecutive_failures(hooks_node: Node, rece
     subscribe(hooks_node, receiver, "watcher", ["webhook.auto_disabled"])
     default = {"partner_id": flaky["partner_id"], "tenant_id": flaky["tenant_id"]}
     clock = Clock(utc_now() + timedelta(seconds=1))
-    async with engine_for(hooks_node.env) as engine:
+    async with engine_for(hooks_node.env) as engine, delivery.new_session(settings) as session:
         async with engine.begin() as conn:
             assert await outbox.emit_usage(conn, [usage(default) for _ in range(50)]) == 50
-        while await delivery.deliver_due(engine, settings, clock):
+        while await delivery.deliver_due(engine, settings, session, clock):
             pass
         hook = await hook_row(engine, flaky["id"])
         assert (hook["status"], hook["consecutive_failures"]) == ("disabled", 50)
@@ -389,7 +394,7 @@ async def test_auto_disable_after_50_consecutive_failures(hooks_node: Node, rece
         async with engine.begin() as conn:
             assert await outbox.emit_usage(conn, [usage(default)]) == 0
         clock.advance(86400)
-        assert await delivery.deliver_due(engine, settings, clock) == 0
+        assert await delivery.deliver_due(engine, settings, session, clock) == 0
 
     shown = call(hooks_node.url, "GET", f"/v1/webhooks/{flaky['id']}", hooks_node.admin_key).data
     assert shown["status"] == "disabled" and shown["disabled_reason"] == hook["disabled_reason"]
@@ -435,9 +440,13 @@ def test_two_workers_never_send_the_same_attempt(hooks_node: Node, start_mode, r
             await outbox.emit_usage(conn, [usage(default) for _ in range(60)])
 
     asyncio.run(emit())
-    receiver.wait_for(lambda: len({a.event_id for a in receiver.arrived("busy")}) == 60, "all delivered",
+    receiver.wait_for(lambda: len({a.event_id for a in receiver.arrived("busy")}) == 60, "all arrived",
                       timeout_s=40)
-    time.sleep(1.5)  # a duplicate would arrive within a poll or two
+    receiver.wait_for(lambda: {d["status"] for d in deliveries(hooks_node, hook["id"])} == {"delivered"},
+                      "all recorded as delivered")
+    # Each claim counts an attempt and a delivered row is never claimed again: a delivered row with one attempt
+    # was sent once, and nothing of it can still arrive.
+    assert [d["attempts"] for d in deliveries(hooks_node, hook["id"])] == [1] * 60
     ids = [a.event_id for a in receiver.arrived("busy")]
     assert len(ids) == 60 == len(set(ids))
     assert all(a.headers["X-ScaiGrid-Delivery-Attempt"] == "1" for a in receiver.arrived("busy"))
@@ -446,7 +455,9 @@ def test_two_workers_never_send_the_same_attempt(hooks_node: Node, start_mode, r
     # Both took part: the claims really did meet.
     sent = [sum(line.get("event") == "webhook_delivered" for line in worker.log_lines()) for worker in workers]
     assert sum(sent) == 60 and min(sent) > 0, sent
-    assert not [line for worker in workers for line in worker.log_lines() if line.get("event") == "job_failed"]
+    # Stopped cleanly: no failed run, and each worker's delivery client closed (aiohttp reports one left open).
+    lines = [line for worker in workers for line in worker.log_lines()]
+    assert not [line for line in lines if line.get("event") == "job_failed" or "Unclosed" in str(line)]
 
 
 async def test_budget_events_are_emitted_once(hooks_node: Node, receiver: Receiver):
@@ -458,7 +469,7 @@ async def test_budget_events_are_emitted_once(hooks_node: Node, receiver: Receiv
     assert reply.status == 201, reply.body
     budget_id = reply.data["id"]
     owner = {"partner_id": hook["partner_id"], "tenant_id": hook["tenant_id"]}
-    async with ledger_for(hooks_node.env) as ledger:
+    async with ledger_for(hooks_node.env) as ledger, delivery.new_session(settings) as session:
         for _ in range(7):
             await ledger.accounting.record(usage(owner))
         await ledger.accounting.drain()
@@ -471,7 +482,8 @@ async def test_budget_events_are_emitted_once(hooks_node: Node, receiver: Receiv
             return await stored_types() == ["budget.hard_limit_reached", "budget.soft_limit_reached"]
 
         await eventually(both_stored, what="budget events stored")
-        assert await delivery.deliver_due(ledger.engine, settings, Clock(utc_now() + timedelta(seconds=1))) == 2
+        clock = Clock(utc_now() + timedelta(seconds=1))
+        assert await delivery.deliver_due(ledger.engine, settings, session, clock) == 2
     arrivals = receiver.arrived("money")
     assert sorted(a.event["event_type"] for a in arrivals) == ["budget.hard_limit_reached",
                                                                "budget.soft_limit_reached"]

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.auth.principal import Principal
 from scaigrid.db.tables import new_id, partners, tenants, users
+from scaigrid.errors import FieldError
 
 SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 SLUG_MAX = 64
@@ -119,6 +120,20 @@ async def create_user(conn: AsyncConnection, *, tenant_id: str, email: str, role
     await insert_unique(conn, users, {"id": user_id, "tenant_id": tenant_id, "email": email, "role": role,
                                       "display_name": display_name, "scaikey_id": scaikey_id})
     return user_id
+
+
+async def target_tenant(conn: AsyncConnection, principal: Principal, tenant_id: str | None) -> tuple[str, str]:
+    """The tenant a caller creates something for, as (tenant id, its partner id): `tenant_id`, or by default the
+    caller's own. 422 when a caller without a tenant (a service) names none; 404 when it is out of reach."""
+    if tenant_id is None:
+        if not principal.tenant_id:
+            raise errors.validation_error(
+                [FieldError("tenant_id", "required: a service caller has no tenant of its own")])
+        tenant_id = principal.tenant_id
+    partner_id = await conn.scalar(select(tenants.c.partner_id).where(tenants.c.id == tenant_id))
+    if partner_id is None or not principal.reaches(tenant_id, partner_id):
+        raise errors.not_found(f"no tenant {tenant_id!r}")  # one out of reach is not revealed
+    return tenant_id, partner_id
 
 
 def visible_to(principal: Principal, query: Select[Any], tenant_column: ColumnElement[str],

@@ -1,7 +1,8 @@
 """Dispatch: choose a backend, call it over the OpenAI protocol, fail over, relay the answer, account for it.
 
 HTTP backends speak the OpenAI protocol; ScaiInfer nodes speak scaiinfer.v1 over gRPC, and their answer is read
-as the same OpenAI SSE bytes (scaigrid/dispatch/scaiinfer.py), so everything below is one pipeline for both.
+as the same OpenAI SSE bytes (scaigrid/dispatch/scaiinfer.py). Each kind is a Transport (dispatch/transport.py), so
+everything below is one pipeline for both.
 
 Failover happens only while nothing has been sent to the client: on a connection error, a timeout, a 5xx, a 429
 (the backend then cools down for its Retry-After) or an answer that is not the OpenAI shape. Once a stream has
@@ -15,9 +16,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +33,7 @@ from scaigrid.cache import BUS
 from scaigrid.dispatch import metrics, sse
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.scaiinfer import NodeClient
+from scaigrid.dispatch.transport import NEED_FIELDS, Transport, Upstream, request_needs
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
 from scaigrid.routing.catalogue import Backend, CatalogueLoader, Model
 from scaigrid.rpc.nodes import NodeDirectory
@@ -51,16 +53,6 @@ REFUSED_STATUSES = frozenset({400, 413, 422})
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class Upstream(Protocol):
-    """A backend's streamed answer as OpenAI SSE bytes, whatever its transport."""
-
-    async def read(self) -> bytes:
-        """The next bytes; b"" at the end."""
-
-    def close(self) -> None:
-        """Lets go of the answer; before its end, the backend sees us go and stops generating."""
-
-
 class HttpStream:
     __slots__ = ("_response",)
 
@@ -75,6 +67,35 @@ class HttpStream:
             self._response.release()  # back to the pool
         else:
             self._response.close()
+
+
+class HttpTransport:
+    """Backends that speak the OpenAI protocol over HTTP: they serve whatever a request needs."""
+
+    lacks: Mapping[str, str] = {}
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    def available(self, backend: Backend, now_s: float) -> bool:
+        return True
+
+    async def open(self, backend: Backend, payload: dict[str, Any], request_id: str) -> Upstream:
+        response = await self._session.post(backend.chat_url, data=_upstream_body(payload, backend),
+                                            headers=backend.headers)
+        try:
+            await _check_stream(response)
+        except BaseException:
+            response.close()
+            raise
+        return HttpStream(response)
+
+    async def fetch(self, backend: Backend, payload: dict[str, Any], request_id: str, embeddings: bool) -> bytes:
+        url = backend.embeddings_url if embeddings else backend.chat_url
+        async with self._session.post(url, data=_upstream_body(payload, backend), headers=backend.headers) as response:
+            if response.status != 200:
+                raise await _status_failure(response)
+            return await response.read()
 
 
 class Exchange:
@@ -177,7 +198,7 @@ class Dispatcher:
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, catalogue: CatalogueLoader,
                  breakers: Breakers, accounting: Accounting, nodes: NodeClient) -> None:
-        self._session = session
+        self._http = HttpTransport(session)
         self._nodes = nodes
         self.catalogue = catalogue
         self.breakers = breakers
@@ -187,17 +208,25 @@ class Dispatcher:
 
     # --- choosing ---
 
-    async def _choose(self, model: Model, tried: set[str] | None) -> Backend | None:
+    def _transport(self, backend: Backend) -> Transport:
+        return self._http if backend.node_id is None else self._nodes
+
+    def _serves(self, backend: Backend, needs: frozenset[str], now_s: float) -> bool:
+        transport = self._transport(backend)
+        return transport.available(backend, now_s) and not (needs and needs & transport.lacks.keys())
+
+    async def _choose(self, model: Model, tried: set[str] | None, needs: frozenset[str]) -> Backend | None:
         """The lowest priority group with a usable backend, weighted inside it; None when none is left.
 
-        A backend on a node that is unknown or stale is passed over without counting against its breaker.
+        A backend that cannot serve what the request needs, or whose transport cannot reach it now (a node that is
+        unknown, stale or has not loaded the model), is passed over without counting against its breaker.
         """
         now_s = time.time()
         check = self.breakers.check
-        reachable = self._nodes.reachable
+        serves = self._serves
         for group in model.groups:
             candidates = [route for route in group if (tried is None or route.backend.id not in tried)
-                          and reachable(route.backend, now_s)]
+                          and serves(route.backend, needs, now_s)]
             while candidates:
                 route = candidates[0] if len(candidates) == 1 else random.choices(  # noqa: S311 (load spreading)
                     candidates, [r.weight for r in candidates])[0]
@@ -209,6 +238,20 @@ class Dispatcher:
                     return route.backend
                 candidates.remove(route)
         return None
+
+    def _unmet(self, model: Model, needs: frozenset[str]) -> errors.ScaigridError | None:
+        """The client's 422 when no backend of the model can serve what the request needs, whatever its health."""
+        reasons: dict[str, str] = {}
+        for group in model.groups:
+            for route in group:
+                lacks = self._transport(route.backend).lacks
+                lacking = needs & lacks.keys()
+                if not lacking:
+                    return None
+                reasons.update((need, lacks[need]) for need in lacking)
+        return errors.validation_error(
+            [errors.FieldError(NEED_FIELDS[need], why) for need, why in sorted(reasons.items())],
+            f"no backend of {model.slug!r} can serve this request")
 
     def _exhausted(self, model: Model, failure: Failure | None) -> errors.ScaigridError:
         """The client's error once no backend is left to try."""
@@ -244,12 +287,15 @@ class Dispatcher:
         if not self.breakers.clean(backend.id):
             await self.breakers.succeeded(backend.id)
 
-    async def _failover(self, exchange: Exchange, attempt: Callable[[Backend], Awaitable[T]]) -> T:
+    async def _failover(self, exchange: Exchange, needs: frozenset[str], attempt: Callable[[Backend], Awaitable[T]]
+                        ) -> T:
         """`attempt` on one backend after another until one succeeds; raises the client's error when none does."""
         model = exchange.model
+        if needs and (unmet := self._unmet(model, needs)) is not None:
+            raise unmet
         tried: set[str] | None = None
         failure: Failure | None = None
-        while (backend := await self._choose(model, tried)) is not None:
+        while (backend := await self._choose(model, tried, needs)) is not None:
             exchange.backend = backend
             try:
                 return await attempt(backend)
@@ -267,7 +313,8 @@ class Dispatcher:
 
     async def call(self, exchange: Exchange, payload: dict[str, Any], embeddings: bool) -> bytes:
         """The backend's JSON answer with the model renamed."""
-        return await self._failover(exchange, lambda backend: self._call_one(exchange, backend, payload, embeddings))
+        return await self._failover(exchange, request_needs(payload, embeddings),
+                                    lambda backend: self._call_one(exchange, backend, payload, embeddings))
 
     async def _call_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
                         embeddings: bool) -> bytes:
@@ -276,7 +323,8 @@ class Dispatcher:
         waited_from = time.perf_counter()
         try:
             async with asyncio.timeout(backend.timeout_s):
-                body = await self._fetch(exchange, backend, payload, embeddings)
+                body = await self._transport(backend).fetch(backend, payload, exchange.request[REQUEST_ID],
+                                                            embeddings)
         except aiohttp.ClientError as exc:
             raise _client_error(exc) from None
         except TimeoutError:
@@ -294,43 +342,12 @@ class Dispatcher:
         await self._succeeded(backend)
         return sse.rename_model(body, sse.model_field(exchange.model.slug))
 
-    async def _fetch(self, exchange: Exchange, backend: Backend, payload: dict[str, Any], embeddings: bool
-                     ) -> bytes:
-        """The backend's whole answer (a node's stream, gathered into one chat.completion)."""
-        if backend.node_id is not None:
-            if embeddings:
-                raise Failure("refused", "scaiinfer.v1 has no embeddings call: route embedding models to HTTP "
-                                         "backends")
-            stream = self._nodes.open(backend, payload, exchange.request[REQUEST_ID])
-            try:
-                return await stream.completion()
-            finally:
-                stream.close()
-        url = backend.embeddings_url if embeddings else backend.chat_url
-        async with self._session.post(url, data=_upstream_body(payload, backend), headers=backend.headers) as response:
-            if response.status != 200:
-                raise await _status_failure(response)
-            return await response.read()
-
-    async def _open(self, exchange: Exchange, backend: Backend, payload: dict[str, Any]) -> Upstream:
-        """The backend's stream, once it has accepted the request (a node's acceptance shows with its first read)."""
-        if backend.node_id is not None:
-            return self._nodes.open(backend, payload, exchange.request[REQUEST_ID])
-        response = await self._session.post(backend.chat_url, data=_upstream_body(payload, backend),
-                                            headers=backend.headers)
-        try:
-            await _check_stream(response)
-        except BaseException:
-            response.close()
-            raise
-        return HttpStream(response)
-
     # --- streamed chat completions ---
 
     async def stream(self, exchange: Exchange, payload: dict[str, Any], forward_usage: bool) -> web.StreamResponse:
         """Relays a stream from the first backend that starts one; raises (nothing sent) when none does."""
         field = sse.model_field(exchange.model.slug)
-        return await self._failover(exchange, lambda backend: self._stream_one(
+        return await self._failover(exchange, request_needs(payload, False), lambda backend: self._stream_one(
             exchange, backend, payload, sse.ChunkRelay(field, forward_usage)))
 
     async def _stream_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
@@ -348,7 +365,7 @@ class Dispatcher:
         try:
             async with asyncio.timeout(backend.timeout_s) as deadline:
                 waited_from = perf_counter()
-                upstream = await self._open(exchange, backend, payload)
+                upstream = await self._transport(backend).open(backend, payload, exchange.request[REQUEST_ID])
                 read = upstream.read
                 chunk = await read()
                 exchange.upstream_s += perf_counter() - waited_from
@@ -485,16 +502,15 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
     directory = NodeDirectory(app[DB], settings.nodes)
     loader.on_load(lambda catalogue: directory.track(catalogue.node_ids))
-    nodes = NodeClient(settings, directory)
     # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=dispatch.connect_timeout_s)
     async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session, loader.running(),
                 directory.running()):
-        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING], nodes)
+        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING],
+                                     NodeClient(settings, directory))
         try:
             yield
         finally:
             await app[ACCOUNTING].drain()
             await breakers.stop()
-            await nodes.close()

@@ -1,25 +1,29 @@
 """Backends `scaiinfer:<node>/<model>`: a chat request as an InferenceRequest, the node's chunks as OpenAI SSE bytes.
 
 The node's stream is turned into the same `data: {chat.completion.chunk}` frames an HTTP backend sends, so the
-pipeline relays, counts and fails over exactly as it does for HTTP. Each node endpoint gets one cached grpc.aio
-channel; calls carry the node's call credential (`nodes.call_token`), which the node learnt from its heartbeats.
+pipeline relays, counts and fails over exactly as it does for HTTP. Calls go over the node directory's channel to
+the node, and carry the node's call credential (`nodes.call_token`), which the node learnt from its heartbeats.
 """
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
 from scaigrid.dispatch.failures import Failure
+from scaigrid.dispatch.sse import DONE_FRAME
+from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS
 from scaigrid.routing.catalogue import Backend
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.rpc.nodes import NodeDirectory, call_token
 from scaigrid.settings import Settings
 
-DONE_FRAME = b"data: [DONE]\n\n"
-# A node that restarts is reachable again within seconds, not after gRPC's default backoff of up to two minutes.
-CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000))
+# What scaiinfer.v1 cannot carry: a request needing it goes to another backend of the model, or is refused.
+LACKS = {TOOLS: "scaiinfer.v1 has no tool calls, and every backend of this model is a ScaiInfer node",
+         NON_TEXT: "scaiinfer.v1 carries text only, and every backend of this model is a ScaiInfer node",
+         EMBEDDINGS: "scaiinfer.v1 has no embeddings call, and every backend of this model is a ScaiInfer node"}
 # Which status means what for failover and the breaker. Unlisted codes are a failing node ("status").
 FAILURE_KINDS = {
     grpc.StatusCode.UNAVAILABLE: "connect",
@@ -45,21 +49,14 @@ def rpc_failure(exc: grpc.aio.AioRpcError) -> Failure:
 
 
 def _text(content: Any) -> str:
-    """A message's content as text: a string, or text parts (the protocol carries no images or audio)."""
+    """A message's content as text: a string, or text parts (a request with other parts never comes here: LACKS)."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise Failure("refused", "scaiinfer.v1 carries text only; this message has a non-text part")
-        texts.append(str(part.get("text", "")))
-    return "".join(texts)
+    return "".join(str(part.get("text", "")) for part in content)
 
 
 def inference_request(payload: dict[str, Any], model: str, request_id: str) -> scaiinfer_pb2.InferenceRequest:
-    """The chat body as the node gets it; refused (422, no failover) when it asks for what the protocol lacks."""
-    if payload.get("tools"):
-        raise Failure("refused", "scaiinfer.v1 has no tool calls; route this model to a backend that has")
+    """The chat body as the node gets it."""
     request = scaiinfer_pb2.InferenceRequest(model=model, request_id=request_id, messages=[
         scaiinfer_pb2.ChatMessage(role=str(message.get("role", "")), content=_text(message.get("content")))
         for message in payload["messages"]])
@@ -76,9 +73,14 @@ def inference_request(payload: dict[str, Any], model: str, request_id: str) -> s
 
 
 class NodeStream:
-    """One StreamInference call read as OpenAI SSE bytes (b"" after [DONE]); gRPC errors raise Failure."""
+    """One StreamInference call read as OpenAI SSE bytes; gRPC errors raise Failure.
 
-    __slots__ = ("_call", "_created", "_ended", "_id", "_model", "_sent_role")
+    The node's stream ends well only after a finish_reason: only then does it end with [DONE]. Ending without one,
+    it reads b"" (and gathers into a Failure), so the pipeline treats it as a cut stream, as it does an HTTP stream
+    that ends without [DONE].
+    """
+
+    __slots__ = ("_call", "_created", "_ended", "_finish_reason", "_id", "_model", "_sent_role")
 
     def __init__(self, call: Any, model: str, request_id: str) -> None:
         self._call = call
@@ -86,6 +88,7 @@ class NodeStream:
         self._id = "chatcmpl-" + request_id
         self._created = int(time.time())
         self._ended = False
+        self._finish_reason = ""
         self._sent_role = False
 
     async def next_chunk(self) -> scaiinfer_pb2.InferenceChunk | None:
@@ -100,13 +103,14 @@ class NodeStream:
             self._ended = True
             return None
         assert isinstance(chunk, scaiinfer_pb2.InferenceChunk)
+        self._finish_reason = chunk.finish_reason or self._finish_reason
         return chunk
 
     async def read(self) -> bytes:
         was_open = not self._ended
         chunk = await self.next_chunk()
         if chunk is None:
-            return DONE_FRAME if was_open else b""
+            return DONE_FRAME if was_open and self._finish_reason else b""
         frames = b""
         if chunk.delta or chunk.finish_reason or not chunk.HasField("usage"):
             delta: dict[str, Any] = {"content": chunk.delta} if chunk.delta else {}
@@ -128,17 +132,17 @@ class NodeStream:
     async def completion(self) -> bytes:
         """The whole stream as one chat.completion (for a client that did not ask for a stream)."""
         parts: list[str] = []
-        finish_reason = None
         usage = None
         while (chunk := await self.next_chunk()) is not None:
             parts.append(chunk.delta)
-            finish_reason = chunk.finish_reason or finish_reason
             if chunk.HasField("usage"):
                 usage = _usage(chunk.usage)
+        if not self._finish_reason:
+            raise Failure("cut", "the node's stream ended without a finish_reason", public="stream cut")
         body: dict[str, Any] = {
             "id": self._id, "object": "chat.completion", "created": self._created, "model": self._model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": finish_reason or "stop"}]}
+                         "finish_reason": self._finish_reason}]}
         if usage is not None:
             body["usage"] = usage
         return json.dumps(body, separators=(",", ":")).encode()
@@ -155,12 +159,13 @@ def _usage(usage: scaiinfer_pb2.Usage) -> dict[str, int]:
 
 
 class NodeClient:
-    """Opens StreamInference calls to the nodes the directory knows, over one cached channel per endpoint."""
+    """The Transport of scaiinfer backends: StreamInference calls to the nodes the directory knows."""
+
+    lacks: Mapping[str, str] = LACKS
 
     def __init__(self, settings: Settings, directory: NodeDirectory) -> None:
         self.directory = directory
         self._secret = settings.auth.service_token_secret
-        self._channels: dict[str, Any] = {}
 
     def _metadata(self, node_id: str) -> tuple[tuple[str, str], ...]:
         if self._secret is None:
@@ -168,25 +173,27 @@ class NodeClient:
                           public="not configured")
         return (("authorization", f"Bearer {call_token(self._secret, node_id)}"),)
 
-    def reachable(self, backend: Backend, now_s: float) -> bool:
-        """False for a scaiinfer backend whose node is unknown or stale: skipped, not a failure of the backend."""
-        return backend.node_id is None or self.directory.reachable(backend.node_id, now_s) is not None
+    def available(self, backend: Backend, now_s: float) -> bool:
+        """False when the node is unknown or stale, or has not announced the backend's model."""
+        assert backend.node_id is not None
+        node = self.directory.reachable(backend.node_id, now_s)
+        return node is not None and backend.node_model in node.models
 
-    def open(self, backend: Backend, payload: dict[str, Any], request_id: str) -> NodeStream:
+    async def open(self, backend: Backend, payload: dict[str, Any], request_id: str) -> NodeStream:
         """Starts the call (nothing is awaited: the first read waits for the node)."""
         assert backend.node_id is not None
         node = self.directory.reachable(backend.node_id, time.time())
         if node is None:
             raise Failure("connect", f"node {backend.node_id} went stale", public="node stale")
         request = inference_request(payload, backend.node_model, request_id)
-        channel = self._channels.get(node.endpoint)
-        if channel is None:
-            channel = self._channels[node.endpoint] = grpc.aio.insecure_channel(node.endpoint, CHANNEL_OPTIONS)
-        call = scaiinfer_pb2_grpc.InferenceServiceStub(channel).StreamInference(
+        call = scaiinfer_pb2_grpc.InferenceServiceStub(self.directory.channel(backend.node_id)).StreamInference(
             request, metadata=self._metadata(backend.node_id))
         return NodeStream(call, backend.node_model, request_id)
 
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+    async def fetch(self, backend: Backend, payload: dict[str, Any], request_id: str, embeddings: bool) -> bytes:
+        """The node's stream gathered into one chat.completion (never embeddings: LACKS)."""
+        stream = await self.open(backend, payload, request_id)
+        try:
+            return await stream.completion()
+        finally:
+            stream.close()

@@ -21,6 +21,7 @@ async def _s3_ready(app: web.Application) -> str:
 def create_proxy_app(settings: Settings) -> web.Application:
     app = base_app(settings)
     app.cleanup_ctx.append(resource_ctx(S3, s3_ctx))
+    app.cleanup_ctx.append(scaibunker.storage.transfers_ctx)
     app[READY_CHECKS]["s3"] = _s3_ready
     # Object routes only: capabilities are minted (and recorded) by the http process.
     mount_module(app, dataclasses.replace(scaibunker.MODULE, routes=scaibunker.storage.ROUTES))

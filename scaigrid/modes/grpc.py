@@ -16,7 +16,7 @@ from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
-from scaigrid.rpc.interceptors import ServiceInterceptor
+from scaigrid.rpc.interceptors import ServiceInterceptor, require_unary
 from scaigrid.rpc.servicers import HeartbeatServicer
 from scaigrid.settings import Settings
 
@@ -58,6 +58,7 @@ async def serve(settings: Settings) -> int:
         server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.auth.service_token_secret)])
         servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"])
         scaiinfer_pb2_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatServicer(engine, settings), server)
         reflection.enable_server_reflection(
             (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -114,7 +114,11 @@ async def run_once(settings: Settings, job: Job) -> str:
     """One run of `job` now, as the scheduler would run it (same tick lock): `scaigrid job run NAME`."""
     async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
         runner = JobRunner(settings, engine, redis, f"{socket.gethostname()}:{os.getpid()}:cli")
-        return await runner.run(job, job.tick_for(time.time()))
+        try:
+            return await runner.run(job, job.tick_for(time.time()))
+        finally:
+            if job.cleanup is not None:
+                await job.cleanup()
 
 
 async def serve(settings: Settings) -> int:
@@ -140,6 +144,9 @@ async def serve(settings: Settings) -> int:
         await wait_for_stop_signal()
         scheduler.shutdown(wait=False)
         finished, cut = await runner.finish(settings.worker.stop_grace_s)
+        for job in jobs:
+            if job.cleanup is not None:
+                await job.cleanup()
         await redis.delete(heartbeat.KEY_PREFIX + worker_id)
         logger.info("stopped: %d running job(s) finished, %d cut", finished, cut,
                     extra={"event": "stopped", "finished": finished, "cut": cut})

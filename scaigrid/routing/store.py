@@ -26,6 +26,7 @@ from scaigrid.errors import FieldError
 from scaigrid.routing.catalogue import SCAIINFER
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
+from scaigrid.urls import http_url_problem
 
 BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SEGMENT = r"[a-z0-9][a-z0-9._:-]*"
@@ -189,13 +190,8 @@ def _base_url(fields: _Fields) -> str | None:
     url = fields.text("base_url", required=True, max_len=1024)
     if url is None:
         return None
-    try:
-        parts = urlsplit(url)
-        callable_url = parts.port is None or parts.port > 0
-    except ValueError:  # a port out of range or not a number, a broken IPv6 address: the catalogue would not load
-        callable_url = False
-    if (not callable_url or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-            or parts.fragment):
+    # A URL that would not load into the catalogue, or with a query or fragment the request paths cannot follow.
+    if http_url_problem(url) is not None or urlsplit(url).query or urlsplit(url).fragment:
         fields.fail("base_url", "an http:// or https:// URL of the OpenAI API root, e.g. http://10.0.0.5:8000/v1")
         return None
     return url.rstrip("/")

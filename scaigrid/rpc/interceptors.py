@@ -3,11 +3,12 @@
 Servicers just raise `ScaigridError`; the code it maps to follows its HTTP status, and the trailing metadata
 `scaigrid-error-code` carries the documented error code. Health checks and reflection are exempt from
 authentication: load balancers and probes hold no token, and reflection only describes the protocol, which is
-public in the repository.
+public in the repository. It wraps unary RPCs only (all the grpc mode serves): `require_unary` refuses, at
+start-up, a service that has another kind.
 """
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -32,6 +33,14 @@ STATUS_CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED, 501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def require_unary(service: Any) -> None:
+    """Raises unless every method of the service (a ServiceDescriptor) is unary: call it for each service served."""
+    streaming = [method.name for method in service.methods if method.client_streaming or method.server_streaming]
+    if streaming:
+        raise RuntimeError(f"{service.full_name} has streaming methods ({', '.join(streaming)}), which "
+                           "ServiceInterceptor does not wrap: authentication would not apply to them")
 
 
 def status_code(error: ScaigridError) -> Any:
@@ -73,15 +82,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streamed(handler.unary_stream), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        raise NotImplementedError("client-streaming RPCs have no interceptor yet")
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary), request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
     def _unary(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
         async def unary(request: Any, context: Any) -> Any:
@@ -93,16 +96,3 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             except Exception as exc:
                 await self._abort(context, exc)
         return unary
-
-    def _streamed(self, behaviour: Callable[[Any, Any], AsyncIterator[Any]]
-                  ) -> Callable[[Any, Any], AsyncIterator[Any]]:
-        async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                CALLER.set(self._authenticate(context))
-                async for item in behaviour(request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await self._abort(context, exc)
-        return streamed

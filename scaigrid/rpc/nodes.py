@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 from sqlalchemy import select, update
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,8 @@ MAX_NAME_CHARS = 255
 MAX_COUNT = 2**31 - 1  # the capacity and load columns' range (the protocol's uint32 goes higher)
 # How often an http process rereads the nodes: well below NODE_WARNING_AFTER_S, one small query per process.
 DIRECTORY_REFRESH_S = 2.0
+# A node that restarts is reachable again within seconds, not after gRPC's default backoff of up to two minutes.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000))
 
 
 @dataclass(frozen=True)
@@ -170,16 +173,22 @@ async def sweep_node_status(ctx: JobContext) -> None:
 class KnownNode:
     endpoint: str
     last_heartbeat_unix: float
+    models: frozenset[str]  # the models its last heartbeat announced as loaded
 
 
 class NodeDirectory:
     """The http process's view of the nodes its catalogue routes to, reread every DIRECTORY_REFRESH_S while there
-    are any (a catalogue without scaiinfer backends costs no query at all): requests never query for it."""
+    are any (a catalogue without scaiinfer backends costs no query at all): requests never query for it.
+
+    It also holds one gRPC channel per node, opened on first use and closed once the node announces another
+    endpoint or disappears, so a node that moves leaves no connection behind.
+    """
 
     def __init__(self, engine: AsyncEngine, settings: NodeSettings) -> None:
         self._engine = engine
         self._stale_after_s = settings.stale_after_s
         self._nodes: dict[str, KnownNode] = {}
+        self._channels: dict[str, Any] = {}  # node id -> grpc.aio.Channel to its current endpoint
         self._tracked: frozenset[str] = frozenset()
         self._wanted = asyncio.Event()  # set while some node is tracked
         self._refresh_now = asyncio.Event()
@@ -203,12 +212,27 @@ class NodeDirectory:
             return None
         return node
 
+    def channel(self, node_id: str) -> Any:
+        """The channel to a known node's endpoint."""
+        channel = self._channels.get(node_id)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(self._nodes[node_id].endpoint, CHANNEL_OPTIONS)
+            self._channels[node_id] = channel
+        return channel
+
     async def refresh(self) -> None:
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(select(infra_nodes.c.id, infra_nodes.c.endpoint,
+            rows = (await conn.execute(select(infra_nodes.c.id, infra_nodes.c.endpoint, infra_nodes.c.models,
                                               infra_nodes.c.last_heartbeat_at))).all()
-        self._nodes = {row.id: KnownNode(row.endpoint, row.last_heartbeat_at.replace(tzinfo=UTC).timestamp())
-                       for row in rows}
+        nodes = {row.id: KnownNode(row.endpoint, row.last_heartbeat_at.replace(tzinfo=UTC).timestamp(),
+                                   frozenset(row.models or ())) for row in rows}
+        # Swapped in with no await in between, so a channel is always to its node's current endpoint.
+        moved = [node_id for node_id in self._channels
+                 if node_id not in nodes or nodes[node_id].endpoint != self._nodes[node_id].endpoint]
+        self._nodes = nodes
+        closing = [self._channels.pop(node_id) for node_id in moved]
+        for channel in closing:
+            await channel.close()
 
     async def _follow(self) -> None:
         while True:
@@ -235,5 +259,10 @@ class NodeDirectory:
             with contextlib.suppress(Exception):  # an unmigrated schema: _follow keeps trying and says so
                 await self.refresh()
                 self._refresh_now.clear()
-        async with background(self._follow(), "node-directory"):
-            yield self
+        try:
+            async with background(self._follow(), "node-directory"):
+                yield self
+        finally:
+            for channel in self._channels.values():
+                await channel.close()
+            self._channels.clear()

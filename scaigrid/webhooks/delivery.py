@@ -7,7 +7,8 @@ mid-delivery leaves its lease to expire; the delivery is then due again and anot
 (at-least-once). The outcome is written only if the row still holds the claimed attempt, so a worker
 that outlived its lease cannot overwrite the attempt that replaced its own.
 
-Every function takes the time (or a clock) from its caller: retry timing is tested without sleeping.
+Every function takes the time (or a clock) from its caller: retry timing is tested without sleeping. The job
+(`Courier`) keeps one HTTP client per worker process, so connections to receivers are reused across polls.
 """
 
 import asyncio
@@ -15,6 +16,8 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,10 +44,11 @@ RETRY_DELAYS_S = (30, 120, 600, 1800, 7200)  # after the 1st, 2nd, ... failed at
 # The lease outlasts the request's timeout by this much: time to write the outcome.
 LEASE_SLACK_S = 5.0
 CLAIM_BATCH = 20  # deliveries one worker sends at once
+DUE_COUNT_EVERY_S = 10.0  # how often a worker draining a backlog counts it for OUTBOX_DUE
 SIGNATURE_HEADER = "X-ScaiGrid-Signature"
 
 DELIVERIES = Counter("scaigrid_webhook_deliveries_total", "webhook delivery attempts by outcome", ["outcome"])
-OUTBOX_DUE = Gauge("scaigrid_webhook_outbox_due", "webhook deliveries due and not leased, at the last poll")
+OUTBOX_DUE = Gauge("scaigrid_webhook_outbox_due", "webhook deliveries due and not leased, as last counted")
 AUTO_DISABLED = Counter("scaigrid_webhooks_auto_disabled_total", "webhooks disabled for consecutive failures")
 
 d = webhook_deliveries
@@ -207,34 +211,57 @@ async def resume(conn: AsyncConnection, webhook_id: str, now: datetime) -> None:
         status="pending", next_attempt_at=now))
 
 
-async def deliver_due(engine: AsyncEngine, settings: Settings, clock: Clock = utc_now,
-                      limit: int = CLAIM_BATCH) -> int:
-    """Claims one batch of due deliveries, sends them concurrently and records each outcome; returns how many."""
-    now = clock()
-    claimed = await claim(engine, now, timedelta(seconds=lease_s(settings)), limit)
-    async with engine.connect() as conn:
-        OUTBOX_DUE.set(await conn.scalar(select(func.count()).select_from(d).where(_due(now))) or 0)
-    if not claimed:
-        return 0
+def new_session(settings: Settings) -> aiohttp.ClientSession:
+    """The client deliveries go through; unless private targets are allowed, its resolver refuses them."""
     resolver = None if settings.webhooks.allow_private_targets else targets.GuardedResolver()
-    connector = aiohttp.TCPConnector(resolver=resolver, limit=limit)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, limit=CLAIM_BATCH))
 
-        async def one(item: Claimed) -> None:
-            outcome = await send(session, settings, item)
-            await finish(engine, settings, item, outcome, clock())
 
-        await asyncio.gather(*(one(item) for item in claimed))
+async def deliver_due(engine: AsyncEngine, settings: Settings, session: aiohttp.ClientSession,
+                      clock: Clock = utc_now, limit: int = CLAIM_BATCH) -> int:
+    """Claims one batch of due deliveries, sends them concurrently and records each outcome; returns how many."""
+    claimed = await claim(engine, clock(), timedelta(seconds=lease_s(settings)), limit)
+
+    async def one(item: Claimed) -> None:
+        outcome = await send(session, settings, item)
+        await finish(engine, settings, item, outcome, clock())
+
+    await asyncio.gather(*(one(item) for item in claimed))
     return len(claimed)
 
 
-async def deliver(ctx: JobContext) -> None:
-    """Runs every WEBHOOK_POLL_INTERVAL_S on every worker (not exclusive: claims keep workers apart).
+async def count_due(engine: AsyncEngine, now: datetime) -> int:
+    async with engine.connect() as conn:
+        return await conn.scalar(select(func.count()).select_from(d).where(_due(now))) or 0
 
-    Goes on while batches come back full, so a backlog drains within one run.
-    """
-    while await deliver_due(ctx.engine, ctx.settings) == CLAIM_BATCH:
-        pass
+
+class Courier:
+    """A worker process's delivery job. Its one HTTP client (pooled connections, one resolver) is opened by the
+    first poll and kept across polls until the worker stops (`close`, the job's cleanup)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._due_counted_at_s = -math.inf  # time.monotonic()
+
+    async def deliver(self, ctx: JobContext) -> None:
+        """Runs every WEBHOOK_POLL_INTERVAL_S on every worker (not exclusive: claims keep workers apart).
+
+        Goes on while batches come back full, so a backlog drains within one run.
+        """
+        if self._session is None:
+            self._session = new_session(ctx.settings)
+        while await deliver_due(ctx.engine, ctx.settings, self._session) == CLAIM_BATCH:
+            # The gauge costs a COUNT over the due index, so it is taken only when a claim comes back full (more
+            # may be due), at most every DUE_COUNT_EVERY_S while a backlog drains batch by batch.
+            if time.monotonic() - self._due_counted_at_s >= DUE_COUNT_EVERY_S:
+                self._due_counted_at_s = time.monotonic()
+                OUTBOX_DUE.set(await count_due(ctx.engine, utc_now()))
+        OUTBOX_DUE.set(0)  # a claim that came back short took everything due (or skipped what others were claiming)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 async def purge(engine: AsyncEngine, before: datetime) -> int:

@@ -9,7 +9,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid.accounting.budgets import Budget, Period
 from scaigrid.accounting.records import UsageRecord
-from scaigrid.auth.bodies import decimal_text, iso
+from scaigrid.auth.bodies import decimal_text, iso, utc_from_unix
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,6 @@ async def emit(conn: AsyncConnection, events: Sequence[Event]) -> int:
     return len(targets)
 
 
-def _naive(unix_s: float) -> datetime:
-    return datetime.fromtimestamp(unix_s, UTC).replace(tzinfo=None)
-
-
 def request_event(record: UsageRecord) -> Event:
     """request.completed or request.failed of one usage record; its id follows from the request id."""
     event_type = REQUEST_COMPLETED if record.status == "ok" else REQUEST_FAILED
@@ -109,7 +105,7 @@ def request_event(record: UsageRecord) -> Event:
     if event_type == REQUEST_FAILED:
         payload["error_code"] = record.error_code
     return Event(derived_id("evt", "request", record.request_id), event_type, record.partner_id, record.tenant_id,
-                 payload, _naive(record.created_at_unix))
+                 payload, utc_from_unix(record.created_at_unix))
 
 
 async def emit_usage(conn: AsyncConnection, records: Iterable[UsageRecord]) -> int:

@@ -17,8 +17,8 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
 from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
-from scaigrid.auth.tenancy import visible_to
-from scaigrid.db.tables import new_id, tenants, webhook_deliveries, webhook_events, webhooks
+from scaigrid.auth.tenancy import target_tenant, visible_to
+from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
 from scaigrid.errors import FieldError
 from scaigrid.webhooks import delivery, outbox, targets
 
@@ -42,15 +42,6 @@ class WebhookBody(Body):
         else:
             return sorted(set(value))
         return None
-
-    def count(self, name: str, *, maximum: int) -> int | None:
-        value = self._raw(name, False)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-            self.problems.append(FieldError(name, f"a whole number 0-{maximum}"))
-            return None
-        return value
 
     async def url(self, name: str, *, required: bool, allow_private: bool) -> str | None:
         value = self.string(name, required=required, max_length=2048)
@@ -97,20 +88,15 @@ async def create_webhook(request: web.Request) -> web.Response:
     url = await body.url("url", required=True, allow_private=settings.webhooks.allow_private_targets)
     events = body.events("events", required=True)
     description = body.string("description")
-    max_retries = body.count("max_retries", maximum=MAX_RETRIES_LIMIT)
+    max_retries = body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT)
     status = body.string("status", choices=STATUSES) or "active"
-    own_tenant = principal.tenant_id if principal.kind != "service" else None
-    tenant_id = body.string("tenant_id", max_length=40) or own_tenant
-    if tenant_id is None and not body.problems:
-        body.problems.append(FieldError("tenant_id", "required: a service caller has no tenant of its own"))
+    wanted_tenant_id = body.string("tenant_id", max_length=40)
     body.done()
-    assert url is not None and events is not None and tenant_id is not None  # done() raised otherwise
+    assert url is not None and events is not None  # done() raised otherwise
     secret = _new_secret()
     webhook_id = new_id("whk")
     async with request.app[DB].begin() as conn:
-        partner_id = await conn.scalar(select(tenants.c.partner_id).where(tenants.c.id == tenant_id))
-        if partner_id is None or not principal.reaches(tenant_id, partner_id):
-            raise errors.not_found(f"no tenant {tenant_id!r}")
+        tenant_id, partner_id = await target_tenant(conn, principal, wanted_tenant_id)
         now = utc_now()
         await conn.execute(insert(webhooks).values(
             id=webhook_id, partner_id=partner_id, tenant_id=tenant_id, url=url, events=events,
@@ -138,7 +124,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {
         "url": await body.url("url", required=False, allow_private=settings.webhooks.allow_private_targets),
         "events": body.events("events"),
-        "max_retries": body.count("max_retries", maximum=MAX_RETRIES_LIMIT),
+        "max_retries": body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT),
         "status": body.string("status", choices=STATUSES),
     }
     description = body.string("description")

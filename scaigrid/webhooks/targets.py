@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from scaigrid.urls import http_url_problem
+
 
 class RefusedTarget(OSError):
     """The target is not allowed; an OSError so that aiohttp reports it as the connection's cause."""
@@ -32,16 +34,11 @@ def refusal(address: str) -> str | None:
 
 
 def url_problem(url: str) -> str | None:
-    """What is wrong with the URL's form (None: nothing): scheme, host, credentials."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number or out of range
-    except ValueError:
-        return "not a valid URL"
-    if parts.scheme not in ("http", "https"):
-        return "must be an http or https URL"
-    if not parts.hostname:
-        return "must name a host"
+    """What is wrong with the URL's form (None: nothing): that of any URL ScaiGrid calls, and no credentials."""
+    problem = http_url_problem(url)
+    if problem is not None:
+        return problem
+    parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials; authenticate the sender by the signature"
     return None

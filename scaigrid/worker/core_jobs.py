@@ -11,6 +11,7 @@ from scaigrid.worker.jobs import Job
 def core_jobs(settings: Settings) -> tuple[Job, ...]:
     heartbeat_ttl_s = settings.worker.heartbeat_ttl_s
     flush_interval_s = settings.limits.usage_flush_interval_s
+    courier = webhook_delivery.Courier()  # the process's delivery client, kept across polls
     return (
         # Three beats per TTL, so one late beat never makes a live worker look dead.
         Job("worker_heartbeat", heartbeat.beat, every_s=max(1, heartbeat_ttl_s // 3), timeout_s=5, exclusive=False),
@@ -19,8 +20,8 @@ def core_jobs(settings: Settings) -> tuple[Job, ...]:
         Job("usage_retention", housekeeping.purge_usage, cron="17 3 * * *", timeout_s=600),
         Job("api_key_purge", housekeeping.purge_api_keys, cron="41 * * * *", timeout_s=120),
         # Every worker polls (not exclusive): SKIP LOCKED claims with a lease keep them from sending an attempt twice.
-        Job("webhook_delivery", webhook_delivery.deliver, every_s=settings.webhooks.poll_interval_s, timeout_s=120,
-            exclusive=False),
+        Job("webhook_delivery", courier.deliver, every_s=settings.webhooks.poll_interval_s, timeout_s=120,
+            exclusive=False, cleanup=courier.close),
         Job("webhook_purge", webhook_delivery.purge_old, cron="23 * * * *", timeout_s=600),
         Job("node_staleness_sweep", sweep_node_status, every_s=max(1, int(settings.nodes.warning_after_s // 3)),
             timeout_s=30),

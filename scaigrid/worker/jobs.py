@@ -28,6 +28,8 @@ class Job:
     cron: str | None = None  # five-field crontab, minute resolution
     timeout_s: float = 60.0
     exclusive: bool = True  # one run per tick across all workers, decided by a Redis lock
+    # Awaited once when the process that ran the job is done with it: releases what runs kept (a client, say).
+    cleanup: Callable[[], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if (self.every_s is None) == (self.cron is None):

@@ -4,7 +4,8 @@ Callers present a storage capability (`Authorization: Bearer <capability>`), nev
 public to the gateway and authorise themselves in `_authorised`. Objects live in S3 under tenants/<tenant id>/, so
 a capability reaches its own tenant's keys only. Bodies stream through in both directions: an upload goes through
 a bounded pipe to minio's multipart put_object running in a thread, a download is read from S3 in chunks by a
-thread and written as it comes; neither holds a whole object in memory.
+thread and written as it comes; neither holds a whole object in memory. Those threads are storage's own pool
+(`Transfers`), never the loop's default executor, which aiohttp's DNS resolver shares with the rest of the process.
 """
 
 import asyncio
@@ -14,8 +15,10 @@ import contextlib
 import itertools
 import logging
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, BinaryIO, cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO, ParamSpec, TypeVar, cast
 from urllib.parse import unquote
 
 import urllib3
@@ -42,6 +45,9 @@ CHUNK_BYTES = 1024 * 1024  # what an upload hands from the event loop to the S3 
 # bench/storage.py, at about the same memory (bench/RESULTS.md).
 DOWNLOAD_CHUNK_BYTES = 8 * 1024 * 1024
 DOWNLOAD_DEPTH = 1
+# How long an ended download waits for its S3 read thread once that read has been cut; should it still run (it
+# never has), it is left to end by itself, its slot of the pool taken until it does.
+PUMP_STOP_WAIT_S = 5.0
 # Any character, newlines included, so that every key reaches the handler and its validation (not a bare 404).
 OBJECT_PATH = OBJECTS_PATH + r"/{key:[\s\S]+}"
 DEFAULT_LIST = 100
@@ -54,6 +60,73 @@ BYTES = Counter("scaibunker_storage_bytes_total", "object bytes through the stor
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+# --- the storage thread pool ---
+
+class Transfer:
+    """One object request's slot of the pool: its blocking S3 calls, one after the other."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self._executor = executor
+        self._call: Future[Any] | None = None
+
+    def run(self, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> "asyncio.Future[T]":
+        self._call = self._executor.submit(call, *args, **kwargs)
+        return asyncio.wrap_future(self._call)
+
+    def ended(self, release: Callable[[], None]) -> None:
+        """Calls `release` now, or once a call still running (a read stalled in S3) has returned."""
+        if self._call is None:
+            release()
+        else:
+            self._call.add_done_callback(lambda _: release())  # at once if it is done
+
+
+class Transfers:
+    """Storage's own threads for minio's blocking calls, sized by STORAGE_MAX_TRANSFERS.
+
+    Each object request holds a slot, and runs at most one call at a time in it: a call never waits for a thread.
+    A request finding every slot taken is refused (STORAGE_BUSY) rather than queued behind transfers that may last
+    minutes. A slot is free again once its request has ended and its last call has returned.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="storage")
+        self._free = size
+        self._lock = threading.Lock()  # a call ending after its request frees the slot from the pool's thread
+
+    @contextlib.contextmanager
+    def transfer(self) -> Iterator[Transfer]:
+        with self._lock:
+            if self._free == 0:
+                raise errors.storage_busy()
+            self._free -= 1
+        transfer = Transfer(self._executor)
+        try:
+            yield transfer
+        finally:
+            transfer.ended(self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._free += 1
+
+    def close(self) -> None:
+        # Not waiting: a read stalled in S3 ends at minio's read timeout, and the interpreter joins it at exit.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+TRANSFERS = web.AppKey("storage_transfers", Transfers)
+
+
+async def transfers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Opens the storage pool with the app (cleanup_ctx) in every process serving the object routes."""
+    app[TRANSFERS] = Transfers(app[SETTINGS].storage.max_transfers)
+    yield
+    app[TRANSFERS].close()
 
 
 def _counted(verb: str) -> Callable[[Handler], Handler]:
@@ -137,6 +210,11 @@ def _s3(request: web.Request) -> tuple[Minio, str]:
     return request.app[S3], request.app[SETTINGS].s3.bucket
 
 
+def _transfer(request: web.Request) -> contextlib.AbstractContextManager[Transfer]:
+    """A slot of the storage pool for this request (503 STORAGE_BUSY when none is free)."""
+    return request.app[TRANSFERS].transfer()
+
+
 async def _audit(request: web.Request, action: str, name: str, size_bytes: int | None, capability: Capability
                  ) -> None:
     """A log line always; in the http process also a row of the audit table (bunker_proxy has no database)."""
@@ -206,14 +284,23 @@ class _Pipe:
         return b"".join(blocks)
 
 
-class _Pump:
-    """An S3 response read by a thread into a bounded queue: S3 is read on while the client is being written to."""
+def _close(source: Any) -> None:
+    """Closes a minio response (a urllib3 one) and gives its connection back."""
+    source.close()
+    source.release_conn()
 
-    def __init__(self, source: Any, loop: asyncio.AbstractEventLoop, depth: int) -> None:
-        self._source, self._loop = source, loop
+
+class _Pump:
+    """An S3 response read by a thread into a bounded queue: S3 is read on while the client is being written to.
+    The thread closes the response when it ends."""
+
+    def __init__(self, source: Any, transfer: Transfer, depth: int) -> None:
+        self._source, self._loop = source, asyncio.get_running_loop()
         self._queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(depth)
         self._stopped = False
-        self._thread = asyncio.ensure_future(asyncio.to_thread(self._run))
+        self._closed = False
+        self._close_lock = threading.Lock()  # the thread closing `source` and close() cutting its reads never overlap
+        self._thread = transfer.run(self._run)
 
     def _put(self, item: bytes | Exception | None) -> None:
         asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop).result()
@@ -221,10 +308,19 @@ class _Pump:
     def _run(self) -> None:
         item: Exception | None = None
         try:
-            while not self._stopped and (chunk := self._source.read(DOWNLOAD_CHUNK_BYTES)):
+            while not self._stopped:
+                chunk = self._source.read(DOWNLOAD_CHUNK_BYTES)
+                # Stopped during the read: close() may have given up waiting, and nobody takes from the queue.
+                if not chunk or self._stopped:
+                    break
                 self._put(chunk)
         except Exception as exc:  # handed to the event loop, which decides what it means
             item = exc
+        finally:
+            # Closed by its reader: closing it from the event loop while a read is blocked in it blocks the loop too.
+            with self._close_lock:
+                _close(self._source)
+                self._closed = True
         if not self._stopped:
             self._put(item)
 
@@ -235,9 +331,21 @@ class _Pump:
             yield item
 
     async def close(self) -> None:
-        """Stops the thread, which may be waiting for room in the queue, and waits for it to end."""
+        """Stops the thread, which may be waiting for room in the queue or for S3 (a stalled S3 holds a read for
+        minio's read timeout, minutes), and waits PUMP_STOP_WAIT_S at most for it to end."""
         self._stopped = True
+        with self._close_lock:
+            if not self._closed:
+                # The download is over, so whatever S3 still sends is unwanted: shutting the socket's reading side
+                # makes a read blocked in it return at once (closing the socket from this thread would not).
+                with contextlib.suppress(OSError, ValueError, RuntimeError):  # no socket to shut: wait, bounded
+                    self._source.shutdown()
+        deadline_s = self._loop.time() + PUMP_STOP_WAIT_S
         while not self._thread.done():
+            if self._loop.time() >= deadline_s:
+                logger.warning("an S3 read did not stop within %g s; left to end by itself", PUMP_STOP_WAIT_S,
+                               extra={"event": "storage_read_abandoned"})
+                return
             while not self._queue.empty():
                 self._queue.get_nowait()
             await asyncio.wait((self._thread,), timeout=0.05)
@@ -258,21 +366,32 @@ def _object_type(request: web.Request) -> str:
 async def put_object(request: web.Request) -> web.Response:
     key = _raw_key(request)
     capability = _authorised(request, "PUT", key)
-    settings = request.app[SETTINGS].storage
-    limit = min(capability.max_bytes, settings.max_object_bytes)
+    limit = min(capability.max_bytes, request.app[SETTINGS].storage.max_object_bytes)
     length = request.content_length  # None for a chunked body
     if length is not None and length > limit:
         raise errors.storage_object_too_large(limit)  # before a byte is read, let alone sent to S3
     s3, bucket = _s3(request)
     name = _s3_name(capability, key)
+    with _transfer(request) as transfer:
+        etag, received = await _upload(request, transfer, s3, bucket, name, limit)
+    BYTES.labels("in").inc(received)
+    await _audit(request, "put", name, received, capability)
+    return ok({"key": key, "size": received, "etag": etag}, status=201)
+
+
+async def _upload(request: web.Request, transfer: Transfer, s3: Minio, bucket: str, name: str, limit: int
+                  ) -> tuple[str | None, int]:
+    """Streams the body into S3 as `name`: its etag and size, or nothing stored at all."""
+    settings = request.app[SETTINGS].storage
+    length = request.content_length
     pipe = _Pipe(asyncio.get_running_loop(), depth=max(2, settings.part_size_bytes // CHUNK_BYTES))
-    upload = asyncio.ensure_future(asyncio.to_thread(
+    upload = transfer.run(
         s3.put_object, bucket, name, cast(BinaryIO, pipe), -1 if length is None else length,
         content_type=_object_type(request),
         part_size=settings.part_size_bytes,
         # One part at a time: minio's parallel pool keeps its threads when an upload is aborted, and the pipe
         # already overlaps reading the next part with sending this one.
-        num_parallel_uploads=1))
+        num_parallel_uploads=1)
     received = 0
     block = bytearray()
     try:
@@ -294,9 +413,7 @@ async def put_object(request: web.Request) -> web.Response:
         await asyncio.wait((upload,))  # minio has aborted its multipart upload once this returns
         upload.exception()  # retrieved: `exc` already says why (or is the S3 failure itself)
         raise
-    BYTES.labels("in").inc(received)
-    await _audit(request, "put", name, received, capability)
-    return ok({"key": key, "size": received, "etag": result.etag}, status=201)
+    return result.etag, received
 
 
 # --- downloads ---
@@ -314,9 +431,9 @@ def _range(request: web.Request) -> str | None:
     return value
 
 
-async def _object_size(s3: Minio, bucket: str, name: str) -> int | None:
+async def _object_size(transfer: Transfer, s3: Minio, bucket: str, name: str) -> int | None:
     with _s3_errors():
-        stat = await asyncio.to_thread(s3.stat_object, bucket, name)
+        stat = await transfer.run(s3.stat_object, bucket, name)
     return stat.size
 
 
@@ -326,19 +443,25 @@ async def get_object(request: web.Request) -> web.StreamResponse:
     key = _raw_key(request)
     capability = _authorised(request, "GET", key)
     s3, bucket = _s3(request)
-    name = _s3_name(capability, key)
+    with _transfer(request) as transfer:
+        return await _download(request, transfer, s3, bucket, _s3_name(capability, key))
+
+
+async def _download(request: web.Request, transfer: Transfer, s3: Minio, bucket: str, name: str
+                    ) -> web.StreamResponse:
     byte_range = _range(request)
     try:
         with _s3_errors():
-            source = await asyncio.to_thread(
+            source = await transfer.run(
                 s3.get_object, bucket, name, request_headers={"Range": byte_range} if byte_range else None)
     except errors.ScaigridError as exc:
         if exc.status == 416:  # say how large the object is, so the client can ask again
-            size = await _object_size(s3, bucket, name)
+            size = await _object_size(transfer, s3, bucket, name)
             raise errors.ScaigridError(exc.message, exc.code, 416, details=[
                 FieldError("Range", f"the object has {size} bytes")]) from None
         raise
     sent = 0
+    pump: _Pump | None = None
     try:
         response = web.StreamResponse(status=source.status)
         for header in ("Content-Length", "Content-Range", "Content-Type", "ETag", "Last-Modified"):
@@ -346,7 +469,7 @@ async def get_object(request: web.Request) -> web.StreamResponse:
                 response.headers[header] = source.headers[header]
         response.headers["Accept-Ranges"] = "bytes"
         await response.prepare(request)
-        pump = _Pump(source, asyncio.get_running_loop(), DOWNLOAD_DEPTH)
+        pump = _Pump(source, transfer, DOWNLOAD_DEPTH)
         try:
             async for chunk in pump.chunks():
                 await response.write(chunk)
@@ -358,12 +481,12 @@ async def get_object(request: web.Request) -> web.StreamResponse:
             response.force_close()
             return response
         finally:
-            await pump.close()  # the thread is done with `source` before it is closed
+            await pump.close()
         await response.write_eof()
     finally:
         BYTES.labels("out").inc(sent)
-        source.close()
-        source.release_conn()
+        if pump is None:  # otherwise its thread closes `source`
+            _close(source)
     return response
 
 
@@ -373,8 +496,8 @@ async def head_object(request: web.Request) -> web.StreamResponse:
     key = _raw_key(request)
     capability = _authorised(request, "HEAD", key)
     s3, bucket = _s3(request)
-    with _s3_errors():
-        stat = await asyncio.to_thread(s3.stat_object, bucket, _s3_name(capability, key))
+    with _transfer(request) as transfer, _s3_errors():
+        stat = await transfer.run(s3.stat_object, bucket, _s3_name(capability, key))
     response = web.StreamResponse()
     response.content_length = stat.size
     response.content_type = stat.content_type or "application/octet-stream"
@@ -395,10 +518,10 @@ async def delete_object(request: web.Request) -> web.Response:
     capability = _authorised(request, "DELETE", key)
     s3, bucket = _s3(request)
     name = _s3_name(capability, key)
-    with _s3_errors():
+    with _transfer(request) as transfer, _s3_errors():
         # S3 deletes silently whatever is missing; the caller learns it from a 404 instead.
-        await asyncio.to_thread(s3.stat_object, bucket, name)
-        await asyncio.to_thread(s3.remove_object, bucket, name)
+        await transfer.run(s3.stat_object, bucket, name)
+        await transfer.run(s3.remove_object, bucket, name)
     await _audit(request, "delete", name, None, capability)
     return web.Response(status=204)
 
@@ -443,8 +566,8 @@ async def list_objects(request: web.Request) -> web.Response:
                                   start_after=namespace + after if after else None)
         return list(itertools.islice(listing, limit + 1))
 
-    with _s3_errors():
-        found = await asyncio.to_thread(first_page)
+    with _transfer(request) as transfer, _s3_errors():
+        found = await transfer.run(first_page)
     more = len(found) > limit
     items = [{"key": item.object_name[len(namespace):], "size": item.size, "etag": item.etag,
               "last_modified": iso(item.last_modified)} for item in found[:limit]]

@@ -19,6 +19,7 @@ storage_audit = Table(
     **TABLE_ARGS,
 )
 
+# The audit trail of minted capabilities (who minted what, when), read by operators; verification never reads it.
 capabilities = Table(
     "mod_scaibunker_capabilities", metadata,
     Column("id", String(40), primary_key=True),
