@@ -157,6 +157,11 @@ def storage_busy() -> ScaigridError:
                          "STORAGE_BUSY", 503, retry_after_s=2)
 
 
+def storage_client_stalled(stall_s: float) -> ScaigridError:
+    return ScaigridError(f"the upload sent nothing for {stall_s:g} s (STORAGE_CLIENT_STALL_S); nothing was stored",
+                         "STORAGE_CLIENT_STALLED", 408)
+
+
 def storage_backend_error(message: str) -> ScaigridError:
     return ScaigridError(message, "STORAGE_BACKEND_ERROR", 502)
 

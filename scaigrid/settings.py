@@ -308,6 +308,9 @@ class StorageSettings:
     max_transfers: int = setting(
         "STORAGE_MAX_TRANSFERS", _positive_int, 64,
         "object requests one process serves at once, each on a thread of the storage pool; more answer STORAGE_BUSY")
+    client_stall_s: float = setting(
+        "STORAGE_CLIENT_STALL_S", _positive_float, 60.0,
+        "an object transfer whose client sends or reads nothing for this long is ended, freeing its slot")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """ScaiBunker storage proxy: capabilities minted by the http process, objects streamed through it and bunker_proxy."""
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -32,6 +33,7 @@ from scaigrid.modules.scaibunker.tables import capabilities as capability_rows
 from scaigrid.modules.scaibunker.tables import metadata as module_metadata
 from scaigrid.modules.scaibunker.tables import storage_audit
 from scaigrid.settings import Secret
+from tests.accounting_fixtures import eventually
 from tests.backends import shared_env
 from tests.conftest import REPO, ModeProcess, command_env, create_key, http_get, http_ok, s3_client, scaigrid
 from tests.identity import call, tenant
@@ -543,6 +545,48 @@ async def test_a_full_pool_answers_busy_instead_of_queueing(storage, start_mode)
         assert status == 201 and body["data"]["size"] == len(first) + 3
         async with session.head(url + "held", headers=auth) as response:  # the slot is free again
             assert response.status == 200 and int(response.headers["Content-Length"]) == len(first) + 3
+    assert proxy.stop() == 0
+
+
+async def test_a_stalled_upload_is_cut_and_frees_its_slot(storage, start_mode):
+    port = str(devstack.free_ports(1)[0])
+    proxy = start_mode("bunker_proxy", {**proxy_env(storage.env), "BUNKER_PROXY_PORT": port,
+                                        "STORAGE_MAX_TRANSFERS": "1", "STORAGE_CLIENT_STALL_S": "2"})
+    base = f"http://127.0.0.1:{port}"
+    proxy.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
+    auth = {"Authorization": f"Bearer {own_capability(storage, 'stall/', 64 * MiB)}"}
+    url = f"{base}{STORAGE}/objects/stall/"
+    in_handler, never = asyncio.Event(), asyncio.Event()
+
+    async def stalling_body() -> AsyncIterator[bytes]:
+        yield bytes(8 * MiB)  # far more than the sockets buffer: sent only once the proxy's handler reads it
+        in_handler.set()
+        await never.wait()  # the client keeps its connection and sends nothing more
+        yield b"never"
+
+    async with aiohttp.ClientSession() as session:
+        async def upload() -> int:
+            async with session.put(url + "stalled", data=stalling_body(), headers=auth) as response:
+                return response.status
+
+        stalled = asyncio.create_task(upload())
+        await asyncio.wait_for(in_handler.wait(), 30)
+
+        async def head_status() -> int:
+            async with session.head(url + "stalled", headers=auth) as response:
+                return response.status
+
+        assert await head_status() == 503  # the stalled upload holds the only slot
+
+        async def slot_free() -> bool:
+            return await head_status() != 503
+
+        await eventually(slot_free, timeout_s=30, what="the stalled upload's slot freed", interval_s=0.2)
+        assert await head_status() == 404  # nothing of the stalled upload was stored
+        never.set()
+        with contextlib.suppress(aiohttp.ClientError):
+            assert await stalled == 408
+    assert any(line.get("status") == 408 for line in proxy.log_lines())
     assert proxy.stop() == 0
 
 

@@ -500,7 +500,7 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     breakers = Breakers(settings, app[REDIS], app[BUS])
     loader = CatalogueLoader(app[DB], settings, app[BUS])
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
-    directory = NodeDirectory(app[DB], settings.nodes)
+    directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch_stream_timeout_s)
     loader.on_load(lambda catalogue: directory.track(catalogue.node_ids))
     # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)

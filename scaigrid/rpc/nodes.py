@@ -184,11 +184,14 @@ class NodeDirectory:
     endpoint or disappears, so a node that moves leaves no connection behind.
     """
 
-    def __init__(self, engine: AsyncEngine, settings: NodeSettings) -> None:
+    def __init__(self, engine: AsyncEngine, settings: NodeSettings, stream_timeout_s: float) -> None:
         self._engine = engine
         self._stale_after_s = settings.stale_after_s
         self._nodes: dict[str, KnownNode] = {}
         self._channels: dict[str, Any] = {}  # node id -> grpc.aio.Channel to its current endpoint
+        # Channels to endpoints a node has left, closing once the streams still on them end (at most this long).
+        self._retire_grace_s = stream_timeout_s
+        self._retiring: dict[Any, asyncio.Task[None]] = {}
         self._tracked: frozenset[str] = frozenset()
         self._wanted = asyncio.Event()  # set while some node is tracked
         self._refresh_now = asyncio.Event()
@@ -230,9 +233,14 @@ class NodeDirectory:
         moved = [node_id for node_id in self._channels
                  if node_id not in nodes or nodes[node_id].endpoint != self._nodes[node_id].endpoint]
         self._nodes = nodes
-        closing = [self._channels.pop(node_id) for node_id in moved]
-        for channel in closing:
-            await channel.close()
+        for node_id in moved:
+            self._retire(self._channels.pop(node_id))
+
+    def _retire(self, channel: Any) -> None:
+        """Closes a channel without cutting the streams still running on it: new calls go to the new endpoint."""
+        task = asyncio.create_task(channel.close(grace=self._retire_grace_s), name="node-channel-retire")
+        self._retiring[channel] = task
+        task.add_done_callback(lambda _: self._retiring.pop(channel, None))
 
     async def _follow(self) -> None:
         while True:
@@ -263,6 +271,8 @@ class NodeDirectory:
             async with background(self._follow(), "node-directory"):
                 yield self
         finally:
-            for channel in self._channels.values():
-                await channel.close()
+            # The process is leaving (its requests are drained): every channel closes now, retiring ones too.
+            channels = [*self._channels.values(), *self._retiring]
             self._channels.clear()
+            await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
+            await asyncio.gather(*self._retiring.values(), return_exceptions=True)

@@ -241,6 +241,7 @@ class Courier:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._due_counted_at_s = -math.inf  # time.monotonic()
 
     async def deliver(self, ctx: JobContext) -> None:
@@ -248,6 +249,8 @@ class Courier:
 
         Goes on while batches come back full, so a backlog drains within one run.
         """
+        if self._closed:
+            return  # a tick that began as the worker stopped: nothing may open a client after close()
         if self._session is None:
             self._session = new_session(ctx.settings)
         while await deliver_due(ctx.engine, ctx.settings, self._session) == CLAIM_BATCH:
@@ -259,6 +262,7 @@ class Courier:
         OUTBOX_DUE.set(0)  # a claim that came back short took everything due (or skipped what others were claiming)
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -394,8 +394,17 @@ async def _upload(request: web.Request, transfer: Transfer, s3: Minio, bucket: s
         num_parallel_uploads=1)
     received = 0
     block = bytearray()
+    stall_s = settings.client_stall_s
     try:
-        async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+        while True:
+            # A client that stops sending must not hold its slot of the pool (and S3's multipart upload) forever.
+            try:
+                async with asyncio.timeout(stall_s):
+                    chunk = await request.content.read(CHUNK_BYTES)
+            except TimeoutError:
+                raise errors.storage_client_stalled(stall_s) from None
+            if not chunk:
+                break
             received += len(chunk)
             if received > limit:
                 raise errors.storage_object_too_large(limit)
@@ -472,7 +481,9 @@ async def _download(request: web.Request, transfer: Transfer, s3: Minio, bucket:
         pump = _Pump(source, transfer, DOWNLOAD_DEPTH)
         try:
             async for chunk in pump.chunks():
-                await response.write(chunk)
+                # A client that stops reading must not hold its slot of the pool forever (TimeoutError is an OSError).
+                async with asyncio.timeout(request.app[SETTINGS].storage.client_stall_s):
+                    await response.write(chunk)
                 sent += len(chunk)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # Headers are gone: the only honest signal left is a cut connection short of Content-Length.
