@@ -3,10 +3,14 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
+# The appliance's parts, run for real by the tests: nginx, supervisord, Prometheus, openssl.
+DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
+# The image's tests: Debian's packer validates the template, qemu-img makes the OVA's VMDK.
+DEBIAN_PACKAGES += packer qemu-utils
 # Debian's own python3 has no venv module until python3-venv is installed.
 DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test lint bench bench-storage lock clean
+.PHONY: install run test lint bench bench-storage image lock clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +46,19 @@ bench: install
 # A 256 MiB object through bunker_proxy vs straight to S3 (moto), about a minute; rewrites its block of RESULTS.md.
 bench-storage: install
 	$(PY) -m bench.storage
+
+# The VM image: qcow2, vmdk and ova in build/image/ (packer/README.md). Needs network to cloud.debian.org and PyPI;
+# qemu and xorriso (the cloud-init seed ISO) only matter here, so make install leaves them out.
+# Overrides: make image PACKER_VARS='-var accelerator=tcg -var disk_size_gb=80'
+image: install
+	@command -v qemu-system-x86_64 >/dev/null && command -v xorriso >/dev/null || { \
+	    sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    $$sudo apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends qemu-system-x86 xorriso; }
+	rm -rf build/dist build/lib
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir build/dist .
+	PACKER_CACHE_DIR=build/packer_cache packer build -force -var wheel=$$(ls build/dist/scaigrid-*.whl) \
+	    -var output_dir=build/image $(PACKER_VARS) packer/
 
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
 lock:

@@ -92,11 +92,7 @@ class MariaDB(_ManagedProcess):
 
     def create_database(self, name: str, user: str, password: str) -> str:
         """Create a utf8mb4 database and a user owning it; return the user's asyncmy URL."""
-        self.execute(
-            f"CREATE DATABASE IF NOT EXISTS {_sql_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-            *_user_statements(user, password, "127.0.0.1", name),
-            *_user_statements(user, password, "localhost", name),
-        )
+        self.execute(*database_statements(name, user, password))
         return _mysql_url(user, password, self.port, name)
 
     def drop_database(self, name: str) -> None:
@@ -440,6 +436,22 @@ def _run_mariadb_client(
         raise ServiceError(f"mariadb client did not finish within {timeout_s}s") from exc
     except OSError as exc:
         raise ServiceError(f"cannot run the mariadb client: {exc}") from exc
+
+
+def database_statements(name: str, user: str, password: str) -> list[str]:
+    """SQL creating a utf8mb4 database and a user owning it from loopback (idempotent; resets the password)."""
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {_sql_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+        *_user_statements(user, password, "127.0.0.1", name),
+        *_user_statements(user, password, "localhost", name),
+    ]
+
+
+def run_sql_as_root(socket_path: Path, statements: Sequence[str]) -> None:
+    """Runs SQL as MariaDB's root through its unix socket (Debian's root logs in by socket, with no password)."""
+    result = _run_mariadb_client([f"--socket={socket_path}", "--user=root"], None, statements, _SQL_TIMEOUT_S)
+    if result.returncode != 0:
+        raise ServiceError(f"MariaDB at {socket_path} rejected SQL: {result.stderr.strip()}")
 
 
 def _user_statements(user: str, password: str, host: str, database: str) -> list[str]:

@@ -415,6 +415,18 @@ def entries(settings: Settings | None = None) -> Iterator[Entry]:
     yield from walk(settings, Settings)
 
 
+def setting_parsers() -> dict[str, Callable[[str], Any]]:
+    """Every setting's variable and parser, for tools that validate settings one by one (the appliance's check-config)."""
+    def walk(cls: type) -> Iterator[tuple[str, Callable[[str], Any]]]:
+        for f in dataclasses.fields(cls):
+            if "env" in f.metadata:
+                yield f.metadata["env"], f.metadata["parse"]
+            else:
+                yield from walk(f.type)  # type: ignore[arg-type]
+
+    return dict(walk(Settings))
+
+
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 

@@ -21,6 +21,7 @@ from minio import Minio
 from appliance import devstack
 from appliance.local import child_env
 from scaigrid.settings import Settings, load_settings
+from tests.appliance_stack import ApplianceStack
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_SETTINGS = ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
@@ -254,3 +255,16 @@ def start_http(start_mode: Callable[..., ModeProcess], env: dict[str, str]) -> M
 @pytest.fixture
 def node(migrated_env: dict[str, str], start_mode: Callable[..., ModeProcess]) -> Node:
     return Node(migrated_env, start_http(start_mode, migrated_env), create_key(migrated_env, "super_admin"))
+
+
+# --- the appliance: supervisord, nginx and every program, as `make run` starts them ---
+
+@pytest.fixture(scope="module")
+def appliance_stack(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB,
+                    redis_server: devstack.Redis, s3_server: devstack.S3Server) -> Iterator["ApplianceStack"]:
+    """One running stack per test module (starting one takes ~10 s); tests that break it start their own."""
+    from tests.appliance_stack import start_stack
+
+    stack = start_stack(tmp_path_factory.mktemp("appl"), mariadb, redis_server, s3_server)
+    yield stack
+    stack.stop()

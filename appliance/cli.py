@@ -1,0 +1,309 @@
+"""`scaigrid-appliance`: the operator's one command for the appliance. It parses and dispatches; the work is elsewhere.
+
+Exit codes: 0 done; 1 the operation failed; 2 bad usage or a bad appliance config (one line per problem);
+3 supervisord is not reachable (the appliance is not running); 4 not healthy (a program is not running or not
+ready; for upgrade and restore: the health gate failed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import config as appliance_config
+from appliance import firstboot, logs, render
+from appliance.config import Appliance, ConfigProblems
+from appliance.programs import EVENTS_NAME, Context, enabled_programs
+from appliance.supervisor import Supervisor, SupervisorUnavailable
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 1, 2, 3, 4
+
+
+class Failed(click.ClickException):
+    """An operation failed: the message goes to stderr, the exit code says what kind of failure it was."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance; the class value is a default
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"scaigrid-appliance: {self.message}", err=True)
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="SCAIGRID_APPLIANCE_CONFIG",
+    default=appliance_config.DEFAULT_CONFIG, show_default=True, help="the appliance config (KEY=VALUE lines)")
+
+
+def load(path: Path) -> Appliance:
+    try:
+        return appliance_config.load(path)
+    except ConfigProblems as exc:
+        raise Failed(problem_list(path, exc.problems), EXIT_CONFIG) from None
+
+
+def problem_list(path: Path, problems: list[str]) -> str:
+    return f"{path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+
+
+def say(message: str) -> None:
+    click.echo(message)
+
+
+def supervisor_of(appliance: Appliance) -> Supervisor:
+    return Supervisor(appliance.config.supervisor_socket)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="scaigrid", prog_name="scaigrid-appliance")
+def cli() -> None:
+    """Operate the ScaiGrid appliance: configure, render, run, inspect, back up, upgrade.
+
+    \b
+    Exit codes: 0 done, 1 failed, 2 bad usage or config, 3 appliance not running, 4 not healthy.
+    """
+
+
+@cli.command()
+@config_option
+@click.option("--skip-database", is_flag=True, help="do not create the database and its user (an external MariaDB)")
+def init(config_path: Path, skip_database: bool) -> None:
+    """First-boot set-up; safe to run again: secrets, TLS, database, render, migrate, bootstrap admin key.
+
+    \b
+    Writes a documented appliance.env first if there is none.
+    Example:  scaigrid-appliance init
+    """
+    if not config_path.exists():
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        firstboot.write_example_config(config_path)
+        say(f"wrote {config_path} with every key at its default (edit it, then run init again to apply)")
+    appliance = load(config_path)
+    try:
+        firstboot.run(appliance, database=not skip_database, say=say)
+    except firstboot.StepFailed as exc:
+        raise Failed(str(exc)) from None
+    say("init done")
+
+
+@cli.command("check-config")
+@config_option
+def check_config(config_path: Path) -> None:
+    """Validate appliance.env and the files it names; print one line per problem.
+
+    \b
+    Example:  scaigrid-appliance check-config --config /etc/scaigrid/appliance.env
+    """
+    appliance = load(config_path)
+    problems = appliance_config.check_files(appliance)
+    if problems:
+        raise Failed(problem_list(config_path, problems), EXIT_CONFIG)
+    say(f"{config_path}: ok")
+
+
+@cli.command("render")
+@config_option
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
+              help="write under this directory instead of / (an image build)")
+@click.option("--diff", "show_diff", is_flag=True, help="show what would change; write nothing")
+def render_command(config_path: Path, root: Path, show_diff: bool) -> None:
+    """Write supervisord, nginx, scaigrid env, Garage and Prometheus files from appliance.env.
+
+    \b
+    Run `scaigrid-appliance restart` afterwards to apply the new files.
+    Example:  scaigrid-appliance render --diff
+    """
+    appliance = load(config_path)
+    problems = appliance_config.check_files(appliance)
+    if problems:
+        raise Failed("not rendering:\n  " + "\n  ".join(problems), EXIT_CONFIG)
+    files = render.outputs(appliance)
+    if show_diff:
+        click.echo(render.diff(root, files) or "no changes", nl=False)
+        return
+    written = render.write(root, files, appliance.config.user)
+    for path in written:
+        say(f"wrote {path}")
+    say(f"{len(written)} file(s) changed, {len(files) - len(written)} unchanged")
+
+
+def program_rows(appliance: Appliance) -> list[dict[str, Any]]:
+    """Each program's supervisord state and uptime, its readiness probe, and its recorded FATALs."""
+    ctx = Context(appliance, appliance.settings(appliance_config.read_secrets(appliance)))
+    programs = {p.name: p for p in enabled_programs(ctx)}
+    infos = {info.name: info for info in supervisor_of(appliance).processes()}
+    recorded = logs.recorded_states(appliance)
+
+    def row(name: str) -> dict[str, Any]:
+        info = infos.get(name)
+        state = info.state if info else "ABSENT"  # rendered, but supervisord has not loaded it (render, no restart)
+        program = programs.get(name)
+        ready = program.ready(ctx) if program and state == "RUNNING" else None
+        history = recorded.get(name, {})
+        return {"name": name, "state": state, "pid": info.pid if info else None,
+                "uptime_s": round(info.uptime_s) if info and info.uptime_s is not None else None,
+                "ready": ready, "fatal_count": history.get("fatal_count", 0),
+                "last_fatal_at": history.get("last_fatal_at")}
+
+    names = [*programs, *(name for name in infos if name not in programs)]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return list(pool.map(row, names))
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(config_path: Path, as_json: bool) -> None:
+    """Each program's state, uptime and readiness; exit 4 unless all are RUNNING and ready.
+
+    \b
+    Example:  scaigrid-appliance status --json | jq '.programs[] | select(.ready == false)'
+    """
+    appliance = load(config_path)
+    try:
+        rows = program_rows(appliance)
+    except SupervisorUnavailable as exc:
+        if as_json:
+            click.echo(json.dumps({"running": False, "error": str(exc), "programs": []}))
+        raise Failed(str(exc), EXIT_NOT_RUNNING) from None
+    healthy = all(row["state"] == "RUNNING" and row["ready"] is not False for row in rows)
+    if as_json:
+        click.echo(json.dumps({"running": True, "healthy": healthy, "programs": rows}, indent=2))
+    else:
+        click.echo(f"{'PROGRAM':<14}{'STATE':<10}{'UPTIME':<10}{'READY':<7}FATAL (recorded)")
+        for row in rows:
+            ready = {True: "yes", False: "NO", None: "-"}[row["ready"]]
+            fatal = "-"
+            if row["fatal_count"]:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["last_fatal_at"]))
+                fatal = f"{row['fatal_count']}x, last {when}"
+            click.echo(f"{row['name']:<14}{row['state']:<10}{_duration(row['uptime_s']):<10}{ready:<7}{fatal}")
+    if not healthy:
+        sys.exit(EXIT_UNHEALTHY)
+
+
+def program_argument(required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.argument("program", required=required)
+
+
+def _checked_program(appliance: Appliance, program: str | None) -> str | None:
+    if program is None:
+        return None
+    names = [p.name for p in enabled_programs(Context(appliance, appliance.settings()))] + [EVENTS_NAME]
+    if program not in names:
+        raise Failed(f"no program {program!r}; the programs are: {', '.join(names)}", EXIT_CONFIG)
+    return program
+
+
+def _control(config_path: Path, program: str | None, actions: tuple[str, ...]) -> None:
+    appliance = load(config_path)
+    name = _checked_program(appliance, program)
+    supervisor = supervisor_of(appliance)
+    target = name or "all programs"
+    try:
+        for action in actions:
+            say(f"{action} {target} ...")
+            getattr(supervisor, action)(name)
+    except SupervisorUnavailable as exc:
+        raise Failed(str(exc), EXIT_NOT_RUNNING) from None
+    except xmlrpc.client.Fault as exc:  # e.g. a program that will not start (SPAWN_ERROR)
+        raise Failed(f"{target}: {exc.faultString}") from None
+    say("done")
+
+
+@cli.command()
+@config_option
+@program_argument()
+def start(config_path: Path, program: str | None) -> None:
+    """Start one program, or all (through supervisord).
+
+    \b
+    Example:  scaigrid-appliance start worker
+    """
+    _control(config_path, program, ("start",))
+
+
+@cli.command()
+@config_option
+@program_argument()
+def stop(config_path: Path, program: str | None) -> None:
+    """Stop one program, or all; each drains within its grace period.
+
+    \b
+    Example:  scaigrid-appliance stop bunker_proxy
+    """
+    _control(config_path, program, ("stop",))
+
+
+@cli.command()
+@config_option
+@program_argument()
+def restart(config_path: Path, program: str | None) -> None:
+    """Restart one program, or all (stop, drain, start).
+
+    \b
+    Example:  scaigrid-appliance restart http
+    """
+    _control(config_path, program, ("stop", "start"))
+
+
+@cli.command("logs")
+@config_option
+@program_argument()
+@click.option("-n", "--lines", default=50, show_default=True, help="lines to show from the end of each log")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines (Ctrl-C stops)")
+def logs_command(config_path: Path, program: str | None, lines: int, follow: bool) -> None:
+    """Show a program's log (all programs' without PROGRAM), optionally following it.
+
+    \b
+    Example:  scaigrid-appliance logs http -f
+    """
+    appliance = load(config_path)
+    name = _checked_program(appliance, program)
+    names = [name] if name else [p.name for p in enabled_programs(Context(appliance, appliance.settings()))]
+    paths = {n: appliance.config.log_dir / f"{n}.log" for n in names}
+    logs.show(paths, lines, follow, prefix=name is None)
+
+
+@cli.command()
+@config_option
+def migrate(config_path: Path) -> None:
+    """Run the database migrations (core, then each module); the appliance unit does this on every start.
+
+    \b
+    Example:  scaigrid-appliance migrate
+    """
+    appliance = load(config_path)
+    try:
+        firstboot.migrate(appliance, say)
+    except firstboot.StepFailed as exc:
+        raise Failed(str(exc)) from None
+
+
+@cli.command("supervisor-events", hidden=True)
+@config_option
+def supervisor_events(config_path: Path) -> None:
+    """Run as supervisord's event listener (the rendered supervisord.conf starts it)."""
+    from appliance import events
+
+    appliance = load(config_path)
+    events.run(appliance.config.program_states_file, appliance.config.appliance_metrics_port)
+
+
+def main() -> None:
+    cli(prog_name="scaigrid-appliance")

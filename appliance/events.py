@@ -1,0 +1,86 @@
+"""supervisord event listener: records every program's state, keeps FATAL ones across restarts, serves them as metrics.
+
+supervisord speaks to it over stdin/stdout (its event listener protocol), so it logs to stderr only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from supervisor import childutils
+
+logger = logging.getLogger(__name__)
+
+
+class ProgramStates:
+    """The last state of each program, and when each last went FATAL, persisted as JSON after every change."""
+
+    def __init__(self, path: Path, registry: CollectorRegistry) -> None:
+        self.path = path
+        self.programs: dict[str, dict[str, Any]] = read_states(path)
+        self.running = Gauge("scaigrid_appliance_program_running", "1 while the program is RUNNING under supervisord",
+                             ["program"], registry=registry)
+        self.fatal = Counter("scaigrid_appliance_program_fatal", "times the program gave up restarting (FATAL)",
+                             ["program"], registry=registry)
+        self.transitions = Counter("scaigrid_appliance_program_transitions", "state changes, by state entered",
+                                   ["program", "state"], registry=registry)
+        for name, record in self.programs.items():
+            # A state recorded before this listener started is stale except FATAL's history; the next event corrects it.
+            self.running.labels(name).set(0)
+            if record.get("fatal_count"):
+                self.fatal.labels(name)
+
+    def record(self, program: str, state: str, now: float) -> None:
+        entry = self.programs.setdefault(program, {"fatal_count": 0, "last_fatal_at": None})
+        entry["state"], entry["since"] = state, now
+        if state == "FATAL":
+            entry["fatal_count"] += 1
+            entry["last_fatal_at"] = now
+            self.fatal.labels(program).inc()
+            logger.warning("program %s is FATAL: supervisord gave up restarting it", program)
+        self.running.labels(program).set(1 if state == "RUNNING" else 0)
+        self.transitions.labels(program, state).inc()
+        write_states(self.path, self.programs)
+
+
+def read_states(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_states(path: Path, programs: dict[str, dict[str, Any]]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(programs, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def listen(states: ProgramStates, stdin: TextIO, stdout: TextIO) -> None:
+    while True:
+        headers, payload = childutils.listener.wait(stdin, stdout)
+        event = headers["eventname"]
+        if event.startswith("PROCESS_STATE_"):
+            fields = childutils.get_headers(payload.split("\n", 1)[0])
+            states.record(fields["processname"], event.removeprefix("PROCESS_STATE_"), time.time())
+        childutils.listener.ok(stdout)
+
+
+def run(states_path: Path, metrics_port: int) -> None:
+    # supervisord stops the listener with SIGTERM; that is a normal end, not a crash to warn about.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    registry = CollectorRegistry()
+    states = ProgramStates(states_path, registry)
+    start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+    logger.info("recording program states in %s; metrics on 127.0.0.1:%d", states_path, metrics_port)
+    listen(states, sys.stdin, sys.stdout)

@@ -1,0 +1,152 @@
+"""The one table of the appliance's programs: supervisord, nginx, the scrape file and `status` all come from it."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.config import Appliance
+from scaigrid.settings import Settings
+
+# supervisord waits this much beyond a program's own grace before SIGKILL: the grace is the program's promise,
+# the margin covers its last log line and exit.
+STOP_MARGIN_S = 15
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Context:
+    appliance: Appliance
+    settings: Settings
+
+    def scaigrid(self, *args: str) -> str:
+        config = self.appliance.config
+        return " ".join((str(config.venv / "bin" / "scaigrid"), "--env-file", str(config.scaigrid_env_file), *args))
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: Callable[[Context], str]
+    # Where its /metrics is served on loopback (port, path); None when it has none.
+    metrics: Callable[[Context], tuple[int, str] | None]
+    ready: Callable[[Context], bool]
+    stop_wait_s: Callable[[Context], int]
+    enabled: Callable[[Context], bool] = lambda ctx: True
+    # Only nginx's master runs as root, to bind 443 and read the TLS key; its workers drop to the service user.
+    as_root: bool = False
+    # supervisord starts low numbers first and stops them last: nginx outlives the programs it relays while they drain.
+    priority: int = 20
+    stop_signal: str = "TERM"
+
+
+def http_ok(url: str, *, verify_tls: bool = False) -> bool:
+    context = ssl.create_default_context()
+    if not verify_tls:  # probes of our own loopback listeners; the certificate may be self-signed
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def grpc_serving(port: int) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def worker_alive(ctx: Context) -> bool:
+    argv = ctx.scaigrid("check", "worker").split()
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _grace(seconds: float) -> int:
+    return int(seconds) + STOP_MARGIN_S
+
+
+PROGRAMS: tuple[Program, ...] = (
+    Program(
+        "http",
+        command=lambda ctx: ctx.scaigrid("run", "--mode", "http"),
+        metrics=lambda ctx: (ctx.settings.server.http_port, "/metrics"),
+        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.http_port}/health/ready"),
+        stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
+    ),
+    Program(
+        "grpc",
+        command=lambda ctx: ctx.scaigrid("run", "--mode", "grpc"),
+        metrics=lambda ctx: (ctx.settings.server.grpc_metrics_port, "/metrics"),
+        ready=lambda ctx: grpc_serving(ctx.settings.server.grpc_port),
+        stop_wait_s=lambda ctx: _grace(ctx.settings.server.grpc_stop_grace_s),
+    ),
+    Program(
+        "worker",
+        command=lambda ctx: ctx.scaigrid("run", "--mode", "worker"),
+        metrics=lambda ctx: (ctx.settings.server.worker_metrics_port, "/metrics"),
+        ready=worker_alive,
+        stop_wait_s=lambda ctx: _grace(ctx.settings.worker.stop_grace_s),
+    ),
+    Program(
+        "bunker_proxy",
+        command=lambda ctx: ctx.scaigrid("run", "--mode", "bunker_proxy"),
+        metrics=lambda ctx: (ctx.settings.server.bunker_proxy_port, "/metrics"),
+        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.bunker_proxy_port}/health/ready"),
+        stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
+        enabled=lambda ctx: ctx.appliance.storage_enabled,
+    ),
+    Program(
+        "garage",
+        command=lambda ctx: f"{ctx.appliance.config.garage_binary} -c {ctx.appliance.config.config_dir}/garage.toml "
+                            "server",
+        metrics=lambda ctx: (ctx.appliance.config.garage_admin_port, "/metrics"),
+        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.appliance.config.garage_admin_port}/health"),
+        stop_wait_s=lambda ctx: STOP_MARGIN_S,
+        enabled=lambda ctx: ctx.appliance.config.garage_enabled,
+        priority=10,
+    ),
+    Program(
+        "nginx",
+        command=lambda ctx: f"/usr/sbin/nginx -c {ctx.appliance.config.config_dir}/nginx.conf",
+        metrics=lambda ctx: None,
+        ready=lambda ctx: http_ok(f"https://127.0.0.1:{ctx.appliance.config.https_port}/health"),
+        # QUIT is nginx's graceful stop: open streams finish, as long as the http drain allows.
+        stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
+        as_root=True,
+        priority=10,
+        stop_signal="QUIT",
+    ),
+)
+
+# The event listener is not a program (supervisord runs it as [eventlistener:...]) but is scraped like one.
+EVENTS_NAME = "events"
+
+
+def enabled_programs(ctx: Context) -> list[Program]:
+    return [program for program in PROGRAMS if program.enabled(ctx)]
+
+
+def scrape_targets(ctx: Context) -> list[tuple[str, int, str]]:
+    """(name, loopback port, path) of every /metrics the appliance serves, the event listener's included."""
+    targets = []
+    for program in enabled_programs(ctx):
+        metrics = program.metrics(ctx)
+        if metrics is not None:
+            targets.append((program.name, *metrics))
+    targets.append((EVENTS_NAME, ctx.appliance.config.appliance_metrics_port, "/metrics"))
+    return targets
