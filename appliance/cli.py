@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from appliance import config as appliance_config
-from appliance import firstboot, logs, render
+from appliance import firstboot, logs, maintenance, render
 from appliance.config import Appliance, ConfigProblems
 from appliance.programs import EVENTS_NAME, Context, enabled_programs
 from appliance.supervisor import Supervisor, SupervisorUnavailable
@@ -48,6 +48,17 @@ def load(path: Path) -> Appliance:
         return appliance_config.load(path)
     except ConfigProblems as exc:
         raise Failed(problem_list(path, exc.problems), EXIT_CONFIG) from None
+
+
+def checked(path: Path, root: Path = Path("/")) -> Appliance:
+    """The config and the files it names (under root), every problem of both in one list; exit 2 on any."""
+    appliance, problems = appliance_config.examine(path)
+    if appliance is not None:
+        named = {problem.split(":", 1)[0] for problem in problems}  # a bad TLS_CERT_FILE is not also "missing"
+        problems += [p for p in appliance_config.check_files(appliance, root) if p.split(":", 1)[0] not in named]
+    if appliance is None or problems:
+        raise Failed(problem_list(path, problems), EXIT_CONFIG)
+    return appliance
 
 
 def problem_list(path: Path, problems: list[str]) -> str:
@@ -85,7 +96,8 @@ def init(config_path: Path, skip_database: bool) -> None:
     if not config_path.exists():
         config_path.parent.mkdir(parents=True, exist_ok=True)
         firstboot.write_example_config(config_path)
-        say(f"wrote {config_path} with every key at its default (edit it, then run init again to apply)")
+        say(f"wrote {config_path}: every key at its default, which init now applies "
+            "(change keys there later, then `scaigrid-appliance render` and `restart`)")
     appliance = load(config_path)
     try:
         firstboot.run(appliance, database=not skip_database, say=say)
@@ -102,10 +114,7 @@ def check_config(config_path: Path) -> None:
     \b
     Example:  scaigrid-appliance check-config --config /etc/scaigrid/appliance.env
     """
-    appliance = load(config_path)
-    problems = appliance_config.check_files(appliance)
-    if problems:
-        raise Failed(problem_list(config_path, problems), EXIT_CONFIG)
+    checked(config_path)
     say(f"{config_path}: ok")
 
 
@@ -117,15 +126,14 @@ def check_config(config_path: Path) -> None:
 def render_command(config_path: Path, root: Path, show_diff: bool) -> None:
     """Write supervisord, nginx, scaigrid env, Garage and Prometheus files from appliance.env.
 
+    With --root, the secrets and TLS files the config names are read under that root too.
+
     \b
     Run `scaigrid-appliance restart` afterwards to apply the new files.
     Example:  scaigrid-appliance render --diff
     """
-    appliance = load(config_path)
-    problems = appliance_config.check_files(appliance)
-    if problems:
-        raise Failed("not rendering:\n  " + "\n  ".join(problems), EXIT_CONFIG)
-    files = render.outputs(appliance)
+    appliance = checked(config_path, root)
+    files = render.outputs(appliance, root)
     if show_diff:
         click.echo(render.diff(root, files) or "no changes", nl=False)
         return
@@ -295,14 +303,97 @@ def migrate(config_path: Path) -> None:
         raise Failed(str(exc)) from None
 
 
-@cli.command("supervisor-events", hidden=True)
+def _maintenance(work: Callable[[], object]) -> None:
+    """Runs a maintenance operation, its failures mapped to the exit codes above."""
+    try:
+        work()
+    except maintenance.Unhealthy as exc:
+        raise Failed(str(exc), EXIT_UNHEALTHY) from None
+    except maintenance.MaintenanceFailed as exc:
+        raise Failed(str(exc)) from None
+    except SupervisorUnavailable as exc:
+        raise Failed(str(exc), EXIT_NOT_RUNNING) from None
+
+
+output_option = click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+                             help="the archive to write (default: under STATE_DIR, named by version and UTC time)")
+
+
+@cli.command()
 @config_option
-def supervisor_events(config_path: Path) -> None:
-    """Run as supervisord's event listener (the rendered supervisord.conf starts it)."""
+@output_option
+def backup(config_path: Path, output: Path | None) -> None:
+    """Back up the database, appliance.env, secrets and TLS files into one tar.gz with a manifest.
+
+    \b
+    The archive (0600) holds the secrets: keep it as safe as the appliance itself.
+    Default: STATE_DIR/backups/scaigrid-VERSION-UTCTIME.tar.gz.
+    Example:  scaigrid-appliance backup --output /srv/backups/scaigrid-$(date +%F).tar.gz
+    """
+    appliance = load(config_path)
+    _maintenance(lambda: maintenance.backup(appliance, say=say, output=output))
+
+
+@cli.command()
+@config_option
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="do not ask before replacing the current state")
+def restore(config_path: Path, archive: Path, yes: bool) -> None:
+    """Restore a backup: stop, put back files and database, render, migrate, start, check health.
+
+    \b
+    Refuses, changing nothing, a damaged archive or one from another ScaiGrid version.
+    Backs up the current state first (STATE_DIR/backups/...-pre-restore.tar.gz).
+    Exit 4: restored, but not every program became running and ready.
+    Example:  scaigrid-appliance restore /var/lib/scaigrid/backups/scaigrid-0.1.0-20250101T020000Z.tar.gz
+    """
+    appliance = load(config_path)
+    _maintenance(lambda: maintenance.restore(appliance, archive, say=say,
+                                             confirm=lambda question: yes or click.confirm(question)))
+
+
+@cli.command("support-bundle")
+@config_option
+@output_option
+@click.option("-n", "--lines", default=maintenance.SUPPORT_LOG_LINES, show_default=True,
+              help="lines from the end of each log")
+def support_bundle(config_path: Path, output: Path | None, lines: int) -> None:
+    """Collect configs (secrets redacted), recent logs, versions and status into a tar.gz for support.
+
+    \b
+    Holds no secret and no TLS private key. Default: STATE_DIR/support/scaigrid-support-UTCTIME.tar.gz.
+    Example:  scaigrid-appliance support-bundle --output /tmp/support.tar.gz
+    """
+    appliance = load(config_path)
+    _maintenance(lambda: maintenance.support_bundle(appliance, say=say, output=output, log_lines=lines))
+
+
+@cli.command()
+@config_option
+@click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def upgrade(config_path: Path, package: Path) -> None:
+    """Upgrade to a scaigrid wheel: backup, stop, install, migrate, start, health gate.
+
+    \b
+    If any step after the stop fails, or the programs are not running and ready in time, it rolls back:
+    the previous wheel (APPLIANCE_VENV/../wheels/current) and the database from the backup; exit 4.
+    Example:  scaigrid-appliance upgrade scaigrid-0.2.0-py3-none-any.whl
+    """
+    appliance = load(config_path)
+    _maintenance(lambda: maintenance.upgrade(appliance, package, say=say))
+
+
+@cli.command("supervisor-events", hidden=True)
+@click.option("--states-file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--port", type=int, required=True)
+def supervisor_events(states_file: Path, port: int) -> None:
+    """Run as supervisord's event listener (the rendered supervisord.conf starts it).
+
+    It runs as the service user, who may not read appliance.env (0600, root's): render passes what it needs.
+    """
     from appliance import events
 
-    appliance = load(config_path)
-    events.run(appliance.config.program_states_file, appliance.config.appliance_metrics_port)
+    events.run(states_file, port)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from scaigrid.settings import (
     _bool,
     _port,
     _positive_int,
+    entries,
     load_settings,
     read_env_file,
     setting_parsers,
@@ -159,6 +160,15 @@ class ApplianceConfig:
     def admin_key_file(self) -> Path:
         return self.secrets_dir / "admin-key"
 
+    @property
+    def wheels_dir(self) -> Path:
+        """Installed wheels, `current` linking the running one: provision.sh and upgrade keep them for rollback."""
+        return self.venv.parent / "wheels"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.state_dir / "backups"
+
 
 @dataclass(frozen=True)
 class Key:
@@ -254,11 +264,23 @@ _NO_ENV_FILE = Path("/dev/null")
 
 def load(path: Path = DEFAULT_CONFIG) -> Appliance:
     """Reads and validates appliance.env; ConfigProblems lists every problem, one line each, naming the key."""
+    appliance, problems = examine(path)
+    if appliance is None or problems:
+        raise ConfigProblems(problems)
+    return appliance
+
+
+def examine(path: Path) -> tuple[Appliance | None, list[str]]:
+    """Every problem of appliance.env, and the appliance it describes with each bad value at its default.
+
+    The defaults stand in so that the rules across keys (and check_files) still run: one pass lists everything.
+    """
     try:
         raw = read_env_file(path) if path.exists() else {}
     except ConfigError as exc:
-        raise ConfigProblems([str(exc)]) from None
+        return None, [str(exc)]
     problems: list[str] = []
+    bad: set[str] = set()
     values: dict[str, Any] = {}
     for f in dataclasses.fields(ApplianceConfig):
         name = f.metadata["key"]
@@ -267,9 +289,12 @@ def load(path: Path = DEFAULT_CONFIG) -> Appliance:
             values[f.name] = f.metadata["parse"](text)
         except ValueError as exc:
             problems.append(f"{name}: expected {exc}, got {text!r}")
+            bad.add(name)
+            values[f.name] = f.metadata["parse"](f.metadata["default"])
     parsers = setting_parsers()
+    secret_settings = {entry.env for entry in entries() if entry.secret}
     passthrough: dict[str, str] = {}
-    garage = values.get("garage_enabled", False)
+    garage = values["garage_enabled"]
     for name, text in raw.items():
         if name in OWNED_SETTINGS or (garage and name in GARAGE_OWNED_SETTINGS):
             problems.append(f"{name}: set by the appliance (from CONFIG_DIR/secrets and its own keys); remove it")
@@ -279,16 +304,16 @@ def load(path: Path = DEFAULT_CONFIG) -> Appliance:
             try:
                 parsers[name](text.strip())
             except ValueError as exc:
-                shown = "" if name.endswith(("SECRET", "SECRET_KEY", "_URL")) else f", got {text!r}"
+                shown = "" if name in secret_settings else f", got {text!r}"
                 problems.append(f"{name}: expected {exc}{shown}")
+                bad.add(name)
+                continue
             passthrough[name] = text.strip()
-    if problems:
-        raise ConfigProblems(problems)
     appliance = Appliance(ApplianceConfig(**values), passthrough, path)
     try:  # rules across settings (e.g. NODE_WARNING_AFTER_S < NODE_STALE_AFTER_S), checked as the programs will
         settings = appliance.settings()
     except ConfigError as exc:
-        raise ConfigProblems([str(exc)]) from None
+        return appliance, [*problems, str(exc)]
     config = appliance.config
     read_timeout_s = appliance.proxy_read_timeout_s(settings)
     if read_timeout_s <= settings.dispatch_stream_timeout_s:
@@ -310,24 +335,29 @@ def load(path: Path = DEFAULT_CONFIG) -> Appliance:
                       "GARAGE_ADMIN_PORT": config.garage_admin_port}
     seen: dict[int, str] = {}
     for name, port in listeners.items():
+        if name in bad:  # its default stands in; a clash with that would be noise next to the value's own problem
+            continue
         if port in seen:
             problems.append(f"{name}: port {port} is also {seen[port]}'s")
         seen.setdefault(port, name)
-    if problems:
-        raise ConfigProblems(problems)
-    return appliance
+    return appliance, problems
 
 
-def check_files(appliance: Appliance) -> list[str]:
+def under(root: Path, path: Path) -> Path:
+    """Where an absolute path of the appliance lies when its root is elsewhere (an image being built)."""
+    return root / path.relative_to("/")
+
+
+def check_files(appliance: Appliance, root: Path = Path("/")) -> list[str]:
     """Problems with the files the configs will point at: TLS material and generated secrets."""
     config = appliance.config
     problems = []
-    for name, path in (("TLS_CERT_FILE", config.tls_cert), ("TLS_KEY_FILE", config.tls_key)):
+    for name, path in (("TLS_CERT_FILE", under(root, config.tls_cert)), ("TLS_KEY_FILE", under(root, config.tls_key))):
         if not path.is_file():
             hint = "set it to your certificate" if getattr(config, name.lower()) else "run `scaigrid-appliance init`"
             problems.append(f"{name}: {path} does not exist ({hint})")
     for secret in appliance.needed_secrets():
-        path = config.secrets_dir / secret.file
+        path = under(root, config.secrets_dir / secret.file)
         if not path.is_file():
             problems.append(f"{path}: missing secret (run `scaigrid-appliance init`)")
         elif path.stat().st_mode & 0o077:
@@ -335,5 +365,6 @@ def check_files(appliance: Appliance) -> list[str]:
     return problems
 
 
-def read_secrets(appliance: Appliance) -> dict[str, str]:
-    return {s.file: (appliance.config.secrets_dir / s.file).read_text().strip() for s in appliance.needed_secrets()}
+def read_secrets(appliance: Appliance, root: Path = Path("/")) -> dict[str, str]:
+    secrets_dir = under(root, appliance.config.secrets_dir)
+    return {s.file: (secrets_dir / s.file).read_text().strip() for s in appliance.needed_secrets()}

@@ -416,7 +416,7 @@ def entries(settings: Settings | None = None) -> Iterator[Entry]:
 
 
 def setting_parsers() -> dict[str, Callable[[str], Any]]:
-    """Every setting's variable and parser, for tools that validate settings one by one (the appliance's check-config)."""
+    """Every setting's variable and parser, for tools checking settings one by one (the appliance's check-config)."""
     def walk(cls: type) -> Iterator[tuple[str, Callable[[str], Any]]]:
         for f in dataclasses.fields(cls):
             if "env" in f.metadata:
