@@ -7,10 +7,12 @@ DEBIAN_PACKAGES := mariadb-server mariadb-client redis-server redis-sentinel
 DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
 # The image's tests: Debian's packer validates the template, qemu-img makes the OVA's VMDK.
 DEBIAN_PACKAGES += packer qemu-utils
+# The boot test: mmdebstrap builds a Debian root filesystem, systemd-nspawn boots it with systemd as PID 1.
+DEBIAN_PACKAGES += mmdebstrap systemd-container
 # Debian's own python3 has no venv module until python3-venv is installed.
 DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test lint bench bench-storage image lock clean
+.PHONY: install run test test-appliance lint bench bench-storage image lock clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +36,11 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The boot test alone (part of `make test` too): provisions a cached Debian root filesystem with
+# appliance/provision.sh and boots it with systemd-nspawn; needs root. See systemd/README.md.
+test-appliance: install
+	$(PY) -m pytest tests/test_appliance_boot.py
 
 lint: install
 	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench

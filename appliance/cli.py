@@ -53,8 +53,9 @@ def load(path: Path) -> Appliance:
 def checked(path: Path, root: Path = Path("/")) -> Appliance:
     """The config and the files it names (under root), every problem of both in one list; exit 2 on any."""
     appliance, problems = appliance_config.examine(path)
-    if appliance is not None:
-        named = {problem.split(":", 1)[0] for problem in problems}  # a bad TLS_CERT_FILE is not also "missing"
+    named = {problem.split(":", 1)[0] for problem in problems}
+    # The files are looked for only where the config says: a bad key's stand-in default would name other files.
+    if appliance is not None and "APPLIANCE_CONFIG_DIR" not in named:
         problems += [p for p in appliance_config.check_files(appliance, root) if p.split(":", 1)[0] not in named]
     if appliance is None or problems:
         raise Failed(problem_list(path, problems), EXIT_CONFIG)
@@ -141,11 +142,16 @@ def render_command(config_path: Path, root: Path, show_diff: bool) -> None:
     for path in written:
         say(f"wrote {path}")
     say(f"{len(written)} file(s) changed, {len(files) - len(written)} unchanged")
+    if any(path.suffix == ".conf" and path.parent.name.endswith(".service.d") for path in written):
+        say("the unit's drop-in changed: run `systemctl daemon-reload` before the next restart")
+    if written:
+        say("apply with `scaigrid-appliance restart` (or `systemctl restart scaigrid-appliance`)")
 
 
 def program_rows(appliance: Appliance) -> list[dict[str, Any]]:
     """Each program's supervisord state and uptime, its readiness probe, and its recorded FATALs."""
-    ctx = Context(appliance, appliance.settings(appliance_config.read_secrets(appliance)))
+    # Ports and graces do not depend on secrets: status works (and says what is down) even before init.
+    ctx = Context(appliance, appliance.settings())
     programs = {p.name: p for p in enabled_programs(ctx)}
     infos = {info.name: info for info in supervisor_of(appliance).processes()}
     recorded = logs.recorded_states(appliance)

@@ -49,6 +49,7 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
     supervisord = _TEMPLATES.get_template("supervisord.conf.j2").render(
         **common,
         group=_group_of(config.user),
+        as_root=as_root,
         programs=[{"name": p.name, "command": p.command(ctx), "as_root": p.as_root or not as_root,
                    "priority": p.priority, "stop_signal": p.stop_signal, "stop_wait_s": p.stop_wait_s(ctx)}
                   for p in programs],
