@@ -34,8 +34,9 @@ $(VENV)/.installed: setup.cfg constraints.txt
 run: install
 	$(PY) -m appliance.local
 
+# Two workers, one test file each at a time: the suite mostly waits on real servers starting and streams pacing.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The boot test alone (part of `make test` too): provisions a cached Debian root filesystem with
 # appliance/provision.sh and boots it with systemd-nspawn; needs root. See systemd/README.md.

@@ -21,7 +21,7 @@ import click
 from appliance import config as appliance_config
 from appliance import firstboot, logs, maintenance, render
 from appliance.config import Appliance, ConfigProblems
-from appliance.programs import EVENTS_NAME, Context, enabled_programs
+from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy
 from appliance.supervisor import Supervisor, SupervisorUnavailable
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 1, 2, 3, 4
@@ -195,9 +195,9 @@ def status(config_path: Path, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"running": False, "error": str(exc), "programs": []}))
         raise Failed(str(exc), EXIT_NOT_RUNNING) from None
-    healthy = all(row["state"] == "RUNNING" and row["ready"] is not False for row in rows)
+    is_healthy = healthy(rows)
     if as_json:
-        click.echo(json.dumps({"running": True, "healthy": healthy, "programs": rows}, indent=2))
+        click.echo(json.dumps({"running": True, "healthy": is_healthy, "programs": rows}, indent=2))
     else:
         click.echo(f"{'PROGRAM':<14}{'STATE':<10}{'UPTIME':<10}{'READY':<7}FATAL (recorded)")
         for row in rows:
@@ -207,7 +207,7 @@ def status(config_path: Path, as_json: bool) -> None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["last_fatal_at"]))
                 fatal = f"{row['fatal_count']}x, last {when}"
             click.echo(f"{row['name']:<14}{row['state']:<10}{_duration(row['uptime_s']):<10}{ready:<7}{fatal}")
-    if not healthy:
+    if not is_healthy:
         sys.exit(EXIT_UNHEALTHY)
 
 

@@ -51,10 +51,14 @@ def _hostname(raw: str) -> str:
     return raw
 
 
+# Paths land unquoted in nginx and supervisord configs, where these characters end or change a directive.
+_PATH_UNSAFE = re.compile(r"""[\s;{}'"%$#\\]""")
+
+
 def _absolute_path(raw: str) -> Path:
     path = Path(raw)
-    if not path.is_absolute():
-        raise ValueError("an absolute path")
+    if not path.is_absolute() or _PATH_UNSAFE.search(raw):
+        raise ValueError("an absolute path without spaces or any of ;{}'\"%$#\\")
     return path
 
 
@@ -154,7 +158,7 @@ class ApplianceConfig:
 
     @property
     def program_states_file(self) -> Path:
-        return self.state_dir / "program-states.json"
+        return self.state_dir / "events" / "program-states.json"
 
     @property
     def admin_key_file(self) -> Path:
@@ -276,7 +280,7 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
     The defaults stand in so that the rules across keys (and check_files) still run: one pass lists everything.
     """
     try:
-        raw = read_env_file(path) if path.exists() else {}
+        raw = read_env_file(path)
     except ConfigError as exc:
         return None, [str(exc)]
     problems: list[str] = []
@@ -352,16 +356,44 @@ def check_files(appliance: Appliance, root: Path = Path("/")) -> list[str]:
     """Problems with the files the configs will point at: TLS material and generated secrets."""
     config = appliance.config
     problems = []
-    for name, path in (("TLS_CERT_FILE", under(root, config.tls_cert)), ("TLS_KEY_FILE", under(root, config.tls_key))):
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        problems.append("TLS_CERT_FILE, TLS_KEY_FILE: set both (your certificate and its key) or neither")
+    cert, key = under(root, config.tls_cert), under(root, config.tls_key)
+    for name, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
         if not path.is_file():
             hint = "set it to your certificate" if getattr(config, name.lower()) else "run `scaigrid-appliance init`"
             problems.append(f"{name}: {path} does not exist ({hint})")
+    if cert.is_file() and key.is_file():
+        problems += _tls_problems(cert, key)
     for secret in appliance.needed_secrets():
         path = under(root, config.secrets_dir / secret.file)
         if not path.is_file():
             problems.append(f"{path}: missing secret (run `scaigrid-appliance init`)")
         elif path.stat().st_mode & 0o077:
             problems.append(f"{path}: readable by others (mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
+    return problems
+
+
+def _tls_problems(cert_path: Path, key_path: Path) -> list[str]:
+    """What nginx would refuse at its next start, said now: unreadable PEM, or a key that is not the certificate's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError:
+        return [f"TLS_CERT_FILE: {cert_path} is not a PEM certificate"]
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        return [f"TLS_KEY_FILE: {key_path} is not an unencrypted PEM private key"]
+    problems = []
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.PEM, public)
+            != certificate.public_key().public_bytes(serialization.Encoding.PEM, public)):
+        problems.append(f"TLS_KEY_FILE: {key_path} is not the key of {cert_path}")
+    if key_path.stat().st_mode & 0o077:
+        problems.append(f"TLS_KEY_FILE: {key_path} is readable by others; chmod 600 it")
     return problems
 
 

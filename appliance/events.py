@@ -33,10 +33,16 @@ class ProgramStates:
         self.transitions = Counter("scaigrid_appliance_program_transitions", "state changes, by state entered",
                                    ["program", "state"], registry=registry)
         for name, record in self.programs.items():
-            # A state recorded before this listener started is stale except FATAL's history; the next event corrects it.
-            self.running.labels(name).set(0)
+            self.running.labels(name).set(0)  # until seeded from supervisord: a recorded state may be stale
             if record.get("fatal_count"):
                 self.fatal.labels(name)
+
+    def seed(self, current: dict[str, str]) -> None:
+        """Takes the states supervisord reports now: a program RUNNING and stable sends no event to learn it from."""
+        for program, state in current.items():
+            self.programs.setdefault(program, {"fatal_count": 0, "last_fatal_at": None})["state"] = state
+            self.running.labels(program).set(1 if state == "RUNNING" else 0)
+        write_states(self.path, self.programs)
 
     def record(self, program: str, state: str, now: float) -> None:
         entry = self.programs.setdefault(program, {"fatal_count": 0, "last_fatal_at": None})
@@ -81,6 +87,11 @@ def run(states_path: Path, metrics_port: int) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     registry = CollectorRegistry()
     states = ProgramStates(states_path, registry)
+    try:  # supervisord tells its children where its socket is (SUPERVISOR_SERVER_URL)
+        rpc = childutils.getRPCInterface(os.environ)
+        states.seed({info["name"]: info["statename"] for info in rpc.supervisor.getAllProcessInfo()})
+    except (KeyError, OSError) as exc:
+        logger.warning("could not read the programs' current states from supervisord (%s); waiting for events", exc)
     start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
     logger.info("recording program states in %s; metrics on 127.0.0.1:%d", states_path, metrics_port)
     listen(states, sys.stdin, sys.stdout)

@@ -19,19 +19,25 @@ from cryptography.x509.oid import NameOID
 
 from appliance import devstack, render
 from appliance.config import Appliance, check_files, keys, read_secrets
+from appliance.programs import scaigrid_argv
 
 SELF_SIGNED_DAYS = 825  # the longest validity browsers and macOS accept for a TLS server certificate
 
 
 def ensure_dirs(appliance: Appliance) -> None:
+    """The appliance's directories. Root owns those root processes write into (supervisord's logs and socket,
+    nginx's temp files), so a program running as the service user cannot plant a symlink there for root to follow;
+    the service user owns only the event listener's corner."""
     config = appliance.config
     config.secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.secrets_dir, 0o700)
     for path in (config.state_dir, config.log_dir, config.run_dir, config.state_dir / "nginx"):
         path.mkdir(parents=True, exist_ok=True)
-        owner = render._uid_gid(config.user)
-        if owner is not None:  # the programs, running as the service user, write there
-            os.chown(path, *owner)
+    events_dir = config.program_states_file.parent
+    events_dir.mkdir(parents=True, exist_ok=True)
+    owner = render.service_user_ids(config.user)
+    if owner is not None:
+        os.chown(events_dir, *owner)
 
 
 def ensure_secrets(appliance: Appliance) -> list[str]:
@@ -87,9 +93,7 @@ def ensure_database(appliance: Appliance) -> None:
 
 
 def scaigrid(appliance: Appliance, *args: str) -> subprocess.CompletedProcess[str]:
-    config = appliance.config
-    argv = [str(config.venv / "bin" / "scaigrid"), "--env-file", str(config.scaigrid_env_file), *args]
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
+    return subprocess.run(scaigrid_argv(appliance.config, *args), capture_output=True, text=True, check=False)
 
 
 def ensure_admin_key(appliance: Appliance) -> bool:

@@ -16,12 +16,12 @@ from appliance import config as appliance_config
 from appliance import devstack, firstboot, logs
 from appliance.cli import program_rows
 from appliance.config import Appliance, ConfigProblems
-from appliance.supervisor import Supervisor, SupervisorUnavailable
+from appliance.programs import PROGRAMS, healthy
+from appliance.supervisor import SUPERVISORD, Supervisor, SupervisorUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
-SUPERVISORD = "/usr/bin/supervisord"  # Debian's, as on the appliance
 # Settings a developer may override from the shell, e.g. `HTTPS_PORT=9443 make run`.
-PASSED_THROUGH = ("HTTPS_PORT", "HTTP_REDIRECT_PORT", "GRPC_TLS_PORT", "APPLIANCE_METRICS_PORT", "HTTP_PORT",
+PORT_KEYS = ("HTTPS_PORT", "HTTP_REDIRECT_PORT", "GRPC_TLS_PORT", "APPLIANCE_METRICS_PORT", "HTTP_PORT",
                   "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
 LOCAL_PORTS = {"HTTPS_PORT": "8443", "HTTP_REDIRECT_PORT": "8080", "GRPC_TLS_PORT": "8444"}
 READY_TIMEOUT_S = 90.0
@@ -94,7 +94,7 @@ def wait_until_ready(appliance: Appliance, supervisord: subprocess.Popen[bytes])
         fatal = [row for row in rows if row["state"] == "FATAL"]
         if fatal:
             return [f"{row['name']} is FATAL" for row in fatal]
-        if rows and all(row["state"] == "RUNNING" and row["ready"] is not False for row in rows):
+        if healthy(rows):
             return []
         time.sleep(0.5)
     return [f"{row['name']}: {row['state']}, ready {row['ready']}" for row in rows] or ["supervisord never answered"]
@@ -152,7 +152,7 @@ def main() -> int:
         if not client.bucket_exists(BUCKET):  # moto keeps buckets in memory: a new one on every start
             client.make_bucket(BUCKET)
 
-        overrides = {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
+        overrides = {key: os.environ[key] for key in PORT_KEYS if key in os.environ}
         appliance = appliance_config.load(write_config(var, redis, s3, mariadb, overrides))
         say("first-boot steps:")
         first_boot(appliance, mariadb)
@@ -163,7 +163,7 @@ def main() -> int:
         problems = wait_until_ready(appliance, supervisord)
         if problems:
             say("not ready: " + "; ".join(problems))
-            for name in ("http", "grpc", "worker", "bunker_proxy", "nginx"):
+            for name in [program.name for program in PROGRAMS]:
                 lines = logs.tail(config.log_dir / f"{name}.log", 5)
                 if lines:
                     say(f"last lines of {config.log_dir / name}.log:")

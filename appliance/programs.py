@@ -8,8 +8,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from appliance.config import Appliance
+from appliance.config import Appliance, ApplianceConfig
 from scaigrid.settings import Settings
 
 # supervisord waits this much beyond a program's own grace before SIGKILL: the grace is the program's promise,
@@ -24,8 +25,17 @@ class Context:
     settings: Settings
 
     def scaigrid(self, *args: str) -> str:
-        config = self.appliance.config
-        return " ".join((str(config.venv / "bin" / "scaigrid"), "--env-file", str(config.scaigrid_env_file), *args))
+        return " ".join(scaigrid_argv(self.appliance.config, *args))
+
+
+def scaigrid_argv(config: ApplianceConfig, *args: str) -> list[str]:
+    """The `scaigrid` command of the appliance's venv on its rendered env file, as every program runs it."""
+    return [str(config.venv / "bin" / "scaigrid"), "--env-file", str(config.scaigrid_env_file), *args]
+
+
+def healthy(rows: list[dict[str, Any]]) -> bool:
+    """Whether `status` rows say the appliance is fine: every program RUNNING, none failing its readiness probe."""
+    return bool(rows) and all(row["state"] == "RUNNING" and row["ready"] is not False for row in rows)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def grpc_serving(port: int) -> bool:
 
 
 def worker_alive(ctx: Context) -> bool:
-    argv = ctx.scaigrid("check", "worker").split()
+    argv = scaigrid_argv(ctx.appliance.config, "check", "worker")
     try:
         return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -135,6 +145,7 @@ PROGRAMS: tuple[Program, ...] = (
 
 # The event listener is not a program (supervisord runs it as [eventlistener:...]) but is scraped like one.
 EVENTS_NAME = "events"
+EVENTS_STOP_WAIT_S = 10
 
 
 def enabled_programs(ctx: Context) -> list[Program]:

@@ -146,8 +146,10 @@ stage_user() {
     fi
     # The group may read the configuration (supervisord drops the programs to scaigrid); secrets/ inside is root's.
     ensure_dir 0750 "root:$APP_USER" "$CONFIG_DIR"
-    ensure_dir 0750 "$APP_USER:$APP_USER" "$STATE_DIR"
-    ensure_dir 0750 "$APP_USER:$APP_USER" "$LOG_DIR"
+    # Root owns what root processes write into (supervisord's logs, nginx's temp dirs, backups): a program running
+    # as scaigrid must not be able to plant a symlink there for root to follow. init gives scaigrid its own corner.
+    ensure_dir 0755 "root:root" "$STATE_DIR"
+    ensure_dir 0750 "root:$APP_USER" "$LOG_DIR"
 }
 
 stage_install() {

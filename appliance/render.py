@@ -22,6 +22,8 @@ _TEMPLATES = jinja2.Environment(
 )
 # systemd gives the appliance unit this much beyond supervisord's longest stopwaitsecs, for supervisord itself.
 UNIT_STOP_MARGIN_S = 30
+# nginx closes streams this long after the http drain ends (their last bytes), well before supervisord's SIGKILL.
+NGINX_SHUTDOWN_MARGIN_S = 5
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         as_root=as_root,
         storage=appliance.storage_enabled,
         proxy_read_timeout_s=appliance.proxy_read_timeout_s(ctx.settings),
+        shutdown_timeout_s=int(ctx.settings.server.http_drain_grace_s) + NGINX_SHUTDOWN_MARGIN_S,
         https_suffix="" if config.https_port == 443 else f":{config.https_port}",
         # An IPv6 listener fails where the kernel has no IPv6 (some containers): render it only where there is one.
         ipv6=Path("/proc/net/if_inet6").exists(),
@@ -91,9 +94,7 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
 
 
 def _group_of(user: str) -> str:
-    """The group that may use supervisord's socket: the service user's (ours when not root)."""
-    if os.geteuid() != 0:
-        return grp.getgrgid(os.getegid()).gr_name
+    """The group that may use supervisord's socket (as root; otherwise the socket stays ours): the service user's."""
     try:
         return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
     except KeyError:
@@ -119,25 +120,33 @@ def diff(root: Path, files: list[Output]) -> str:
 def write(root: Path, files: list[Output], user: str) -> list[Path]:
     """Writes the files that changed (atomically, private ones 0600 owned by the service user); returns them."""
     changed = []
-    owner = _uid_gid(user)
+    owner = service_user_ids(user)
     for output in files:
         target = under(root, output.path)
-        if target.exists() and target.read_text() == output.text:
+        mode = 0o600 if output.private else 0o644
+        ids = owner if output.private else None
+        if target.exists() and target.read_text() == output.text and _has(target, mode, ids):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if output.private else 0o644)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "w") as handle:
             handle.write(output.text)
-        os.chmod(temporary, 0o600 if output.private else 0o644)
-        if output.private and owner is not None:
-            os.chown(temporary, *owner)
+        os.chmod(temporary, mode)
+        if ids is not None:
+            os.chown(temporary, *ids)
         os.replace(temporary, target)
         changed.append(target)
     return changed
 
 
-def _uid_gid(user: str) -> tuple[int, int] | None:
+def _has(path: Path, mode: int, ids: tuple[int, int] | None) -> bool:
+    """Whether a file already has the mode (and owner) render gives it: a drifted 0644 secret file is rewritten."""
+    stat = path.stat()
+    return stat.st_mode & 0o777 == mode and (ids is None or (stat.st_uid, stat.st_gid) == ids)
+
+
+def service_user_ids(user: str) -> tuple[int, int] | None:
     """The service user's ids when we may hand files to it (as root, user present); else files stay ours."""
     if os.geteuid() != 0:
         return None

@@ -11,8 +11,10 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-# supervisord's process states (supervisor.states.ProcessStates) that mean the program is not coming back by itself.
-STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+SUPERVISORD = "/usr/bin/supervisord"  # Debian's: the unit, make run and the tests all run this one
+# supervisord's states of a process that is on its way up or down (supervisor.states.ProcessStates).
+MOVING_STATES = ("STARTING", "STOPPING", "BACKOFF")
+STOP_POLL_S = 0.2
 
 
 class SupervisorUnavailable(Exception):
@@ -25,14 +27,12 @@ class ProcessInfo:
     state: str
     pid: int
     uptime_s: float | None  # None unless RUNNING
-    description: str
-    exit_status: int
 
     @classmethod
     def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
         running = info["statename"] == "RUNNING"
         return cls(info["name"], info["statename"], info["pid"],
-                   float(info["now"] - info["start"]) if running else None, info["description"], info["exitstatus"])
+                   float(info["now"] - info["start"]) if running else None)
 
 
 class Supervisor:
@@ -57,19 +57,42 @@ class Supervisor:
         return [ProcessInfo.from_rpc(info) for info in self._call("getAllProcessInfo")]
 
     def start(self, name: str | None = None) -> None:
-        if name is None:
-            self._call("startAllProcesses", True)
-        else:
-            self._call("startProcess", name, True)
+        """Starts one program, or all after loading a re-rendered config; one already running is left alone."""
+        if name is not None:
+            self._tolerating("ALREADY_STARTED", "startProcess", name, True)
+            return
+        self.reread_and_update()
+        self._call("startAllProcesses", True)  # in priority order: nginx before the programs it fronts
 
-    def stop(self, name: str | None = None) -> None:
-        if name is None:
-            self._call("stopAllProcesses", True)
-        else:
-            self._call("stopProcess", name, True)
+    def stop(self, name: str | None = None, timeout_s: float = 600) -> None:
+        """Stops one program, or all in reverse priority; one already stopped is left alone.
 
-    def signal(self, name: str, signal_name: str) -> None:
-        self._call("signalProcess", name, signal_name)
+        supervisord's own stopAllProcesses signals every process at once; stopping tier by tier keeps nginx
+        relaying the programs' last streams while they drain, and the event listener recording it all.
+        """
+        if name is not None:
+            self._tolerating("NOT_RUNNING", "stopProcess", name, True)
+            return
+        tiers: dict[int, list[str]] = {}
+        for info in self._call("getAllConfigInfo"):
+            if not info["inuse"]:
+                continue  # in the config file but not loaded (rendered, not yet applied): nothing runs
+            tiers.setdefault(info["process_prio"], []).append(f"{info['group']}:{info['name']}")
+        deadline = time.monotonic() + timeout_s
+        for priority in sorted(tiers, reverse=True):
+            for full_name in tiers[priority]:
+                self._tolerating("NOT_RUNNING", "stopProcess", full_name, False)
+            while any(self._call("getProcessInfo", n)["statename"] in MOVING_STATES for n in tiers[priority]):
+                if time.monotonic() > deadline:
+                    break  # supervisord SIGKILLs what outlives its stopwaitsecs; we only stop waiting
+                time.sleep(STOP_POLL_S)
+
+    def _tolerating(self, fault: str, method: str, *args: Any) -> None:
+        try:
+            self._call(method, *args)
+        except xmlrpc.client.Fault as exc:
+            if fault not in exc.faultString:
+                raise
 
     def reread_and_update(self) -> list[str]:
         """Applies a re-rendered supervisord.conf: added programs start, removed ones stop, changed ones restart."""
@@ -91,11 +114,3 @@ class Supervisor:
             except SupervisorUnavailable:
                 time.sleep(0.2)
         return False
-
-    def shutdown(self) -> None:
-        self._call("shutdown")
-
-
-def is_fault(exc: BaseException, *names: str) -> bool:
-    """Whether exc is supervisord's Fault of one of the given names (e.g. BAD_NAME, ALREADY_STARTED)."""
-    return isinstance(exc, xmlrpc.client.Fault) and any(name in exc.faultString for name in names)

@@ -17,8 +17,7 @@ from appliance.config import Appliance
 from appliance.supervisor import Supervisor
 
 # Every listener of the appliance, on a free port each, so stacks never collide with each other or `make run`.
-PORT_KEYS = ("HTTPS_PORT", "HTTP_REDIRECT_PORT", "GRPC_TLS_PORT", "APPLIANCE_METRICS_PORT", "HTTP_PORT", "GRPC_PORT",
-             "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
+PORT_KEYS = local.PORT_KEYS
 
 
 @dataclass
