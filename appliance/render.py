@@ -20,7 +20,7 @@ _TEMPLATES = jinja2.Environment(
     keep_trailing_newline=True,
     autoescape=False,  # nginx, TOML and ini, not HTML
 )
-# systemd gives the appliance unit this much beyond supervisord's longest stopwaitsecs, for supervisord itself.
+# systemd gives the appliance unit this much beyond all of supervisord's stopwaitsecs, for supervisord itself.
 UNIT_STOP_MARGIN_S = 30
 # nginx closes streams this long after the http drain ends (their last bytes), well before supervisord's SIGKILL.
 NGINX_SHUTDOWN_MARGIN_S = 5
