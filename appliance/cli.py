@@ -348,8 +348,10 @@ def restore(config_path: Path, archive: Path, yes: bool) -> None:
     """Restore a backup: stop, put back files and database, render, migrate, start, check health.
 
     \b
-    Refuses, changing nothing, a damaged archive or one from another ScaiGrid version.
+    Refuses, changing nothing, a damaged archive, one from another ScaiGrid version, or one the appliance
+    would not start with (TLS files, secrets).
     Backs up the current state first (STATE_DIR/backups/...-pre-restore.tar.gz).
+    Exit 1: refused, nothing changed; or a step failed (the message names the pre-restore archive).
     Exit 4: restored, but not every program became running and ready.
     Example:  scaigrid-appliance restore /var/lib/scaigrid/backups/scaigrid-0.1.0-20250101T020000Z.tar.gz
     """
@@ -378,11 +380,13 @@ def support_bundle(config_path: Path, output: Path | None, lines: int) -> None:
 @config_option
 @click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def upgrade(config_path: Path, package: Path) -> None:
-    """Upgrade to a scaigrid wheel: backup, stop, install, migrate, start, health gate.
+    """Upgrade to a scaigrid wheel: stop, backup, install, migrate, start, health gate.
 
     \b
-    If any step after the stop fails, or the programs are not running and ready in time, it rolls back:
-    the previous wheel (APPLIANCE_VENV/../wheels/current) and the database from the backup; exit 4.
+    If a step after the backup fails, or the programs are not running and ready in time, it rolls back to the
+    previous wheel (APPLIANCE_VENV/../wheels/current) and its packages, and, if migrate had begun, to the
+    database of the backup (what the new version wrote is lost); exit 4.
+    Exit 1: refused, nothing changed; or the backup or the rollback failed (the message says what to run).
     Example:  scaigrid-appliance upgrade scaigrid-0.2.0-py3-none-any.whl
     """
     appliance = load(config_path)

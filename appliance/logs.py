@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections import deque
 from pathlib import Path
@@ -20,12 +22,24 @@ def recorded_states(appliance: Appliance) -> dict[str, dict[str, Any]]:
     return read_states(appliance.config.program_states_file)
 
 
+NOT_A_LOG = "(left out: not a regular file; a link here could point at a secret)\n"
+
+
 def tail(path: Path, lines: int) -> list[str]:
+    """The last lines of a log; none if there is none. Never through a symlink or into a FIFO: this runs as root,
+    and a link planted in LOG_DIR could point at the TLS key."""
     try:
-        with path.open(errors="replace") as handle:
-            return list(deque(handle, maxlen=lines))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO must not hang the open
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return [NOT_A_LOG]
+        raise
+    with open(fd, errors="replace") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return [NOT_A_LOG]
+        return list(deque(handle, maxlen=lines))
 
 
 def show(paths: dict[str, Path], lines: int, follow: bool, *, prefix: bool) -> None:

@@ -27,9 +27,10 @@ from urllib.parse import quote
 
 import scaigrid
 from appliance import config as appliance_config
-from appliance import firstboot, logs, render
-from appliance.config import Appliance, ConfigProblems, read_secrets
-from appliance.supervisor import Supervisor
+from appliance import devstack, firstboot, logs, render
+from appliance.config import Appliance, ConfigProblems, check_files, read_secrets, under
+from appliance.programs import EVENTS_NAME, NGINX, PROGRAMS, healthy
+from appliance.supervisor import SUPERVISORD, Supervisor
 from scaigrid.settings import entries
 
 Say = Callable[[str], None]
@@ -51,11 +52,14 @@ STATUS_TIMEOUT_S = 120.0
 VERSION_TIMEOUT_S = 10.0
 SUPPORT_LOG_LINES = 2000
 CHUNK_BYTES = 1 << 20
-NGINX = "/usr/sbin/nginx"  # Debian's, as programs.py runs it
-SUPERVISORD = "/usr/bin/supervisord"
+# The logs a support bundle takes, LOG_DIR/<name>.log as supervisord.conf names them; nothing else in LOG_DIR.
+LOG_NAMES = (*(program.name for program in PROGRAMS), EVENTS_NAME, "supervisord")
 SECRET_SETTINGS = frozenset(entry.env for entry in entries() if entry.secret)
 URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
-SECRET_LINE = re.compile(r"^((?:export\s+)?(?:" + "|".join(sorted(SECRET_SETTINGS)) + r")=).+$", re.MULTILINE)
+# Commented-out lines too: an old value kept as `#S3_SECRET_ACCESS_KEY=...` is still a live secret somewhere.
+SECRET_LINE = re.compile(r"^([ \t]*[#;]?[ \t]*(?:export[ \t]+)?(?:" + "|".join(sorted(SECRET_SETTINGS))
+                         + r")[ \t]*=).+$", re.MULTILINE)
+PIP = ("-m", "pip", "--disable-pip-version-check", "--no-input", "--quiet")
 
 
 class MaintenanceFailed(Exception):
@@ -63,11 +67,12 @@ class MaintenanceFailed(Exception):
 
 
 class Refused(MaintenanceFailed):
-    """Bad input, found before anything was stopped or changed."""
+    """Bad input or state, found before anything was stopped or changed (exit 1)."""
 
 
 class Unhealthy(MaintenanceFailed):
-    """The health gate failed after a restore or an upgrade (rolled back or not, the message says)."""
+    """Exit 4: a restore's health gate failed, or an upgrade failed and was rolled back (the message says why, and
+    whether the version rolled back to passed its own health gate)."""
 
 
 @dataclass(frozen=True)
@@ -302,20 +307,28 @@ def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) ->
 # --- restore ---
 
 def restore(appliance: Appliance, path: Path, *, say: Say, confirm: Callable[[str], bool]) -> None:
-    """Verifies the archive, then: safety backup, stop, files, database, render, migrate, start, health gate."""
+    """Verifies the archive and what it would leave behind, then: safety backup, stop, files, database, render,
+    migrate, start, health gate."""
     supervisor = Supervisor(appliance.config.supervisor_socket)
     with verified(path, scaigrid.__version__, appliance.config.backups_dir) as archive:
         try:
             archived = appliance_config.load(archive.file(CONFIG_MEMBER))
         except ConfigProblems as exc:
             raise Refused(f"{path}: its appliance.env is not valid here:\n  " + "\n  ".join(exc.problems)) from None
+        files = _restored_files(appliance, archive, archived)
+        # Render would refuse what check-config refuses (a TLS file or secret missing), but only after the database
+        # was replaced: the files as the restore will leave them are checked now.
+        problems = _check_restored_files(archived, files, archive.directory / "after-restore")
+        if problems:
+            raise Refused(f"{path}: not restoring, the appliance would not start with its files:\n  "
+                          + "\n  ".join(problems))
         # The database as the restored appliance.env names it, with this machine's password: reachable before
         # any change, or the restore would stop the appliance and then fail.
         database = Database.of(archived, read_secrets(appliance)["database-password"])
         try:
             database.sql("SELECT 1", in_database=False)
         except MaintenanceFailed as exc:
-            raise Refused(f"not restoring: the backup's database settings do not work here ({exc})") from None
+            raise Refused(f"{path}: not restoring, its database settings do not work here ({exc})") from None
         supervisor.processes()  # supervisord answers (exit 3 otherwise), before any change
         manifest = archive.manifest
         say(f"{path}: ScaiGrid {archive.version}, database {manifest['database']['name']}, made "
@@ -331,11 +344,12 @@ def restore(appliance: Appliance, path: Path, *, say: Say, confirm: Callable[[st
         try:
             say("stopping all programs ...")
             supervisor.stop()
-            restored = _restore_files(appliance, archive, say)
+            restored = _restore_files(appliance, archive, archived, files, say)
             dump_size = archive.file(DUMP).stat().st_size
             say(f"loading database {database.name} ({_size(dump_size)}) ...")
             database.replace_with(archive.file(DUMP))
-            _render_and_migrate(restored, say)
+            _render(restored, say)
+            firstboot.migrate(restored, say)
             _start(supervisor, say)
         except Exception as exc:  # whatever broke, the operator needs the way back
             raise MaintenanceFailed(f"restore failed: {exc}\nThe state before it is in {safety}: "
@@ -344,34 +358,68 @@ def restore(appliance: Appliance, path: Path, *, say: Say, confirm: Callable[[st
     say(f"restored {path}; the state before it is in {safety}")
 
 
-def _restore_files(appliance: Appliance, archive: Archive, say: Say) -> Appliance:
-    """Puts appliance.env, the secrets (0600) and the TLS files back; returns the appliance as restored."""
-    _write(appliance.path, archive.file(CONFIG_MEMBER).read_bytes(), 0o600)
-    restored = appliance_config.load(appliance.path)
-    config = restored.config
-    _private_dir(config.secrets_dir)
-    kept = 0
-    for entry in archive.entries("config/secrets/"):
-        name = entry["path"].rsplit("/", 1)[1]
-        if name in KEPT_SECRETS and (config.secrets_dir / name).exists():
-            kept += 1
+def _restored_files(appliance: Appliance, archive: Archive, archived: Appliance) -> dict[Path, tuple[str, int]]:
+    """What the restore writes: appliance.env, the secrets (0600) and the TLS files, path -> (content, mode)."""
+    config = archived.config
+    files = {}
+    for entry in archive.manifest["files"]:
+        name = entry["path"]
+        if name == CONFIG_MEMBER:
+            target, mode = appliance.path, 0o600
+        elif name.startswith("config/secrets/"):
+            target, mode = config.secrets_dir / name.rsplit("/", 1)[1], 0o600
+            if target.name in KEPT_SECRETS and target.exists():
+                continue
+        elif name.startswith("config/tls/"):
+            target, mode = config.config_dir / "tls" / name.rsplit("/", 1)[1], int(entry["mode"], 8) & 0o644
+        else:
             continue
-        _write(config.secrets_dir / name, archive.file(entry["path"]).read_bytes(), 0o600)
-    tls = archive.entries("config/tls/")
-    for entry in tls:
-        target = config.config_dir / "tls" / entry["path"].rsplit("/", 1)[1]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write(target, archive.file(entry["path"]).read_bytes(), int(entry["mode"], 8) & 0o644)
-    restored_secrets = len(archive.entries("config/secrets/")) - kept
-    say(f"restored appliance.env, {restored_secrets} secret(s), {len(tls)} TLS file(s)"
+        try:
+            files[target] = (archive.file(name).read_bytes().decode(), mode)
+        except UnicodeDecodeError:
+            raise Refused(f"{archive.path}: {name} is not text; not restoring it") from None
+    return files
+
+
+def _check_restored_files(archived: Appliance, files: dict[Path, tuple[str, int]], shadow: Path) -> list[str]:
+    """check_files on the files as the restore will leave them (the archive's over those already here), laid out
+    under shadow: links to those already here, copies of the archive's."""
+    config = archived.config
+    here = [path for directory in (config.secrets_dir, config.config_dir / "tls") if directory.is_dir()
+            for path in directory.iterdir()]
+    for path in {*here, config.tls_cert, config.tls_key}:
+        if path.exists():
+            under(shadow, path).parent.mkdir(parents=True, exist_ok=True)
+            under(shadow, path).symlink_to(path)
+    for path, (text, mode) in files.items():
+        under(shadow, path).parent.mkdir(parents=True, exist_ok=True)
+        _place(under(shadow, path), text, mode)
+    return [problem.replace(str(shadow), "") for problem in check_files(archived, shadow)]
+
+
+def _restore_files(appliance: Appliance, archive: Archive, archived: Appliance, files: dict[Path, tuple[str, int]],
+                   say: Say) -> Appliance:
+    """Writes what _restored_files planned; returns the appliance as restored."""
+    _private_dir(archived.config.secrets_dir)
+    for path, (text, mode) in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _place(path, text, mode)
+    secrets_count = sum(path.parent == archived.config.secrets_dir for path in files)
+    kept = len(archive.entries("config/secrets/")) - secrets_count
+    say(f"restored appliance.env, {secrets_count} secret(s), {len(archive.entries('config/tls/'))} TLS file(s)"
         + (" (kept this machine's database password)" if kept else ""))
-    return restored
+    return appliance_config.load(appliance.path)
+
+
+def _place(path: Path, text: str, mode: int) -> None:
+    devstack.write_private_file(path, text.rstrip("\n"))
+    path.chmod(mode)  # a certificate is 0644; everything else stays 0600
 
 
 # --- upgrade ---
 
 def upgrade(appliance: Appliance, package: Path, *, say: Say) -> str:
-    """backup, stop, install, migrate, start, health gate; on any failure after the stop, rolls back. Returns the
+    """stop, backup, install, migrate, start, health gate; on any failure after the backup, rolls back. Returns the
     version now running."""
     config = appliance.config
     new_version = _wheel_version(package)
@@ -381,17 +429,35 @@ def upgrade(appliance: Appliance, package: Path, *, say: Say) -> str:
     previous = current.resolve()
     supervisor = Supervisor(config.supervisor_socket)
     supervisor.processes()  # supervisord answers (exit 3 otherwise), before any change
+    try:
+        frozen = _pip(config.venv, "freeze", "--exclude", "scaigrid")
+    except MaintenanceFailed as exc:
+        raise Refused(f"cannot list the packages installed in {config.venv} ({exc}); not upgrading") from None
     installed = scaigrid.__version__
     say(f"upgrading ScaiGrid {installed} to {new_version} ({package.name}); rollback: {previous.name}")
-    say("[1/6] backup")
-    archive = backup(appliance, say=_indented(say), label="pre-upgrade")
+    # Stopped first, so that the backup holds every write the programs accepted, the drain's included.
     try:
-        say("[2/6] stopping all programs ...")
+        say("[1/6] stopping all programs ...")
         supervisor.stop()
+        say("[2/6] backup")
+        archive = backup(appliance, say=_indented(say), label="pre-upgrade")
+        # The dependencies as they are: a rollback puts back those the new wheel upgrades, not just the wheel.
+        requirements = archive.with_name(archive.name.removesuffix(".tar.gz") + ".requirements.txt")
+        devstack.write_private_file(requirements, frozen.rstrip("\n"))
+        say(f"  installed packages (for a rollback): {requirements}")
+    except Exception as exc:
+        say(f"the backup failed ({exc}); starting the programs again, nothing was installed")
+        _start(supervisor, _indented(say))
+        raise MaintenanceFailed(f"not upgraded: the backup failed ({exc}); nothing was installed and the programs "
+                                "were started again") from None
+    migrated = False
+    try:
         say(f"[3/6] installing {package.name} into {config.venv} ...")
         _pip_install(config.venv, package)
         say("[4/6] render and migrate")
-        _render_and_migrate(appliance, _indented(say))
+        _render(appliance, _indented(say))
+        migrated = True  # from here on the database may hold the new version's schema
+        firstboot.migrate(appliance, _indented(say))
         say("[5/6] start")
         _start(supervisor, _indented(say))
         say(f"[6/6] health gate: waiting up to {HEALTH_TIMEOUT_S:.0f}s for every program to be running and ready")
@@ -401,9 +467,10 @@ def upgrade(appliance: Appliance, package: Path, *, say: Say) -> str:
     except Exception as exc:  # whatever broke, the appliance must not stay down on a half-installed version
         reason = str(exc)
         say(f"upgrade failed: {reason}")
-        _roll_back(appliance, supervisor, previous, archive, installed, say, reason)
+        _roll_back(appliance, supervisor, Rollback(installed, previous, requirements, archive, migrated), say, reason)
+        database = f"database restored from {archive}" if migrated else "database untouched"
         raise Unhealthy(f"upgrade to {new_version} failed ({reason}); rolled back to {installed} "
-                        f"(database from {archive})") from None
+                        f"({database})") from None
     try:
         _keep_wheel(config.wheels_dir, package)
     except OSError as exc:
@@ -413,24 +480,41 @@ def upgrade(appliance: Appliance, package: Path, *, say: Say) -> str:
     return new_version
 
 
-def _roll_back(appliance: Appliance, supervisor: Supervisor, previous: Path, archive_path: Path, installed: str,
-               say: Say, reason: str) -> None:
-    say(f"rolling back to {installed}:")
+@dataclass(frozen=True)
+class Rollback:
+    """What an upgrade goes back to: the version, its wheel and dependencies, and its backup (taken once stopped)."""
+
+    version: str
+    wheel: Path
+    requirements: Path
+    archive: Path
+    database_changed: bool  # migrate began: the database is reloaded from the archive
+
+
+def _roll_back(appliance: Appliance, supervisor: Supervisor, rollback: Rollback, say: Say, reason: str) -> None:
+    say(f"rolling back to {rollback.version}:")
     step = _indented(say)
     try:
         step("stopping all programs ...")
         supervisor.stop()
-        step(f"reinstalling {previous.name} ...")
-        _pip_install(appliance.config.venv, previous)
-        _render_and_migrate(appliance, step, migrate=False)
-        with verified(archive_path, installed, appliance.config.backups_dir) as archive:
-            step("restoring the database from the backup ...")
-            Database.of(appliance).replace_with(archive.file(DUMP))
+        step(f"reinstalling {rollback.wheel.name} and the packages of {rollback.requirements.name} ...")
+        _pip_install(appliance.config.venv, rollback.wheel, requirements=rollback.requirements)
+        _render(appliance, step)
+        if rollback.database_changed:
+            with verified(rollback.archive, rollback.version, appliance.config.backups_dir) as archive:
+                step("restoring the database from the backup ...")
+                Database.of(appliance).replace_with(archive.file(DUMP))
+        else:
+            step("the database was not touched (the upgrade failed before migrate): kept as it is")
         _start(supervisor, step)
     except Exception as exc:  # the operator gets everything needed to finish by hand
-        raise MaintenanceFailed(f"the upgrade failed ({reason}) and so did the rollback ({exc}); reinstall "
-                                f"{previous} and run `scaigrid-appliance restore {archive_path} --yes`") from None
-    _health_gate(appliance, step, failure=f"the upgrade failed ({reason}); rolled back to {installed}, "
+        python = appliance.config.venv / "bin" / "python"
+        raise MaintenanceFailed(
+            f"the upgrade failed ({reason}) and so did the rollback ({exc}); finish it by hand: "
+            f"`{python} -m pip install -r {rollback.requirements}`, `{python} -m pip install --no-deps "
+            f"--force-reinstall {rollback.wheel}`, then `scaigrid-appliance restore {rollback.archive} --yes`"
+        ) from None
+    _health_gate(appliance, step, failure=f"the upgrade failed ({reason}); rolled back to {rollback.version}, "
                                           "but that is not healthy either")
 
 
@@ -452,15 +536,19 @@ def _wheel_version(package: Path) -> str:
     return str(metadata["Version"])
 
 
-def _pip_install(venv: Path, wheel: Path) -> None:
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--no-input", "--quiet",
-           "install"]
-    # Dependencies first (pip reads PIP_FIND_LINKS / PIP_NO_INDEX for an offline wheelhouse); then this very build,
-    # which pip would skip as installed if only rebuilt under the same version.
-    for extra in ((), ("--no-deps", "--force-reinstall")):
-        result = subprocess.run([*pip, *extra, str(wheel)], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise MaintenanceFailed(f"pip install {wheel.name} failed: {result.stderr.strip()[-2000:]}")
+def _pip(venv: Path, *args: str) -> str:
+    """pip of the appliance's venv (it reads PIP_FIND_LINKS / PIP_NO_INDEX for an offline wheelhouse); its output."""
+    result = subprocess.run([str(venv / "bin" / "python"), *PIP, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise MaintenanceFailed(f"pip {args[0]} failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+def _pip_install(venv: Path, wheel: Path, *, requirements: Path | None = None) -> None:
+    """The wheel's dependencies (for a rollback: exactly those of the requirements file), then this very build,
+    which pip would skip as installed if only rebuilt under the same version."""
+    _pip(venv, "install", *(("-r", str(requirements)) if requirements else (str(wheel),)))
+    _pip(venv, "install", "--no-deps", "--force-reinstall", str(wheel))
 
 
 def _keep_wheel(wheels_dir: Path, package: Path) -> None:
@@ -489,13 +577,11 @@ def _installed_cli(appliance: Appliance, *args: str,
         return subprocess.CompletedProcess(argv, 1, "", str(exc))
 
 
-def _render_and_migrate(appliance: Appliance, say: Say, *, migrate: bool = True) -> None:
+def _render(appliance: Appliance, say: Say) -> None:
     result = _installed_cli(appliance, "render")
     if result.returncode != 0:
         raise MaintenanceFailed(f"render failed: {(result.stderr or result.stdout).strip()}")
     say(f"rendered: {result.stdout.strip().splitlines()[-1]}")
-    if migrate:
-        firstboot.migrate(appliance, say)
 
 
 def _start(supervisor: Supervisor, say: Say) -> None:
@@ -543,7 +629,7 @@ def wait_healthy(appliance: Appliance, timeout_s: float = HEALTH_TIMEOUT_S) -> l
             if not report.get("running"):
                 return [str(report.get("error"))]
             return [f"{p['name']} is {p['state']}" + (", not ready" if p["ready"] is False else "")
-                    for p in programs if p["state"] != "RUNNING" or p["ready"] is False]
+                    for p in programs if not healthy([p])]
         time.sleep(HEALTH_POLL_S)
 
 
@@ -610,11 +696,10 @@ def support_bundle(appliance: Appliance, *, say: Say, output: Path | None = None
     if rendered:
         members["render-diff.txt"] = render.diff(Path("/"), rendered) or "the files on disk are as rendered\n"
     say(f"configs: {len(members)} file(s), {_size(sum(len(text) for text in members.values()))}")
-    log_paths = sorted(config.log_dir.glob("*.log"))
-    for path in log_paths:
-        members[f"logs/{path.name}"] = "".join(logs.tail(path, log_lines))
-    say(f"logs: {len(log_paths)} file(s), last {log_lines} lines each, "
-        f"{_size(sum(len(members[f'logs/{path.name}']) for path in log_paths))}")
+    tails = {f"logs/{name}.log": _log_tail(config.log_dir / f"{name}.log", log_lines) for name in LOG_NAMES}
+    members |= {name: text for name, text in tails.items() if text is not None}
+    say(f"logs: {sum(text is not None for text in tails.values())} file(s), last {log_lines} lines each, "
+        f"{_size(sum(len(text or '') for text in tails.values()))}")
     members["versions.txt"] = _versions(appliance)
     members["status.json"] = json.dumps(status_report(appliance), indent=2) + "\n"
     say("versions and status collected")
@@ -625,6 +710,14 @@ def support_bundle(appliance: Appliance, *, say: Say, output: Path | None = None
             _add(tar, name, redact(text).encode(), 0o600)
     say(f"wrote {target} ({_size(target.stat().st_size)}); secrets redacted, no TLS key: safe to send to support")
     return target
+
+
+def _log_tail(path: Path, lines: int) -> str | None:
+    """The last lines of a log, None if there is none (logs.tail never follows a link planted in LOG_DIR)."""
+    try:
+        return "".join(logs.tail(path, lines)) or None
+    except OSError as exc:
+        raise MaintenanceFailed(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _versions(appliance: Appliance) -> str:
@@ -687,20 +780,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | IO[bytes], mode: int, si
 
 @contextmanager
 def _private_file(path: Path) -> Iterator[IO[bytes]]:
+    """0600 from its first byte, streamed: dumps and archives are too big for devstack.write_private_file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as handle:
         yield handle
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomically, with its mode set before the content lands."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.fchmod(fd, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    temporary.replace(path)
 
 
 def _private_dir(path: Path) -> None:

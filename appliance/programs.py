@@ -17,6 +17,7 @@ from scaigrid.settings import Settings
 # the margin covers its last log line and exit.
 STOP_MARGIN_S = 15
 PROBE_TIMEOUT_S = 3.0
+NGINX = "/usr/sbin/nginx"  # Debian's
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ PROGRAMS: tuple[Program, ...] = (
     ),
     Program(
         "nginx",
-        command=lambda ctx: f"/usr/sbin/nginx -c {ctx.appliance.config.config_dir}/nginx.conf",
+        command=lambda ctx: f"{NGINX} -c {ctx.appliance.config.config_dir}/nginx.conf",
         metrics=lambda ctx: None,
         ready=lambda ctx: http_ok(f"https://127.0.0.1:{ctx.appliance.config.https_port}/health"),
         # QUIT is nginx's graceful stop: open streams finish, as long as the http drain allows.

@@ -7,14 +7,17 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,10 +35,14 @@ SOURCE = ("scaigrid", "migrations", "appliance", "setup.cfg", "pyproject.toml", 
 BASE_VERSION = scaigrid.__version__
 GOOD_VERSION = f"{BASE_VERSION}.post1"
 BAD_VERSION = f"{BASE_VERSION}.post2"
+FUTURE_PYTHON_VERSION = f"{BASE_VERSION}.post3"
+# Every API call of these tests is rate-limited; a test that writes as fast as it can must not be refused for it.
+NO_RATE_LIMITS = {f"RATE_LIMIT_{level}_RPM": "1000000" for level in ("KEY", "USER", "TENANT", "PARTNER")}
 
 
-def build_wheel(work: Path, version: str, *, broken: bool = False) -> Path:
-    """A wheel of this working tree as `version`; a broken one's http mode dies as it starts."""
+def build_wheel(work: Path, version: str, *, broken: bool = False, python_requires: str = ">=3.11") -> Path:
+    """A wheel of this working tree as `version`; a broken one's http mode dies as it starts; pip refuses to
+    install one whose python_requires this Python does not meet."""
     source = work / f"src-{version}"
     for name in SOURCE:
         if (REPO / name).is_dir():
@@ -44,12 +51,15 @@ def build_wheel(work: Path, version: str, *, broken: bool = False) -> Path:
             shutil.copy2(REPO / name, source / name)
     init = source / "scaigrid" / "__init__.py"
     init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text()))
+    setup_cfg = source / "setup.cfg"
+    setup_cfg.write_text(re.sub(r"python_requires = \S+", f"python_requires = {python_requires}",
+                                setup_cfg.read_text()))
     if broken:
         with (source / "scaigrid" / "modes" / "http.py").open("a") as module:
             module.write("\n\ndef run(settings):\n    raise RuntimeError('a deliberately broken build')\n")
     # No build isolation: the build needs no download, setuptools comes from this venv.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(work / "dist"), str(source)],
+                    "--no-build-isolation", "--ignore-requires-python", "--wheel-dir", str(work / "dist"), str(source)],
                    check=True, capture_output=True)
     (wheel,) = (work / "dist").glob(f"scaigrid-{version}-*.whl")
     return wheel
@@ -59,7 +69,8 @@ def build_wheel(work: Path, version: str, *, broken: bool = False) -> Path:
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("wheels")
     return {BASE_VERSION: build_wheel(work, BASE_VERSION), GOOD_VERSION: build_wheel(work, GOOD_VERSION),
-            BAD_VERSION: build_wheel(work, BAD_VERSION, broken=True)}
+            BAD_VERSION: build_wheel(work, BAD_VERSION, broken=True),
+            FUTURE_PYTHON_VERSION: build_wheel(work, FUTURE_PYTHON_VERSION, python_requires=">=3.99")}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, r
     kept.mkdir()
     shutil.copy(wheel, kept / wheel.name)
     (kept / "current").symlink_to(wheel.name)
-    appliance_stack = start_stack(base / "var", mariadb, redis_server, s3_server, APPLIANCE_VENV=str(venv))
+    appliance_stack = start_stack(base / "var", mariadb, redis_server, s3_server, APPLIANCE_VENV=str(venv),
+                                  **NO_RATE_LIMITS)
     yield appliance_stack
     appliance_stack.stop()
 
@@ -109,6 +121,38 @@ def key_works(stack: ApplianceStack, key: str) -> bool:
     return status == 200
 
 
+def keys_until_refused(stack: ApplianceStack, admin_key: str, first: threading.Event, done: threading.Event
+                       ) -> list[str]:
+    """Creates API keys one after another until the API stops answering; the keys it confirmed (201)."""
+    confirmed: list[str] = []
+    while not done.is_set():
+        try:
+            status, reply = call(stack, "POST", "/v1/api-keys", admin_key, {"name": "busy", "role": "tenant_user"})
+        except (OSError, ValueError):  # refused, reset, or not the API answering
+            break
+        if status != 201:
+            break
+        confirmed.append(reply["data"]["key"])
+        first.set()
+    first.set()
+    return confirmed
+
+
+def upgrade_while_writing(stack: ApplianceStack, package: Path, timeout_s: float
+                          ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Runs `upgrade` while keys are being created, as on an appliance in use; the keys confirmed before it
+    stopped the programs."""
+    first, done = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        writer = pool.submit(keys_until_refused, stack, stack.admin_key, first, done)
+        first.wait()
+        try:
+            result = stack.cli("upgrade", str(package), timeout_s=timeout_s)
+        finally:
+            done.set()
+        return result, writer.result()
+
+
 def installed_version(stack: ApplianceStack) -> str:
     result = subprocess.run([stack.config.venv / "bin" / "scaigrid", "version"], capture_output=True, text=True,
                             check=True)
@@ -131,6 +175,22 @@ def tables(mariadb: devstack.MariaDB, database: str) -> set[str]:
 def members(archive: Path) -> dict[str, bytes]:
     with tarfile.open(archive) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+def resealed(source: Path, target: Path, name: str, change: Callable[[bytes], bytes]) -> Path:
+    """A copy of a backup with one member changed and its checksum in the manifest to match: not damaged."""
+    content = members(source)
+    content[name] = change(content[name])
+    manifest = json.loads(content["manifest.json"])
+    (entry,) = (entry for entry in manifest["files"] if entry["path"] == name)
+    entry.update(sha256=hashlib.sha256(content[name]).hexdigest(), size=len(content[name]))
+    content["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w:gz") as tar:
+        for member_name, data in content.items():  # the manifest first, as in the original
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return target
 
 
 def rewritten(source: Path, target: Path, change: Callable[[str, bytes], bytes]) -> Path:
@@ -222,15 +282,19 @@ def test_restore_refuses_a_foreign_damaged_or_other_version_archive_before_touch
             "database.sql does not match its checksum: the archive is damaged",
         truncated: "cannot read it as a backup archive",
         foreign: "is not a ScaiGrid appliance backup",
+        # Valid, but the appliance could not render with it: found before the database is replaced.
+        resealed(good, tmp_path / "no-cert.tar.gz", "config/appliance.env",
+                 lambda env: env + b"TLS_CERT_FILE=/nonexistent/server.crt\nTLS_KEY_FILE=/nonexistent/server.key\n"):
+            "the appliance would not start with its files:\n  TLS_CERT_FILE: /nonexistent/server.crt does not exist",
     }
     before = running_pids(stack)
-    backups_before = set(stack.config.backups_dir.iterdir())
+    backups_before = set(stack.config.backups_dir.glob("*"))
     for archive, message in cases.items():
         result = stack.cli("restore", str(archive), "--yes")
         assert result.returncode == 1 and message in result.stderr, (archive.name, result.stdout, result.stderr)
         assert "stopping" not in result.stdout
     assert running_pids(stack) == before  # nothing was stopped or restarted
-    assert set(stack.config.backups_dir.iterdir()) == backups_before  # not even the safety backup was started
+    assert set(stack.config.backups_dir.glob("*")) == backups_before  # not even the safety backup was started
 
 
 def test_support_bundle_has_configs_logs_versions_status_and_no_secret(stack: ApplianceStack,
@@ -266,6 +330,35 @@ def test_support_bundle_has_configs_logs_versions_status_and_no_secret(stack: Ap
     assert not any(value in result.stdout + result.stderr for value in secret_values(stack).values())
 
 
+def test_support_bundle_hides_commented_out_secrets_and_takes_only_the_programs_logs(stack: ApplianceStack,
+                                                                                     tmp_path: Path) -> None:
+    old_secret = "old-" + secrets.token_hex(16)
+    config_text = stack.appliance.path.read_text()
+    log_dir = stack.config.log_dir
+    # garage.log is a program's log name (Garage is off here): planted as a link to the TLS key.
+    planted, stray = log_dir / "garage.log", log_dir / "notes.log"
+    bundle = tmp_path / "support.tar.gz"
+    try:
+        stack.appliance.path.write_text(config_text + f"#S3_SECRET_ACCESS_KEY={old_secret}\n"
+                                        f"  ; export SCAIKEY_CLIENT_SECRET = {old_secret}\n")
+        planted.symlink_to(stack.config.tls_key)
+        stray.write_text(f"not a program's log {old_secret}\n")
+        result = stack.cli("support-bundle", "--output", str(bundle))
+    finally:
+        stack.appliance.path.write_text(config_text)
+        planted.unlink(missing_ok=True)
+        stray.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stderr
+    content = members(bundle)
+
+    appliance_env = content["files" + str(stack.appliance.path)].decode()
+    assert "\n#S3_SECRET_ACCESS_KEY=<redacted>\n  ; export SCAIKEY_CLIENT_SECRET =<redacted>\n" in appliance_env
+    assert not any(old_secret.encode() in data for data in content.values())
+    assert "logs/notes.log" not in content
+    assert content["logs/garage.log"].startswith(b"(left out: not a regular file")
+    assert not any(b"PRIVATE KEY" in data for data in content.values())
+
+
 def test_upgrade_refuses_what_is_not_a_scaigrid_wheel_before_touching_anything(stack: ApplianceStack,
                                                                               tmp_path: Path) -> None:
     not_a_wheel = tmp_path / "scaigrid-9.9.9-py3-none-any.whl"
@@ -283,28 +376,47 @@ def test_upgrade_installs_the_wheel_and_keeps_the_data(stack: ApplianceStack, wh
     _, key = new_key(stack, "made before the upgrade")
     result = stack.cli("upgrade", str(wheels[GOOD_VERSION]), timeout_s=280)
     assert result.returncode == 0, result.stdout + result.stderr
-    for step in ("[1/6] backup", "[2/6] stopping", "[3/6] installing", "[4/6] render and migrate", "[5/6] start",
-                 "[6/6] health gate", f"upgraded to {GOOD_VERSION}"):
-        assert step in result.stdout
+    steps = ("[1/6] stopping", "[2/6] backup", "[3/6] installing", "[4/6] render and migrate", "[5/6] start",
+             "[6/6] health gate", f"upgraded to {GOOD_VERSION}")
+    positions = [result.stdout.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), result.stdout  # stopped before the backup
     assert installed_version(stack) == GOOD_VERSION
     assert stack.cli("status").returncode == 0
     assert key_works(stack, key)
     assert (stack.config.wheels_dir / "current").resolve().name == wheels[GOOD_VERSION].name
 
 
-# The broken http program must be seen dying three times (or FATAL), then the whole rollback cycle.
+# The broken http program must be seen dying three times (or FATAL), then the whole rollback cycle; then a check
+# of every key written during the upgrade's start.
 @pytest.mark.timeout(360)
 def test_a_failed_upgrade_rolls_back_to_the_previous_wheel_and_database(stack: ApplianceStack,
                                                                         wheels: dict[str, Path]) -> None:
     before = installed_version(stack)
     current = (stack.config.wheels_dir / "current").resolve()
-    _, key = new_key(stack, "made before the failed upgrade")
-    result = stack.cli("upgrade", str(wheels[BAD_VERSION]), timeout_s=340)
+    result, written = upgrade_while_writing(stack, wheels[BAD_VERSION], timeout_s=340)
     assert result.returncode == 4, result.stdout + result.stderr
     assert re.search(r"not healthy: http (is FATAL|keeps exiting)", result.stdout), result.stdout
     assert f"upgrade to {BAD_VERSION} failed" in result.stderr and f"rolled back to {before}" in result.stderr
     assert "restoring the database from the backup" in result.stdout
     assert installed_version(stack) == before
     assert stack.cli("status").returncode == 0
-    assert key_works(stack, key)
+    # The backup was made once the programs had stopped: nothing they confirmed is lost by the rollback.
+    assert written and all(key_works(stack, key) for key in written)
     assert (stack.config.wheels_dir / "current").resolve() == current
+    requirements = re.search(r"installed packages \(for a rollback\): (\S+)", result.stdout)
+    assert requirements and "\nalembic==" in "\n" + Path(requirements[1]).read_text()
+
+
+# A stop and backup, a refused install, and a rollback that reinstalls the same packages, then the health gate.
+@pytest.mark.timeout(240)
+def test_an_upgrade_failing_before_migrate_rolls_back_and_leaves_the_database_alone(
+        stack: ApplianceStack, wheels: dict[str, Path]) -> None:
+    before = installed_version(stack)
+    result, written = upgrade_while_writing(stack, wheels[FUTURE_PYTHON_VERSION], timeout_s=220)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "requires a different Python" in result.stdout
+    assert f"rolled back to {before} (database untouched)" in result.stderr
+    assert "the database was not touched" in result.stdout and "restoring the database" not in result.stdout
+    assert installed_version(stack) == before
+    assert stack.cli("status").returncode == 0
+    assert written and all(key_works(stack, key) for key in written)

@@ -24,6 +24,7 @@ from appliance import config as appliance_config
 from appliance import devstack, firstboot, render
 from appliance.config import Appliance
 from appliance.local import child_env
+from appliance.programs import NGINX
 from tests.appliance_stack import PORT_KEYS, ApplianceStack, devstack_client, start_stack
 from tests.backends import catalogue_toml, wait_until
 from tests.nginx_upstreams import EchoSocket, ScheduledStream
@@ -86,7 +87,7 @@ def test_the_rendered_config_passes_nginx_t(tmp_path, storage, values):
     networks = ["10.20.0.0/16", "192.0.2.7/32"]
     appliance = rendered(tmp_path, METRICS_ALLOW_NETWORKS=", ".join(networks), DISPATCH_STREAM_TIMEOUT_S="300",
                          **values)
-    checked = subprocess.run(["/usr/sbin/nginx", "-t", "-c", str(nginx_conf(appliance))], capture_output=True,
+    checked = subprocess.run([NGINX, "-t", "-c", str(nginx_conf(appliance))], capture_output=True,
                              text=True, timeout=30, check=False)
     assert checked.returncode == 0, checked.stderr
     text = nginx_conf(appliance).read_text()
@@ -305,7 +306,7 @@ def nginx_alone(tmp_path_factory: pytest.TempPathFactory, echo: EchoSocket) -> I
     appliance = rendered(tmp_path_factory.mktemp("nginx-alone"), HTTP_PORT=str(echo.port))
     log_path = appliance.config.log_dir / "nginx.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(["/usr/sbin/nginx", "-c", str(nginx_conf(appliance))], stdout=log,
+        process = subprocess.Popen([NGINX, "-c", str(nginx_conf(appliance))], stdout=log,
                                    stderr=subprocess.STDOUT)
 
     def listening() -> bool:
