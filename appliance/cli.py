@@ -20,6 +20,7 @@ import click
 
 from appliance import config as appliance_config
 from appliance import firstboot, logs, maintenance, render
+from appliance import link as link_module
 from appliance.config import Appliance, ConfigProblems
 from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy
 from appliance.supervisor import Supervisor, SupervisorUnavailable
@@ -391,6 +392,116 @@ def upgrade(config_path: Path, package: Path) -> None:
     """
     appliance = load(config_path)
     _maintenance(lambda: maintenance.upgrade(appliance, package, say=say))
+
+
+@cli.group()
+def link() -> None:
+    """The hybrid link: enrol this appliance with a managed ScaiGrid, check, rotate or leave (docs/hybrid.md).
+
+    \b
+    Example:  scaigrid-appliance link status
+    """
+
+
+@link.command("enroll")
+@config_option
+@click.option("--url", required=True, help="the managed ScaiGrid, https://...")
+@click.option("--token", required=True, help="the enrolment token its admin minted (single use)")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle that signs the managed "
+              "side's TLS certificate (default: the system CAs)")
+@click.option("--name", help="this appliance's name on the managed side (default: APPLIANCE_HOSTNAME)")
+def link_enroll(config_path: Path, url: str, token: str, ca_file: str | None, name: str | None) -> None:
+    """Exchange an enrolment token for a node id and credential (stored 0600 in CONFIG_DIR/secrets/link.json).
+
+    \b
+    The credential is never printed. Exit 1: refused (the managed side's code and message), unreachable,
+    or already enrolled.
+    Example:  scaigrid-appliance link enroll --url https://grid.example.com --token sget_... --ca-file ca.pem
+    """
+    from scaigrid import __version__
+
+    appliance = load(config_path)
+    try:
+        enrolled = link_module.enroll(appliance, url, token, ca_file, name or appliance.config.hostname, __version__)
+    except link_module.LinkError as exc:
+        raise Failed(str(exc)) from None
+    say(f"enrolled as {enrolled.node_id} with {enrolled.url}; credential in {link_module.link_file(appliance)}")
+
+
+@link.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of lines")
+def link_status(config_path: Path, as_json: bool) -> None:
+    """Whether this appliance is enrolled, where, and whether the managed side accepts its credential now.
+
+    \b
+    Exit 0: enrolled and accepted; 1: not enrolled, or the managed side refuses or cannot be reached.
+    Example:  scaigrid-appliance link status --json
+    """
+    appliance = load(config_path)
+    current = link_module.read(appliance)
+    state: dict[str, Any] = {"enrolled": current is not None, "url": None, "node_id": None, "accepted": False,
+                             "problem": None}
+    if current is None:
+        state["problem"] = "not enrolled"
+    else:
+        state.update(url=current.url, node_id=current.node_id)
+        try:
+            link_module.check(current)
+            state["accepted"] = True
+        except link_module.LinkError as exc:
+            state["problem"] = str(exc)
+    if as_json:
+        say(json.dumps(state))
+    elif current is None:
+        say("not enrolled")
+    else:
+        say(f"enrolled as {current.node_id} with {current.url}")
+        say("credential accepted" if state["accepted"] else f"credential NOT accepted: {state['problem']}")
+    if not state["accepted"]:
+        sys.exit(EXIT_FAILED)
+
+
+@link.command("rotate")
+@config_option
+def link_rotate(config_path: Path) -> None:
+    """Replace the node credential: get a new one, save it, switch to it (the old one is revoked at the switch).
+
+    \b
+    Exit 1: not enrolled, or the managed side refused or could not be reached.
+    Example:  scaigrid-appliance link rotate
+    """
+    appliance = load(config_path)
+    try:
+        rotated = link_module.rotate(appliance)
+    except link_module.LinkError as exc:
+        raise Failed(str(exc)) from None
+    say(f"credential of {rotated.node_id} rotated; the old one is revoked")
+
+
+@link.command("unenroll")
+@config_option
+@click.option("--force", is_flag=True, help="remove the local link even if the managed side cannot be told")
+def link_unenroll(config_path: Path, force: bool) -> None:
+    """Leave the managed side (it revokes this node), then remove the local credential.
+
+    \b
+    Exit 1: not enrolled, or the managed side could not be told (nothing changed; --force removes locally).
+    Example:  scaigrid-appliance link unenroll
+    """
+    appliance = load(config_path)
+    try:
+        current = link_module.enrolled(appliance)
+    except link_module.LinkError as exc:
+        raise Failed(str(exc)) from None
+    try:
+        told = link_module.unenroll(appliance, force=force)
+    except link_module.LinkError as exc:
+        raise Failed(f"{exc} (nothing changed; --force removes the local link anyway)") from None
+    if told:
+        say(f"unenrolled: {current.node_id} revoked on {current.url}, local credential removed")
+    else:
+        say(f"local link removed; the managed side was not told and still has {current.node_id}: revoke it there")
 
 
 @cli.command("supervisor-events", hidden=True)

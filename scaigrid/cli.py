@@ -153,9 +153,10 @@ def admin() -> None:
 def _add_admin_commands() -> None:
     from scaigrid.accounting.commands import COMMANDS as ACCOUNTING
     from scaigrid.auth.commands import COMMANDS as AUTH
+    from scaigrid.hybrid.commands import COMMANDS as HYBRID
     from scaigrid.routing.commands import COMMANDS as ROUTING
 
-    for command in (*AUTH, *ROUTING, *ACCOUNTING):
+    for command in (*AUTH, *ROUTING, *ACCOUNTING, *HYBRID):
         admin.add_command(command)
 
 

@@ -168,3 +168,31 @@ def storage_backend_error(message: str) -> ScaigridError:
 
 def storage_not_configured(message: str) -> ScaigridError:
     return ScaigridError(message, "STORAGE_NOT_CONFIGURED", 503)
+
+
+# --- hybrid enrolment ---
+
+def hybrid_not_managed() -> ScaigridError:
+    # 404: on a server that is not the managed side, these routes do not exist in any useful sense.
+    return ScaigridError("this ScaiGrid is not a hybrid managed side (HYBRID_ROLE=managed); it enrols no nodes",
+                         "HYBRID_NOT_MANAGED", 404)
+
+
+def enrollment_token_invalid() -> ScaigridError:
+    return ScaigridError("the enrolment token is not valid; ask the managed side's admin for a new one",
+                         "ENROLLMENT_TOKEN_INVALID", 401)
+
+
+def enrollment_token_expired() -> ScaigridError:
+    return ScaigridError("the enrolment token has expired; ask the managed side's admin for a new one",
+                         "ENROLLMENT_TOKEN_EXPIRED", 401)
+
+
+def enrollment_token_used() -> ScaigridError:
+    return ScaigridError("the enrolment token was already used (each enrols one node); mint a new one",
+                         "ENROLLMENT_TOKEN_USED", 409)
+
+
+def node_credential_invalid() -> ScaigridError:
+    return ScaigridError("the node credential is not valid (wrong, replaced by a rotation, or the node was revoked)",
+                         "NODE_CREDENTIAL_INVALID", 401)

@@ -289,6 +289,18 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class HybridSettings:
+    """The hybrid deployment: a managed ScaiGrid enrols appliances (nodes) that link back to it."""
+
+    role: str = setting(
+        "HYBRID_ROLE", _choice("managed", "node", "off"), "off",
+        "managed (enrols nodes: the /v1/hybrid/ routes), node (an appliance that links to a managed side), or off")
+    enrollment_token_ttl_s: int = setting(
+        "HYBRID_ENROLLMENT_TOKEN_TTL_S", _positive_int, 3600,
+        "default and longest validity of a minted enrolment token")
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     """The ScaiBunker storage proxy (http and bunker_proxy modes) and its capabilities."""
 
@@ -362,6 +374,7 @@ class Settings:
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    hybrid: HybridSettings = field(default_factory=HybridSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)

@@ -1,5 +1,6 @@
 """Layered fixtures: session-wide real services, a fresh database/Redis/bucket per test, and mode subprocesses."""
 
+import gc
 import json
 import secrets
 import signal
@@ -268,3 +269,11 @@ def appliance_stack(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.
     stack = start_stack(tmp_path_factory.mktemp("appl"), mariadb, redis_server, s3_server)
     yield stack
     stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_test() -> Iterator[None]:
+    """Collects garbage at each test's end, so a leaked socket or transport fails the test that leaked it
+    (pytest turns the ResourceWarning into an error) rather than whichever test the collector next runs in."""
+    yield
+    gc.collect()

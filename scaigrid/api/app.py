@@ -21,6 +21,7 @@ from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
 from scaigrid.dispatch.pipeline import dispatch_ctx
 from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
+from scaigrid.hybrid import routes as hybrid_routes
 from scaigrid.modules import Module, load_modules
 from scaigrid.modules.scaibunker import storage
 from scaigrid.resources import database_ctx, redis_ctx, s3_ctx
@@ -155,7 +156,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services
     app.cleanup_ctx.append(_schema_heads_ctx)
     for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES,
-                  webhook_routes.ROUTES, rpc_routes.ROUTES):
+                  webhook_routes.ROUTES, rpc_routes.ROUTES, hybrid_routes.ROUTES):
         app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
     app.router.add_get("/health/detailed", detailed_health)

@@ -270,3 +270,35 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_webhook", "webhook_id", "created_at"),
     **TABLE_ARGS,
 )
+
+# --- hybrid enrolment (core_0005) ---
+
+# An enrolled appliance. Credentials are kept as sha256 hashes only; a rotated-in credential waits in
+# pending_credential_hash until its first use, which promotes it and retires the old one.
+hybrid_nodes = Table(
+    "hybrid_nodes", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("credential_hash", String(64), nullable=False),
+    Column("pending_credential_hash", String(64)),
+    Column("software_version", String(64), nullable=False),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Column("rotated_at", MICROSECONDS),
+    Column("revoked_at", MICROSECONDS),
+    Index("ix_hybrid_nodes_credential_hash", "credential_hash", unique=True),
+    Index("ix_hybrid_nodes_pending_credential_hash", "pending_credential_hash", unique=True),
+    **TABLE_ARGS,
+)
+
+hybrid_enrollment_tokens = Table(
+    "hybrid_enrollment_tokens", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("name", String(255)),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Column("expires_at", MICROSECONDS, nullable=False),
+    Column("used_at", MICROSECONDS),
+    Column("node_id", String(40), ForeignKey("hybrid_nodes.id", ondelete="SET NULL")),
+    Index("ix_hybrid_enrollment_tokens_token_hash", "token_hash", unique=True),
+    **TABLE_ARGS,
+)

@@ -1,0 +1,145 @@
+"""/v1/hybrid/: enrolment tokens and nodes (super_admin), enrolment (public), and a node's own link record.
+
+Answered only when HYBRID_ROLE=managed; elsewhere every route answers 404 HYBRID_NOT_MANAGED. The node routes
+are `@public` to the gateway and check the node credential themselves: a node credential is not an API key, so
+it must never pass the API-key authenticator (nor an API key pass here).
+"""
+
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from scaigrid import errors
+from scaigrid.api.access import public, requires
+from scaigrid.api.base import DB, SETTINGS
+from scaigrid.auth.bodies import Body, iso, listing, ok
+from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.db.tables import hybrid_nodes
+from scaigrid.hybrid import enrollment
+
+logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[\w .:@-]+$")
+
+
+def _managed(request: web.Request) -> None:
+    if request.app[SETTINGS].hybrid.role != "managed":
+        raise errors.hybrid_not_managed()
+
+
+def _platform_only(request: web.Request) -> None:
+    _managed(request)
+    if request[PRINCIPAL].reach != "platform":
+        raise errors.not_permitted("hybrid nodes are platform infrastructure: super_admin only")
+
+
+def _node_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "software_version": row["software_version"],
+            "created_at": iso(row["created_at"]), "rotated_at": iso(row["rotated_at"]),
+            "revoked_at": iso(row["revoked_at"]), "status": "revoked" if row["revoked_at"] else "enrolled"}
+
+
+@requires("admin:access")
+async def create_enrollment_token(request: web.Request) -> web.Response:
+    """A single-use enrolment token, valid ttl_s (default and maximum HYBRID_ENROLLMENT_TOKEN_TTL_S); shown once."""
+    _platform_only(request)
+    max_ttl_s = request.app[SETTINGS].hybrid.enrollment_token_ttl_s
+    body = await Body.of(request)
+    name = body.string("name", pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
+    ttl_s = body.whole_number("ttl_s", minimum=1, maximum=max_ttl_s, unit="seconds")
+    body.done()
+    async with request.app[DB].begin() as conn:
+        minted = await enrollment.mint_token(conn, name, max_ttl_s if ttl_s is None else ttl_s)
+    logger.info("hybrid enrolment token %s minted", minted["id"],
+                extra={"event": "hybrid_token_minted", "token_id": minted["id"]})
+    return ok(minted, status=201)
+
+
+@requires("admin:access")
+async def list_nodes(request: web.Request) -> web.Response:
+    """Every node ever enrolled, revoked ones included, newest first."""
+    _platform_only(request)
+    return await listing(request, select(hybrid_nodes), hybrid_nodes.c.created_at, hybrid_nodes.c.id, _node_json)
+
+
+@requires("admin:access")
+async def revoke_node(request: web.Request) -> web.Response:
+    """Revokes the node: its credentials stop working at once (repeating it changes nothing)."""
+    _platform_only(request)
+    node_id = request.match_info["id"]
+    async with request.app[DB].begin() as conn:
+        await enrollment.revoke(conn, node_id)
+        row = (await conn.execute(select(hybrid_nodes).where(hybrid_nodes.c.id == node_id))).mappings().first()
+    if row is None:
+        raise errors.not_found(f"no hybrid node {node_id!r}")
+    logger.info("hybrid node %s revoked by an admin", node_id,
+                extra={"event": "hybrid_node_revoked", "node_id": node_id})
+    return ok(_node_json(row))
+
+
+@public  # authenticated by the enrolment token in its body
+async def enroll(request: web.Request) -> web.Response:
+    """Spends an enrolment token on a new node: {node_id, credential}; the credential is shown once."""
+    _managed(request)
+    body = await Body.of(request)
+    token = body.string("token", required=True, max_length=128)
+    name = body.string("name", required=True, pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
+    software_version = body.string("software_version", required=True, max_length=64)
+    body.done()
+    assert token is not None and name is not None and software_version is not None  # done() raised otherwise
+    async with request.app[DB].begin() as conn:
+        node_id, credential = await enrollment.enroll(conn, token, name, software_version)
+    logger.info("hybrid node %s enrolled (%s, %s)", node_id, name, software_version,
+                extra={"event": "hybrid_node_enrolled", "node_id": node_id})
+    return ok({"node_id": node_id, "credential": credential}, status=201)
+
+
+def _link_json(row: Any) -> dict[str, Any]:
+    return {"node_id": row["id"], "name": row["name"], "rotated_at": iso(row["rotated_at"])}
+
+
+@public  # authenticated by the node credential, checked here
+async def get_link(request: web.Request) -> web.Response:
+    """The calling node's own record; a rotated-in credential's first use here completes the switch."""
+    _managed(request)
+    async with request.app[DB].begin() as conn:
+        row = await enrollment.authenticate(conn, request.headers.get("Authorization"))
+    return ok(_link_json(row))
+
+
+@public  # authenticated by the node credential, checked here
+async def rotate_link(request: web.Request) -> web.Response:
+    """A new credential for the calling node; the old one works until the new one is first used."""
+    _managed(request)
+    async with request.app[DB].begin() as conn:
+        row = await enrollment.authenticate(conn, request.headers.get("Authorization"))
+        credential = await enrollment.rotate(conn, row["id"])
+    logger.info("hybrid node %s rotated its credential", row["id"],
+                extra={"event": "hybrid_credential_rotated", "node_id": row["id"]})
+    return ok({"node_id": row["id"], "credential": credential})
+
+
+@public  # authenticated by the node credential, checked here
+async def unenroll(request: web.Request) -> web.Response:
+    """The calling node leaves: it is revoked, every credential of it with it."""
+    _managed(request)
+    async with request.app[DB].begin() as conn:
+        row = await enrollment.authenticate(conn, request.headers.get("Authorization"))
+        await enrollment.revoke(conn, row["id"])
+    logger.info("hybrid node %s unenrolled itself", row["id"],
+                extra={"event": "hybrid_node_unenrolled", "node_id": row["id"]})
+    return ok({"node_id": row["id"], "revoked": True})
+
+
+ROUTES: list[web.RouteDef] = [
+    web.post("/v1/hybrid/enrollment-tokens", create_enrollment_token),
+    web.get("/v1/hybrid/nodes", list_nodes),
+    web.delete("/v1/hybrid/nodes/{id}", revoke_node),
+    web.post("/v1/hybrid/enroll", enroll),
+    web.get("/v1/hybrid/link", get_link),
+    web.post("/v1/hybrid/link/rotate", rotate_link),
+    web.delete("/v1/hybrid/link", unenroll),
+]
