@@ -102,7 +102,8 @@ def init(config_path: Path, skip_database: bool) -> None:
             "(change keys there later, then `scaigrid-appliance render` and `restart`)")
     appliance = load(config_path)
     try:
-        firstboot.run(appliance, database=not skip_database, say=say)
+        create_database = None if skip_database else lambda: firstboot.ensure_database(appliance)
+        firstboot.run(appliance, create_database=create_database, say=say)
     except firstboot.StepFailed as exc:
         raise Failed(str(exc)) from None
     say("init done")

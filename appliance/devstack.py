@@ -438,10 +438,15 @@ def _run_mariadb_client(
         raise ServiceError(f"cannot run the mariadb client: {exc}") from exc
 
 
+def create_database_statement(name: str) -> str:
+    """The database as ScaiGrid needs it: utf8mb4 throughout."""
+    return f"CREATE DATABASE IF NOT EXISTS {_sql_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+
+
 def database_statements(name: str, user: str, password: str) -> list[str]:
     """SQL creating a utf8mb4 database and a user owning it from loopback (idempotent; resets the password)."""
     return [
-        f"CREATE DATABASE IF NOT EXISTS {_sql_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+        create_database_statement(name),
         *_user_statements(user, password, "127.0.0.1", name),
         *_user_statements(user, password, "localhost", name),
     ]
@@ -541,6 +546,8 @@ def write_private_file(path: Path, text: str) -> None:
     tmp_path = path.with_name(path.name + ".tmp")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)
+        os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
         file.write(text + "\n")
+        file.flush()
+        os.fsync(file.fileno())  # a crash right after leaves the old file or the new one, never an empty one
     os.replace(tmp_path, path)

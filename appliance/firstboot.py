@@ -119,7 +119,8 @@ def migrate(appliance: Appliance, say: Callable[[str], None]) -> None:
     say("migrated")
 
 
-def run(appliance: Appliance, *, database: bool, say: Callable[[str], None]) -> None:
+def run(appliance: Appliance, *, create_database: Callable[[], None] | None, say: Callable[[str], None]) -> None:
+    """The steps in order; create_database runs once the secrets exist (None: the database is someone else's)."""
     ensure_dirs(appliance)
     created = ensure_secrets(appliance)
     say(f"secrets: {'created ' + ', '.join(created) if created else 'all present'}")
@@ -128,9 +129,9 @@ def run(appliance: Appliance, *, database: bool, say: Callable[[str], None]) -> 
     problems = check_files(appliance)
     if problems:
         raise StepFailed("\n".join(problems))
-    if database:
+    if create_database is not None:
         try:
-            ensure_database(appliance)
+            create_database()
         except devstack.ServiceError as exc:
             raise StepFailed(str(exc)) from None
         say(f"database {appliance.config.database_name} and its user are in place")

@@ -7,7 +7,6 @@ verified against the CA file given at enrolment (kept in link.json) or the syste
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import devstack
 from appliance.config import Appliance
 
 TIMEOUT_S = 15
@@ -44,17 +44,8 @@ def read(appliance: Appliance) -> Link | None:
 
 
 def _write(appliance: Appliance, link: Link) -> None:
-    """Atomically: a crash leaves the old file or the new one, never half of either (or a credential lost)."""
-    path = link_file(appliance)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
-        json.dump(asdict(link), file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp_path, path)
+    link_file(appliance).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    devstack.write_private_file(link_file(appliance), json.dumps(asdict(link), indent=2))
 
 
 def _base_url(url: str) -> str:

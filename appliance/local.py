@@ -70,12 +70,13 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
 
 def first_boot(appliance: Appliance, mariadb: devstack.MariaDB) -> None:
     """The appliance's first-boot steps, except that the database comes from our private MariaDB's root."""
-    firstboot.ensure_dirs(appliance)
-    firstboot.ensure_secrets(appliance)
     config = appliance.config
-    password = appliance_config.read_secrets(appliance)["database-password"]
-    mariadb.create_database(config.database_name, config.database_user, password)
-    firstboot.run(appliance, database=False, say=lambda message: say(f"  {message}"))
+
+    def create_database() -> None:
+        password = appliance_config.read_secrets(appliance)["database-password"]
+        mariadb.create_database(config.database_name, config.database_user, password)
+
+    firstboot.run(appliance, create_database=create_database, say=lambda message: say(f"  {message}"))
 
 
 def wait_until_ready(appliance: Appliance, supervisord: subprocess.Popen[bytes]) -> list[str]:

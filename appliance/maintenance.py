@@ -129,8 +129,8 @@ class Database:
 
     def replace_with(self, dump: Path) -> None:
         """Drops and recreates the database, so tables made after the dump go too, then loads the dump."""
-        self.sql(f"DROP DATABASE IF EXISTS `{self.name}`",
-                 f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci", in_database=False)
+        self.sql(f"DROP DATABASE IF EXISTS `{self.name}`", devstack.create_database_statement(self.name),
+                 in_database=False)
         with dump.open("rb") as source:
             result = self.run("mariadb", "--batch", self.name, stdin=source)
         if result.returncode != 0:
