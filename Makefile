@@ -12,7 +12,7 @@ DEBIAN_PACKAGES += mmdebstrap systemd-container
 # Debian's own python3 has no venv module until python3-venv is installed.
 DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test test-appliance lint bench bench-storage image lock clean
+.PHONY: install run test test-appliance lint bench bench-storage bench-tunnel image lock clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ bench: install
 # A 256 MiB object through bunker_proxy vs straight to S3 (moto), about a minute; rewrites its block of RESULTS.md.
 bench-storage: install
 	$(PY) -m bench.storage
+
+# A request tunnelled down the hybrid link vs the same request made to the appliance (about 3 minutes).
+bench-tunnel: install
+	$(PY) -m bench.tunnel
 
 # The VM image: qcow2, vmdk and ova in build/image/ (packer/README.md). Needs network to cloud.debian.org and PyPI;
 # qemu and xorriso (the cloud-init seed ISO) only matter here, so make install leaves them out.

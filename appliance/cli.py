@@ -7,7 +7,9 @@ ready; for upgrade and restore: the health gate failed).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import sys
 import time
 import xmlrpc.client
@@ -22,7 +24,7 @@ from appliance import config as appliance_config
 from appliance import firstboot, logs, maintenance, render
 from appliance import link as link_module
 from appliance.config import Appliance, ConfigProblems
-from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy
+from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy, scaigrid_argv
 from appliance.supervisor import Supervisor, SupervisorUnavailable
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 1, 2, 3, 4
@@ -185,7 +187,8 @@ def _duration(seconds: int | None) -> str:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: Path, as_json: bool) -> None:
-    """Each program's state, uptime and readiness; exit 4 unless all are RUNNING and ready.
+    """Each program's state, uptime and readiness, and the hybrid link's state when enrolled; exit 4 unless all
+    programs are RUNNING and ready (a link that is down does not change the exit code).
 
     \b
     Example:  scaigrid-appliance status --json | jq '.programs[] | select(.ready == false)'
@@ -197,9 +200,12 @@ def status(config_path: Path, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"running": False, "error": str(exc), "programs": []}))
         raise Failed(str(exc), EXIT_NOT_RUNNING) from None
-    is_healthy = healthy(rows)
+    is_healthy = healthy(rows)  # the link's state is reported, never judged: the appliance serves without it
+    link_state = (link_module.local_state(appliance, appliance.settings().server.http_port)
+                  if appliance.enrolled else None)
     if as_json:
-        click.echo(json.dumps({"running": True, "healthy": is_healthy, "programs": rows}, indent=2))
+        click.echo(json.dumps({"running": True, "healthy": is_healthy, "programs": rows, "link": link_state},
+                              indent=2))
     else:
         click.echo(f"{'PROGRAM':<14}{'STATE':<10}{'UPTIME':<10}{'READY':<7}FATAL (recorded)")
         for row in rows:
@@ -209,6 +215,8 @@ def status(config_path: Path, as_json: bool) -> None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["last_fatal_at"]))
                 fatal = f"{row['fatal_count']}x, last {when}"
             click.echo(f"{row['name']:<14}{row['state']:<10}{_duration(row['uptime_s']):<10}{ready:<7}{fatal}")
+        if link_state is not None:
+            click.echo(f"link: {link_module.describe(link_state, time.time())}")
     if not is_healthy:
         sys.exit(EXIT_UNHEALTHY)
 
@@ -411,22 +419,28 @@ def link() -> None:
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle that signs the managed "
               "side's TLS certificate (default: the system CAs)")
 @click.option("--name", help="this appliance's name on the managed side (default: APPLIANCE_HOSTNAME)")
-def link_enroll(config_path: Path, url: str, token: str, ca_file: str | None, name: str | None) -> None:
-    """Exchange an enrolment token for a node id and credential (stored 0600 in CONFIG_DIR/secrets/link.json).
+@click.option("--link-target", metavar="HOST:PORT", help="the managed side's gRPC TLS endpoint the link dials "
+              f"(default: the URL's host, port {link_module.DEFAULT_LINK_PORT})")
+def link_enroll(config_path: Path, url: str, token: str, ca_file: str | None, name: str | None,
+                link_target: str | None) -> None:
+    """Exchange an enrolment token for a node id and credential (stored 0600 in CONFIG_DIR/secrets/link.json),
+    then run the appliance as a node: render, and restart every program with the link program added.
 
     \b
     The credential is never printed. Exit 1: refused (the managed side's code and message), unreachable,
-    or already enrolled.
+    already enrolled, or enrolled but a program would not restart (the message says which).
     Example:  scaigrid-appliance link enroll --url https://grid.example.com --token sget_... --ca-file ca.pem
     """
     from scaigrid import __version__
 
     appliance = load(config_path)
     try:
-        enrolled = link_module.enroll(appliance, url, token, ca_file, name or appliance.config.hostname, __version__)
+        enrolled = link_module.enroll(appliance, url, token, ca_file, name or appliance.config.hostname, __version__,
+                                      link_target)
     except link_module.LinkError as exc:
         raise Failed(str(exc)) from None
-    say(f"enrolled as {enrolled.node_id} with {enrolled.url}; credential in {link_module.link_file(appliance)}")
+    say(f"enrolled as {enrolled.node_id} with {enrolled.url}; credential in {appliance.config.link_file}")
+    _apply_link(appliance, everything=True)
 
 
 @link.command("status")
@@ -473,21 +487,30 @@ def link_rotate(config_path: Path) -> None:
     Example:  scaigrid-appliance link rotate
     """
     appliance = load(config_path)
+    before = link_module.read(appliance)
     try:
         rotated = link_module.rotate(appliance)
     except link_module.LinkError as exc:
+        if link_module.read(appliance) != before:
+            # Saved, but its first use (the check) failed, maybe after the switch revoked the old one: the link
+            # program takes the saved one, as any later render would, and its first use switches just as well.
+            _apply_link(appliance, everything=False)
+            raise Failed(f"{exc} (the new credential is saved and the link program uses it)") from None
         raise Failed(str(exc)) from None
     say(f"credential of {rotated.node_id} rotated; the old one is revoked")
+    _apply_link(appliance, everything=False)
 
 
 @link.command("unenroll")
 @config_option
 @click.option("--force", is_flag=True, help="remove the local link even if the managed side cannot be told")
 def link_unenroll(config_path: Path, force: bool) -> None:
-    """Leave the managed side (it revokes this node), then remove the local credential.
+    """Leave the managed side (it revokes this node), remove the local credential, take back what the link mirrored
+    (managed keys stop working here, managed models go), then restart as a standalone appliance.
 
     \b
-    Exit 1: not enrolled, or the managed side could not be told (nothing changed; --force removes locally).
+    Exit 1: not enrolled, or the managed side could not be told (nothing changed; --force removes locally), or
+    the mirror could not be taken back (the message says what to run once the database is back).
     Example:  scaigrid-appliance link unenroll
     """
     appliance = load(config_path)
@@ -503,6 +526,59 @@ def link_unenroll(config_path: Path, force: bool) -> None:
         say(f"unenrolled: {current.node_id} revoked on {current.url}, local credential removed")
     else:
         say(f"local link removed; the managed side was not told and still has {current.node_id}: revoke it there")
+    problem = _forget_mirror(appliance)
+    _apply_link(appliance, everything=True)
+    if problem is not None:
+        raise Failed(problem)
+
+
+def _forget_mirror(appliance: Appliance) -> str | None:
+    """Runs `scaigrid admin hybrid-forget` on the appliance's env, its output said; what went wrong, or None.
+
+    The link program is stopped first: a snapshot it applied after the forget would bring the mirror back.
+    """
+    if not appliance.config.firstboot_marker.exists():
+        return None  # never initialised: no database, so nothing was mirrored
+    # supervisord down, or no link program: then nothing applies a snapshot anyway.
+    with contextlib.suppress(SupervisorUnavailable, xmlrpc.client.Fault):
+        supervisor_of(appliance).stop("link")
+    result = firstboot.scaigrid(appliance, "admin", "hybrid-forget")
+    for line in result.stdout.splitlines():
+        say(line)
+    if result.returncode == 0:
+        return None
+    command = shlex.join(scaigrid_argv(appliance.config, "admin", "hybrid-forget"))
+    return (f"the managed mirror was not taken back, so managed keys still work here (exit {result.returncode}: "
+            f"{result.stderr.strip()}); once the database is reachable, run: {command}")
+
+
+def _apply_link(appliance: Appliance, *, everything: bool) -> None:
+    """Renders the link's settings into scaigrid.env and, when supervisord runs, applies them: the link program
+    restarts, or (`everything`: the appliance's role changed, and every program reads it) the whole appliance
+    restarts with the link program added or removed."""
+    if not appliance.config.firstboot_marker.exists():
+        say("not initialised: `scaigrid-appliance init` renders the link's settings")
+        return
+    written = render.write(Path("/"), render.outputs(appliance), appliance.config.user)
+    say(f"rendered {len(written)} file(s)")
+    supervisor = supervisor_of(appliance)
+    try:
+        if everything:
+            role = "a node" if appliance.enrolled else "a standalone appliance"
+            say(f"restarting every program to run as {role} (the API pauses for a few seconds) ...")
+            supervisor.stop()
+            supervisor.start()
+        else:
+            supervisor.reread_and_update()
+            say("restarting the link program ...")
+            supervisor.stop("link")
+            supervisor.start("link")
+    except SupervisorUnavailable:
+        say("supervisord is not running: the programs pick this up when the appliance starts")
+        return
+    except xmlrpc.client.Fault as exc:
+        raise Failed(f"applying the link: {exc.faultString}") from None
+    say("done; `scaigrid-appliance status` shows the link" if appliance.enrolled else "done")
 
 
 @cli.command("supervisor-events", hidden=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -102,7 +103,8 @@ class ApplianceConfig:
                                  "where render writes scaigrid-appliance.service's drop-in (its stop timeout)")
     https_port: int = key("HTTPS_PORT", _port, "443", "nginx: the API over TLS")
     http_redirect_port: int = key("HTTP_REDIRECT_PORT", _port, "80", "nginx: plain HTTP, redirected to HTTPS")
-    grpc_tls_port: int = key("GRPC_TLS_PORT", _port, "50443", "nginx: gRPC over TLS for ScaiInfer nodes")
+    grpc_tls_port: int = key("GRPC_TLS_PORT", _port, "50443",
+                             "nginx: gRPC over TLS for ScaiInfer nodes and hybrid links")
     tls_cert_file: Path | None = key("TLS_CERT_FILE", _optional_path, "",
                                      "PEM certificate (chain); empty: CONFIG_DIR/tls/server.crt, self-signed by init")
     tls_key_file: Path | None = key("TLS_KEY_FILE", _optional_path, "",
@@ -143,6 +145,18 @@ class ApplianceConfig:
     @property
     def scaigrid_env_file(self) -> Path:
         return self.config_dir / "scaigrid.env"
+
+    @property
+    def link_file(self) -> Path:
+        """The hybrid link (`scaigrid-appliance link enroll`): managed URL, node id, credential; its presence
+        makes the appliance a node."""
+        return self.secrets_dir / LINK_FILE
+
+    @property
+    def link_ca_file(self) -> Path:
+        """The CA bundle given at enrolment, copied where the service user may read it (the original may not be)
+        and where backups take it (with the TLS files)."""
+        return self.config_dir / "tls" / "link-ca.pem"
 
     @property
     def supervisor_socket(self) -> Path:
@@ -211,6 +225,10 @@ SECRETS = (
 # ScaiGrid settings the appliance sets itself: from the secrets, or fixed because nginx fronts every listener.
 OWNED_SETTINGS = ("SCAIGRID_MODE", "BIND_HOST", "DATABASE_URL", "JWT_SIGNING_SECRET", "SCAIGRID_ENCRYPTION_KEY",
                   "SERVICE_TOKEN_SECRET", "STORAGE_CAPABILITY_SECRET")
+# The node's end of the hybrid link comes from the link file, written by `link enroll` and `link rotate`.
+LINK_FILE = "link.json"
+LINK_OWNED_SETTINGS = ("HYBRID_MANAGED_URL", "HYBRID_LINK_TARGET", "HYBRID_NODE_ID", "HYBRID_NODE_CREDENTIAL",
+                       "HYBRID_CA_FILE")
 GARAGE_OWNED_SETTINGS = ("S3_ENDPOINT_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
 # The appliance's defaults where ScaiGrid has none: its own Redis.
 SETTING_DEFAULTS = {"REDIS_URL": "redis://127.0.0.1:6379/0"}
@@ -243,12 +261,24 @@ class Appliance:
             env |= {"S3_ENDPOINT_URL": f"http://127.0.0.1:{c.garage_s3_port}",
                     "S3_ACCESS_KEY_ID": secret_values["garage-s3-key-id"],
                     "S3_SECRET_ACCESS_KEY": secret_values["garage-s3-secret"]}
+        if LINK_FILE in secret_values:
+            link = json.loads(secret_values[LINK_FILE])
+            env |= {"HYBRID_ROLE": "node", "HYBRID_MANAGED_URL": link["url"],
+                    "HYBRID_LINK_TARGET": link["link_target"], "HYBRID_NODE_ID": link["node_id"],
+                    "HYBRID_NODE_CREDENTIAL": link["credential"]}
+            if link["ca_file"] is not None:
+                env["HYBRID_CA_FILE"] = link["ca_file"]
         return env
 
     def settings(self, secret_values: Mapping[str, str] | None = None) -> Settings:
         """The ScaiGrid settings every program will run with (placeholder secrets when none are given yet)."""
         values = secret_values or {s.file: s.make() for s in SECRETS}
         return load_settings(self.settings_env(values), _NO_ENV_FILE)
+
+    @property
+    def enrolled(self) -> bool:
+        """A node of a managed ScaiGrid: it runs the link program and the HYBRID_* node settings."""
+        return self.config.link_file.exists()
 
     @property
     def storage_enabled(self) -> bool:
@@ -302,6 +332,9 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
     for name, text in raw.items():
         if name in OWNED_SETTINGS or (garage and name in GARAGE_OWNED_SETTINGS):
             problems.append(f"{name}: set by the appliance (from CONFIG_DIR/secrets and its own keys); remove it")
+        elif name in LINK_OWNED_SETTINGS or (name == "HYBRID_ROLE" and text.strip().lower() == "node"):
+            problems.append(f"{name}: set from CONFIG_DIR/secrets/{LINK_FILE}, which `scaigrid-appliance link enroll` "
+                            "writes; remove it and use `link enroll`")
         elif name not in parsers:
             problems.append(f"{name}: unknown key (see the appliance keys and the ScaiGrid settings in README.md)")
         else:
@@ -314,6 +347,9 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
                 continue
             passthrough[name] = text.strip()
     appliance = Appliance(ApplianceConfig(**values), passthrough, path)
+    if appliance.enrolled and passthrough.get("HYBRID_ROLE", "").lower() == "managed":
+        problems.append(f"HYBRID_ROLE: managed, but this appliance is enrolled as a node (CONFIG_DIR/secrets/"
+                        f"{LINK_FILE}); remove the key (for a managed side: `link unenroll` first, then set it)")
     try:  # rules across settings (e.g. NODE_WARNING_AFTER_S < NODE_STALE_AFTER_S), checked as the programs will
         settings = appliance.settings()
     except ConfigError as exc:
@@ -334,6 +370,8 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
     }
     if appliance.storage_enabled:
         listeners["BUNKER_PROXY_PORT"] = settings.server.bunker_proxy_port
+    if appliance.enrolled:
+        listeners["LINK_METRICS_PORT"] = settings.server.link_metrics_port
     if config.garage_enabled:
         listeners |= {"GARAGE_S3_PORT": config.garage_s3_port, "GARAGE_RPC_PORT": config.garage_rpc_port,
                       "GARAGE_ADMIN_PORT": config.garage_admin_port}
@@ -398,5 +436,9 @@ def _tls_problems(cert_path: Path, key_path: Path) -> list[str]:
 
 
 def read_secrets(appliance: Appliance, root: Path = Path("/")) -> dict[str, str]:
+    """The generated secrets, and the link file when the appliance is enrolled (it holds the node credential)."""
     secrets_dir = under(root, appliance.config.secrets_dir)
-    return {s.file: (secrets_dir / s.file).read_text().strip() for s in appliance.needed_secrets()}
+    values = {s.file: (secrets_dir / s.file).read_text().strip() for s in appliance.needed_secrets()}
+    if (secrets_dir / LINK_FILE).exists():
+        values[LINK_FILE] = (secrets_dir / LINK_FILE).read_text()
+    return values

@@ -22,7 +22,7 @@ from appliance.supervisor import SUPERVISORD, Supervisor, SupervisorUnavailable
 REPO = Path(__file__).resolve().parents[1]
 # Settings a developer may override from the shell, e.g. `HTTPS_PORT=9443 make run`.
 PORT_KEYS = ("HTTPS_PORT", "HTTP_REDIRECT_PORT", "GRPC_TLS_PORT", "APPLIANCE_METRICS_PORT", "HTTP_PORT",
-                  "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
+                  "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT", "LINK_METRICS_PORT")
 LOCAL_PORTS = {"HTTPS_PORT": "8443", "HTTP_REDIRECT_PORT": "8080", "GRPC_TLS_PORT": "8444"}
 READY_TIMEOUT_S = 90.0
 BUCKET = "scaigrid"

@@ -122,6 +122,19 @@ PROGRAMS: tuple[Program, ...] = (
         enabled=lambda ctx: ctx.appliance.storage_enabled,
     ),
     Program(
+        # The hybrid link to the managed ScaiGrid: its own program, so that a slow job never delays a heartbeat and
+        # scaling out workers never opens a second link.
+        "link",
+        command=lambda ctx: ctx.scaigrid("run", "--mode", "link"),
+        metrics=lambda ctx: (ctx.settings.server.link_metrics_port, "/metrics"),
+        # Ready means running and reporting; whether the link is up is its state (status shows it), not readiness:
+        # the appliance serves its own models without the managed side.
+        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.link_metrics_port}/metrics"),
+        # On SIGTERM its tunnels (requests of the http process) get the http drain grace to finish.
+        stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
+        enabled=lambda ctx: ctx.appliance.enrolled,
+    ),
+    Program(
         "garage",
         command=lambda ctx: f"{ctx.appliance.config.garage_binary} -c {ctx.appliance.config.config_dir}/garage.toml "
                             "server",

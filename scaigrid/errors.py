@@ -196,3 +196,13 @@ def enrollment_token_used() -> ScaigridError:
 def node_credential_invalid() -> ScaigridError:
     return ScaigridError("the node credential is not valid (wrong, replaced by a rotation, or the node was revoked)",
                          "NODE_CREDENTIAL_INVALID", 401)
+
+
+def hybrid_version_skew(problem: str) -> ScaigridError:
+    # 409: the two versions conflict; upgrading one side (the message says which) resolves it.
+    return ScaigridError(problem, "HYBRID_VERSION_SKEW", 409)
+
+
+def link_lost(message: str) -> ScaigridError:
+    # 503: the node may link again (to this replica or another) within seconds; the caller looks it up again.
+    return ScaigridError(message, "LINK_LOST", 503)

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_ENV_FILE = Path("/etc/scaigrid/scaigrid.env")
-MODES = ("migrate", "http", "grpc", "worker", "bunker_proxy")
+MODES = ("migrate", "http", "grpc", "worker", "bunker_proxy", "link")
 APP_ENVS = ("development", "test", "staging", "production")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -298,6 +298,29 @@ class HybridSettings:
     enrollment_token_ttl_s: int = setting(
         "HYBRID_ENROLLMENT_TOKEN_TTL_S", _positive_int, 3600,
         "default and longest validity of a minted enrolment token")
+    # The node's end of the link (`scaigrid-appliance link enroll` renders these from its link file).
+    managed_url: str | None = setting(
+        "HYBRID_MANAGED_URL", _url("https"), help="node: the managed side's https URL (upstream `managed` backends)")
+    link_target: str | None = setting(
+        "HYBRID_LINK_TARGET", _str, help="node: host:port of the managed side's gRPC TLS endpoint (its GRPC_TLS_PORT)")
+    node_id: str | None = setting("HYBRID_NODE_ID", _str, help="node: the id enrolment gave this node (hn_...)")
+    node_credential: Secret | None = setting(
+        "HYBRID_NODE_CREDENTIAL", _secret, help="node: the node credential (sgn_...)", secret=True)
+    ca_file: str | None = setting(
+        "HYBRID_CA_FILE", _str, help="node: CA bundle that signs the managed side's certificate; unset = system CAs")
+    backoff_max_s: float = setting(
+        "HYBRID_BACKOFF_MAX_S", _positive_float, 60.0,
+        "node: longest wait between reconnection attempts (exponential from 0.5 s, with full jitter)")
+    # The managed end.
+    heartbeat_interval_s: int = setting(
+        "HYBRID_HEARTBEAT_INTERVAL_S", _positive_int, 15,
+        "managed: how often nodes send heartbeats (told to them on connect); a link silent 3 intervals is dropped")
+    config_refresh_s: float = setting(
+        "HYBRID_CONFIG_REFRESH_S", _positive_float, 5.0,
+        "managed: how often a grpc replica recomputes the snapshot of each node it holds, pushing it when changed")
+    relay_address: str | None = setting(
+        "HYBRID_RELAY_ADDRESS", _str,
+        help="managed: host:port where other managed processes reach this grpc replica; unset = BIND_HOST:GRPC_PORT")
 
 
 @dataclass(frozen=True)
@@ -333,6 +356,7 @@ class ServerSettings:
     bunker_proxy_port: int = setting("BUNKER_PROXY_PORT", _port, 8001, "bunker_proxy mode, /metrics included")
     grpc_metrics_port: int = setting("GRPC_METRICS_PORT", _port, 9151, "/metrics of the grpc mode")
     worker_metrics_port: int = setting("WORKER_METRICS_PORT", _port, 9152, "/metrics of the worker mode")
+    link_metrics_port: int = setting("LINK_METRICS_PORT", _port, 9154, "/metrics of the link mode")
     http_drain_grace_s: float = setting(
         "HTTP_DRAIN_GRACE_S", _positive_float, 30.0, "on SIGTERM, how long in-flight HTTP requests may finish")
     grpc_stop_grace_s: float = setting(
@@ -380,15 +404,20 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def require(self, *names: str) -> None:
-        """Fails unless every named dependency (database, redis, s3, encryption) is configured."""
+        """Fails unless every named dependency (a key of `needs`) is configured."""
         needs: dict[str, list[tuple[str, object]]] = {
             "database": [("DATABASE_URL", self.database.url)],
             "redis": [("REDIS_URL", self.redis.url)],
             "s3": [("S3_ENDPOINT_URL", self.s3.endpoint_url), ("S3_ACCESS_KEY_ID", self.s3.access_key_id),
                    ("S3_SECRET_ACCESS_KEY", self.s3.secret_access_key)],
             "encryption": [("SCAIGRID_ENCRYPTION_KEY", self.auth.encryption_key)],
+            "service_token": [("SERVICE_TOKEN_SECRET", self.auth.service_token_secret)],
+            "hybrid_node": [("HYBRID_LINK_TARGET", self.hybrid.link_target), ("HYBRID_NODE_ID", self.hybrid.node_id),
+                            ("HYBRID_NODE_CREDENTIAL", self.hybrid.node_credential)],
         }
         needed_by = f"mode {self.mode}" if self.mode else "this command"
+        if "hybrid_node" in names and self.hybrid.role != "node":
+            raise ConfigError(f"HYBRID_ROLE: {needed_by} needs node, but it is {self.hybrid.role}")
         for name in names:
             for env, value in needs[name]:
                 if value is None:

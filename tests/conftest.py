@@ -25,7 +25,8 @@ from scaigrid.settings import Settings, load_settings
 from tests.appliance_stack import ApplianceStack
 
 REPO = Path(__file__).resolve().parents[1]
-PORT_SETTINGS = ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT")
+PORT_SETTINGS = ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT",
+                 "LINK_METRICS_PORT")
 
 
 # --- session: one real server of each kind ---

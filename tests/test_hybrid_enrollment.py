@@ -1,7 +1,7 @@
 """Hybrid enrolment end to end: a managed appliance stack (HTTPS through nginx) mints tokens; an appliance's
 `scaigrid-appliance link` commands enrol, check, rotate and leave; reuse, expiry, races and revocation fail clearly."""
 
-import asyncio
+import functools
 import hashlib
 import json
 import stat
@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack, start_stack
 from tests.conftest import REPO, Node, scaigrid
+from tests.hybrid_stacks import run_sql
 
 APPLIANCE_CLI = REPO / ".venv" / "bin" / "scaigrid-appliance"
 
@@ -39,19 +38,7 @@ SQL = Callable[..., Sequence[Any]]
 @pytest.fixture
 def sql(managed: ApplianceStack, mariadb: devstack.MariaDB) -> SQL:
     """Runs one statement on the managed side's database (committed); the rows, as mappings, if it returns any."""
-    def run(statement: str, **params: Any) -> Sequence[Any]:
-        async def execute() -> Sequence[Any]:
-            engine = create_async_engine(mariadb.admin_url(managed.config.database_name))
-            try:
-                async with engine.begin() as conn:
-                    result = await conn.execute(text(statement), params)
-                    return result.mappings().all() if result.returns_rows else []
-            finally:
-                await engine.dispose()
-
-        return asyncio.run(execute())
-
-    return run
+    return functools.partial(run_sql, mariadb, managed.config.database_name)
 
 
 def appliance_config(directory: Path) -> Path:

@@ -25,7 +25,6 @@ from scaigrid.db.tables import infra_nodes
 from scaigrid.resources import database_ctx
 from scaigrid.rpc import codegen
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
-from scaigrid.rpc.interceptors import require_unary
 from scaigrid.settings import Secret, load_settings
 from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     FakeBackend,
@@ -54,7 +53,8 @@ PICTURE = [{"role": "user", "content": [{"type": "text", "text": "what is this?"
 
 def test_committed_code_matches_the_protos(tmp_path: Path) -> None:
     generated = codegen.generate(tmp_path)
-    assert {path.name for path in generated} == {"scaiinfer_pb2.py", "scaiinfer_pb2.pyi", "scaiinfer_pb2_grpc.py"}
+    assert {path.name for path in generated} == {"scaiinfer_pb2.py", "scaiinfer_pb2.pyi", "scaiinfer_pb2_grpc.py",
+                                                  "link_pb2.py", "link_pb2.pyi", "link_pb2_grpc.py"}
     for path in generated:
         assert (tmp_path / path).read_bytes() == (REPO / path).read_bytes(), (
             f"{path} differs from the protos: run `python -m scaigrid.rpc.codegen` and commit the result")
@@ -327,12 +327,6 @@ def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes
     with pytest.raises(grpc.RpcError) as as_service_token:
         _heartbeat(cluster, (("authorization", f"Bearer {reply.gateway_token}"),))
     assert as_service_token.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-
-
-def test_the_interceptor_wraps_unary_rpcs_only_and_a_streaming_service_fails_at_start_up() -> None:
-    require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"])  # what the grpc mode serves
-    with pytest.raises(RuntimeError, match="StreamInference"):
-        require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["InferenceService"])
 
 
 def test_a_node_with_a_wrong_token_is_refused_and_never_listed(cluster: Cluster) -> None:

@@ -1,6 +1,7 @@
 """An aiohttp server in a thread of its own: the base of the stand-in servers the tests talk to over real HTTP."""
 
 import asyncio
+import ssl
 import threading
 from typing import Self
 
@@ -13,6 +14,7 @@ class ThreadedServer:
     """Serves `routes()` on a free port of 127.0.0.1 between start() and stop(), on its own event loop."""
 
     name = "threaded-server"
+    ssl_context: ssl.SSLContext | None = None  # set before start() to serve HTTPS
 
     def __init__(self) -> None:
         self.port = devstack.free_ports(1)[0]
@@ -45,4 +47,4 @@ class ThreadedServer:
         # handler_cancellation: a client that goes away cancels its handler, which may record it.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()

@@ -27,6 +27,7 @@ from scaigrid.accounting import scripts, usage
 from scaigrid.accounting.budgets import Budget, Period, counter_key, current_period, load_budgets, split_cost
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.db.tables import usage_records
+from scaigrid.hybrid import outbox as hybrid_outbox
 from scaigrid.webhooks import outbox
 from scaigrid.worker.jobs import JobContext
 
@@ -61,7 +62,7 @@ async def flush_usage(ctx: JobContext) -> None:
             await seed_budget_counters(ctx.engine, ctx.redis, now, whole_period=True)
             await ctx.redis.set(COUNTERS_SINCE_KEY, now.isoformat())
             await lock.reacquire()
-        flushed = await flush_buffer(ctx.engine, ctx.redis, lock)
+        flushed = await flush_buffer(ctx.engine, ctx.redis, lock, to_link=ctx.settings.hybrid.role == "node")
         if flushed:
             logger.info("flushed %d usage record(s)", flushed, extra={"event": "usage_flushed", "count": flushed})
         # After the flush, so that usage from just before a budget's creation is in MariaDB to be counted.
@@ -71,8 +72,11 @@ async def flush_usage(ctx: JobContext) -> None:
             await lock.release()
 
 
-async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock) -> int:
-    """Moves what the buffer held when it started into MariaDB, batch by batch; returns how many entries."""
+async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link: bool = False) -> int:
+    """Moves what the buffer held when it started into MariaDB, batch by batch; returns how many entries.
+
+    to_link (a hybrid node): the records also go into the usage outbox the link sends to the managed side.
+    """
     trim = redis.register_script(scripts.TRIM)
     pending = await redis.llen(usage.BUFFER_KEY)  # later arrivals wait for the next tick: a run always ends
     done = 0
@@ -91,6 +95,8 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock) -> int:
             async with engine.begin() as conn:
                 await usage.store(conn, records)
                 await outbox.emit_usage(conn, records)  # request.* webhook events, committed with the usage
+                if to_link:  # in the same transaction: a record is stored and queued for the link, or neither
+                    await hybrid_outbox.enqueue(conn, records)
         if undecodable:
             logger.error("%d buffered entries are not usage records; moved to %s", len(undecodable),
                          UNDECODABLE_KEY, extra={"event": "usage_undecodable", "count": len(undecodable)})

@@ -32,3 +32,6 @@ class UsageRecord:
     latency_ms: int
     cost: Decimal
     error_code: str | None = None  # the code a failed request answered with (request.failed events)
+    # Not stored: a request the managed side sent down the hybrid link. It is accounted there, under the same request
+    # id and the managed side's prices, so the node's usage outbox leaves it out.
+    tunnelled: bool = False

@@ -35,6 +35,7 @@ from scaigrid.accounting.records import RateState, UsageRecord
 from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
+from scaigrid.hybrid import outbox as hybrid_outbox
 from scaigrid.settings import Settings
 from scaigrid.webhooks import outbox
 
@@ -187,6 +188,8 @@ class Accounting:
             async with self._engine.begin() as conn:  # the budget counters miss them; the bill does not
                 await usage.store(conn, records)
                 await outbox.emit_usage(conn, records)  # the flush, which would have emitted them, never sees them
+                if self._settings.hybrid.role == "node":  # nor queued them for the link
+                    await hybrid_outbox.enqueue(conn, records)
             return
         for (_, _, budgets, periods), crossed in zip(writes, results, strict=True):
             for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):

@@ -19,6 +19,8 @@ COST_QUANTUM = Decimal("1e-12")
 def encode(usage: UsageRecord) -> str:
     fields = vars(usage).copy()
     fields["cost"] = str(usage.cost)  # a string: the cost never becomes a float on its way
+    if not usage.tunnelled:  # only a node's own buffer has it: a worker of the release before reads the rest
+        del fields["tunnelled"]
     return json.dumps(fields, separators=(",", ":"))
 
 
@@ -30,7 +32,7 @@ def decode(raw: bytes | str) -> UsageRecord:
 
 def row_of(usage: UsageRecord) -> dict[str, Any]:
     row = vars(usage).copy()
-    del row["created_at_unix"]
+    del row["created_at_unix"], row["tunnelled"]
     row["created_at"] = utc_from_unix(usage.created_at_unix)
     row["cost"] = usage.cost.quantize(COST_QUANTUM)  # the column's scale; anything finer would be rounded silently
     return row

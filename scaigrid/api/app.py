@@ -1,6 +1,8 @@
 """The http mode's application: `create_app(settings)` composes routes and resources and does no I/O."""
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -21,6 +23,7 @@ from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
 from scaigrid.dispatch.pipeline import dispatch_ctx
 from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
+from scaigrid.hybrid import protocol, registry
 from scaigrid.hybrid import routes as hybrid_routes
 from scaigrid.modules import Module, load_modules
 from scaigrid.modules.scaibunker import storage
@@ -98,21 +101,46 @@ async def _node_states(app: web.Application) -> list[dict[str, Any]] | None:
              "heartbeat_age_s": node["heartbeat_age_s"]} for node in nodes]
 
 
+async def _link_state(app: web.Application) -> dict[str, Any]:
+    """The hybrid link: on a node, what its link program last published; on the managed side, the links held."""
+    role = app[SETTINGS].hybrid.role
+    if role == "off":
+        return {"status": "off"}
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            if role == "node":
+                raw = await app[REDIS].get(protocol.NODE_STATE_KEY)
+                if raw is None:  # it publishes every 2 s with a 10 s TTL
+                    return {"status": "link program not running"}
+                state = json.loads(raw)
+                return {**state, "status": "connected" if state.get("connected") else "disconnected"}
+            links = await registry.holders(app[REDIS])
+    except Exception:  # the redis entry says why
+        return {"status": "unknown"}
+    now_s = time.time()
+    return {"status": "ok", "links": [
+        {**{name: value for name, value in dataclasses.asdict(link).items() if name != "session"},
+         "heartbeat_age_s": round(max(0.0, now_s - link.last_heartbeat_unix), 1)}
+        for _, link in sorted(links.items())]}
+
+
 @requires("admin:access")
 async def detailed_health(request: web.Request) -> web.Response:
-    """For operators: dependencies with ping latency, schema state per module, worker and ScaiInfer node heartbeats.
+    """For operators: dependencies with ping latency, schema state per module, worker and ScaiInfer node heartbeats,
+    and the hybrid link.
 
-    `degraded` when a dependency fails, a schema is behind, or no worker is alive (usage is then not flushed).
+    `degraded` when a dependency fails, a schema is behind, or no worker is alive (usage is then not flushed). The
+    link is reported beside that and never degrades it: a node without its link still serves its own models.
     """
     app = request.app
-    database, redis, modules, workers, nodes = await asyncio.gather(
+    database, redis, modules, workers, nodes, link = await asyncio.gather(
         _timed(check_database(app[DB])), _timed(check_redis(app[REDIS])), _module_states(app), _worker_states(app),
-        _node_states(app))
+        _node_states(app), _link_state(app))
     healthy = (database["status"] == redis["status"] == "ok" and all(m["status"] == "ok" for m in modules)
                and bool(workers))
     return web.json_response({"status": "ok" if healthy else "degraded",
                               "dependencies": {"database": database, "redis": redis},
-                              "modules": modules, "workers": workers, "nodes": nodes})
+                              "modules": modules, "workers": workers, "nodes": nodes, "link": link})
 
 
 async def _schema_heads_ctx(app: web.Application):  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
 from scaigrid.api.access import public
+from scaigrid.auth import service_tokens
+from scaigrid.hybrid import protocol
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.logs import request_id_var
 from scaigrid.metrics import metrics_handler
@@ -34,8 +37,13 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 S3 = web.AppKey("s3", Minio)
 READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])  # filled by the app that composes checks
 REQUEST_ID = web.RequestKey("request_id", str)
+TUNNELLED = web.RequestKey("tunnelled", bool)  # the managed side sent this request down the hybrid link
 STARTED = web.RequestKey("started", float)  # perf_counter() when the request reached the app
 REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_PATTERN = re.compile(r"req_[0-9a-f]{24}")
+# A request the hybrid link tunnels from the managed side keeps the managed side's request id, so that its usage
+# record has one id on both sides; only the node's link process, holding a service token, can set it.
+TUNNEL_HEADER, TUNNEL_ID_HEADER = "X-Scaigrid-Tunnel", "X-Scaigrid-Tunnel-Id"
 # Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
 DRAIN_EXEMPT = ("/health", "/health/ready", "/metrics")
 LISTEN_BACKLOG = 1024
@@ -121,11 +129,35 @@ def _translate_http_exception(exc: web.HTTPException) -> errors.ScaigridError:
     return errors.ScaigridError(exc.reason, f"HTTP_{exc.status}", exc.status)
 
 
+def _tunnel_id(request: web.Request) -> str | None:
+    """The tunnel id the link process gives its request, when its token is valid; a forgery is logged and ignored."""
+    token = request.headers.get(TUNNEL_HEADER)
+    if token is None:
+        return None
+    tunnel_id = request.headers.get(TUNNEL_ID_HEADER, "")
+    try:
+        name = service_tokens.verify(request.app[SETTINGS].auth.service_token_secret, token).name
+    except errors.ScaigridError as exc:
+        problem = exc.message
+    else:
+        if name != protocol.LINK_SERVICE_NAME:
+            problem = f"the token names {name!r}, not {protocol.LINK_SERVICE_NAME!r}"
+        elif not REQUEST_ID_PATTERN.fullmatch(tunnel_id):
+            problem = f"{TUNNEL_ID_HEADER} is not a request id"
+        else:
+            return tunnel_id
+    logger.warning("%s ignored: %s", TUNNEL_HEADER, problem,
+                   extra={"event": "tunnel_header_ignored", "path": request.path})
+    return None
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                              ) -> web.StreamResponse:
     """Request id, drain accounting, error translation and the request log line, in one place."""
-    request_id = request[REQUEST_ID] = "req_" + secrets.token_hex(12)
+    tunnel_id = _tunnel_id(request)
+    request[TUNNELLED] = tunnel_id is not None
+    request_id = request[REQUEST_ID] = tunnel_id or "req_" + secrets.token_hex(12)
     request_id_var.set(request_id)
     drain = request.app[DRAIN]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Double,
@@ -300,5 +301,56 @@ hybrid_enrollment_tokens = Table(
     Column("used_at", MICROSECONDS),
     Column("node_id", String(40), ForeignKey("hybrid_nodes.id", ondelete="SET NULL")),
     Index("ix_hybrid_enrollment_tokens_token_hash", "token_hash", unique=True),
+    **TABLE_ARGS,
+)
+
+# --- hybrid link (core_0006) ---
+
+# Managed side: the tenants a node may serve (its config snapshot carries exactly these), and the snapshot
+# version last computed for it, bumped only when the body's sha256 changes.
+hybrid_node_tenants = Table(
+    "hybrid_node_tenants", metadata,
+    Column("node_id", String(40), ForeignKey("hybrid_nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    **TABLE_ARGS,
+)
+
+hybrid_node_snapshots = Table(
+    "hybrid_node_snapshots", metadata,
+    Column("node_id", String(40), ForeignKey("hybrid_nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("updated_at", MICROSECONDS, nullable=False),
+    **TABLE_ARGS,
+)
+
+# Node side: the last snapshot applied (one row, id 1: the last-known-good served from when the link is down),
+# the rows it put into partners, tenants, users, api_keys, models and backends, and the usage outbox.
+LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+hybrid_applied_snapshot = Table(
+    "hybrid_applied_snapshot", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("node_id", String(40), nullable=False),  # the enrolment it came with: versions count per node
+    Column("version", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("body_json", LONG_TEXT, nullable=False),
+    Column("applied_at", MICROSECONDS, nullable=False),
+    **TABLE_ARGS,
+)
+
+hybrid_mirrored = Table(
+    "hybrid_mirrored", metadata,
+    Column("kind", String(16), primary_key=True),  # partner | tenant | user | api_key | model | backend
+    Column("row_id", String(64), primary_key=True),
+    **TABLE_ARGS,
+)
+
+hybrid_usage_outbox = Table(
+    "hybrid_usage_outbox", metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=True),
+    Column("request_id", String(40), nullable=False),
+    Column("record_json", Text, nullable=False),  # scaigrid.accounting.usage.encode(record)
+    Column("created_at", MICROSECONDS, nullable=False),
+    Index("ix_hybrid_usage_outbox_request_id", "request_id", unique=True),
     **TABLE_ARGS,
 )

@@ -1,8 +1,9 @@
 """Dispatch: choose a backend, call it over the OpenAI protocol, fail over, relay the answer, account for it.
 
 HTTP backends speak the OpenAI protocol; ScaiInfer nodes speak scaiinfer.v1 over gRPC, and their answer is read
-as the same OpenAI SSE bytes (scaigrid/dispatch/scaiinfer.py). Each kind is a Transport (dispatch/transport.py), so
-everything below is one pipeline for both.
+as the same OpenAI SSE bytes (scaigrid/dispatch/scaiinfer.py); the hybrid link's backends carry an OpenAI answer
+made on the other side (scaigrid/dispatch/hybrid.py). Each kind is a Transport (dispatch/transport.py), chosen by
+the backend's provider, so everything below is one pipeline for all of them.
 
 Failover happens only while nothing has been sent to the client: on a connection error, a timeout, a 5xx, a 429
 (the backend then cools down for its Retry-After) or an answer that is not the OpenAI shape. Once a stream has
@@ -16,8 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from email.utils import parsedate_to_datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -26,16 +26,17 @@ from aiohttp import web
 from scaigrid import errors
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
-from scaigrid.api.base import DB, REDIS, REQUEST_ID, SETTINGS
+from scaigrid.api.base import DB, REDIS, REQUEST_ID, SETTINGS, TUNNELLED
 from scaigrid.api.gateway import ACCOUNTING
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import BUS
 from scaigrid.dispatch import metrics, sse
 from scaigrid.dispatch.failures import Failure
+from scaigrid.dispatch.hybrid import HybridTransport, LinkDirectory, ManagedTransport, managed_session
 from scaigrid.dispatch.scaiinfer import NodeClient
-from scaigrid.dispatch.transport import NEED_FIELDS, Transport, Upstream, request_needs
+from scaigrid.dispatch.transport import NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
-from scaigrid.routing.catalogue import Backend, CatalogueLoader, Model
+from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
 from scaigrid.rpc.nodes import NodeDirectory
 from scaigrid.settings import Settings
 
@@ -43,66 +44,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NATIVE, OAI = "native", "oai"
-DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a usable Retry-After still cools the backend down this long
-MAX_RETRY_AFTER_S = 3600.0
 DRAIN_AFTER_DONE_S = 1.0  # after [DONE], how long we read on so the connection can be reused
-ERROR_BODY_MAX_BYTES = 4096
 MAX_TOKENS = 2**31 - 1  # the usage_records token columns' range
-# Statuses meaning "this request is wrong", not "this backend is broken": passed back, no failover.
-REFUSED_STATUSES = frozenset({400, 413, 422})
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class HttpStream:
-    __slots__ = ("_response",)
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def read(self) -> bytes:
-        return await self._response.content.readany()
-
-    def close(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()  # back to the pool
-        else:
-            self._response.close()
-
-
-class HttpTransport:
-    """Backends that speak the OpenAI protocol over HTTP: they serve whatever a request needs."""
-
-    lacks: Mapping[str, str] = {}
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-
-    def available(self, backend: Backend, now_s: float) -> bool:
-        return True
-
-    async def open(self, backend: Backend, payload: dict[str, Any], request_id: str) -> Upstream:
-        response = await self._session.post(backend.chat_url, data=_upstream_body(payload, backend),
-                                            headers=backend.headers)
-        try:
-            await _check_stream(response)
-        except BaseException:
-            response.close()
-            raise
-        return HttpStream(response)
-
-    async def fetch(self, backend: Backend, payload: dict[str, Any], request_id: str, embeddings: bool) -> bytes:
-        url = backend.embeddings_url if embeddings else backend.chat_url
-        async with self._session.post(url, data=_upstream_body(payload, backend), headers=backend.headers) as response:
-            if response.status != 200:
-                raise await _status_failure(response)
-            return await response.read()
 
 
 class Exchange:
     """One inference request on its way through the dispatcher."""
 
-    __slots__ = ("backend", "created_unix", "model", "principal", "protocol", "request", "started", "status",
-                 "tokens_in", "tokens_out", "upstream_s")
+    __slots__ = ("answered", "backend", "created_unix", "model", "principal", "protocol", "request", "started",
+                 "status", "tokens_in", "tokens_out", "upstream_s")
 
     def __init__(self, request: web.Request, principal: Principal, model: Model, protocol: str,
                  started: float) -> None:
@@ -114,53 +65,10 @@ class Exchange:
         self.created_unix = time.time()
         self.backend: Backend | None = None
         self.status = "ok"  # or the error code the client got
+        self.answered = False  # the client has the whole answer ([DONE] written); what follows is housekeeping
         self.tokens_in = 0
         self.tokens_out = 0
         self.upstream_s = 0.0  # time spent waiting on backends
-
-
-def _retry_after_s(header: str | None) -> float:
-    """Retry-After as seconds or an HTTP date; a missing or odd value means DEFAULT_RETRY_AFTER_S."""
-    if header:
-        try:
-            seconds = float(header)
-        except ValueError:
-            try:
-                seconds = parsedate_to_datetime(header).timestamp() - time.time()
-            except (TypeError, ValueError):
-                seconds = DEFAULT_RETRY_AFTER_S
-        if math.isfinite(seconds) and seconds > 0:
-            return min(seconds, MAX_RETRY_AFTER_S)
-    return DEFAULT_RETRY_AFTER_S
-
-
-def _upstream_message(body: bytes) -> str:
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return body[:200].decode(errors="replace")
-    error = payload.get("error") if isinstance(payload, dict) else None
-    message = error.get("message") if isinstance(error, dict) else error
-    return str(message or payload)[:300]
-
-
-async def _status_failure(response: aiohttp.ClientResponse) -> Failure:
-    body = await response.content.read(ERROR_BODY_MAX_BYTES)
-    status = response.status
-    if status == 429:
-        return Failure("rate_limited", "HTTP 429", _retry_after_s(response.headers.get("Retry-After")))
-    if status in REFUSED_STATUSES:
-        return Failure("refused", _upstream_message(body))
-    return Failure("status", f"HTTP {status}: {_upstream_message(body)}", public=f"HTTP {status}")
-
-
-async def _check_stream(response: aiohttp.ClientResponse) -> None:
-    """Raises Failure unless the backend answered with an event stream."""
-    if response.status != 200:
-        raise await _status_failure(response)
-    content_type = response.headers.get("Content-Type", "")
-    if not content_type.startswith("text/event-stream"):
-        raise Failure("shape", f"asked for a stream, the backend answered {content_type or 'with no content type'}")
 
 
 def _client_error(exc: Exception) -> Failure:
@@ -172,12 +80,6 @@ def _client_error(exc: Exception) -> Failure:
 def _gone(request: web.Request) -> bool:
     """Whether the client's connection is closed (a write then fails with ConnectionResetError)."""
     return request.transport is None or request.transport.is_closing()
-
-
-def _upstream_body(payload: dict[str, Any], backend: Backend) -> bytes:
-    """The request as this backend gets it: under its own model name."""
-    payload["model"] = backend.model
-    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _usage_tokens(usage: Any) -> tuple[int, int]:
@@ -194,12 +96,13 @@ def _token_count(value: Any) -> int:
 
 
 class Dispatcher:
-    """One per process: the upstream ClientSession, the catalogue, the breakers, and the request pipeline."""
+    """One per process: the transports (one per kind of backend), the catalogue, the breakers, and the request
+    pipeline."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, catalogue: CatalogueLoader,
-                 breakers: Breakers, accounting: Accounting, nodes: NodeClient) -> None:
-        self._http = HttpTransport(session)
-        self._nodes = nodes
+    def __init__(self, settings: Settings, catalogue: CatalogueLoader, breakers: Breakers, accounting: Accounting,
+                 http: HttpTransport, others: dict[str, Transport]) -> None:
+        self._http = http
+        self._transports = others  # by provider; every other provider speaks the OpenAI protocol over HTTP
         self.catalogue = catalogue
         self.breakers = breakers
         self._accounting = accounting
@@ -209,7 +112,7 @@ class Dispatcher:
     # --- choosing ---
 
     def _transport(self, backend: Backend) -> Transport:
-        return self._http if backend.node_id is None else self._nodes
+        return self._transports.get(backend.provider, self._http)
 
     def _serves(self, backend: Backend, needs: frozenset[str], now_s: float) -> bool:
         transport = self._transport(backend)
@@ -294,6 +197,11 @@ class Dispatcher:
         if needs and (unmet := self._unmet(model, needs)) is not None:
             raise unmet
         tried: set[str] | None = None
+        if exchange.request[TUNNELLED]:
+            # A request the managed side sent down the link never goes back up it: a `managed` backend here would
+            # loop it between the two sides until a timeout.
+            tried = {route.backend.id for group in model.groups for route in group
+                     if route.backend.provider == MANAGED}
         failure: Failure | None = None
         while (backend := await self._choose(model, tried, needs)) is not None:
             exchange.backend = backend
@@ -323,8 +231,7 @@ class Dispatcher:
         waited_from = time.perf_counter()
         try:
             async with asyncio.timeout(backend.timeout_s):
-                body = await self._transport(backend).fetch(backend, payload, exchange.request[REQUEST_ID],
-                                                            embeddings)
+                body = await self._transport(backend).fetch(backend, payload, exchange.request, embeddings)
         except aiohttp.ClientError as exc:
             raise _client_error(exc) from None
         except TimeoutError:
@@ -365,7 +272,7 @@ class Dispatcher:
         try:
             async with asyncio.timeout(backend.timeout_s) as deadline:
                 waited_from = perf_counter()
-                upstream = await self._transport(backend).open(backend, payload, exchange.request[REQUEST_ID])
+                upstream = await self._transport(backend).open(backend, payload, exchange.request)
                 read = upstream.read
                 chunk = await read()
                 exchange.upstream_s += perf_counter() - waited_from
@@ -386,8 +293,9 @@ class Dispatcher:
                 if client is None:
                     raise Failure("shape", "the stream ended without a single chunk")
                 await client.write(sse.DONE_FRAME)
+                # Served once [DONE] is written: a client that closes as soon as it reads it got the whole answer.
+                served = exchange.answered = True
                 await client.write_eof()
-                served = True
                 # The client has everything; reading the rest lets the connection go back to the pool.
                 deadline.reschedule(loop.time() + DRAIN_AFTER_DONE_S)
                 while await read():
@@ -485,7 +393,7 @@ class Dispatcher:
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
             cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out),
-            error_code=None if exchange.status == "ok" else exchange.status)
+            error_code=None if exchange.status == "ok" else exchange.status, tunnelled=exchange.request[TUNNELLED])
         self._accounting.submit(usage)
 
 
@@ -493,8 +401,9 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 
 
 async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The catalogue (loaded, then following announcements), the breakers, one upstream ClientSession, and the
-    ScaiInfer nodes (their directory, and a gRPC channel per node)."""
+    """The catalogue (loaded, then following announcements), the breakers, one upstream ClientSession, the
+    ScaiInfer nodes (their directory, and a gRPC channel per node), and the hybrid link's backends (the directory of
+    links with a channel per relay, and the session to the managed side)."""
     settings = app[SETTINGS]
     dispatch = settings.dispatch
     breakers = Breakers(settings, app[REDIS], app[BUS])
@@ -502,13 +411,17 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
     directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch_stream_timeout_s)
     loader.on_load(lambda catalogue: directory.track(catalogue.node_ids))
+    links = LinkDirectory(app[REDIS], settings)
+    loader.on_load(lambda catalogue: links.track(catalogue.linked_node_ids))
     # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=dispatch.connect_timeout_s)
-    async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session, loader.running(),
-                directory.running()):
-        app[DISPATCHER] = Dispatcher(settings, session, loader, breakers, app[ACCOUNTING],
-                                     NodeClient(settings, directory))
+    async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                managed_session(settings, timeout) as managed, loader.running(), directory.running(),
+                links.running()):
+        app[DISPATCHER] = Dispatcher(settings, loader, breakers, app[ACCOUNTING], HttpTransport(session), {
+            SCAIINFER: NodeClient(settings, directory), HYBRID: HybridTransport(settings, links),
+            MANAGED: ManagedTransport(managed, settings)})
         try:
             yield
         finally:

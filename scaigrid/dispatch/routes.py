@@ -65,7 +65,9 @@ async def _run(request: web.Request, exchange: Exchange, stream: bool, payload: 
             body = answer if exchange.protocol == OAI else b'{"status":"ok","data":' + answer + b"}"
             response = web.Response(body=body, content_type="application/json")
     except asyncio.CancelledError:
-        exchange.status = "CLIENT_CLOSED"
+        # A client that closes as soon as it has [DONE] cancels us while we read the backend's last bytes: served.
+        if not exchange.answered:
+            exchange.status = "CLIENT_CLOSED"
         raise
     except Exception as exc:
         exchange.status = exc.code if isinstance(exc, errors.ScaigridError) else "INTERNAL_ERROR"

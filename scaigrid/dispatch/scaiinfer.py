@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from aiohttp import web
 
+from scaigrid.api.base import REQUEST_ID
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.sse import DONE_FRAME
 from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS
@@ -179,20 +181,21 @@ class NodeClient:
         node = self.directory.reachable(backend.node_id, now_s)
         return node is not None and backend.node_model in node.models
 
-    async def open(self, backend: Backend, payload: dict[str, Any], request_id: str) -> NodeStream:
+    async def open(self, backend: Backend, payload: dict[str, Any], request: web.Request) -> NodeStream:
         """Starts the call (nothing is awaited: the first read waits for the node)."""
         assert backend.node_id is not None
+        request_id = request[REQUEST_ID]
         node = self.directory.reachable(backend.node_id, time.time())
         if node is None:
             raise Failure("connect", f"node {backend.node_id} went stale", public="node stale")
         request = inference_request(payload, backend.node_model, request_id)
-        call = scaiinfer_pb2_grpc.InferenceServiceStub(self.directory.channel(backend.node_id)).StreamInference(
+        call = scaiinfer_pb2_grpc.InferenceServiceStub(self.directory.channel(node.endpoint)).StreamInference(
             request, metadata=self._metadata(backend.node_id))
         return NodeStream(call, backend.node_model, request_id)
 
-    async def fetch(self, backend: Backend, payload: dict[str, Any], request_id: str, embeddings: bool) -> bytes:
+    async def fetch(self, backend: Backend, payload: dict[str, Any], request: web.Request, embeddings: bool) -> bytes:
         """The node's stream gathered into one chat.completion (never embeddings: LACKS)."""
-        stream = await self.open(backend, payload, request_id)
+        stream = await self.open(backend, payload, request)
         try:
             return await stream.completion()
         finally:

@@ -1,10 +1,14 @@
-"""`scaigrid admin hybrid-token`: mints an enrolment token on the managed side, for `scaigrid-appliance link enroll`."""
+"""`scaigrid admin hybrid-token` mints an enrolment token on the managed side, for `scaigrid-appliance link enroll`;
+`scaigrid admin hybrid-forget` takes back what the link mirrored onto a node that left, for `link unenroll`."""
+
+import asyncio
 
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.commands import AdminError, settings_of, with_database
-from scaigrid.hybrid import enrollment
+from scaigrid.hybrid import enrollment, snapshot
+from scaigrid.resources import database_ctx, redis_ctx
 
 
 @click.command("hybrid-token")
@@ -32,4 +36,35 @@ def hybrid_token(ctx: click.Context, name: str | None, ttl_s: int | None) -> Non
     click.echo(with_database(settings, work))
 
 
-COMMANDS = [hybrid_token]
+@click.command("hybrid-forget")
+@click.pass_context
+def hybrid_forget(ctx: click.Context) -> None:
+    """Take back what the hybrid link mirrored here: managed keys revoked, managed users, tenants and partners
+    disabled, managed models removed (their `managed-` backends disabled), the applied config snapshot dropped.
+
+    For a node that left its managed side (`scaigrid-appliance link unenroll` runs it); on a node still linked, the
+    next snapshot brings it all back. Usage waiting in the outbox is kept. Safe to run again.
+
+    Example: scaigrid admin hybrid-forget
+    """
+    settings = settings_of(ctx, "database", "redis")
+    if settings.hybrid.role == "managed":
+        raise AdminError("HYBRID_ROLE is `managed`: a managed side mirrors nothing")
+
+    async def work() -> snapshot.Forgotten:
+        async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
+            return await snapshot.forget(engine, redis)
+
+    done = asyncio.run(work())
+    applied = (f"config snapshot {done.version} of node {done.node_id}" if done.node_id is not None
+               else "no config snapshot was applied")
+    off = done.switched_off
+    click.echo(f"forgot the managed mirror ({applied}): revoked {off['api_key']} key(s); disabled {off['user']} "
+               f"user(s), {off['tenant']} tenant(s), {off['partner']} partner(s); deleted {done.models_deleted} "
+               f"managed model(s); disabled {done.backends_disabled} managed backend(s)")
+    if done.outbox_left:
+        click.echo(f"{done.outbox_left} usage record(s) stay in the outbox: sent if this appliance enrols again "
+                   "(stored there for the tenants allowed on the new node)")
+
+
+COMMANDS = [hybrid_token, hybrid_forget]

@@ -14,11 +14,11 @@ from sqlalchemy import select
 
 from scaigrid import errors
 from scaigrid.api.access import public, requires
-from scaigrid.api.base import DB, SETTINGS
-from scaigrid.auth.bodies import Body, iso, listing, ok
+from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.auth.bodies import Body, iso, json_object, listing, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.db.tables import hybrid_nodes
-from scaigrid.hybrid import enrollment
+from scaigrid.hybrid import enrollment, registry, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,22 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     return ok(minted, status=201)
 
 
+def _link_state(holder: registry.LinkHolder | None) -> dict[str, Any]:
+    if holder is None:
+        return {"connected": False, "last_heartbeat_at": None, "software_version": None, "config_version": None,
+                "outbox_depth": None}
+    return {"connected": True, "last_heartbeat_at": iso(utc_from_unix(holder.last_heartbeat_unix)),
+            "software_version": holder.software_version, "config_version": holder.config_version,
+            "outbox_depth": holder.outbox_depth}
+
+
 @requires("admin:access")
 async def list_nodes(request: web.Request) -> web.Response:
-    """Every node ever enrolled, revoked ones included, newest first."""
+    """Every node ever enrolled, revoked ones included, newest first, with its link as the registry has it."""
     _platform_only(request)
-    return await listing(request, select(hybrid_nodes), hybrid_nodes.c.created_at, hybrid_nodes.c.id, _node_json)
+    links = await registry.holders(request.app[REDIS])
+    return await listing(request, select(hybrid_nodes), hybrid_nodes.c.created_at, hybrid_nodes.c.id,
+                         lambda row: {**_node_json(row), "link": _link_state(links.get(row["id"]))})
 
 
 @requires("admin:access")
@@ -78,6 +89,39 @@ async def revoke_node(request: web.Request) -> web.Response:
     logger.info("hybrid node %s revoked by an admin", node_id,
                 extra={"event": "hybrid_node_revoked", "node_id": node_id})
     return ok(_node_json(row))
+
+
+@requires("admin:access")
+async def get_node_tenants(request: web.Request) -> web.Response:
+    """The tenants whose partners, users, keys and models the node mirrors (its config snapshot carries them)."""
+    _platform_only(request)
+    node_id = request.match_info["id"]
+    async with request.app[DB].connect() as conn:
+        if await conn.scalar(select(hybrid_nodes.c.id).where(hybrid_nodes.c.id == node_id)) is None:
+            raise errors.not_found(f"no hybrid node {node_id!r}")
+        tenant_ids = await snapshot.allowed_tenants(conn, node_id)
+    return ok({"node_id": node_id, "tenant_ids": tenant_ids})
+
+
+@requires("admin:access")
+async def put_node_tenants(request: web.Request) -> web.Response:
+    """Replaces the node's tenants: {"tenant_ids": [...]}; the node gets them with its next snapshot."""
+    _platform_only(request)
+    node_id = request.match_info["id"]
+    body = await json_object(request)
+    tenant_ids = body.get("tenant_ids")
+    problems = [errors.FieldError(name, "unknown field") for name in body if name != "tenant_ids"]
+    if not isinstance(tenant_ids, list) or not all(isinstance(t, str) and t for t in tenant_ids):
+        problems.append(errors.FieldError("tenant_ids", "required: a list of tenant ids"))
+        tenant_ids = []
+    if problems:
+        raise errors.validation_error(problems)
+    async with request.app[DB].begin() as conn:
+        await snapshot.set_allowed_tenants(conn, node_id, tenant_ids)
+        allowed = await snapshot.allowed_tenants(conn, node_id)
+    logger.info("hybrid node %s may serve %d tenant(s)", node_id, len(allowed),
+                extra={"event": "hybrid_node_tenants_set", "node_id": node_id})
+    return ok({"node_id": node_id, "tenant_ids": allowed})
 
 
 @public  # authenticated by the enrolment token in its body
@@ -138,6 +182,8 @@ ROUTES: list[web.RouteDef] = [
     web.post("/v1/hybrid/enrollment-tokens", create_enrollment_token),
     web.get("/v1/hybrid/nodes", list_nodes),
     web.delete("/v1/hybrid/nodes/{id}", revoke_node),
+    web.get("/v1/hybrid/nodes/{id}/tenants", get_node_tenants),
+    web.put("/v1/hybrid/nodes/{id}/tenants", put_node_tenants),
     web.post("/v1/hybrid/enroll", enroll),
     web.get("/v1/hybrid/link", get_link),
     web.post("/v1/hybrid/link/rotate", rotate_link),

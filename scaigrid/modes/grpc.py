@@ -1,4 +1,5 @@
-"""grpc mode: scaiinfer.v1 HeartbeatService on GRPC_PORT, standard health (following DB and Redis) and reflection."""
+"""grpc mode: scaiinfer.v1 HeartbeatService on GRPC_PORT, standard health (following DB and Redis) and reflection;
+with HYBRID_ROLE=managed also the hybrid link (HybridLink, and TunnelRelay for the http processes)."""
 
 import asyncio
 import logging
@@ -12,11 +13,13 @@ from prometheus_client import Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.health import check_database, check_redis
+from scaigrid.hybrid.link_server import HeldLinks, HybridLinkServicer, TunnelRelayServicer
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.resources import database_ctx, redis_ctx
+from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
-from scaigrid.rpc.interceptors import ServiceInterceptor, require_unary
+from scaigrid.rpc.interceptors import ServiceInterceptor
 from scaigrid.rpc.servicers import HeartbeatServicer
 from scaigrid.settings import Settings
 
@@ -58,11 +61,16 @@ async def serve(settings: Settings) -> int:
         server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.auth.service_token_secret)])
         servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        require_unary(scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"])
         scaiinfer_pb2_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatServicer(engine, settings), server)
-        reflection.enable_server_reflection(
-            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"].full_name, reflection.SERVICE_NAME), server)
+        services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    scaiinfer_pb2.DESCRIPTOR.services_by_name["HeartbeatService"].full_name]
+        held = None
+        if settings.hybrid.role == "managed":
+            held = HeldLinks(engine, redis, settings)
+            link_pb2_grpc.add_HybridLinkServicer_to_server(HybridLinkServicer(held), server)
+            link_pb2_grpc.add_TunnelRelayServicer_to_server(TunnelRelayServicer(held), server)
+            services += [link_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("HybridLink", "TunnelRelay")]
+        reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
         address = f"{server_settings.bind_host}:{server_settings.grpc_port}"
         server.add_insecure_port(address)
         await server.start()
@@ -73,9 +81,14 @@ async def serve(settings: Settings) -> int:
         follower.cancel()
         # Health turns NOT_SERVING first, so clients stop picking this server while its RPCs finish.
         await servicer.enter_graceful_shutdown()
+        # Links end at once, not after the grace: each node links again to another replica within its backoff, so
+        # its traffic moves on in about a second. The price is the tunnels in flight here (a request cannot move
+        # to another link): they end with LINK_LOST. Waiting for them would refuse new ones for the whole grace.
+        links, tunnels = held.close_all() if held is not None else (0, 0)
         await server.stop(server_settings.grpc_stop_grace_s)
-        logger.info("stopped after a grace of up to %g s", server_settings.grpc_stop_grace_s,
-                    extra={"event": "stopped"})
+        logger.info("stopped after a grace of up to %g s; %d hybrid link(s) ended, %d tunnel(s) cut",
+                    server_settings.grpc_stop_grace_s, links, tunnels,
+                    extra={"event": "stopped", "hybrid_links": links, "tunnels_cut": tunnels})
     return 0
 
 

@@ -33,6 +33,9 @@ TOPIC_CATALOGUE = "catalogue"
 RELOAD_RETRY_S = 2.0
 OFFERED_STATUSES = frozenset({"active", "deprecated"})  # a deprecated model still serves; clients should move on
 SCAIINFER = "scaiinfer"  # the provider whose backends are ScaiInfer nodes, reached over gRPC
+HYBRID = "hybrid"  # managed side: a linked node's model, reached through the tunnel on its link
+MANAGED = "managed"  # node side: a model of the managed gateway (HYBRID_MANAGED_URL), reached over HTTPS
+MANAGED_API_ROOT = "/oai/v1"  # under HYBRID_MANAGED_URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,8 @@ class Backend:
     chat_url: URL
     embeddings_url: URL
     headers: Mapping[str, str] = field(repr=False)  # carries the upstream credential
-    # provider "scaiinfer": model is "<node_id>/<node_model>", dispatched over gRPC to the node (no base_url)
+    # providers "scaiinfer" and "hybrid": model is "<node_id>/<node_model>"; a ScaiInfer node's id, or a linked
+    # node's (hn_...). Neither has a base_url.
     node_id: str | None = None
     node_model: str = ""
 
@@ -97,7 +101,10 @@ class Catalogue:
         self._sorted = sorted(self._models.values(), key=lambda model: model.slug)
         self._backends = {backend.id: backend for backend in all_backends}
         self.backend_ids = tuple(self._backends)
-        self.node_ids = frozenset(b.node_id for b in self._backends.values() if b.node_id is not None)
+        self.node_ids = frozenset(b.node_id for b in self._backends.values()
+                                  if b.node_id is not None and b.provider == SCAIINFER)
+        self.linked_node_ids = frozenset(b.node_id for b in self._backends.values()
+                                         if b.node_id is not None and b.provider == HYBRID)
         self.model_count = len(self._models)
 
     def model(self, slug: str, tenant_id: str) -> Model:
@@ -136,7 +143,9 @@ def _backend(settings: Settings, row: Any) -> Backend:
     if key:
         headers["Authorization"] = f"Bearer {key}"
     root = row.base_url.rstrip("/")
-    node_id, _, node_model = row.model.partition("/") if row.provider == SCAIINFER else (None, "", "")
+    if row.provider == MANAGED:  # unset: the transport says such a backend is unavailable
+        root = (settings.hybrid.managed_url or "").rstrip("/") + MANAGED_API_ROOT
+    node_id, _, node_model = row.model.partition("/") if row.provider in (SCAIINFER, HYBRID) else (None, "", "")
     return Backend(
         id=row.id, tenant_id=row.tenant_id, partner_id=row.partner_id, provider=row.provider, base_url=root,
         model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,

@@ -23,7 +23,7 @@ from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, model_routes, models, new_id, tenants
 from scaigrid.errors import FieldError
-from scaigrid.routing.catalogue import SCAIINFER
+from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
 from scaigrid.urls import http_url_problem
@@ -32,9 +32,17 @@ BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SEGMENT = r"[a-z0-9][a-z0-9._:-]*"
 MODEL_SLUG = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-PROVIDERS = ("openai", "custom", SCAIINFER)
+PROVIDERS = ("openai", "custom", SCAIINFER, HYBRID, MANAGED)
 # A scaiinfer backend names its node and the node's model: "node-eu-01/llama-3.3" (the URI scaiinfer:<node>/<model>).
 NODE_MODEL = re.compile(rf"(?:{NODE_ID.pattern})/[^\s/][^\s]{{0,190}}")
+# A hybrid backend names a linked node (its id from enrolment) and a model slug of that node.
+LINKED_NODE_MODEL = re.compile(rf"hn_[0-9a-f]{{32}}/(?:{MODEL_SLUG.pattern})")
+# Why each provider has no base_url, api_key or api_key_env (each is refused).
+_KEYLESS = {
+    SCAIINFER: "its node announces its endpoint by heartbeat and is called with a service token",
+    HYBRID: "it is reached through the node's link, with the client's own key",
+    MANAGED: "it is reached at HYBRID_MANAGED_URL, with the client's own key",
+}
 BACKEND_STATUSES = ("active", "disabled")
 MODALITIES = ("chat", "embedding", "image", "audio")
 MODEL_STATUSES = ("active", "deprecated")
@@ -201,11 +209,11 @@ def parse_backend(body: Any) -> BackendSpec:
     """A backend from a body (API) or a [[backends]] table (apply); VALIDATION_ERROR lists every problem."""
     f = _Fields(body, BACKEND_FIELDS)
     provider = f.text("provider", required=True, choices=PROVIDERS) or ""
-    node = provider == SCAIINFER
+    keyless = _KEYLESS.get(provider)
     spec = BackendSpec(
         id=f.text("id", required=True, max_len=64, pattern=BACKEND_ID) or "",
         provider=provider,
-        base_url="" if node else _base_url(f) or "",
+        base_url="" if keyless else _base_url(f) or "",
         model=f.text("model", required=True) or "",
         api_key=f.text("api_key", max_len=4096),
         api_key_env=f.text("api_key_env", max_len=128, pattern=ENV_NAME),
@@ -217,14 +225,17 @@ def parse_backend(body: Any) -> BackendSpec:
     )
     if spec.api_key is not None and spec.api_key_env is not None:
         f.fail("api_key_env", "give api_key or api_key_env, not both")
-    if node and spec.model and not NODE_MODEL.fullmatch(spec.model):
+    if provider == SCAIINFER and spec.model and not NODE_MODEL.fullmatch(spec.model):
         f.fail("model", "for a scaiinfer backend: <node id>/<model the node serves>, e.g. node-eu-01/llama-3.3")
-    if node:
-        # The node announces its endpoint by heartbeat, and the gateway calls it with a service token.
+    if provider == HYBRID and spec.model and not LINKED_NODE_MODEL.fullmatch(spec.model):
+        f.fail("model", "for a hybrid backend: <node id (hn_...)>/<model slug on the node>, e.g. "
+                        "hn_0123456789abcdef0123456789abcdef/acme/llama-3.3")
+    if provider == MANAGED and spec.model and not MODEL_SLUG.fullmatch(spec.model):
+        f.fail("model", "for a managed backend: the slug of a model of the managed gateway")
+    if keyless:
         for name in ("base_url", "api_key", "api_key_env"):
             if f.body.get(name):
-                f.fail(name, "a scaiinfer backend has none: its node announces its endpoint by heartbeat and "
-                             "is called with a service token")
+                f.fail(name, f"a {provider} backend has none: {keyless}")
     f.done()
     return spec
 

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PROTOS = Path("scaigrid/rpc/protos")
 GENERATED = Path("scaigrid/rpc/generated")  # the package the code imports itself from
-PROTO_FILES = (Path("scaiinfer/v1/scaiinfer.proto"),)
+PROTO_FILES = (Path("scaiinfer/v1/scaiinfer.proto"), Path("scaigrid/hybrid/v1/link.proto"))
 
 
 def generate(out_root: Path) -> list[Path]:

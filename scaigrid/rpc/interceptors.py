@@ -1,14 +1,17 @@
 """The grpc mode's one server interceptor: service-token authentication, and domain errors to gRPC status codes.
 
 Servicers just raise `ScaigridError`; the code it maps to follows its HTTP status, and the trailing metadata
-`scaigrid-error-code` carries the documented error code. Health checks and reflection are exempt from
-authentication: load balancers and probes hold no token, and reflection only describes the protocol, which is
-public in the repository. It wraps unary RPCs only (all the grpc mode serves): `require_unary` refuses, at
-start-up, a service that has another kind.
+`scaigrid-error-code` carries the documented error code. Every kind of RPC is wrapped: unary and streaming
+requests alike, unary and streaming answers alike. Health checks and reflection are exempt from authentication:
+load balancers and probes hold no token, and reflection only describes the protocol, which is public in the
+repository. The hybrid link is exempt from service tokens only: a node holds no service token (the secret that
+signs them stays on the managed side), so its servicer checks the node credential itself; its errors are
+translated like any other.
 """
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -23,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
+# Methods whose servicer authenticates the caller itself (the node credential): no service token is asked for.
+NODE_AUTHENTICATED_PREFIXES = ("/scaigrid.hybrid.v1.HybridLink/",)
 ERROR_CODE_KEY = "scaigrid-error-code"
 # The authenticated caller of the RPC being served, for servicers that authorise by it.
 CALLER: ContextVar[service_tokens.ServiceIdentity] = ContextVar("grpc_caller")
@@ -33,18 +38,13 @@ STATUS_CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED, 501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-
-
-def require_unary(service: Any) -> None:
-    """Raises unless every method of the service (a ServiceDescriptor) is unary: call it for each service served."""
-    streaming = [method.name for method in service.methods if method.client_streaming or method.server_streaming]
-    if streaming:
-        raise RuntimeError(f"{service.full_name} has streaming methods ({', '.join(streaming)}), which "
-                           "ServiceInterceptor does not wrap: authentication would not apply to them")
+# Codes whose HTTP status says less than a gRPC code can: a version skew is a conflict, but no retry fixes it
+# until one side is upgraded, which is what FAILED_PRECONDITION tells a gRPC client.
+CODE_STATUS_CODES = {"HYBRID_VERSION_SKEW": grpc.StatusCode.FAILED_PRECONDITION}
 
 
 def status_code(error: ScaigridError) -> Any:
-    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
+    return CODE_STATUS_CODES.get(error.code) or STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
 def _details(error: ScaigridError) -> str:
@@ -80,19 +80,48 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._unary(handler.unary_unary), request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        authenticate = not method.startswith(NODE_AUTHENTICATED_PREFIXES)
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._answered(handler.unary_unary, authenticate), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._answered(handler.stream_unary, authenticate), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._streamed(handler.unary_stream, authenticate), **codec)
+        return grpc.stream_stream_rpc_method_handler(self._streamed(handler.stream_stream, authenticate), **codec)
 
-    def _unary(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
-        async def unary(request: Any, context: Any) -> Any:
+    def _answered(self, behaviour: Callable[[Any, Any], Awaitable[Any]],
+                  authenticate: bool) -> Callable[[Any, Any], Awaitable[Any]]:
+        """Wraps an RPC with one answer; `request` is the request, or an iterator of them."""
+        async def answered(request: Any, context: Any) -> Any:
             try:
-                CALLER.set(self._authenticate(context))
+                if authenticate:
+                    CALLER.set(self._authenticate(context))
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise  # the behaviour ended the call itself
             except Exception as exc:
                 await self._abort(context, exc)
-        return unary
+        return answered
+
+    def _streamed(self, behaviour: Callable[[Any, Any], AsyncGenerator[Any, None]],
+                  authenticate: bool) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        """Wraps an RPC with a stream of answers (its behaviour an async generator)."""
+        async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                if authenticate:
+                    CALLER.set(self._authenticate(context))
+                # aclosing: when the call ends while an answer is being sent, the behaviour's cleanup runs now,
+                # not whenever the collector finalises it.
+                async with contextlib.aclosing(behaviour(request, context)) as answers:
+                    async for answer in answers:
+                        yield answer
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._abort(context, exc)
+        return streamed

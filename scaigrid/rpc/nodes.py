@@ -5,20 +5,17 @@ then stale after NODE_STALE_AFTER_S), so a listing is right even when no worker 
 sweep job's record of the same, written so that each transition is logged once, by one worker.
 """
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc
 from sqlalchemy import select, update
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,7 +24,7 @@ from scaigrid import errors
 from scaigrid.auth.bodies import utc_now
 from scaigrid.db.tables import infra_nodes
 from scaigrid.errors import FieldError
-from scaigrid.lifecycle import background
+from scaigrid.rpc.directory import ChannelDirectory
 from scaigrid.settings import NodeSettings, Secret
 from scaigrid.worker.jobs import JobContext
 
@@ -42,8 +39,6 @@ MAX_NAME_CHARS = 255
 MAX_COUNT = 2**31 - 1  # the capacity and load columns' range (the protocol's uint32 goes higher)
 # How often an http process rereads the nodes: well below NODE_WARNING_AFTER_S, one small query per process.
 DIRECTORY_REFRESH_S = 2.0
-# A node that restarts is reachable again within seconds, not after gRPC's default backoff of up to two minutes.
-CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000))
 
 
 @dataclass(frozen=True)
@@ -176,37 +171,15 @@ class KnownNode:
     models: frozenset[str]  # the models its last heartbeat announced as loaded
 
 
-class NodeDirectory:
-    """The http process's view of the nodes its catalogue routes to, reread every DIRECTORY_REFRESH_S while there
-    are any (a catalogue without scaiinfer backends costs no query at all): requests never query for it.
-
-    It also holds one gRPC channel per node, opened on first use and closed once the node announces another
-    endpoint or disappears, so a node that moves leaves no connection behind.
-    """
+class NodeDirectory(ChannelDirectory):
+    """The http process's view of the nodes its catalogue routes to (scaigrid/rpc/directory.py), and a channel to
+    each one's endpoint."""
 
     def __init__(self, engine: AsyncEngine, settings: NodeSettings, stream_timeout_s: float) -> None:
+        super().__init__("node", DIRECTORY_REFRESH_S, stream_timeout_s)
         self._engine = engine
         self._stale_after_s = settings.stale_after_s
         self._nodes: dict[str, KnownNode] = {}
-        self._channels: dict[str, Any] = {}  # node id -> grpc.aio.Channel to its current endpoint
-        # Channels to endpoints a node has left, closing once the streams still on them end (at most this long).
-        self._retire_grace_s = stream_timeout_s
-        self._retiring: dict[Any, asyncio.Task[None]] = {}
-        self._tracked: frozenset[str] = frozenset()
-        self._wanted = asyncio.Event()  # set while some node is tracked
-        self._refresh_now = asyncio.Event()
-        self._failing = False
-
-    def track(self, node_ids: frozenset[str]) -> None:
-        """The nodes the catalogue routes to now (called on every catalogue load)."""
-        newly = node_ids - self._tracked
-        self._tracked = node_ids
-        if node_ids:
-            self._wanted.set()
-        else:
-            self._wanted.clear()
-        if newly:
-            self._refresh_now.set()
 
     def reachable(self, node_id: str, now_s: float) -> KnownNode | None:
         """The node, unless it is unknown or stale."""
@@ -215,64 +188,10 @@ class NodeDirectory:
             return None
         return node
 
-    def channel(self, node_id: str) -> Any:
-        """The channel to a known node's endpoint."""
-        channel = self._channels.get(node_id)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(self._nodes[node_id].endpoint, CHANNEL_OPTIONS)
-            self._channels[node_id] = channel
-        return channel
-
     async def refresh(self) -> None:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(select(infra_nodes.c.id, infra_nodes.c.endpoint, infra_nodes.c.models,
                                               infra_nodes.c.last_heartbeat_at))).all()
-        nodes = {row.id: KnownNode(row.endpoint, row.last_heartbeat_at.replace(tzinfo=UTC).timestamp(),
-                                   frozenset(row.models or ())) for row in rows}
-        # Swapped in with no await in between, so a channel is always to its node's current endpoint.
-        moved = [node_id for node_id in self._channels
-                 if node_id not in nodes or nodes[node_id].endpoint != self._nodes[node_id].endpoint]
-        self._nodes = nodes
-        for node_id in moved:
-            self._retire(self._channels.pop(node_id))
-
-    def _retire(self, channel: Any) -> None:
-        """Closes a channel without cutting the streams still running on it: new calls go to the new endpoint."""
-        task = asyncio.create_task(channel.close(grace=self._retire_grace_s), name="node-channel-retire")
-        self._retiring[channel] = task
-        task.add_done_callback(lambda _: self._retiring.pop(channel, None))
-
-    async def _follow(self) -> None:
-        while True:
-            await self._wanted.wait()
-            # A node the catalogue just started routing to is read at once, not after the interval.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), DIRECTORY_REFRESH_S)
-            self._refresh_now.clear()
-            try:
-                await self.refresh()
-            except Exception as exc:
-                # Logged once per outage; the last view stays, and ages on until its nodes count as stale.
-                if not self._failing:
-                    logger.warning("node directory refresh failed (%s); retrying every %g s", type(exc).__name__,
-                                   DIRECTORY_REFRESH_S, extra={"event": "node_directory_failed"})
-                self._failing = True
-            else:
-                self._failing = False
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator["NodeDirectory"]:
-        """Reads the tracked nodes before serving (so the first requests find them), then follows."""
-        if self._tracked:
-            with contextlib.suppress(Exception):  # an unmigrated schema: _follow keeps trying and says so
-                await self.refresh()
-                self._refresh_now.clear()
-        try:
-            async with background(self._follow(), "node-directory"):
-                yield self
-        finally:
-            # The process is leaving (its requests are drained): every channel closes now, retiring ones too.
-            channels = [*self._channels.values(), *self._retiring]
-            self._channels.clear()
-            await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
-            await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+        self._nodes = {row.id: KnownNode(row.endpoint, row.last_heartbeat_at.replace(tzinfo=UTC).timestamp(),
+                                         frozenset(row.models or ())) for row in rows}
+        self.keep_channels(node.endpoint for node in self._nodes.values())

@@ -1,0 +1,548 @@
+"""Config snapshots: what a node must know of the managed side (`current`, managed), mirroring it (`apply`, node)
+and taking the mirror back once the node left (`forget`, node).
+
+A snapshot body is canonical JSON (sorted keys, no spaces) with "schema": 1 and five sections: the partners,
+tenants, users and API keys (hashes only) of the tenants allowed on the node, and the managed models offered to
+them. Its version is persisted per node and bumped only when the body's sha256 changes. The node validates a
+snapshot completely before it writes anything, then mirrors it in one transaction into its own tables, so its whole
+pipeline authenticates and limits managed keys, and serves from them when the link is down. docs/hybrid.md, "Config
+snapshots and the usage outbox", says what is mirrored and how.
+"""
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import Table, and_, delete, func, not_, select, update
+from sqlalchemy.dialects.mysql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from scaigrid import errors
+from scaigrid.auth.authenticator import TENANT_ROLES, TOPIC_IDENTITY
+from scaigrid.auth.bodies import decimal_text, iso, naive_utc, utc_now
+from scaigrid.auth.tenancy import SLUG_MAX, SLUG_PATTERN
+from scaigrid.cache import announce
+from scaigrid.db.tables import (
+    api_keys,
+    backends,
+    hybrid_applied_snapshot,
+    hybrid_mirrored,
+    hybrid_node_snapshots,
+    hybrid_node_tenants,
+    hybrid_nodes,
+    hybrid_usage_outbox,
+    model_routes,
+    models,
+    new_id,
+    partners,
+    tenants,
+    users,
+)
+from scaigrid.hybrid.outbox import MANAGED_BACKEND_PREFIX, MIRRORED_TENANT
+from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE
+from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES, MONEY_DECIMALS, MONEY_MAX
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+DISABLED = "disabled"  # the status of a mirrored partner, tenant or user the managed side no longer sends
+MIRRORED_SLUG_SUFFIX = "-managed"  # a mirrored partner or tenant whose slug a local one holds gets this suffix
+# A managed identity is at most a tenant_user on a node: a managed tenant_admin must not send webhooks from inside the
+# customer's network, read /health/detailed or manage modules there. The appliance's own admin is its only admin.
+ROLE_ON_NODE = {"tenant_admin": "tenant_user"}
+_APPLIED_ROW = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    body_json: str
+    sha256: str
+
+
+class SnapshotRejected(Exception):
+    """The node keeps what it had; `reason` tells an operator what is wrong with the snapshot."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def canonical(body: Mapping[str, Any]) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def digest(body_json: str) -> str:
+    return hashlib.sha256(body_json.encode()).hexdigest()
+
+
+def managed_backend_id(slug: str) -> str:
+    """The node's backend for a managed model: stable per slug, and recognisable (the outbox skips its usage)."""
+    return MANAGED_BACKEND_PREFIX + hashlib.sha1(slug.encode()).hexdigest()[:12]  # noqa: S324  # a name, not a security hash
+
+
+# --- managed side ---
+
+async def allowed_tenants(conn: AsyncConnection, node_id: str) -> list[str]:
+    return list((await conn.scalars(select(hybrid_node_tenants.c.tenant_id).where(
+        hybrid_node_tenants.c.node_id == node_id).order_by(hybrid_node_tenants.c.tenant_id))).all())
+
+
+async def set_allowed_tenants(conn: AsyncConnection, node_id: str, tenant_ids: Sequence[str]) -> None:
+    """Replaces the tenants allowed on the node (NOT_FOUND for an unknown node, VALIDATION_ERROR naming an unknown
+    tenant). The node gets the change with its next snapshot, within HYBRID_CONFIG_REFRESH_S."""
+    if await conn.scalar(select(hybrid_nodes.c.id).where(hybrid_nodes.c.id == node_id)) is None:
+        raise errors.not_found(f"no hybrid node {node_id!r}")
+    wanted = sorted(set(tenant_ids))
+    known = set((await conn.scalars(select(tenants.c.id).where(tenants.c.id.in_(wanted)))).all())
+    unknown = [tenant_id for tenant_id in wanted if tenant_id not in known]
+    if unknown:
+        raise errors.validation_error([errors.FieldError("tenant_ids", f"no tenant {tenant_id!r}")
+                                       for tenant_id in unknown])
+    await conn.execute(delete(hybrid_node_tenants).where(hybrid_node_tenants.c.node_id == node_id))
+    if wanted:
+        await conn.execute(insert(hybrid_node_tenants), [{"node_id": node_id, "tenant_id": t} for t in wanted])
+
+
+async def current(engine: AsyncEngine, node_id: str) -> Snapshot:
+    """The node's snapshot as of now; its version goes up only when the body changed since the last call.
+
+    The node's version row is locked before the body is read, so concurrent callers (several grpc replicas) take
+    turns: each version ever handed out has exactly one body, and a later version never has older content.
+    """
+    async with engine.begin() as conn:
+        # Only locking reads until the lock is held: InnoDB takes a transaction's read view at its first plain
+        # read, and a view older than the lock could turn the newest version back to older content.
+        locked = select(hybrid_node_snapshots.c.version, hybrid_node_snapshots.c.sha256).where(
+            hybrid_node_snapshots.c.node_id == node_id).with_for_update()
+        stored = (await conn.execute(locked)).first()
+        if stored is None:  # version 0 stands for "never computed": the row must exist to be locked
+            node = select(hybrid_nodes.c.id).where(hybrid_nodes.c.id == node_id).with_for_update(read=True)
+            if await conn.scalar(node) is None:
+                raise errors.not_found(f"no hybrid node {node_id!r}")
+            create = insert(hybrid_node_snapshots).values(node_id=node_id, version=0, sha256="", updated_at=utc_now())
+            await conn.execute(create.on_duplicate_key_update(node_id=create.inserted.node_id))
+            stored = (await conn.execute(locked)).one()
+        body_json = canonical(await _body(conn, node_id))
+        sha256 = digest(body_json)
+        if sha256 == stored.sha256:
+            return Snapshot(stored.version, body_json, sha256)
+        version = stored.version + 1
+        await conn.execute(update(hybrid_node_snapshots).where(hybrid_node_snapshots.c.node_id == node_id).values(
+            version=version, sha256=sha256, updated_at=utc_now()))
+    logger.info("config snapshot %d of node %s computed", version, node_id,
+                extra={"event": "hybrid_snapshot_version", "node_id": node_id, "version": version})
+    return Snapshot(version, body_json, sha256)
+
+
+async def _body(conn: AsyncConnection, node_id: str) -> dict[str, Any]:
+    tenant_ids = await allowed_tenants(conn, node_id)
+    tenant_rows = (await conn.execute(select(tenants).where(tenants.c.id.in_(tenant_ids)))).mappings().all()
+    partner_ids = {row["partner_id"] for row in tenant_rows}
+    partner_rows = (await conn.execute(select(partners).where(partners.c.id.in_(partner_ids)))).mappings().all()
+    # Platform and partner roles stay on the managed side: an appliance is administered by its own operator.
+    user_rows = (await conn.execute(select(users).where(
+        users.c.tenant_id.in_(tenant_ids), users.c.role.in_(TENANT_ROLES)))).mappings().all()
+    key_rows = (await conn.execute(select(api_keys).where(
+        api_keys.c.user_id.in_([row["id"] for row in user_rows]), api_keys.c.role.in_(TENANT_ROLES)))
+    ).mappings().all()
+    return {
+        "schema": SCHEMA,
+        "partners": sorted(({name: row[name] for name in SECTIONS["partners"]} for row in partner_rows),
+                           key=lambda row: row["id"]),
+        "tenants": sorted(({name: row[name] for name in SECTIONS["tenants"]} for row in tenant_rows),
+                          key=lambda row: row["id"]),
+        "users": sorted(({name: row[name] for name in SECTIONS["users"]} for row in user_rows),
+                        key=lambda row: row["id"]),
+        "api_keys": sorted(({**{name: row[name] for name in SECTIONS["api_keys"]},
+                             "expires_at": iso(row["expires_at"]), "revoked_at": iso(row["revoked_at"])}
+                            for row in key_rows), key=lambda row: row["id"]),
+        "managed_models": await _managed_models(conn, node_id, tenant_ids) if tenant_ids else [],
+    }
+
+
+async def _managed_models(conn: AsyncConnection, node_id: str, tenant_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Models offered to those tenants that something other than this very node serves (that would be a loop)."""
+    elsewhere = and_(backends.c.status == "active", not_(and_(backends.c.provider == HYBRID,
+                                                              backends.c.model.startswith(node_id + "/"))))
+    served = select(model_routes.c.model_id).select_from(
+        model_routes.join(backends, backends.c.id == model_routes.c.backend_id)).where(elsewhere)
+    rows = (await conn.execute(select(models).where(
+        models.c.status.in_(OFFERED_STATUSES), models.c.id.in_(served),
+        (models.c.tenant_id.is_(None)) | models.c.tenant_id.in_(tenant_ids)).order_by(models.c.slug))
+    ).mappings().all()
+    return [{"slug": row["slug"], "tenant_id": row["tenant_id"], "display_name": row["display_name"],
+             "modality": row["modality"], "context_window": row["context_window"],
+             "max_output_tokens": row["max_output_tokens"], "status": row["status"],
+             "price_input_per_mtok": decimal_text(row["price_input_per_mtok"]),
+             "price_output_per_mtok": decimal_text(row["price_output_per_mtok"])} for row in rows]
+
+
+# --- the body's shape: every section, every field, checked before anything is written ---
+
+Check = Callable[[Any], str | None]  # a problem with the value, or None
+
+
+def _text(max_length: int, pattern: re.Pattern[str] | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or not value or len(value) > max_length:
+            return f"expected a non-empty string of at most {max_length} characters"
+        if pattern is not None and not pattern.fullmatch(value):
+            return f"{value!r} does not match {pattern.pattern}"
+        return None
+
+    return check
+
+
+def _choice(choices: Iterable[str]) -> Check:
+    allowed = tuple(choices)
+    return lambda value: None if value in allowed else f"{value!r} is not one of {', '.join(allowed)}"
+
+
+def _whole(value: Any) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "expected an integer >= 1"
+
+
+def _time(value: Any) -> str | None:
+    try:
+        naive_utc(datetime.fromisoformat(value))
+    except (TypeError, ValueError, OverflowError):
+        return "expected an ISO 8601 time"
+    return None
+
+
+def _price(value: Any) -> str | None:
+    try:
+        price = Decimal(value) if isinstance(value, str) else None
+    except InvalidOperation:
+        price = None
+    if price is None or not price.is_finite() or not 0 <= price < MONEY_MAX or price != round(price, MONEY_DECIMALS):
+        return f"expected a decimal string >= 0 with at most {MONEY_DECIMALS} decimals"
+    return None
+
+
+def _optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+_ID = _text(40)
+_STATUS = _text(16)
+_RPM = _optional(_whole)
+# The fields of each section, each with its check; a row must have exactly these.
+SECTIONS: dict[str, dict[str, Check]] = {
+    "partners": {"id": _ID, "slug": _text(SLUG_MAX, SLUG_PATTERN), "name": _text(255), "status": _STATUS,
+                 "rpm_limit": _RPM},
+    "tenants": {"id": _ID, "partner_id": _ID, "slug": _text(SLUG_MAX, SLUG_PATTERN), "name": _text(255),
+                "status": _STATUS, "rpm_limit": _RPM},
+    "users": {"id": _ID, "tenant_id": _ID, "email": _text(320), "display_name": _optional(_text(255)),
+              "role": _choice(TENANT_ROLES), "status": _STATUS, "rpm_limit": _RPM},
+    "api_keys": {"id": _ID, "tenant_id": _ID, "user_id": _ID, "name": _text(255),
+                 "key_hash": _text(64, re.compile(r"[0-9a-f]{64}")), "key_prefix": _text(16),
+                 "role": _choice(TENANT_ROLES), "rpm_limit": _RPM, "expires_at": _optional(_time),
+                 "revoked_at": _optional(_time)},
+    "managed_models": {"slug": _text(191, MODEL_SLUG), "tenant_id": _optional(_ID),
+                       "display_name": _optional(_text(255)), "modality": _choice(MODALITIES),
+                       "context_window": _optional(_whole), "max_output_tokens": _optional(_whole),
+                       "status": _choice(MODEL_STATUSES), "price_input_per_mtok": _price,
+                       "price_output_per_mtok": _price},
+}
+_KEY_OF = {"partners": "id", "tenants": "id", "users": "id", "api_keys": "id", "managed_models": "slug"}
+
+
+def parse(body_json: str, sha256: str) -> dict[str, list[dict[str, Any]]]:
+    """The sections of a snapshot whose digest, shape, types and references are all right; else SnapshotRejected."""
+    if digest(body_json) != sha256:
+        raise SnapshotRejected("the body does not match its sha256 (damaged on its way?)")
+    try:
+        body = json.loads(body_json)
+    except (ValueError, RecursionError):
+        raise SnapshotRejected("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise SnapshotRejected("the body is not a JSON object")
+    if body.get("schema") != SCHEMA:
+        raise SnapshotRejected(f"schema {body.get('schema')!r}; this node reads schema {SCHEMA} only "
+                               "(upgrade the appliance)")
+    unknown = sorted(set(body) - set(SECTIONS) - {"schema"})
+    missing = sorted(set(SECTIONS) - set(body))
+    if unknown or missing:
+        raise SnapshotRejected(f"sections: unknown {unknown}, missing {missing}")
+    for section, fields in SECTIONS.items():
+        rows = body[section]
+        if not isinstance(rows, list):
+            raise SnapshotRejected(f"{section}: expected a list")
+        seen: set[Any] = set()
+        for index, row in enumerate(rows):
+            where = f"{section}[{index}]"
+            if not isinstance(row, dict) or set(row) != set(fields):
+                raise SnapshotRejected(f"{where}: expected an object with exactly the fields {', '.join(fields)}")
+            for name, check in fields.items():
+                problem = check(row[name])
+                if problem is not None:
+                    raise SnapshotRejected(f"{where}.{name}: {problem}")
+            if row[_KEY_OF[section]] in seen:
+                raise SnapshotRejected(f"{where}: {row[_KEY_OF[section]]!r} appears twice")
+            seen.add(row[_KEY_OF[section]])
+    sections: dict[str, list[dict[str, Any]]] = {section: body[section] for section in SECTIONS}
+    _check_references(sections)
+    return sections
+
+
+def _check_references(sections: Mapping[str, list[dict[str, Any]]]) -> None:
+    partner_ids = {row["id"] for row in sections["partners"]}
+    tenant_ids = {row["id"] for row in sections["tenants"]}
+    user_tenant = {row["id"]: row["tenant_id"] for row in sections["users"]}
+    references = [
+        *((f"tenants[{i}].partner_id", row["partner_id"], partner_ids) for i, row in enumerate(sections["tenants"])),
+        *((f"users[{i}].tenant_id", row["tenant_id"], tenant_ids) for i, row in enumerate(sections["users"])),
+        *((f"api_keys[{i}].user_id", row["user_id"], set(user_tenant)) for i, row in enumerate(sections["api_keys"])),
+        *((f"managed_models[{i}].tenant_id", row["tenant_id"], tenant_ids)
+          for i, row in enumerate(sections["managed_models"]) if row["tenant_id"] is not None),
+    ]
+    for where, value, known in references:
+        if value not in known:
+            raise SnapshotRejected(f"{where}: {value!r} is not in the snapshot")
+    for index, row in enumerate(sections["api_keys"]):
+        if user_tenant[row["user_id"]] != row["tenant_id"]:
+            raise SnapshotRejected(f"api_keys[{index}].tenant_id: {row['tenant_id']!r} is not its user's tenant")
+
+
+# --- node side ---
+
+_KINDS = {"partners": ("partner", partners), "tenants": (MIRRORED_TENANT, tenants), "users": ("user", users),
+          "api_keys": ("api_key", api_keys)}
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What `forget` did."""
+
+    node_id: str | None  # whose snapshot was applied; None when none was
+    version: int | None
+    switched_off: dict[str, int]  # kind (partner, tenant, user, api_key) -> rows disabled, or keys revoked, now
+    models_deleted: int
+    backends_disabled: int
+    outbox_left: int  # usage records still waiting in the outbox: kept
+
+
+async def applied(engine: AsyncEngine) -> tuple[int, str] | None:
+    """(version, sha256) of the snapshot this node last applied; None when it never applied one."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(hybrid_applied_snapshot.c.version, hybrid_applied_snapshot.c.sha256).where(
+            hybrid_applied_snapshot.c.id == _APPLIED_ROW))).first()
+    return None if row is None else (row.version, row.sha256)
+
+
+async def apply(engine: AsyncEngine, node_id: str, snapshot_version: int, body_json: str, sha256: str, *,
+                redis: Redis) -> None:
+    """Mirrors the snapshot node `node_id` was sent into this node's tables in one transaction, then tells every
+    process (over `redis`'s invalidation bus) to reload its catalogue and forget cached keys. SnapshotRejected leaves
+    everything as it was.
+
+    Versions count per node id: a snapshot of another node id than the applied one (the appliance enrolled again,
+    and the managed side counts from 1 for its new id) may have any version.
+    """
+    sections = parse(body_json, sha256)
+    try:
+        async with engine.begin() as conn:
+            # Locked: two applies (a link replaced by a newer one) take turns, and the version check holds.
+            previous = (await conn.execute(select(
+                hybrid_applied_snapshot.c.node_id, hybrid_applied_snapshot.c.version).where(
+                hybrid_applied_snapshot.c.id == _APPLIED_ROW).with_for_update())).first()
+            if previous is not None and previous.node_id == node_id and snapshot_version <= previous.version:
+                raise SnapshotRejected(
+                    f"version {snapshot_version} is not newer than the applied version {previous.version}")
+            mirrored = await _mirrored(conn)
+            await _check_collisions(conn, sections, mirrored)
+            slugs = {section: await _slugs(conn, section, sections[section]) for section in ("partners", "tenants")}
+            await _mirror_identities(conn, sections, mirrored, slugs)
+            await _mirror_models(conn, sections["managed_models"], mirrored)
+            row = {"id": _APPLIED_ROW, "node_id": node_id, "version": snapshot_version, "sha256": sha256,
+                   "body_json": body_json, "applied_at": utc_now()}
+            statement = insert(hybrid_applied_snapshot).values(**row)
+            await conn.execute(statement.on_duplicate_key_update(
+                {name: statement.inserted[name] for name in row if name != "id"}))
+    except IntegrityError as exc:
+        # A clash the checks above cannot foresee (a local user with a mirrored user's email in a mirrored tenant).
+        raise SnapshotRejected(f"a row clashes with one on this node: {exc.orig}") from None
+    logger.info("config snapshot %d applied", snapshot_version,
+                extra={"event": "hybrid_snapshot_applied", "version": snapshot_version})
+    await _announce(redis)
+
+
+async def forget(engine: AsyncEngine, redis: Redis) -> Forgotten:
+    """Takes back, in one transaction, everything the link mirrored: keys revoked, users, tenants and partners
+    disabled, managed models deleted and their backends disabled, the applied snapshot dropped (so that any version
+    is taken next). For an appliance that left the managed side: managed keys stop working here. What is switched
+    off stays listed in hybrid_mirrored, so that a later enrolment may take it over again; the usage outbox is kept.
+    """
+    async with engine.begin() as conn:
+        previous = (await conn.execute(select(
+            hybrid_applied_snapshot.c.node_id, hybrid_applied_snapshot.c.version).where(
+            hybrid_applied_snapshot.c.id == _APPLIED_ROW).with_for_update())).first()
+        mirrored = await _mirrored(conn)
+        switched_off = {kind: await _switch_off(conn, table, mirrored.get(kind, set()))
+                        for kind, table in _KINDS.values()}
+        models_deleted, backends_disabled = await _drop_models(conn, mirrored.get("model", set()),
+                                                               mirrored.get("backend", set()))
+        await conn.execute(delete(hybrid_applied_snapshot))
+        outbox_left = int(await conn.scalar(select(func.count()).select_from(hybrid_usage_outbox)) or 0)
+    forgotten = Forgotten(previous.node_id if previous else None, previous.version if previous else None,
+                          switched_off, models_deleted, backends_disabled, outbox_left)
+    logger.info("managed mirror forgotten (snapshot %s of node %s)", forgotten.version, forgotten.node_id,
+                extra={"event": "hybrid_snapshot_forgotten", "switched_off": switched_off,
+                       "models_deleted": models_deleted, "backends_disabled": backends_disabled,
+                       "outbox_left": outbox_left})
+    await _announce(redis)
+    return forgotten
+
+
+async def _announce(redis: Redis) -> None:
+    await announce(redis, TOPIC_CATALOGUE)
+    await announce(redis, TOPIC_IDENTITY)  # drops every cached key and identity: keys may be gone or changed
+
+
+async def _mirrored(conn: AsyncConnection) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for kind, row_id in (await conn.execute(select(hybrid_mirrored.c.kind, hybrid_mirrored.c.row_id))).all():
+        found.setdefault(kind, set()).add(row_id)
+    return found
+
+
+async def _check_collisions(conn: AsyncConnection, sections: Mapping[str, list[dict[str, Any]]],
+                            mirrored: Mapping[str, set[str]]) -> None:
+    """Rows of the snapshot must not take over rows this node made itself."""
+    for section, (kind, table) in _KINDS.items():
+        ids = [row["id"] for row in sections[section]]
+        existing = set((await conn.scalars(select(table.c.id).where(table.c.id.in_(ids)))).all())
+        local = sorted(existing - mirrored.get(kind, set()))
+        if local:
+            raise SnapshotRejected(f"{section}: {local[0]!r} exists on this node and was not made by the link")
+    hashes = {row["key_hash"]: row["id"] for row in sections["api_keys"]}
+    for key_id, key_hash in (await conn.execute(
+            select(api_keys.c.id, api_keys.c.key_hash).where(api_keys.c.key_hash.in_(hashes)))).all():
+        if hashes[key_hash] != key_id:
+            raise SnapshotRejected(f"api_keys: key {hashes[key_hash]!r} is the same key as {key_id!r} on this node")
+
+
+async def _slugs(conn: AsyncConnection, section: str, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The slug each mirrored partner or tenant gets here: its own, or with MIRRORED_SLUG_SUFFIX when a row the
+    snapshot does not hold (one made here, or mirrored and since gone) has it."""
+    table = _KINDS[section][1]
+    ids = {row["id"] for row in rows}
+
+    def suffixed(slug: str) -> str:
+        return slug[:SLUG_MAX - len(MIRRORED_SLUG_SUFFIX)].rstrip("-") + MIRRORED_SLUG_SUFFIX
+
+    candidates = {row["slug"] for row in rows} | {suffixed(row["slug"]) for row in rows}
+    taken = {slug for slug, row_id in (await conn.execute(
+        select(table.c.slug, table.c.id).where(table.c.slug.in_(candidates)))).all() if row_id not in ids}
+    chosen: dict[str, str] = {}
+    for row in rows:
+        slug = row["slug"] if row["slug"] not in taken else suffixed(row["slug"])
+        if slug in taken or slug in chosen.values():
+            raise SnapshotRejected(f"{section}: the slugs {row['slug']!r} and {slug!r} are both taken on this node")
+        chosen[row["id"]] = slug
+    return chosen
+
+
+async def _upsert(conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        statement = insert(table)
+        await conn.execute(statement.on_duplicate_key_update(
+            {name: statement.inserted[name] for name in rows[0] if name != "id"}), rows)
+
+
+async def _remember(conn: AsyncConnection, kind: str, row_ids: Iterable[str]) -> None:
+    rows = [{"kind": kind, "row_id": row_id} for row_id in row_ids]
+    if rows:
+        statement = insert(hybrid_mirrored)
+        await conn.execute(statement.on_duplicate_key_update(kind=statement.inserted.kind), rows)
+
+
+async def _mirror_identities(conn: AsyncConnection, sections: Mapping[str, list[dict[str, Any]]],
+                             mirrored: Mapping[str, set[str]], slugs: Mapping[str, Mapping[str, str]]) -> None:
+    """Upserts partners, tenants, users and keys (parents first); those mirrored before and gone are switched off."""
+    for section, (kind, table) in _KINDS.items():
+        rows = [dict(row) for row in sections[section]]
+        for row in rows:
+            if section in slugs:
+                row["slug"] = slugs[section][row["id"]]
+            if "role" in row:
+                row["role"] = ROLE_ON_NODE.get(row["role"], row["role"])
+            for name in ("expires_at", "revoked_at"):
+                if row.get(name) is not None:
+                    row[name] = naive_utc(datetime.fromisoformat(row[name]))
+        await _upsert(conn, table, rows)
+        await _remember(conn, kind, (row["id"] for row in rows))
+        await _switch_off(conn, table, mirrored.get(kind, set()) - {row["id"] for row in rows})
+
+
+async def _switch_off(conn: AsyncConnection, table: Table, row_ids: set[str]) -> int:
+    """Revokes those keys, or disables those partners, tenants or users; how many were on until now."""
+    if not row_ids:
+        return 0
+    if table is api_keys:
+        statement = update(api_keys).where(api_keys.c.id.in_(row_ids), api_keys.c.revoked_at.is_(None)).values(
+            revoked_at=utc_now())
+    else:
+        statement = update(table).where(table.c.id.in_(row_ids), table.c.status != DISABLED).values(status=DISABLED)
+    return int((await conn.execute(statement)).rowcount)
+
+
+async def _mirror_models(conn: AsyncConnection, managed_models: Sequence[dict[str, Any]],
+                         mirrored: Mapping[str, set[str]]) -> None:
+    """A local model routed to a `managed` backend per managed model; a local model of the same slug wins."""
+    mirrored_models = mirrored.get("model", set())
+    existing = {row.slug: row.id for row in (await conn.execute(select(models.c.slug, models.c.id).where(
+        models.c.slug.in_([model["slug"] for model in managed_models])))).all()}
+    local_backends = set((await conn.scalars(select(backends.c.id).where(backends.c.id.in_(
+        [managed_backend_id(model["slug"]) for model in managed_models])))).all()) - mirrored.get("backend", set())
+    if local_backends:
+        raise SnapshotRejected(f"backend {sorted(local_backends)[0]!r} exists on this node and was not made by the "
+                               f"link: rename it so the link can route its managed model")
+    kept_models, kept_backends = set(), set()
+    for model in managed_models:
+        model_id = existing.get(model["slug"])
+        if model_id is not None and model_id not in mirrored_models:
+            logger.warning("managed model %s is not offered here: a local model has that slug", model["slug"],
+                           extra={"event": "hybrid_model_shadowed", "model": model["slug"]})
+            continue
+        model_id = model_id or new_id("mdl")
+        backend_id = managed_backend_id(model["slug"])
+        await _upsert(conn, backends, [{
+            "id": backend_id, "tenant_id": model["tenant_id"], "provider": MANAGED,
+            "base_url": "",  # a managed backend has none: it is reached at HYBRID_MANAGED_URL
+            "model": model["slug"], "cost_input_per_mtok": model["price_input_per_mtok"],
+            "cost_output_per_mtok": model["price_output_per_mtok"], "status": "active"}])
+        await _upsert(conn, models, [{
+            "id": model_id, **{name: model[name] for name in (
+                "slug", "tenant_id", "display_name", "modality", "context_window", "max_output_tokens", "status",
+                "price_input_per_mtok", "price_output_per_mtok")}}])
+        route = insert(model_routes).values(model_id=model_id, backend_id=backend_id, weight=1, priority=1)
+        await conn.execute(route.on_duplicate_key_update(model_id=route.inserted.model_id))  # routes added here stay
+        kept_models.add(model_id)
+        kept_backends.add(backend_id)
+    await _remember(conn, "model", kept_models)
+    await _remember(conn, "backend", kept_backends)
+    await _drop_models(conn, mirrored_models - kept_models, mirrored.get("backend", set()) - kept_backends)
+
+
+async def _drop_models(conn: AsyncConnection, model_ids: set[str], backend_ids: set[str]) -> tuple[int, int]:
+    """Deletes those mirrored models and disables those mirrored backends: (models deleted, backends disabled)."""
+    deleted = disabled = 0
+    if model_ids:  # deleted (their routes with them), so that the slug is free for a local model
+        deleted = int((await conn.execute(delete(models).where(models.c.id.in_(model_ids)))).rowcount)
+        await conn.execute(delete(hybrid_mirrored).where(hybrid_mirrored.c.kind == "model",
+                                                         hybrid_mirrored.c.row_id.in_(model_ids)))
+    if backend_ids:  # kept, disabled: a route an operator added to one here must not be lost
+        disabled = int((await conn.execute(update(backends).where(
+            backends.c.id.in_(backend_ids), backends.c.status != DISABLED).values(status=DISABLED))).rowcount)
+    return deleted, disabled
