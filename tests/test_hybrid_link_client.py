@@ -88,7 +88,9 @@ def link_env(site: Site, managed: FakeManaged, fake: FakeBackend) -> dict[str, s
     fake.received.clear()
     return {**site.env, "HYBRID_ROLE": "node", "HYBRID_LINK_TARGET": managed.target, "HYBRID_NODE_ID": NODE_ID,
             "HYBRID_NODE_CREDENTIAL": CREDENTIAL, "HYBRID_CA_FILE": str(managed.ca_file),
-            "HYBRID_BACKOFF_MAX_S": "2", "LINK_METRICS_PORT": str(devstack.free_port())}
+            "HYBRID_BACKOFF_MAX_S": "2", "LINK_METRICS_PORT": str(devstack.free_port()),
+            # A stop then takes at most 5 s of tunnel grace plus the link mode's margin, inside ModeProcess.stop's 30.
+            "HTTP_DRAIN_GRACE_S": "5"}
 
 
 @pytest.fixture
