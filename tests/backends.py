@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,19 +254,24 @@ def shared_env(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_serve
 
 
 @contextmanager
-def http_process(env: dict[str, str], log_path: Path) -> Iterator[ModeProcess]:
-    """An http mode process (like conftest's start_mode, for any fixture scope), ready; killed at the end."""
+def mode_process(mode: str, env: dict[str, str], log_path: Path, ready: Callable[[], bool]
+                 ) -> Iterator[ModeProcess]:
+    """A mode process (like conftest's start_mode, for any fixture scope), once `ready`; killed at the end."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", "http"],
+        process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", mode],
                                    env=command_env(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    mode = ModeProcess("http", process, log_path)
+    running = ModeProcess(mode, process, log_path)
     try:
-        mode.wait_for(lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"), what="readiness")
-        yield mode
+        running.wait_for(ready, what="readiness")
+        yield running
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def http_process(env: dict[str, str], log_path: Path) -> AbstractContextManager[ModeProcess]:
+    return mode_process("http", env, log_path, lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"))
 
 
 @dataclass

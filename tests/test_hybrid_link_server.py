@@ -6,13 +6,11 @@ import contextlib
 import hashlib
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -33,8 +31,8 @@ from scaigrid.auth import service_tokens
 from scaigrid.hybrid import protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.settings import Secret
-from tests.backends import http_process, shared_env
-from tests.conftest import REPO, ModeProcess, command_env, create_key, http_get
+from tests.backends import http_process, mode_process, shared_env
+from tests.conftest import ModeProcess, create_key, http_get
 
 INTERVAL_S = 1  # the heartbeat interval the managed side hands out: a silent link is dropped after 3 s
 MANAGED_SETTINGS = {"HYBRID_ROLE": "managed", "HYBRID_HEARTBEAT_INTERVAL_S": str(INTERVAL_S),
@@ -45,21 +43,10 @@ ERROR_CODE_KEY = "scaigrid-error-code"
 
 # --- the managed side: one grpc and one http process for the module ---
 
-@contextmanager
-def grpc_process(env: dict[str, str], log_path: Path) -> Iterator[ModeProcess]:
+def grpc_process(env: dict[str, str], log_path: Path) -> AbstractContextManager[ModeProcess]:
     """A grpc mode process, SERVING; killed at the end if still running."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", "grpc"],
-                                   env=command_env(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    mode = ModeProcess("grpc", process, log_path)
-    try:
-        mode.wait_for(lambda: _health(f"127.0.0.1:{env['GRPC_PORT']}") == health_pb2.HealthCheckResponse.SERVING,
-                      what="SERVING")
-        yield mode
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return mode_process("grpc", env, log_path, lambda: _health(
+        f"127.0.0.1:{env['GRPC_PORT']}") == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _health(target: str) -> int:
