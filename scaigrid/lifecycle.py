@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Collection, Coroutine
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -38,3 +38,15 @@ async def background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterato
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def finish_within(tasks: Collection["asyncio.Task[Any]"], grace_s: float) -> tuple[int, int]:
+    """Gives the tasks grace_s to end, then cancels the rest; returns (finished, cut)."""
+    if not tasks:
+        return 0, 0
+    done, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    finished = sum(1 for task in done if not task.cancelled())
+    return finished, len(tasks) - finished

@@ -12,6 +12,7 @@ import aiohttp
 from scaigrid.api.base import TUNNEL_HEADER, TUNNEL_ID_HEADER
 from scaigrid.auth import service_tokens
 from scaigrid.hybrid import protocol
+from scaigrid.lifecycle import finish_within
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2
 from scaigrid.settings import Settings
 
@@ -213,15 +214,7 @@ class NodeTunnels:
     async def finish(self, grace_s: float) -> tuple[int, int]:
         """Takes no new tunnel; gives the open ones grace_s to end, then cuts the rest. Returns (finished, cut)."""
         self.accepting = False
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return 0, 0
-        done, pending = await asyncio.wait(tasks, timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        finished = sum(1 for task in done if not task.cancelled())
-        return finished, len(tasks) - finished
+        return await finish_within(list(self._tasks.values()), grace_s)
 
     async def _refuse(self, tunnel_id: str, error_code: str, message: str) -> None:
         await self._sender.put(tunnel_id, _end(tunnel_id, error_code, message))

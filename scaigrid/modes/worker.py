@@ -16,7 +16,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scaigrid.lifecycle import wait_for_stop_signal
+from scaigrid.lifecycle import finish_within, wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.modules import load_modules
 from scaigrid.resources import database_ctx, redis_ctx
@@ -88,14 +88,7 @@ class JobRunner:
 
     async def finish(self, grace_s: float) -> tuple[int, int]:
         """Gives running ticks grace_s to end, then cancels the rest; returns (finished, cut)."""
-        running = set(self.running)
-        if not running:
-            return 0, 0
-        _, pending = await asyncio.wait(running, timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return len(running) - len(pending), len(pending)
+        return await finish_within(set(self.running), grace_s)
 
 
 def trigger_for(job: Job) -> IntervalTrigger | CronTrigger:
