@@ -60,6 +60,8 @@ async def serve(settings: Settings) -> int:
 
         server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.auth.service_token_secret)])
         servicer = health.aio.HealthServicer()
+        # grpc's servicer starts out SERVING; this one serves only once its dependencies were checked.
+        await servicer.set("", NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         scaiinfer_pb2_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatServicer(engine, settings), server)
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
