@@ -25,6 +25,7 @@ class LimitHolder:
     partner_id: str
     role: str | None  # of a key or user: who may change its limit depends on it
     rpm: int | None
+    user_role: str | None = None  # of a key's user, or the user: its rank bounds who may change the limit
 
 
 def default_rpm(settings: Settings, level: str) -> int:
@@ -35,19 +36,24 @@ def default_rpm(settings: Settings, level: str) -> int:
 
 async def find_holder(conn: AsyncConnection, level: str, where: ColumnElement[bool]) -> LimitHolder | None:
     """The one object of `level` matching `where` (a condition on that level's table), with its tenancy."""
-    table = LEVELS[level]
     query: Any
     if level == "partner":
         query = select(partners.c.id, partners.c.id.label("partner_id"), partners.c.rpm_limit)
     elif level == "tenant":
         query = select(tenants.c.id, tenants.c.id.label("tenant_id"), tenants.c.partner_id, tenants.c.rpm_limit)
+    elif level == "user":
+        query = select(users.c.id, users.c.tenant_id, tenants.c.partner_id, users.c.role,
+                       users.c.role.label("user_role"), users.c.rpm_limit).join(
+            tenants, tenants.c.id == users.c.tenant_id)
     else:
-        query = select(table.c.id, table.c.tenant_id, tenants.c.partner_id, table.c.role, table.c.rpm_limit).join(
-            tenants, tenants.c.id == table.c.tenant_id)
+        query = select(api_keys.c.id, api_keys.c.tenant_id, tenants.c.partner_id, api_keys.c.role,
+                       users.c.role.label("user_role"), api_keys.c.rpm_limit).join(
+            tenants, tenants.c.id == api_keys.c.tenant_id).join(users, users.c.id == api_keys.c.user_id)
     row = (await conn.execute(query.where(where))).mappings().first()
     if row is None:
         return None
-    return LimitHolder(level, row["id"], row.get("tenant_id"), row["partner_id"], row.get("role"), row["rpm_limit"])
+    return LimitHolder(level, row["id"], row.get("tenant_id"), row["partner_id"], row.get("role"), row["rpm_limit"],
+                       row.get("user_role"))
 
 
 async def set_rpm(conn: AsyncConnection, holder: LimitHolder, rpm: int | None) -> None:

@@ -35,8 +35,8 @@ from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
-from scaigrid.auth.roles import grants_at_most
-from scaigrid.auth.tenancy import visible_to
+from scaigrid.auth.roles import REACH_ORDER
+from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
 from scaigrid.errors import FieldError
@@ -47,10 +47,6 @@ USAGE_PAGE_DEFAULT = 100
 USAGE_PAGE_MAX = 1000
 LIMIT_VALUE_MAX = Decimal(10) ** 12  # the COST column's 24 digits less its 12 decimals
 DEFAULT_SOFT_LIMIT_PCT = Decimal("0.8")
-REACH_ORDER = ("tenant", "partner", "platform")
-# How far a caller must reach to change a level's limit: a tenant admin its keys and users, a partner
-# admin its tenants; a partner's own ceiling is the platform's to set.
-SETTER_REACH = {"key": "tenant", "user": "tenant", "tenant": "partner", "partner": "platform"}
 SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
     "model": usage_records.c.model, "user": usage_records.c.user_id, "backend": usage_records.c.backend_id,
     "tenant": usage_records.c.tenant_id}
@@ -203,7 +199,8 @@ def _budget_json(row: Any, counter: dict[bytes, bytes] | None) -> dict[str, Any]
     return {"id": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "partner_id": budget.partner_id,
             "tenant_id": budget.tenant_id, "period": budget.period, "limit_type": budget.limit_type,
             "limit_value": decimal_text(budget.limit_value), "hard_action": budget.hard_action,
-            "soft_limit_pct": decimal_text(budget.soft_limit_pct), "created_at": iso(budget.created_at),
+            "soft_limit_pct": decimal_text(budget.soft_limit_pct), "set_by_reach": row["set_by_reach"],
+            "created_at": iso(budget.created_at),
             "updated_at": iso(row["updated_at"]),
             # Redis's counters; null while Redis is unreachable.
             "current": {"period": period.label, "period_start": iso(period.start),
@@ -239,10 +236,11 @@ async def _scope_owner(conn: AsyncConnection, principal: Principal, scope: str, 
                        ) -> tuple[str | None, str]:
     """(tenant_id, partner_id) of the object a budget limits; 404 when the caller does not reach it."""
     owner: tuple[str | None, str] | None = None
+    role = None
     if scope == "user":
-        row = (await conn.execute(select(users.c.tenant_id, tenants.c.partner_id).join(
+        row = (await conn.execute(select(users.c.tenant_id, tenants.c.partner_id, users.c.role).join(
             tenants, tenants.c.id == users.c.tenant_id).where(users.c.id == scope_id))).first()
-        owner = None if row is None else (row.tenant_id, row.partner_id)
+        owner, role = (None, None) if row is None else ((row.tenant_id, row.partner_id), row.role)
     elif scope == "tenant":
         partner_id = await conn.scalar(select(tenants.c.partner_id).where(tenants.c.id == scope_id))
         owner = None if partner_id is None else (scope_id, partner_id)
@@ -250,7 +248,18 @@ async def _scope_owner(conn: AsyncConnection, principal: Principal, scope: str, 
         owner = (None, scope_id)
     if owner is None or not _reaches_budget(principal, *owner):
         raise errors.not_found(f"no {scope} {scope_id!r}")
+    if role is not None:
+        require_rank(principal, role)
     return owner
+
+
+async def _require_budget_setter(conn: AsyncConnection, principal: Principal, row: Any) -> None:
+    """Changing or deleting a budget: it was not set from above the caller, and (a user's) its user does not
+    outrank the caller. Reading it needs reach only."""
+    if REACH_ORDER.index(principal.reach) < REACH_ORDER.index(row["set_by_reach"]):
+        raise errors.not_permitted(
+            f"this budget was set with {row['set_by_reach']} reach; changing or deleting it needs as much")
+    await _scope_owner(conn, principal, row["scope"], row["scope_id"])
 
 
 @requires("accounting:manage_budgets")
@@ -288,7 +297,7 @@ async def create_budget(request: web.Request) -> web.Response:
         await conn.execute(insert(budgets).values(
             id=budget_id, scope=scope, scope_id=scope_id, partner_id=partner_id, tenant_id=tenant_id, period=period,
             limit_type=limit_type, limit_value=limit_value, hard_action=hard_action, soft_limit_pct=soft_limit_pct,
-            created_at=now, updated_at=now))
+            set_by_reach=principal.reach, created_at=now, updated_at=now))
         row = await _budget_row(conn, principal, budget_id)
     await announce(request.app[REDIS], TOPIC_BUDGETS)
     return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
@@ -313,6 +322,7 @@ async def update_budget(request: web.Request) -> web.Response:
     limit_type = body.string("limit_type", choices=LIMIT_TYPES)
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, principal, request.match_info["id"])
+        await _require_budget_setter(conn, principal, row)
         integral = (limit_type or row["limit_type"]) in ("tokens", "requests")
         changes: dict[str, Any] = {
             "limit_type": limit_type,
@@ -324,7 +334,9 @@ async def update_budget(request: web.Request) -> web.Response:
             body.problems.append(FieldError("limit_value", "must be a whole number for limit_type tokens or requests"))
         body.done()
         values = {name: value for name, value in changes.items() if value is not None}
-        await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(**values, updated_at=utc_now()))
+        # The caller reaches at least as far as the last setter: the budget is now set from its reach.
+        await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(
+            **values, set_by_reach=principal.reach, updated_at=utc_now()))
         row = await _budget_row(conn, principal, row["id"])
     # A new limit is a new threshold, whose crossing is reported again (without Redis: once less, no harm).
     with contextlib.suppress(RedisError):
@@ -338,6 +350,7 @@ async def update_budget(request: web.Request) -> web.Response:
 async def delete_budget(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
+        await _require_budget_setter(conn, request[PRINCIPAL], row)
         await conn.execute(delete(budgets).where(budgets.c.id == row["id"]))
     await announce(request.app[REDIS], TOPIC_BUDGETS)
     # Without Redis: a periodic budget's counter expires on its own; a `total` one's stays, unread.
@@ -385,11 +398,13 @@ async def set_rate_limit(request: web.Request) -> web.Response:
     body.done()
     async with request.app[DB].begin() as conn:
         holder = await _holder(conn, request)
-        needed = SETTER_REACH[holder.level]
-        if REACH_ORDER.index(principal.reach) < REACH_ORDER.index(needed) or (
-                holder.role is not None and not grants_at_most(holder.role, principal.role)):
-            raise errors.not_permitted(
-                f"changing this {holder.level}'s rate limit needs a caller of {needed} reach and at least its role")
+        if holder.level in ("tenant", "partner"):
+            require_above(principal, holder.level)  # else a tenant admin could lift its own tenant's ceiling
+        else:
+            assert holder.role is not None and holder.user_role is not None  # a key's or user's
+            require_rank(principal, holder.user_role)
+            if holder.level == "key":
+                require_rank(principal, holder.role, "this key's role")
         await limits.set_rpm(conn, holder, rpm)
     await announce(request.app[REDIS], TOPIC_IDENTITY)
     return ok(_limit_json(request, dataclasses.replace(holder, rpm=rpm)))

@@ -36,11 +36,13 @@ ROLE_REACH = {
 }
 
 
+REACH_ORDER = ("tenant", "partner", "platform")  # narrowest first
+
+
 def grants_at_most(role: str, ceiling: str) -> bool:
     """True when `role` gives nothing that `ceiling` lacks, in permissions and in reach."""
-    reach = ("tenant", "partner", "platform")
     return (ROLE_PERMISSIONS[role] <= ROLE_PERMISSIONS[ceiling]
-            and reach.index(ROLE_REACH[role]) <= reach.index(ROLE_REACH[ceiling]))
+            and REACH_ORDER.index(ROLE_REACH[role]) <= REACH_ORDER.index(ROLE_REACH[ceiling]))
 
 
 def role_can(role: str, permission: str) -> bool:

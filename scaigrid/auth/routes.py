@@ -63,12 +63,15 @@ def _key_json(row: Any) -> dict[str, Any]:
 
 @requires("api_keys:manage")
 async def list_api_keys(request: web.Request) -> web.Response:
-    """Own keys; with users:manage, every key (no more powerful than the caller) of the tenants in reach."""
+    """Own keys; with users:manage, every key of the tenants in reach whose role and user's role do not outrank
+    the caller."""
     principal = request[PRINCIPAL]
     query = select(*KEY_COLUMNS).select_from(api_keys.join(tenants, tenants.c.id == api_keys.c.tenant_id))
     if principal.can("users:manage"):
+        within = _roles_within(principal)
+        holder = select(users.c.id).where(users.c.id == api_keys.c.user_id, users.c.role.in_(within))
         query = tenancy.visible_to(principal, query, api_keys.c.tenant_id, tenants.c.partner_id).where(
-            api_keys.c.role.in_(_roles_within(principal)) | (api_keys.c.user_id == principal.user_id))
+            (api_keys.c.role.in_(within) & holder.exists()) | (api_keys.c.user_id == principal.user_id))
     else:
         query = query.where(api_keys.c.user_id == principal.user_id)
     return await listing(request, query, api_keys.c.created_at, api_keys.c.id, _key_json,
@@ -98,8 +101,11 @@ async def create_api_key(request: web.Request) -> web.Response:
     assert name is not None and user_id is not None
     async with request.app[DB].begin() as conn:
         user = await _user_in_reach(conn, principal, user_id)
-        if user_id != principal.user_id and not principal.can("users:manage"):
-            raise errors.permission_denied("users:manage")
+        if user_id != principal.user_id:
+            if not principal.can("users:manage"):
+                raise errors.permission_denied("users:manage")
+            # Else a key bound to a stronger user would pass the "own key" rule for that user's keys.
+            tenancy.require_rank(principal, user.role)
         role = role or (principal.role if user_id == principal.user_id else user.role)
         if not grants_at_most(role, principal.role):
             raise errors.not_permitted(f"a key's role may not exceed your own ({principal.role}); {role} does")
@@ -121,13 +127,16 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     key_id = request.match_info["id"]
     async with request.app[DB].begin() as conn:
         row = (await conn.execute(
-            select(*KEY_COLUMNS, api_keys.c.key_hash, tenants.c.partner_id)
-            .join(tenants, tenants.c.id == api_keys.c.tenant_id).where(api_keys.c.id == key_id)
-            .with_for_update())).mappings().first()
+            select(*KEY_COLUMNS, api_keys.c.key_hash, tenants.c.partner_id, users.c.role.label("user_role"))
+            .join(tenants, tenants.c.id == api_keys.c.tenant_id).join(users, users.c.id == api_keys.c.user_id)
+            .where(api_keys.c.id == key_id).with_for_update())).mappings().first()
         own = row is not None and row["user_id"] == principal.user_id
-        if row is None or not (own or (principal.can("users:manage") and grants_at_most(row["role"], principal.role)
+        if row is None or not (own or (principal.can("users:manage")
                                        and principal.reaches(row["tenant_id"], row["partner_id"]))):
             raise errors.not_found(f"no API key {key_id!r}")
+        if not own:
+            tenancy.require_rank(principal, row["user_role"], "this key's user's role")
+            tenancy.require_rank(principal, row["role"], "this key's role")
         revoked_at = row["revoked_at"] or utc_now()
         await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
     await announce(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
@@ -245,8 +254,7 @@ async def update_tenant(request: web.Request) -> web.Response:
     body.done()
     async with request.app[DB].begin() as conn:
         row = await _tenant_in_reach(conn, principal, request.match_info["id"])
-        if principal.reach == "tenant":
-            raise errors.not_permitted("tenants are changed with partner or platform reach")
+        tenancy.require_above(principal, "tenant")
         changes = {k: v for k, v in (("name", name), ("status", status)) if v is not None}
         if changes:
             await conn.execute(update(tenants).where(tenants.c.id == row["id"]).values(**changes))
@@ -290,8 +298,7 @@ async def create_user(request: web.Request) -> web.Response:
     body.done()
     assert email is not None
     _require_platform_link(principal, scaikey_id)
-    if not grants_at_most(role, principal.role):
-        raise errors.not_permitted(f"a user's role may not exceed your own ({principal.role}); {role} does")
+    tenancy.require_rank(principal, role, "the role given")
     async with request.app[DB].begin() as conn:
         await _tenant_in_reach(conn, principal, tenant_id)
         user_id = await tenancy.create_user(conn, tenant_id=tenant_id, email=email, role=role,
@@ -312,10 +319,9 @@ async def update_user(request: web.Request) -> web.Response:
     user_id = request.match_info["id"]
     async with request.app[DB].begin() as conn:
         user = await _user_in_reach(conn, principal, user_id)
-        if not grants_at_most(user.role, principal.role):
-            raise errors.not_permitted(f"this user's role ({user.role}) exceeds your own ({principal.role})")
-        if role is not None and not grants_at_most(role, principal.role):
-            raise errors.not_permitted(f"a user's role may not exceed your own ({principal.role}); {role} does")
+        tenancy.require_rank(principal, user.role)
+        if role is not None:
+            tenancy.require_rank(principal, role, "the role given")
         changes = {k: v for k, v in (("role", role), ("status", status), ("display_name", display_name))
                    if v is not None}
         if changes:

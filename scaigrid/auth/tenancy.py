@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
 from scaigrid.auth.principal import Principal
+from scaigrid.auth.roles import REACH_ORDER, grants_at_most
 from scaigrid.db.tables import new_id, partners, tenants, users
 from scaigrid.errors import FieldError
 
@@ -134,6 +135,22 @@ async def target_tenant(conn: AsyncConnection, principal: Principal, tenant_id: 
     if partner_id is None or not principal.reaches(tenant_id, partner_id):
         raise errors.not_found(f"no tenant {tenant_id!r}")  # one out of reach is not revealed
     return tenant_id, partner_id
+
+
+def require_rank(actor: Principal, target_role: str, what: str = "this user's role") -> None:
+    """Acting on a person (changing, keying, budgeting, limiting or suspending them, or giving them a role) needs
+    reach, checked by the caller, and rank: the target's role grants nothing the actor's lacks. 403 otherwise.
+    Equal rank is allowed: a tenant admin manages other tenant admins of its tenant."""
+    if not grants_at_most(target_role, actor.role):
+        raise errors.not_permitted(f"{what} ({target_role}) outranks yours ({actor.role})")
+
+
+def require_above(actor: Principal, level: str) -> None:
+    """A tenant's or partner's own record (status, name, rate limit) is changed only from above: a tenant with
+    partner or platform reach, a partner with platform reach; its own admins may not lift what was set on them."""
+    if REACH_ORDER.index(actor.reach) <= REACH_ORDER.index(level):
+        needed = REACH_ORDER[REACH_ORDER.index(level) + 1]
+        raise errors.not_permitted(f"a {level} is changed only from above: this needs {needed} reach or more")
 
 
 def visible_to(principal: Principal, query: Select[Any], tenant_column: ColumnElement[str],

@@ -197,6 +197,8 @@ budgets = Table(
     Column("limit_value", COST, nullable=False),
     Column("hard_action", String(16), nullable=False, server_default="block"),  # block | notify | throttle
     Column("soft_limit_pct", Numeric(4, 3), nullable=False, server_default="0.8"),
+    # tenant | partner | platform: the reach of who set it last; a caller of less reach may not change it (core_0007)
+    Column("set_by_reach", String(16), nullable=False, server_default="tenant"),
     *_timestamps(),
     Index("ix_budgets_scope", "scope", "scope_id"),
     **TABLE_ARGS,
