@@ -10,6 +10,7 @@ cannot express are in `RANK_CASES`, spelled out.
 import contextlib
 import http.client
 import json
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -472,3 +473,9 @@ def envelope_problem(method: str, path: str, answer: Answer) -> str | None:
     if answer.status == 422 and not details:
         return "a 422 without details"
     return None
+
+
+def redacted(text: str | bytes) -> str:
+    """Text for a failure message, without API keys or service tokens in it (even a test's are not printed)."""
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text
+    return re.sub(r"(sgk_|sst_)[\w.-]{16,}", r"\1<redacted>", text)
