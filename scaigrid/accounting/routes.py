@@ -36,6 +36,7 @@ from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import grants_at_most
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import visible_to
 from scaigrid.cache import announce
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
@@ -99,7 +100,7 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"])}
 
 
-@requires("accounting:view_own")
+@requires("accounting:view_own", scopes=(OPERATOR,))
 async def list_usage(request: web.Request) -> web.Response:
     """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
     query = _usage_query(request, request[PRINCIPAL], select(usage_records))
@@ -107,7 +108,7 @@ async def list_usage(request: web.Request) -> web.Response:
                          default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
 
 
-@requires("accounting:view_own")
+@requires("accounting:view_own", scopes=(OPERATOR,))
 async def usage_summary(request: web.Request) -> web.Response:
     """Sums per model, user, backend or tenant (?group_by=, default model), under the same filters as /usage."""
     group_by = request.query.get("group_by", "model")
@@ -253,7 +254,7 @@ async def _scope_owner(conn: AsyncConnection, principal: Principal, scope: str, 
     return owner
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def list_budgets(request: web.Request) -> web.Response:
     """The budgets of everything the caller reaches, newest first, each with its current period's usage."""
     query = visible_to(request[PRINCIPAL], select(budgets), budgets.c.tenant_id, budgets.c.partner_id)
@@ -264,7 +265,7 @@ async def list_budgets(request: web.Request) -> web.Response:
                "pagination": pagination})
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def create_budget(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     body = await AccountingBody.of(request)
@@ -294,14 +295,14 @@ async def create_budget(request: web.Request) -> web.Response:
     return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def get_budget(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
     return ok(_budget_json(row, (await _counters(request, [row]))[0]))
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def update_budget(request: web.Request) -> web.Response:
     """Changes the limit, its type, the hard action or the soft limit; scope and period are fixed at creation."""
     principal = request[PRINCIPAL]
@@ -334,7 +335,7 @@ async def update_budget(request: web.Request) -> web.Response:
     return ok(_budget_json(row, (await _counters(request, [row]))[0]))
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def delete_budget(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
@@ -369,14 +370,14 @@ async def _holder(conn: AsyncConnection, request: web.Request) -> limits.LimitHo
     return holder
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def get_rate_limit(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         holder = await _holder(conn, request)
     return ok(_limit_json(request, holder))
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def set_rate_limit(request: web.Request) -> web.Response:
     """Body {"rpm": N} or {"rpm": null} (back to the RATE_LIMIT_<LEVEL>_RPM default)."""
     principal = request[PRINCIPAL]

@@ -29,6 +29,7 @@ ROLES = tuple(ROLE_PERMISSIONS)
 MODULE_PERMISSIONS_HOLDER = "modules:manage"
 
 # How far a role reaches: every tenant, the tenants of its partner, or its own tenant.
+REACHES = ("tenant", "partner", "platform")  # least to most
 ROLE_REACH = {
     "super_admin": "platform",
     "partner_admin": "partner", "partner_viewer": "partner",
