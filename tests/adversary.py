@@ -18,13 +18,13 @@ from typing import Any
 
 from scaigrid.api.access import Access
 from scaigrid.auth import service_tokens
-from scaigrid.auth.roles import ROLE_REACH, ROLES, role_can
+from scaigrid.auth.roles import REACHES, ROLE_REACH, ROLES, role_can
 from scaigrid.settings import Secret
 
 # --- outcomes: each a set of statuses a caller may get, and why ---
 
 OK = "ok"
-REACH_ORDER = ("tenant", "partner", "platform")
+
 SCOPES = ("operator", "scaiinfer-node", "hybrid-relay", "hybrid-link")
 # A managed identity is at most a tenant_user on a node (scaigrid/hybrid/snapshot.py ROLE_ON_NODE).
 MIRRORED_ROLE = "tenant_user"
@@ -311,7 +311,7 @@ def _partner_of(tenant: str) -> str:
 
 
 def _at_least(reach: str, needed: str) -> bool:
-    return REACH_ORDER.index(reach) >= REACH_ORDER.index(needed)
+    return REACHES.index(reach) >= REACHES.index(needed)
 
 
 def declared_scopes(access: Access) -> tuple[str, ...]:

@@ -1,10 +1,14 @@
 """Authentication against a real node: API keys (shown once, hashed, expiring, revoked on every process within 1 s),
 service tokens, the dev bypass, and the access declaration every route must carry."""
 
+import base64
 import hashlib
+import hmac
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -12,6 +16,7 @@ from appliance import devstack
 from scaigrid.api.access import access_of
 from scaigrid.api.app import create_app
 from scaigrid.auth import service_tokens
+from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.db.tables import api_keys
 from scaigrid.settings import Secret, load_settings
 from tests.conftest import scaigrid, start_http
@@ -131,18 +136,19 @@ def test_revocation_reaches_every_http_process_within_a_second(node, start_mode)
 
 
 def test_service_tokens_from_the_cli_are_accepted_and_forgeries_are_not(node):
-    made = scaigrid("admin", "service-token", "--name", "worker-1", "--ttl-s", "600", env=node.env)
+    made = scaigrid("admin", "service-token", "--name", "worker-1", "--scope", "operator", "--ttl-s", "600",
+                    env=node.env)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     assert token.startswith("sst_") and made.stderr == ""
-    assert call(node.url, "GET", "/v1/tenants", token).status == 200  # internal callers act platform-wide
+    assert call(node.url, "GET", "/v1/tenants", token).status == 200  # the operator scope administers the platform
 
     secret = Secret(node.env["SERVICE_TOKEN_SECRET"])
     payload, _, signature = token.rpartition(".")
     forged = {
-        "tampered": service_tokens.mint(secret, "worker-2", 600).rpartition(".")[0] + "." + signature,
-        "other secret": service_tokens.mint(Secret("not-the-secret"), "worker-1", 600),
-        "expired": service_tokens.mint(secret, "worker-1", 60, now_s=time.time() - 120),
+        "tampered": service_tokens.mint(secret, "worker-2", 600, scope=OPERATOR).rpartition(".")[0] + "." + signature,
+        "other secret": service_tokens.mint(Secret("not-the-secret"), "worker-1", 600, scope=OPERATOR),
+        "expired": service_tokens.mint(secret, "worker-1", 60, now_s=time.time() - 120, scope=OPERATOR),
         "truncated": payload,
     }
     for what, bad in forged.items():
@@ -150,10 +156,54 @@ def test_service_tokens_from_the_cli_are_accepted_and_forgeries_are_not(node):
         assert (reply.status, reply.code) == (401, "SERVICE_TOKEN_INVALID"), what
 
 
+def _unscoped_token(secret: Secret, name: str) -> str:
+    """A token as minted before scopes existed: signed with the right secret, naming no scope."""
+    payload = base64.urlsafe_b64encode(json.dumps({"svc": name, "exp": int(time.time()) + 600}).encode())
+    signed = "sst_" + payload.rstrip(b"=").decode()
+    digest = hmac.new(secret.reveal().encode(), signed.encode(), hashlib.sha256).digest()
+    return signed + "." + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_a_service_token_needs_a_known_scope(node):
+    for args in ((), ("--scope", "admin")):
+        refused = scaigrid("admin", "service-token", "--name", "worker-1", *args, env=node.env)
+        assert refused.returncode == 2 and "--scope" in refused.stderr and refused.stdout == "", args
+    # Tokens minted before scopes (which were super_admin) are refused, saying how to get a new one.
+    reply = call(node.url, "GET", "/v1/tenants", _unscoped_token(Secret(node.env["SERVICE_TOKEN_SECRET"]), "old"))
+    assert (reply.status, reply.code) == (401, "SERVICE_TOKEN_INVALID")
+    assert "--scope" in reply.body["error"]["message"]
+
+
+def test_the_operator_scope_administers_but_runs_no_inference(node):
+    """Every caller that can run inference is limited and accounted to a tenant: a service token has no tenant."""
+    operator = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "ops", 600, scope=OPERATOR)
+    assert call(node.url, "GET", "/v1/users", operator).status == 200
+    for path in ("/oai/v1/chat/completions", "/v1/inference/chat", "/oai/v1/embeddings", "/v1/inference/embed"):
+        reply = call(node.url, "POST", path, operator, {"model": "any/model", "messages": [], "input": "x"})
+        assert (reply.status, reply.code) == (403, "AUTH_INSUFFICIENT_SCOPE"), path
+    # Nor does any other scope reach administration: each serves one gRPC method or header.
+    for scope in (SCAIINFER_NODE, HYBRID_RELAY, HYBRID_LINK):
+        other = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "ops", 600, scope=scope)
+        reply = call(node.url, "GET", "/v1/users", other)
+        assert (reply.status, reply.code) == (403, "AUTH_INSUFFICIENT_SCOPE"), scope
+
+
+def test_detailed_health_needs_platform_reach(node):
+    """Exploit 6 of issue 13: workers, nodes, links and module revisions were shown to any tenant_admin."""
+    for role in ("tenant_admin", "partner_admin"):
+        reply = call(node.url, "GET", "/health/detailed", node.key(role))
+        assert (reply.status, reply.code) == (403, "AUTHZ_PERMISSION_DENIED"), role
+        assert "workers" not in reply.body
+    operator = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "ops", 600, scope=OPERATOR)
+    for token in (node.admin_key, operator):
+        reply = call(node.url, "GET", "/health/detailed", token)
+        assert reply.status == 200 and "workers" in reply.body
+
+
 def test_no_service_token_is_accepted_without_a_secret(migrated_env, start_mode):
-    token = service_tokens.mint(Secret(migrated_env["SERVICE_TOKEN_SECRET"]), "worker-1", 600)
+    token = service_tokens.mint(Secret(migrated_env["SERVICE_TOKEN_SECRET"]), "worker-1", 600, scope=OPERATOR)
     env = {**migrated_env, "SERVICE_TOKEN_SECRET": ""}
-    refused = scaigrid("admin", "service-token", "--name", "worker-1", env=env)
+    refused = scaigrid("admin", "service-token", "--name", "worker-1", "--scope", "operator", env=env)
     assert refused.returncode == 1 and "SERVICE_TOKEN_SECRET" in refused.stderr and refused.stdout == ""
     start_http(start_mode, env)
     reply = call(f"http://127.0.0.1:{env['HTTP_PORT']}", "GET", "/v1/tenants", token)
@@ -163,8 +213,12 @@ def test_no_service_token_is_accepted_without_a_secret(migrated_env, start_mode)
 
 def test_service_token_verification_is_reusable_without_http():
     secret = Secret("s3cret")
-    identity = service_tokens.verify(secret, service_tokens.mint(secret, "grpc.scaiinfer", 30, now_s=1000), now_s=1010)
-    assert (identity.name, identity.expires_at_unix) == ("grpc.scaiinfer", 1030)
+    token = service_tokens.mint(secret, "grpc.scaiinfer", 30, now_s=1000, scope=SCAIINFER_NODE)
+    identity = service_tokens.verify(secret, token, now_s=1010)
+    assert (identity.name, identity.scope, identity.expires_at_unix) == ("grpc.scaiinfer", SCAIINFER_NODE, 1030)
+    for name, scope in (("ok", "admin"), ("ok", ""), ("bad\n", OPERATOR)):
+        with pytest.raises(ValueError):
+            service_tokens.mint(secret, name, 30, scope=scope)
 
 
 def test_auth_disabled_acts_as_the_default_tenants_admin_and_warns(migrated_env, start_mode):

@@ -28,8 +28,10 @@ from appliance import devstack
 from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth import service_tokens
+from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.hybrid import protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
+from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.settings import Secret
 from tests.backends import http_process, mode_process, shared_env
 from tests.conftest import ModeProcess, create_key, http_get
@@ -89,8 +91,8 @@ class Managed:
         [item] = [item for item in answer["data"]["items"] if item["id"] == node_id]
         return dict(item)
 
-    def relay_metadata(self, name: str = "hybrid-relay") -> tuple[tuple[str, str], ...]:
-        token = service_tokens.mint(Secret(self.env["SERVICE_TOKEN_SECRET"]), name, 600)
+    def relay_metadata(self, scope: str = HYBRID_RELAY, name: str = "hybrid-relay") -> tuple[tuple[str, str], ...]:
+        token = service_tokens.mint(Secret(self.env["SERVICE_TOKEN_SECRET"]), name, 600, scope=scope)
         return (("authorization", f"Bearer {token}"),)
 
     def metric(self, name: str) -> float:
@@ -441,11 +443,19 @@ async def test_open_needs_the_relay_token(managed: Managed) -> None:
                 ((), grpc.StatusCode.UNAUTHENTICATED, "SERVICE_TOKEN_INVALID"),
                 ((("authorization", "Bearer sst_forged.signature"),), grpc.StatusCode.UNAUTHENTICATED,
                  "SERVICE_TOKEN_INVALID"),
-                (managed.relay_metadata("scaiinfer-node-a"), grpc.StatusCode.PERMISSION_DENIED,
-                 "AUTHZ_PERMISSION_DENIED")):
+                # Any other scope, whatever the token's name: a ScaiInfer node must not reach hybrid nodes.
+                *((managed.relay_metadata(scope), grpc.StatusCode.PERMISSION_DENIED, "AUTH_INSUFFICIENT_SCOPE")
+                  for scope in (SCAIINFER_NODE, OPERATOR, HYBRID_LINK))):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await relay.Open(tunnel_request(node_id, "req_4"), metadata=metadata).read()
-            assert refused.value.code() == code and error_code(refused.value) == expected
+            assert (refused.value.code(), error_code(refused.value)) == (code, expected), metadata
+        # And the relay's token opens tunnels only: no heartbeat as a ScaiInfer node.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await scaiinfer_pb2_grpc.HeartbeatServiceStub(channel).Heartbeat(
+                scaiinfer_pb2.HeartbeatRequest(node_id="a", endpoint="127.0.0.1:1"),
+                metadata=managed.relay_metadata(name="scaiinfer-a"))
+        assert (refused.value.code(), error_code(refused.value)) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                                     "AUTH_INSUFFICIENT_SCOPE")
         await node.expect("heartbeat_ack")
         assert not any(message.WhichOneof("kind") == "tunnel_request" for message in node.stash)
 

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from appliance import devstack
 from scaigrid.auth import service_tokens
+from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.hybrid import protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.settings import Secret
@@ -285,7 +286,8 @@ def test_a_tunnelled_stream_arrives_intact_and_the_relay_gets_what_the_node_need
     assert json.loads(tunnel.body)["model"] == "ok"  # the node's own slug
     scheme, _, token = opened.authorization.partition(" ")
     secret = Secret(gateway.gateway.env["SERVICE_TOKEN_SECRET"])
-    assert (scheme, service_tokens.verify(secret, token).name) == ("Bearer", "hybrid-relay")
+    identity = service_tokens.verify(secret, token)
+    assert (scheme, identity.name, identity.scope) == ("Bearer", "hybrid-relay", HYBRID_RELAY)
 
     # The managed side accounts for the request under the id it gave the tunnel, with the node's token counts.
     wait_until(lambda: request_id in buffered_usage(gateway.gateway), "the usage record")
@@ -367,29 +369,32 @@ def test_a_node_whose_link_no_replica_holds_is_model_unavailable(gateway: Manage
 def test_a_tunnelled_request_keeps_the_managed_request_id_and_a_forged_token_does_not(gateway: Managed) -> None:
     env = gateway.gateway.env
     tunnel_id = "req_" + secrets.token_hex(12)
-    link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60)
+    link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60,
+                                     scope=HYBRID_LINK)
     status, headers, _ = gateway.chat("node/chat", **{"X-Scaigrid-Tunnel": link_token,
                                                         "X-Scaigrid-Tunnel-Id": tunnel_id})
     assert (status, headers["X-Request-ID"]) == (200, tunnel_id)
     wait_until(lambda: tunnel_id in buffered_usage(gateway.gateway), "the usage record under the tunnel id")
 
-    forged = service_tokens.mint(Secret(secrets.token_hex(32)), protocol.LINK_SERVICE_NAME, 60)
-    other_service = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), "reporting", 60)
-    for token in (forged, other_service):
+    forged = service_tokens.mint(Secret(secrets.token_hex(32)), protocol.LINK_SERVICE_NAME, 60, scope=HYBRID_LINK)
+    # Another scope is not the link's, even under the link's name: only scope hybrid-link marks a tunnel.
+    other_services = [service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60,
+                                          scope=scope) for scope in (OPERATOR, SCAIINFER_NODE)]
+    for token in (forged, *other_services):
         chosen = "req_" + secrets.token_hex(12)
         status, headers, _ = gateway.chat("up/chat", **{"X-Scaigrid-Tunnel": token, "X-Scaigrid-Tunnel-Id": chosen})
         assert status == 200 and headers["X-Request-ID"] != chosen
         assert chosen not in buffered_usage(gateway.gateway)
     ignored = [line for line in gateway.process.log_lines() if line.get("event") == "tunnel_header_ignored"]
-    assert len(ignored) == 2
+    assert len(ignored) == 3
     log = gateway.process.log_path.read_text()
-    assert forged not in log and other_service not in log
+    assert all(token not in log for token in (forged, *other_services))
 
 
 def test_a_tunnelled_request_never_goes_back_up_to_the_managed_side(gateway: Managed) -> None:
     """A node model routed to a `managed` backend would loop a tunnelled request between the two sides."""
     link_token = service_tokens.mint(Secret(gateway.gateway.env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME,
-                                     60)
+                                     60, scope=HYBRID_LINK)
     status, _, body = gateway.chat("up/chat", **{"X-Scaigrid-Tunnel": link_token,
                                                  "X-Scaigrid-Tunnel-Id": "req_" + secrets.token_hex(12)})
     assert status == 503 and json.loads(body)["error"]["code"] == "MODEL_UNAVAILABLE"

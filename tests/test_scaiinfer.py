@@ -3,6 +3,7 @@ that the http process dispatches to them; node health, gRPC authentication and e
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select
 
 from appliance import devstack
+from scaigrid.api.access import Access, access_of
+from scaigrid.api.app import create_app
 from scaigrid.auth import service_tokens
+from scaigrid.auth.service_tokens import HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.db.tables import infra_nodes
 from scaigrid.resources import database_ctx
 from scaigrid.rpc import codegen
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
+from scaigrid.rpc.interceptors import ServiceInterceptor
 from scaigrid.settings import Secret, load_settings
 from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     FakeBackend,
@@ -88,7 +93,7 @@ class Cluster:
 
     def node(self, node_id: str, models: str, *extra: str) -> Any:
         port = devstack.free_ports(1)[0]
-        token = service_tokens.mint(Secret(self.env["SERVICE_TOKEN_SECRET"]), f"scaiinfer-{node_id}", 3600)
+        token = node_token(self.env, f"scaiinfer-{node_id}", 3600)
         return running(["-m", "tests.scaiinfer_node", "--port", str(port), "--gateway", self.grpc_target,
                         "--node-id", node_id, "--models", models, "--calls", str(self.calls), *extra],
                        {**self.env, "SCAIINFER_NODE_TOKEN": token}, self.tmp_path / f"{node_id}.log", node_id)
@@ -107,6 +112,11 @@ class Cluster:
     def breaker(self, backend_id: str) -> dict[str, Any]:
         _, _, body = http_call("GET", f"{self.gateway.url}/v1/backends/{backend_id}/health", self.admin_key)
         return dict(json.loads(body)["data"])
+
+
+def node_token(env: dict[str, str], name: str, ttl_s: int = 60, scope: str = SCAIINFER_NODE) -> str:
+    """What a node operator holds: `scaigrid admin service-token --name scaiinfer-<id> --scope scaiinfer-node`."""
+    return service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), name, ttl_s, scope=scope)
 
 
 def node_backend(backend_id: str, node_model: str, **extra: Any) -> dict[str, Any]:
@@ -284,13 +294,14 @@ def _error_code(error: grpc.RpcError) -> str | None:
 def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes(cluster: Cluster) -> None:
     secret = Secret(cluster.env["SERVICE_TOKEN_SECRET"])
     for metadata in ((), (("authorization", "Bearer sst_forged.token"),),
-                     (("authorization", "Bearer " + service_tokens.mint(Secret("another-secret"), "x", 60)),),
-                     (("authorization", "Basic " + service_tokens.mint(secret, "x", 60)),)):
+                     (("authorization", "Bearer " + service_tokens.mint(Secret("another-secret"), "x", 60,
+                                                                        scope=SCAIINFER_NODE)),),
+                     (("authorization", "Basic " + service_tokens.mint(secret, "x", 60, scope=SCAIINFER_NODE)),)):
         with pytest.raises(grpc.RpcError) as refused:
             _heartbeat(cluster, metadata)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
         assert _error_code(refused.value) == "SERVICE_TOKEN_INVALID"
-    expired = service_tokens.mint(secret, "x", 1, now_s=time.time() - 10)
+    expired = service_tokens.mint(secret, "x", 1, now_s=time.time() - 10, scope=SCAIINFER_NODE)
     with pytest.raises(grpc.RpcError) as refused:
         _heartbeat(cluster, (("authorization", f"Bearer {expired}"),))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
@@ -299,7 +310,7 @@ def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes
     assert _health(cluster.grpc_target) == health_pb2.HealthCheckResponse.SERVING
 
     # A domain error (VALIDATION_ERROR, 422) becomes INVALID_ARGUMENT, naming every field.
-    token = (("authorization", "Bearer " + service_tokens.mint(secret, "scaiinfer-node-z", 60)),)
+    token = (("authorization", "Bearer " + node_token(cluster.env, "scaiinfer-node-z")),)
     with pytest.raises(grpc.RpcError) as invalid:
         _heartbeat(cluster, token, node_id="", endpoint="no-port", capacity=2**32 - 1)
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -308,8 +319,8 @@ def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes
         assert field in invalid.value.details()  # type: ignore[attr-defined]
     assert "node-z" not in cluster.listed()
 
-    # A valid token of another service (or node) may not speak for node-z: 403 becomes PERMISSION_DENIED.
-    other = (("authorization", "Bearer " + service_tokens.mint(secret, "scaiinfer-node-a", 60)),)
+    # A valid token of another node may not speak for node-z: 403 becomes PERMISSION_DENIED.
+    other = (("authorization", "Bearer " + node_token(cluster.env, "scaiinfer-node-a")),)
     with pytest.raises(grpc.RpcError) as denied:
         _heartbeat(cluster, other)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
@@ -327,6 +338,67 @@ def test_grpc_callers_need_a_service_token_and_domain_errors_map_to_status_codes
     with pytest.raises(grpc.RpcError) as as_service_token:
         _heartbeat(cluster, (("authorization", f"Bearer {reply.gateway_token}"),))
     assert as_service_token.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+async def test_a_grpc_method_that_declares_no_callers_is_refused_whatever_the_token() -> None:
+    """The interceptor fails closed: a servicer method without @accepts or @node_credential is refused."""
+    class Undeclared(scaiinfer_pb2_grpc.HeartbeatServiceServicer):
+        async def Heartbeat(self, request: Any, context: Any) -> Any:
+            return scaiinfer_pb2.HeartbeatResponse(heartbeat_interval_s=1)
+
+    secret = Secret("s3cret")
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(secret)])
+    scaiinfer_pb2_grpc.add_HeartbeatServiceServicer_to_server(Undeclared(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for scope in service_tokens.SCOPES:
+                token = service_tokens.mint(secret, "scaiinfer-node-z", 60, scope=scope)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await scaiinfer_pb2_grpc.HeartbeatServiceStub(channel).Heartbeat(
+                        scaiinfer_pb2.HeartbeatRequest(node_id="node-z"),
+                        metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, scope
+                assert _error_code(refused.value) == "AUTHZ_PERMISSION_DENIED", scope
+    finally:
+        await server.stop(None)
+
+
+def test_a_node_token_can_heartbeat_and_nothing_else(cluster: Cluster) -> None:
+    """Exploit 1 of issue 13: the token a node operator holds was super_admin on the HTTP API (it listed tenants,
+    created super_admin users and keys, and ran inference accounted to no tenant)."""
+    node = node_token(cluster.env, "scaiinfer-node-n1")
+    assert _heartbeat(cluster, (("authorization", f"Bearer {node}"),), node_id="node-n1").gateway_token
+    # Named after the node but of another scope: Heartbeat accepts scaiinfer-node only.
+    for scope in (OPERATOR, HYBRID_RELAY):
+        wrong = node_token(cluster.env, "scaiinfer-node-n1", scope=scope)
+        with pytest.raises(grpc.RpcError) as refused:
+            _heartbeat(cluster, (("authorization", f"Bearer {wrong}"),), node_id="node-n1")
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, scope  # type: ignore[attr-defined]
+        assert _error_code(refused.value) == "AUTH_INSUFFICIENT_SCOPE", scope
+
+    url = cluster.gateway.url
+    calls_before, usage_before = len(cluster.node_calls()), set(buffered_usage(cluster.gateway))
+    exploits = [("GET", "/v1/tenants", None), ("GET", "/v1/users", None), ("GET", "/v1/api-keys", None),
+                ("POST", "/v1/users", {"email": "root@evil.example", "role": "super_admin", "tenant_id": "x"}),
+                ("POST", "/v1/api-keys", {"name": "root", "role": "super_admin", "user_id": "x"}),
+                ("POST", "/oai/v1/chat/completions", {"model": "local/chat", "messages": USER}),
+                ("POST", "/v1/inference/chat", {"model": "local/chat", "messages": USER}),
+                ("GET", "/health/detailed", None), ("GET", "/v1/infra/nodes", None)]
+    # Every authenticated route the http process serves, from its own declarations, so a new one is covered too.
+    app = create_app(load_settings(cluster.env))
+    declared = {(route.method, re.sub(r"{[^}]*}", "x", route.resource.canonical), None)
+                for route in app.router.routes() if route.method != "HEAD" and route.resource is not None
+                and (access_of(route.handler) or Access(None)).permission is not None}
+    assert len(declared) > 40
+    for method, path, body in [*exploits, *sorted(declared)]:
+        status, _, answer = http_call(method, url + path, node, {} if body is None and method != "GET" else body)
+        assert (status, json.loads(answer)["error"]["code"]) == (403, "AUTH_INSUFFICIENT_SCOPE"), (method, path)
+    assert len(cluster.node_calls()) == calls_before  # no inference ran
+    assert set(buffered_usage(cluster.gateway)) == usage_before  # and none was recorded
+    status, _, answer = http_call("GET", url + "/v1/users", cluster.admin_key)
+    assert status == 200 and "root@evil.example" not in answer.decode()
 
 
 def test_a_node_with_a_wrong_token_is_refused_and_never_listed(cluster: Cluster) -> None:

@@ -354,7 +354,8 @@ def test_tenants_are_isolated(storage):
                  {"prefix": "shared/", "verbs": ["GET"], "tenant_id": other["id"]})
     assert (reply.status, reply.code) == (404, "NOT_FOUND")
     # A service caller has no tenant of its own: it must name one.
-    service = service_tokens.mint(Secret(storage.env["SERVICE_TOKEN_SECRET"]), "sandbox-runner", 600)
+    service = service_tokens.mint(Secret(storage.env["SERVICE_TOKEN_SECRET"]), "sandbox-runner", 600,
+                                  scope=service_tokens.OPERATOR)
     reply = call(base, "POST", STORAGE + "/capabilities", service, {"prefix": "shared/", "verbs": ["GET"]})
     assert (reply.status, [d["field"] for d in reply.body["error"]["details"]]) == (422, ["tenant_id"])
     reply = call(base, "POST", STORAGE + "/capabilities", service,

@@ -134,7 +134,8 @@ async def test_crud_validation_secret_and_tenancy(node: Node, start_mode, receiv
     own = create({"url": PUBLIC_URL, "events": events}, other_admin)
     assert own.status == 201 and own.data["tenant_id"] == other["id"]
     # A service caller has no tenant of its own: it must name one.
-    service = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "billing", 600)
+    service = service_tokens.mint(Secret(node.env["SERVICE_TOKEN_SECRET"]), "billing", 600,
+                                  scope=service_tokens.OPERATOR)
     assert problems(create({"url": PUBLIC_URL, "events": events}, service)) == {
         "tenant_id": "required: a service caller has no tenant of its own"}
     assert create({"url": PUBLIC_URL, "events": events, "tenant_id": other["id"]}, service).status == 201

@@ -35,7 +35,8 @@ from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
-from scaigrid.auth.roles import REACH_ORDER
+from scaigrid.auth.roles import REACHES
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
@@ -95,7 +96,7 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"])}
 
 
-@requires("accounting:view_own")
+@requires("accounting:view_own", scopes=(OPERATOR,))
 async def list_usage(request: web.Request) -> web.Response:
     """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
     query = _usage_query(request, request[PRINCIPAL], select(usage_records))
@@ -103,7 +104,7 @@ async def list_usage(request: web.Request) -> web.Response:
                          default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
 
 
-@requires("accounting:view_own")
+@requires("accounting:view_own", scopes=(OPERATOR,))
 async def usage_summary(request: web.Request) -> web.Response:
     """Sums per model, user, backend or tenant (?group_by=, default model), under the same filters as /usage."""
     group_by = request.query.get("group_by", "model")
@@ -256,13 +257,13 @@ async def _scope_owner(conn: AsyncConnection, principal: Principal, scope: str, 
 async def _require_budget_setter(conn: AsyncConnection, principal: Principal, row: Any) -> None:
     """Changing or deleting a budget: it was not set from above the caller, and (a user's) its user does not
     outrank the caller. Reading it needs reach only."""
-    if REACH_ORDER.index(principal.reach) < REACH_ORDER.index(row["set_by_reach"]):
+    if REACHES.index(principal.reach) < REACHES.index(row["set_by_reach"]):
         raise errors.not_permitted(
             f"this budget was set with {row['set_by_reach']} reach; changing or deleting it needs as much")
     await _scope_owner(conn, principal, row["scope"], row["scope_id"])
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def list_budgets(request: web.Request) -> web.Response:
     """The budgets of everything the caller reaches, newest first, each with its current period's usage."""
     query = visible_to(request[PRINCIPAL], select(budgets), budgets.c.tenant_id, budgets.c.partner_id)
@@ -273,7 +274,7 @@ async def list_budgets(request: web.Request) -> web.Response:
                "pagination": pagination})
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def create_budget(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     body = await AccountingBody.of(request)
@@ -303,14 +304,14 @@ async def create_budget(request: web.Request) -> web.Response:
     return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def get_budget(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
     return ok(_budget_json(row, (await _counters(request, [row]))[0]))
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def update_budget(request: web.Request) -> web.Response:
     """Changes the limit, its type, the hard action or the soft limit; scope and period are fixed at creation."""
     principal = request[PRINCIPAL]
@@ -346,7 +347,7 @@ async def update_budget(request: web.Request) -> web.Response:
     return ok(_budget_json(row, (await _counters(request, [row]))[0]))
 
 
-@requires("accounting:manage_budgets")
+@requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def delete_budget(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
@@ -382,14 +383,14 @@ async def _holder(conn: AsyncConnection, request: web.Request) -> limits.LimitHo
     return holder
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def get_rate_limit(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         holder = await _holder(conn, request)
     return ok(_limit_json(request, holder))
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def set_rate_limit(request: web.Request) -> web.Response:
     """Body {"rpm": N} or {"rpm": null} (back to the RATE_LIMIT_<LEVEL>_RPM default)."""
     principal = request[PRINCIPAL]

@@ -92,7 +92,9 @@ class Accounting:
         Sets request[RATE_STATE] whether or not the request is admitted, so even a 429 carries the headers.
         """
         if principal.kind == "service":
-            return  # internal callers belong to no tenant; each is limited by the service it fronts
+            if metered:  # no metered route accepts a scope (requires() refuses one); this keeps usage tenant-bound
+                raise errors.insufficient_scope("a service token runs no inference: use a tenant's API key")
+            return  # administration by the operator scope, which belongs to no tenant: nothing to count it against
         limits = principal.limits
         levels = [(level, object_id, rpm) for level, object_id, rpm in (
             ("key", principal.api_key_id, limits.key), ("user", principal.user_id, limits.user),

@@ -6,6 +6,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from scaigrid.auth.roles import REACHES
+from scaigrid.auth.service_tokens import SCOPES
+
 F = TypeVar("F", bound=Callable[..., Any])
 _ATTR = "__scaigrid_access__"
 
@@ -14,12 +17,24 @@ _ATTR = "__scaigrid_access__"
 class Access:
     permission: str | None  # None: public, no authentication
     metered: bool = False  # inference: budgets are checked before it runs
+    reach: str = "tenant"  # the least reach a caller needs (tenant, partner or platform), besides the permission
+    scopes: tuple[str, ...] = ()  # service-token scopes accepted; () = no service token
 
 
-def requires(permission: str, *, metered: bool = False) -> Callable[[F], F]:
-    """Marks a handler as needing an authenticated caller holding `permission`."""
+def requires(permission: str, *, metered: bool = False, reach: str = "tenant",
+             scopes: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Marks a handler as needing an authenticated caller holding `permission`, reaching at least `reach`; a service
+    token is accepted only with one of `scopes`."""
+    if reach not in REACHES:
+        raise ValueError(f"reach is one of {', '.join(REACHES)}")
+    if not set(scopes) <= set(SCOPES):
+        raise ValueError(f"scopes are among {', '.join(SCOPES)}")
+    if metered and scopes:
+        # Every caller that can run inference is limited and accounted to a tenant: a service has none.
+        raise ValueError("a metered route accepts no service token")
+
     def mark(handler: F) -> F:
-        setattr(handler, _ATTR, Access(permission, metered))
+        setattr(handler, _ATTR, Access(permission, metered, reach, scopes))
         return handler
 
     return mark

@@ -18,6 +18,7 @@ from scaigrid.auth import routes as auth_routes
 from scaigrid.auth.authenticator import Authenticator
 from scaigrid.auth.bodies import iso
 from scaigrid.auth.roles import PERMISSIONS
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import BUS, InvalidationBus, bus_ctx
 from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
@@ -124,7 +125,7 @@ async def _link_state(app: web.Application) -> dict[str, Any]:
         for _, link in sorted(links.items())]}
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def detailed_health(request: web.Request) -> web.Response:
     """For operators: dependencies with ping latency, schema state per module, worker and ScaiInfer node heartbeats,
     and the hybrid link.

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scaigrid import errors
 from scaigrid.api.access import public
 from scaigrid.auth import service_tokens
-from scaigrid.hybrid import protocol
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.logs import request_id_var
 from scaigrid.metrics import metrics_handler
@@ -136,12 +135,12 @@ def _tunnel_id(request: web.Request) -> str | None:
         return None
     tunnel_id = request.headers.get(TUNNEL_ID_HEADER, "")
     try:
-        name = service_tokens.verify(request.app[SETTINGS].auth.service_token_secret, token).name
+        scope = service_tokens.verify(request.app[SETTINGS].auth.service_token_secret, token).scope
     except errors.ScaigridError as exc:
         problem = exc.message
     else:
-        if name != protocol.LINK_SERVICE_NAME:
-            problem = f"the token names {name!r}, not {protocol.LINK_SERVICE_NAME!r}"
+        if scope != service_tokens.HYBRID_LINK:
+            problem = f"the token's scope is {scope}, not {service_tokens.HYBRID_LINK}"
         elif not REQUEST_ID_PATTERN.fullmatch(tunnel_id):
             problem = f"{TUNNEL_ID_HEADER} is not a request id"
         else:

@@ -10,6 +10,7 @@ from scaigrid.accounting.service import RATE_STATE, Accounting
 from scaigrid.api.access import route_access
 from scaigrid.auth.authenticator import Authenticator
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.roles import REACHES
 from scaigrid.logs import tenant_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,14 @@ async def gateway_middleware(request: web.Request, handler: Callable[[web.Reques
     request[PRINCIPAL] = principal
     tenant_id_var.set(principal.tenant_id)
     user_id_var.set(principal.user_id)
+    if principal.scope is not None and principal.scope not in access.scopes:
+        accepted = ", ".join(access.scopes) or "none"
+        raise errors.insufficient_scope(f"a service token of scope {principal.scope} cannot call this route "
+                                        f"(scopes accepted: {accepted})")
     await request.app[ACCOUNTING].admit(request, principal, metered=access.metered)
     principal.require(access.permission)
+    if REACHES.index(principal.reach) < REACHES.index(access.reach):
+        raise errors.not_permitted(f"this route needs {access.reach} reach, beyond this caller's {principal.reach}")
     return await handler(request)
 
 

@@ -149,11 +149,12 @@ class Authenticator:
         return _CachedKey(deadline, record.expires_at, principal, "")
 
     def _service(self, token: str) -> Principal:
-        """An internal caller: platform-wide, belonging to no tenant (partner_id and tenant_id are empty)."""
+        """An internal caller, belonging to no tenant (partner_id and tenant_id are empty). The operator scope acts
+        platform-wide as super_admin; the gateway refuses a scope on every route that does not list it."""
         identity = service_tokens.verify(self._settings.auth.service_token_secret, token)
         limits = self._settings.limits
         return Principal(kind="service", role="super_admin", partner_id="", tenant_id="", user_id=None,
-                         name=identity.name,
+                         name=identity.name, scope=identity.scope,
                          limits=RateLimits(limits.key_rpm, limits.user_rpm, limits.tenant_rpm, limits.partner_rpm))
 
     async def _jwt(self, token: str) -> Principal:

@@ -43,15 +43,19 @@ def create_key(ctx: click.Context, role: str, tenant_slug: str, name: str) -> No
 
 @click.command("service-token")
 @click.option("--name", required=True, help="the internal caller, e.g. scaiinfer-node-eu-01 (shown in logs)")
+@click.option("--scope", type=click.Choice(service_tokens.SCOPES), required=True,
+              help="what it may call: operator (platform administration over HTTP, never inference), scaiinfer-node "
+                   "(heartbeats only), hybrid-relay, hybrid-link (internal to the hybrid link)")
 @click.option("--ttl-s", type=click.IntRange(min=1), default=86400, show_default=True, help="lifetime in seconds")
 @click.pass_context
-def service_token(ctx: click.Context, name: str, ttl_s: int) -> None:
-    """Print a service token for an internal caller (gRPC client, worker), signed with SERVICE_TOKEN_SECRET."""
+def service_token(ctx: click.Context, name: str, scope: str, ttl_s: int) -> None:
+    """Print a service token for an internal caller (ScaiInfer node, operator's tooling), signed with
+    SERVICE_TOKEN_SECRET."""
     secret = settings_of(ctx).auth.service_token_secret
     if secret is None:
         raise AdminError("SERVICE_TOKEN_SECRET is not set: this node accepts no service tokens")
     try:
-        click.echo(service_tokens.mint(secret, name, ttl_s))
+        click.echo(service_tokens.mint(secret, name, ttl_s, scope=scope))
     except ValueError as exc:
         raise AdminError(f"--name: {exc}") from None
 

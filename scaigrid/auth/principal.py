@@ -6,6 +6,7 @@ from aiohttp import web
 
 from scaigrid import errors
 from scaigrid.auth.roles import ROLE_REACH, role_can
+from scaigrid.auth.service_tokens import OPERATOR
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,16 @@ class Principal:
     limits: RateLimits
     api_key_id: str | None = None
     name: str = ""  # for logs: key prefix, JWT subject or service name
+    scope: str | None = None  # a service token's scope (service_tokens.SCOPES); None for people
+
+    @property
+    def administers(self) -> bool:
+        """People act by their role; of the services only the operator scope does (the others each serve one gRPC
+        method or header, and the gateway refuses them on every route before this is asked)."""
+        return self.scope in (None, OPERATOR)
 
     def can(self, permission: str) -> bool:
-        return role_can(self.role, permission)
+        return self.administers and role_can(self.role, permission)
 
     def require(self, permission: str) -> None:
         if not self.can(permission):
@@ -39,7 +47,7 @@ class Principal:
     @property
     def reach(self) -> str:
         """platform, partner or tenant: which tenants this caller may act on at all."""
-        return ROLE_REACH[self.role]
+        return ROLE_REACH[self.role] if self.administers else "tenant"  # a service's tenant "" is no tenant
 
     def reaches(self, tenant_id: str | None, partner_id: str | None) -> bool:
         """May this caller act on an object of that tenant (partner)? tenant_id None = a platform-wide object."""

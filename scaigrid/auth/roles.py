@@ -29,6 +29,7 @@ ROLES = tuple(ROLE_PERMISSIONS)
 MODULE_PERMISSIONS_HOLDER = "modules:manage"
 
 # How far a role reaches: every tenant, the tenants of its partner, or its own tenant.
+REACHES = ("tenant", "partner", "platform")  # least to most
 ROLE_REACH = {
     "super_admin": "platform",
     "partner_admin": "partner", "partner_viewer": "partner",
@@ -36,13 +37,10 @@ ROLE_REACH = {
 }
 
 
-REACH_ORDER = ("tenant", "partner", "platform")  # narrowest first
-
-
 def grants_at_most(role: str, ceiling: str) -> bool:
     """True when `role` gives nothing that `ceiling` lacks, in permissions and in reach."""
     return (ROLE_PERMISSIONS[role] <= ROLE_PERMISSIONS[ceiling]
-            and REACH_ORDER.index(ROLE_REACH[role]) <= REACH_ORDER.index(ROLE_REACH[ceiling]))
+            and REACHES.index(ROLE_REACH[role]) <= REACHES.index(ROLE_REACH[ceiling]))
 
 
 def role_can(role: str, permission: str) -> bool:

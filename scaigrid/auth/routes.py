@@ -20,6 +20,7 @@ from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
 from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import api_keys, partners, tenants, users
 from scaigrid.errors import FieldError
@@ -61,7 +62,7 @@ def _key_json(row: Any) -> dict[str, Any]:
             "created_at": iso(row["created_at"])}
 
 
-@requires("api_keys:manage")
+@requires("api_keys:manage", scopes=(OPERATOR,))
 async def list_api_keys(request: web.Request) -> web.Response:
     """Own keys; with users:manage, every key of the tenants in reach whose role and user's role do not outrank
     the caller."""
@@ -87,7 +88,7 @@ async def _user_in_reach(conn: AsyncConnection, principal: Principal, user_id: s
     return row
 
 
-@requires("api_keys:manage")
+@requires("api_keys:manage", scopes=(OPERATOR,))
 async def create_api_key(request: web.Request) -> web.Response:
     """Makes a key for the caller (or, with users:manage, for a user in reach); the key is in this answer only."""
     principal = request[PRINCIPAL]
@@ -120,7 +121,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     return ok({**_key_json(row), "key": key}, status=201)
 
 
-@requires("api_keys:manage")
+@requires("api_keys:manage", scopes=(OPERATOR,))
 async def revoke_api_key(request: web.Request) -> web.Response:
     """Revokes at once, on every http process (announced on the invalidation bus)."""
     principal = request[PRINCIPAL]
@@ -155,7 +156,7 @@ PARTNER_COLUMNS = (partners.c.id, partners.c.slug, partners.c.name, partners.c.s
                    partners.c.created_at)
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def list_partners(request: web.Request) -> web.Response:
     """Every partner for the platform; a partner admin sees its own."""
     principal = request[PRINCIPAL]
@@ -167,7 +168,7 @@ async def list_partners(request: web.Request) -> web.Response:
     return await listing(request, query, partners.c.created_at, partners.c.id, _partner_json)
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def create_partner(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if principal.reach != "platform":
@@ -203,7 +204,7 @@ async def _tenant_in_reach(conn: AsyncConnection, principal: Principal, tenant_i
     return dict(row)
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def list_tenants(request: web.Request) -> web.Response:
     """The tenants in the caller's reach (a tenant admin: its own)."""
     query = tenancy.visible_to(request[PRINCIPAL], select(*TENANT_COLUMNS), tenants.c.id, tenants.c.partner_id)
@@ -211,7 +212,7 @@ async def list_tenants(request: web.Request) -> web.Response:
                          filters=(tenants.c.partner_id,))
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def create_tenant(request: web.Request) -> web.Response:
     """A partner admin creates tenants of its partner; the platform names any partner."""
     principal = request[PRINCIPAL]
@@ -237,14 +238,14 @@ async def create_tenant(request: web.Request) -> web.Response:
     return ok(_tenant_json(row), status=201)
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def get_tenant(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         row = await _tenant_in_reach(conn, request[PRINCIPAL], request.match_info["id"])
     return ok(_tenant_json(row))
 
 
-@requires("admin:access")
+@requires("admin:access", scopes=(OPERATOR,))
 async def update_tenant(request: web.Request) -> web.Response:
     """Renames, suspends or reactivates a tenant; a suspension stops its keys and tokens on every process."""
     principal = request[PRINCIPAL]
@@ -276,7 +277,7 @@ def _user_json(row: Any) -> dict[str, Any]:
             "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
 
 
-@requires("users:manage")
+@requires("users:manage", scopes=(OPERATOR,))
 async def list_users(request: web.Request) -> web.Response:
     query = tenancy.visible_to(
         request[PRINCIPAL], select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),
@@ -284,7 +285,7 @@ async def list_users(request: web.Request) -> web.Response:
     return await listing(request, query, users.c.created_at, users.c.id, _user_json, filters=(users.c.tenant_id,))
 
 
-@requires("users:manage")
+@requires("users:manage", scopes=(OPERATOR,))
 async def create_user(request: web.Request) -> web.Response:
     """A local user (ScaiKey users arrive by webhook or on first sign-in); role at most the caller's."""
     principal = request[PRINCIPAL]
@@ -307,7 +308,7 @@ async def create_user(request: web.Request) -> web.Response:
     return ok(_user_json(row), status=201)
 
 
-@requires("users:manage")
+@requires("users:manage", scopes=(OPERATOR,))
 async def update_user(request: web.Request) -> web.Response:
     """Changes a user's role, status or name; takes effect on every process at once."""
     principal = request[PRINCIPAL]

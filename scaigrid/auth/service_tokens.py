@@ -1,8 +1,10 @@
-"""Service tokens for internal callers (gRPC clients, workers): `sst_<payload>.<signature>`.
+"""Service tokens for internal callers (gRPC clients, operator tooling): `sst_<payload>.<signature>`.
 
-payload = base64url(JSON {"svc": name, "exp": unix seconds}), signature = base64url(HMAC-SHA256(SERVICE_TOKEN_SECRET,
-"sst_" + payload)). Stateless: every process holding the secret verifies without a database, a token stops working
-when it expires, and rotating the secret retires every token at once.
+payload = base64url(JSON {"svc": name, "scp": scope, "exp": unix seconds}),
+signature = base64url(HMAC-SHA256(SERVICE_TOKEN_SECRET, "sst_" + payload)). Stateless: every process holding the
+secret verifies without a database, a token stops working when it expires, and rotating the secret retires every
+token at once. The scope says what the caller may call at all: each HTTP route and gRPC method lists the scopes it
+accepts, and no scope reaches inference.
 """
 
 import base64
@@ -17,12 +19,19 @@ from scaigrid import errors
 from scaigrid.settings import Secret
 
 PREFIX = "sst_"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+OPERATOR = "operator"  # platform administration over HTTP (never inference)
+SCAIINFER_NODE = "scaiinfer-node"  # a ScaiInfer node: HeartbeatService.Heartbeat only
+HYBRID_RELAY = "hybrid-relay"  # a managed http process: TunnelRelay.Open only
+HYBRID_LINK = "hybrid-link"  # a hybrid node's link program marking the tunnelled requests it hands its http process
+SCOPES = (OPERATOR, SCAIINFER_NODE, HYBRID_RELAY, HYBRID_LINK)
 
 
 @dataclass(frozen=True)
 class ServiceIdentity:
     name: str
+    scope: str
     expires_at_unix: int
 
 
@@ -34,17 +43,21 @@ def _signature(secret: Secret, signed: str) -> str:
     return _b64(hmac.new(secret.reveal().encode(), signed.encode(), hashlib.sha256).digest())
 
 
-def mint(secret: Secret, name: str, ttl_s: int, now_s: float | None = None) -> str:
-    """A token naming the service `name`, valid for ttl_s seconds."""
-    if not NAME_PATTERN.match(name):
+def mint(secret: Secret, name: str, ttl_s: int, now_s: float | None = None, *, scope: str) -> str:
+    """A token naming the service `name` with one of SCOPES, valid for ttl_s seconds."""
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError("a service name is 1-64 letters, digits, dots, dashes or underscores")
+    if scope not in SCOPES:
+        raise ValueError(f"a scope is one of {', '.join(SCOPES)}")
     now_s = time.time() if now_s is None else now_s
-    payload = _b64(json.dumps({"svc": name, "exp": int(now_s) + ttl_s}, separators=(",", ":")).encode())
+    claims = {"svc": name, "scp": scope, "exp": int(now_s) + ttl_s}
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
     return f"{PREFIX}{payload}.{_signature(secret, PREFIX + payload)}"
 
 
 def verify(secret: Secret | None, token: str, now_s: float | None = None) -> ServiceIdentity:
-    """The service a token names; raises SERVICE_TOKEN_INVALID (401) for anything else, the gRPC side included."""
+    """The service a token names, and its scope; raises SERVICE_TOKEN_INVALID (401) for anything else, the gRPC side
+    included."""
     if secret is None:
         raise errors.service_token_invalid("this node accepts no service tokens (SERVICE_TOKEN_SECRET is not set)")
     signed, dot, signature = token.rpartition(".")
@@ -62,4 +75,9 @@ def verify(secret: Secret | None, token: str, now_s: float | None = None) -> Ser
         raise errors.service_token_invalid("malformed service token")
     if expires_at <= (time.time() if now_s is None else now_s):
         raise errors.service_token_invalid("the service token has expired")
-    return ServiceIdentity(name, expires_at)
+    scope = claims.get("scp")
+    # Tokens minted before scopes existed were platform-wide; none of them is honoured now, whatever it names.
+    if scope not in SCOPES:
+        raise errors.service_token_invalid(
+            "the service token carries no known scope; mint it again with `scaigrid admin service-token --scope`")
+    return ServiceIdentity(name, scope, expires_at)

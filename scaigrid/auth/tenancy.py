@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
 from scaigrid.auth.principal import Principal
-from scaigrid.auth.roles import REACH_ORDER, grants_at_most
+from scaigrid.auth.roles import REACHES, grants_at_most
 from scaigrid.db.tables import new_id, partners, tenants, users
 from scaigrid.errors import FieldError
 
@@ -148,8 +148,8 @@ def require_rank(actor: Principal, target_role: str, what: str = "this user's ro
 def require_above(actor: Principal, level: str) -> None:
     """A tenant's or partner's own record (status, name, rate limit) is changed only from above: a tenant with
     partner or platform reach, a partner with platform reach; its own admins may not lift what was set on them."""
-    if REACH_ORDER.index(actor.reach) <= REACH_ORDER.index(level):
-        needed = REACH_ORDER[REACH_ORDER.index(level) + 1]
+    if REACHES.index(actor.reach) <= REACHES.index(level):
+        needed = REACHES[REACHES.index(level) + 1]
         raise errors.not_permitted(f"a {level} is changed only from above: this needs {needed} reach or more")
 
 

@@ -167,7 +167,8 @@ class HybridTransport:
                           public="not configured")
         now_s = time.time()
         if now_s >= self._token_renew_at_s:
-            self._token = service_tokens.mint(self._secret, protocol.RELAY_SERVICE_NAME, RELAY_TOKEN_TTL_S, now_s)
+            self._token = service_tokens.mint(self._secret, protocol.RELAY_SERVICE_NAME, RELAY_TOKEN_TTL_S, now_s,
+                                              scope=service_tokens.HYBRID_RELAY)
             self._token_renew_at_s = now_s + RELAY_TOKEN_TTL_S / 2
         return (("authorization", f"Bearer {self._token}"),)
 

@@ -10,6 +10,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import STARTED
 from scaigrid.auth.bodies import decimal_text, ok
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
@@ -167,7 +168,7 @@ async def oai_get_model(request: web.Request) -> web.Response:
 
 # --- GET /v1/backends/{id}/health ---
 
-@requires("routing:view")
+@requires("routing:view", scopes=(OPERATOR,))
 async def backend_health(request: web.Request) -> web.Response:
     """The backend's circuit breaker as all http processes share it, and this process's requests in flight."""
     backend_id = request.match_info["id"]

@@ -24,11 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import scaigrid
 from scaigrid import errors
+from scaigrid.auth.service_tokens import HYBRID_RELAY
 from scaigrid.db.tables import hybrid_nodes
 from scaigrid.errors import FieldError, ScaigridError
 from scaigrid.hybrid import enrollment, outbox, protocol, registry, snapshot
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
-from scaigrid.rpc.interceptors import CALLER
+from scaigrid.rpc.interceptors import accepts, node_credential
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
     def __init__(self, held: HeldLinks) -> None:
         self._held = held
 
+    @node_credential
     async def Connect(self, requests: AsyncIterator[link_pb2.NodeMessage],
                       context: Any) -> AsyncIterator[link_pb2.ManagedMessage]:
         held = self._held
@@ -357,11 +359,9 @@ class TunnelRelayServicer(link_pb2_grpc.TunnelRelayServicer):
     def __init__(self, held: HeldLinks) -> None:
         self._held = held
 
+    # Only the managed http processes: a ScaiInfer node's token must not reach hybrid nodes through it.
+    @accepts(HYBRID_RELAY)
     async def Open(self, request: link_pb2.TunnelRequest, context: Any) -> AsyncIterator[link_pb2.TunnelFrame]:
-        # Any service token is not enough: a ScaiInfer node holds one, and must not reach hybrid nodes through it.
-        if CALLER.get().name != protocol.RELAY_SERVICE_NAME:
-            raise errors.not_permitted(
-                f"TunnelRelay is called with a service token named {protocol.RELAY_SERVICE_NAME!r}")
         if not request.tunnel_id:
             raise errors.validation_error([FieldError("tunnel_id", "required")])
         link = self._held.links.get(request.node_id)

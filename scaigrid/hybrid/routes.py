@@ -17,6 +17,7 @@ from scaigrid.api.access import public, requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.bodies import Body, iso, json_object, listing, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.db.tables import hybrid_nodes
 from scaigrid.hybrid import enrollment, registry, snapshot
 
@@ -42,7 +43,7 @@ def _node_json(row: Any) -> dict[str, Any]:
             "revoked_at": iso(row["revoked_at"]), "status": "revoked" if row["revoked_at"] else "enrolled"}
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def create_enrollment_token(request: web.Request) -> web.Response:
     """A single-use enrolment token, valid ttl_s (default and maximum HYBRID_ENROLLMENT_TOKEN_TTL_S); shown once."""
     _platform_only(request)
@@ -67,7 +68,7 @@ def _link_state(holder: registry.LinkHolder | None) -> dict[str, Any]:
             "outbox_depth": holder.outbox_depth}
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node ever enrolled, revoked ones included, newest first, with its link as the registry has it."""
     _platform_only(request)
@@ -76,7 +77,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                          lambda row: {**_node_json(row), "link": _link_state(links.get(row["id"]))})
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def revoke_node(request: web.Request) -> web.Response:
     """Revokes the node: its credentials stop working at once (repeating it changes nothing)."""
     _platform_only(request)
@@ -91,7 +92,7 @@ async def revoke_node(request: web.Request) -> web.Response:
     return ok(_node_json(row))
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def get_node_tenants(request: web.Request) -> web.Response:
     """The tenants whose partners, users, keys and models the node mirrors (its config snapshot carries them)."""
     _platform_only(request)
@@ -103,7 +104,7 @@ async def get_node_tenants(request: web.Request) -> web.Response:
     return ok({"node_id": node_id, "tenant_ids": tenant_ids})
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def put_node_tenants(request: web.Request) -> web.Response:
     """Replaces the node's tenants: {"tenant_ids": [...]}; the node gets them with its next snapshot."""
     _platform_only(request)

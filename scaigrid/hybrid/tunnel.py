@@ -228,7 +228,8 @@ class NodeTunnels:
             return
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() not in DROPPED_REQUEST_HEADERS}
-        headers[TUNNEL_HEADER] = service_tokens.mint(self._secret, protocol.LINK_SERVICE_NAME, TUNNEL_TOKEN_TTL_S)
+        headers[TUNNEL_HEADER] = service_tokens.mint(self._secret, protocol.LINK_SERVICE_NAME, TUNNEL_TOKEN_TTL_S,
+                                                     scope=service_tokens.HYBRID_LINK)
         headers[TUNNEL_ID_HEADER] = tunnel_id
         put = self._sender.put
         headed = False

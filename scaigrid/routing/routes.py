@@ -13,6 +13,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.bodies import json_object, listing, ok
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import backends
 from scaigrid.routing import store
@@ -33,14 +34,14 @@ async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaita
 
 # --- backends ---
 
-@requires("routing:view")
+@requires("routing:view", scopes=(OPERATOR,))
 async def list_backends(request: web.Request) -> web.Response:
     """Shared backends and those of the tenants the caller reaches, newest first."""
     return await listing(request, store.visible_backends(request[PRINCIPAL]), backends.c.created_at, backends.c.id,
                          store.backend_view)
 
 
-@requires("routing:manage")
+@requires("routing:manage", scopes=(OPERATOR,))
 async def create_backend(request: web.Request) -> web.Response:
     body = await json_object(request)
     try:
@@ -51,20 +52,20 @@ async def create_backend(request: web.Request) -> web.Response:
     return ok(backend, status=201)
 
 
-@requires("routing:view")
+@requires("routing:view", scopes=(OPERATOR,))
 async def get_backend(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         return ok(await store.get_backend(conn, request[PRINCIPAL], request.match_info["id"]))
 
 
-@requires("routing:manage")
+@requires("routing:manage", scopes=(OPERATOR,))
 async def update_backend(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_backend(
         conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body)))
 
 
-@requires("routing:manage")
+@requires("routing:manage", scopes=(OPERATOR,))
 async def delete_backend(request: web.Request) -> web.Response:
     backend_id = request.match_info["id"]
     await _change(request, lambda conn: store.delete_backend(conn, request[PRINCIPAL], backend_id))
@@ -73,7 +74,7 @@ async def delete_backend(request: web.Request) -> web.Response:
 
 # --- models (GET /v1/models and /v1/models/{slug} are the inference surface's) ---
 
-@requires("models:manage")
+@requires("models:manage", scopes=(OPERATOR,))
 async def create_model(request: web.Request) -> web.Response:
     body = await json_object(request)
     try:
@@ -83,14 +84,14 @@ async def create_model(request: web.Request) -> web.Response:
     return ok(model, status=201)
 
 
-@requires("models:manage")
+@requires("models:manage", scopes=(OPERATOR,))
 async def update_model(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_model(
         conn, request[PRINCIPAL], request.match_info["slug"], body)))
 
 
-@requires("models:manage")
+@requires("models:manage", scopes=(OPERATOR,))
 async def delete_model(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     await _change(request, lambda conn: store.delete_model(conn, request[PRINCIPAL], slug))
@@ -99,14 +100,14 @@ async def delete_model(request: web.Request) -> web.Response:
 
 # --- routing policies: /v1/routing/{slug}, since slugs contain "/" and would swallow a /routes suffix ---
 
-@requires("routing:view")
+@requires("routing:view", scopes=(OPERATOR,))
 async def get_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     async with request.app[DB].connect() as conn:
         return ok({"model": slug, "routes": await store.get_routes(conn, request[PRINCIPAL], slug)})
 
 
-@requires("routing:manage")
+@requires("routing:manage", scopes=(OPERATOR,))
 async def set_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     body = await json_object(request)

@@ -74,7 +74,8 @@ def parse_heartbeat(node_id: str, endpoint: str, models: Sequence[str], capacity
 
 
 def token_name(node_id: str) -> str:
-    """The name of the service token a node heartbeats with: `scaigrid admin service-token --name scaiinfer-<id>`."""
+    """The name of the service token a node heartbeats with (scope scaiinfer-node): `scaigrid admin service-token
+    --name scaiinfer-<id> --scope scaiinfer-node`."""
     return SERVICE_NAME_PREFIX + node_id
 
 

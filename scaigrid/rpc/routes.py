@@ -7,10 +7,11 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
 from scaigrid.auth.bodies import ok
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.rpc.nodes import list_nodes
 
 
-@requires("admin:access")
+@requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def infra_nodes(request: web.Request) -> web.Response:
     """Every node with its health by heartbeat age; nodes are shared infrastructure, so only the platform sees them."""
     if request[PRINCIPAL].reach != "platform":

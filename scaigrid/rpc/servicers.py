@@ -6,9 +6,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
+from scaigrid.auth.service_tokens import SCAIINFER_NODE
 from scaigrid.rpc import nodes
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
-from scaigrid.rpc.interceptors import CALLER
+from scaigrid.rpc.interceptors import CALLER, accepts
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class HeartbeatServicer(scaiinfer_pb2_grpc.HeartbeatServiceServicer):
         # Set whenever a call gets here: the interceptor accepts no service token without it.
         self._secret = settings.auth.service_token_secret
 
+    @accepts(SCAIINFER_NODE)
     async def Heartbeat(self, request: scaiinfer_pb2.HeartbeatRequest, context: Any) -> scaiinfer_pb2.HeartbeatResponse:
         beat = nodes.parse_heartbeat(request.node_id, request.endpoint, list(request.models), request.capacity,
                                      request.load, request.version)

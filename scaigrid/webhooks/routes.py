@@ -17,6 +17,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
 from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant, visible_to
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
 from scaigrid.errors import FieldError
@@ -71,7 +72,7 @@ async def _webhook_row(conn: AsyncConnection, principal: Principal, webhook_id: 
     return row
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def list_webhooks(request: web.Request) -> web.Response:
     """The webhooks of the tenants in the caller's reach, newest first; ?tenant_id= and ?status= narrow it."""
     query = visible_to(request[PRINCIPAL], select(webhooks), webhooks.c.tenant_id, webhooks.c.partner_id)
@@ -79,7 +80,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
                          filters=(webhooks.c.tenant_id, webhooks.c.status))
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def create_webhook(request: web.Request) -> web.Response:
     """A webhook of the caller's tenant (or of tenant_id, in reach); `secret` is in this answer only."""
     principal = request[PRINCIPAL]
@@ -108,14 +109,14 @@ async def create_webhook(request: web.Request) -> web.Response:
     return ok({**_webhook_json(row), "secret": secret}, status=201)
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def get_webhook(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
     return ok(_webhook_json(row))
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def update_webhook(request: web.Request) -> web.Response:
     """Changes url, events, description, max_retries or status; enabling again resets the failure count."""
     principal = request[PRINCIPAL]
@@ -148,7 +149,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     return ok(_webhook_json(row))
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def delete_webhook(request: web.Request) -> web.Response:
     """Deletes the webhook and its deliveries (pending ones are never sent)."""
     async with request.app[DB].begin() as conn:
@@ -158,7 +159,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
     return ok({"id": row["id"], "deleted": True})
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def rotate_secret(request: web.Request) -> web.Response:
     """A new signing secret, in this answer only; attempts from now on are signed with it."""
     settings = request.app[SETTINGS]
@@ -171,7 +172,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     return ok({**_webhook_json(row), "secret": secret})
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def test_webhook(request: web.Request) -> web.Response:
     """Queues a `webhook.test` event to this webhook alone (disabled or not); the worker sends it within seconds."""
     now = utc_now()
@@ -192,7 +193,7 @@ def _delivery_json(row: Any) -> dict[str, Any]:
             "created_at": iso(row["created_at"])}
 
 
-@requires("webhooks:manage")
+@requires("webhooks:manage", scopes=(OPERATOR,))
 async def list_deliveries(request: web.Request) -> web.Response:
     """The webhook's deliveries, newest first; ?status= (pending, paused, delivered, failed) narrows it."""
     async with request.app[DB].connect() as conn:

@@ -10,6 +10,7 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
 from scaigrid.auth.bodies import Body, iso, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant
 from scaigrid.db.tables import new_id
 from scaigrid.errors import FieldError
@@ -45,7 +46,7 @@ class MintBody(Body):
         return None
 
 
-@requires(PERMISSION)
+@requires(PERMISSION, scopes=(OPERATOR,))
 async def mint_capability(request: web.Request) -> web.Response:
     """A capability for the caller's tenant (or one it reaches), recorded so the worker can purge it once expired."""
     settings = request.app[SETTINGS].storage
