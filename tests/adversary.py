@@ -25,7 +25,7 @@ from scaigrid.settings import Secret
 
 OK = "ok"
 
-SCOPES = ("operator", "scaiinfer-node", "hybrid-relay", "hybrid-link")
+SCOPES = service_tokens.SCOPES
 # A managed identity is at most a tenant_user on a node (scaigrid/hybrid/snapshot.py ROLE_ON_NODE).
 MIRRORED_ROLE = "tenant_user"
 
@@ -235,9 +235,10 @@ ROWS: tuple[Row, ...] = (
         body=lambda w, t: {"scope": "tenant", "scope_id": t.tenant_id, "period": "monthly", "limit_type": "cost",
                            "limit_value": "1000", "hard_action": "notify"}),
     Row("GET", "/v1/accounting/budgets/{id}", lambda w, t: f"/v1/accounting/budgets/{t.budget_id}", target=True),
-    # The same limit again: a change that raises nothing, so the rank rule for budgets is not what is tested here.
-    Row("PUT", "/v1/accounting/budgets/{id}", lambda w, t: f"/v1/accounting/budgets/{t.budget_id}", target=True,
-        body=lambda w, t: {"limit_value": "1000"}),
+    # The same limit again, on a budget of its own per case: a change from above records the changer's reach and
+    # locks the budget for lower callers (RANK_CASES test that), so a shared one would depend on the callers' order.
+    Row("PUT", "/v1/accounting/budgets/{id}", lambda w, t: f"/v1/accounting/budgets/{w.fresh('budget', t)}",
+        target=True, body=lambda w, t: {"limit_value": "1000"}, fresh="budget"),
     Row("DELETE", "/v1/accounting/budgets/{id}", lambda w, t: f"/v1/accounting/budgets/{w.fresh('budget', t)}",
         target=True, fresh="budget"),
     Row("GET", "/v1/rate-limits/{level}/{id}", lambda w, t: f"/v1/rate-limits/user/{t.user_id}", target=True),
