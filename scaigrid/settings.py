@@ -272,6 +272,23 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class ScaiInferSettings:
+    """How the http processes reach ScaiInfer nodes: TLS by default, since each call carries the node's credential."""
+
+    ca_file: str | None = setting(
+        "SCAIINFER_CA_FILE", _str, help="CA bundle that signs the nodes' certificates; unset = the system CAs")
+    client_cert_file: str | None = setting(
+        "SCAIINFER_CLIENT_CERT_FILE", _str,
+        help="PEM certificate (chain) the gateway presents to nodes that require one; with SCAIINFER_CLIENT_KEY_FILE")
+    client_key_file: str | None = setting(
+        "SCAIINFER_CLIENT_KEY_FILE", _str, help="PEM private key of SCAIINFER_CLIENT_CERT_FILE")
+    plaintext: bool = setting(
+        "SCAIINFER_PLAINTEXT", _bool, False,
+        "call nodes without TLS (each call's node credential in clear): only for nodes on a trusted network; "
+        "logged as a warning at start")
+
+
+@dataclass(frozen=True)
 class WebhookSettings:
     """Outbound webhooks, delivered by the worker from the outbox."""
 
@@ -397,6 +414,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
+    scaiinfer: ScaiInferSettings = field(default_factory=ScaiInferSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     hybrid: HybridSettings = field(default_factory=HybridSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -523,9 +541,30 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     if settings.nodes.warning_after_s >= settings.nodes.stale_after_s:
         raise ConfigError("NODE_WARNING_AFTER_S: must be below NODE_STALE_AFTER_S "
                           f"({settings.nodes.warning_after_s:g} >= {settings.nodes.stale_after_s:g})")
+    _check_transport(settings)
     storage = settings.storage
     if storage.max_object_bytes > S3_MAX_PARTS * storage.part_size_bytes:
         raise ConfigError(f"STORAGE_MAX_OBJECT_BYTES: must be at most {S3_MAX_PARTS} x STORAGE_PART_SIZE_BYTES "
                           f"(S3 takes at most {S3_MAX_PARTS} parts per upload; {storage.max_object_bytes} > "
                           f"{S3_MAX_PARTS} x {storage.part_size_bytes})")
     return settings
+
+
+def _check_transport(settings: Settings) -> None:
+    """Rules across the transport settings: TLS to ScaiInfer nodes, and ScaiKey's JWKS in production."""
+    tls = settings.scaiinfer
+    if (tls.client_cert_file is None) != (tls.client_key_file is None):
+        raise ConfigError("SCAIINFER_CLIENT_CERT_FILE, SCAIINFER_CLIENT_KEY_FILE: set both (the certificate and its "
+                          "key) or neither")
+    if tls.plaintext and (tls.ca_file or tls.client_cert_file):
+        raise ConfigError("SCAIINFER_PLAINTEXT: true, but SCAIINFER_CA_FILE or SCAIINFER_CLIENT_CERT_FILE is set: "
+                          "choose TLS or plaintext")
+    # A JWKS fetched over plain http can be swapped on the way, and then any token verifies; a token of another
+    # issuer sharing the audience would be accepted. Both are development conveniences only.
+    jwks_url = settings.scaikey.jwks_url
+    if settings.app_env == "production" and jwks_url is not None:
+        if urlsplit(jwks_url).scheme != "https":
+            raise ConfigError(f"SCAIKEY_JWKS_URL: must be https when APP_ENV=production, got {jwks_url!r}")
+        if not settings.auth.scaikey_issuer:
+            raise ConfigError("SCAIKEY_ISSUER: required when APP_ENV=production and SCAIKEY_JWKS_URL is set "
+                              "(the `iss` every ScaiKey token must carry)")

@@ -1,6 +1,7 @@
 """A real ScaiInfer node for the tests: heartbeats to the grpc mode, serves scaiinfer.v1 InferenceService.
 
     python -m tests.scaiinfer_node --port P --gateway HOST:PORT --node-id ID [--models a,b] [--wrong-token]
+        [--tls-cert F --tls-key F [--client-ca F]]
 
 Its service token comes from SCAIINFER_NODE_TOKEN (the environment, never the command line); it accepts the
 gateway's calls only with the credential the last heartbeat reply gave it, as a real node does. The model a
@@ -10,7 +11,9 @@ request names selects its behaviour, as with tests/backends.py:
   fail-CODE           aborts at once with the gRPC status CODE (e.g. fail-UNAVAILABLE)
   cut-N               N chunks, then aborts with INTERNAL (a stream broken mid-way)
   short-N             N chunks, then ends the stream with status OK but no finish_reason (a node that gave up)
-Every call is appended as a JSON line to --calls (model, request_id, authorization valid or not, max_tokens).
+It serves TLS with --tls-cert/--tls-key (and requires a client certificate signed by --client-ca when given), plaintext
+without them. Every call is appended as a JSON line to --calls (node id, model, request_id, authorization valid or not,
+max_tokens, the common name of the gateway's client certificate).
 It prints "serving" once the first heartbeat is accepted (or refused, with --wrong-token) and logs refusals.
 """
 
@@ -31,16 +34,18 @@ from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grp
 
 
 class Inference(scaiinfer_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, models: list[str], calls: Path | None) -> None:
+    def __init__(self, node_id: str, models: list[str], calls: Path | None) -> None:
+        self._node_id = node_id
         self._models = models
         self._calls = calls
         self.gateway_token = ""  # from the gateway's heartbeat replies
 
-    def _record(self, request: Any, authorized: bool) -> None:
+    def _record(self, request: Any, authorized: bool, client_cn: str | None) -> None:
         if self._calls is not None:
-            line = {"model": request.model, "request_id": request.request_id, "authorized": authorized,
+            line = {"node": self._node_id, "model": request.model, "request_id": request.request_id,
+                    "authorized": authorized,
                     "max_tokens": request.max_tokens if request.HasField("max_tokens") else None,
-                    "messages": [[m.role, m.content] for m in request.messages]}
+                    "messages": [[m.role, m.content] for m in request.messages], "client_cn": client_cn}
             with self._calls.open("a") as calls:
                 calls.write(json.dumps(line) + "\n")
 
@@ -52,7 +57,8 @@ class Inference(scaiinfer_pb2_grpc.InferenceServiceServicer):
 
     async def StreamInference(self, request: Any, context: Any) -> Any:
         authorized = self._authorized(context)
-        self._record(request, authorized)
+        common_names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+        self._record(request, authorized, common_names[0].decode() or None)
         if not authorized:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid gateway token")
         behaviour, _, arg = request.model.partition("-")
@@ -103,11 +109,20 @@ async def heartbeats(args: argparse.Namespace, inference: Inference, stop: async
                 await asyncio.wait_for(stop.wait(), interval_s)
 
 
+def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials:
+    client_ca = Path(args.client_ca).read_bytes() if args.client_ca else None
+    return grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 async def main(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
-    inference = Inference(args.models.split(","), Path(args.calls) if args.calls else None)
+    inference = Inference(args.node_id, args.models.split(","), Path(args.calls) if args.calls else None)
     scaiinfer_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.tls_cert:
+        server.add_secure_port(f"127.0.0.1:{args.port}", server_credentials(args))
+    else:
+        server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -123,5 +138,8 @@ if __name__ == "__main__":
     parser.add_argument("--models", default="ok")
     parser.add_argument("--calls", help="file to append each call to, as a JSON line")
     parser.add_argument("--wrong-token", action="store_true", help="heartbeat with a token the gateway refuses")
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
+    parser.add_argument("--client-ca", help="require a client certificate signed by this CA")
     asyncio.run(main(parser.parse_args()))
     sys.exit(0)

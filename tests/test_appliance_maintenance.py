@@ -28,6 +28,7 @@ from click.testing import CliRunner
 import scaigrid
 from appliance import devstack
 from appliance.cli import cli
+from appliance.maintenance import Database, MaintenanceFailed
 from tests.appliance_stack import ApplianceStack, start_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,6 +296,39 @@ def test_restore_refuses_a_foreign_damaged_or_other_version_archive_before_touch
         assert "stopping" not in result.stdout
     assert running_pids(stack) == before  # nothing was stopped or restarted
     assert set(stack.config.backups_dir.glob("*")) == backups_before  # not even the safety backup was started
+
+
+@pytest.mark.timeout(300)
+def test_restore_refuses_a_dump_holding_client_commands_before_stopping_anything(stack: ApplianceStack,
+                                                                               tmp_path: Path) -> None:
+    good = tmp_path / "good.tar.gz"
+    assert stack.cli("backup", "--output", str(good)).returncode == 0
+    marker = tmp_path / "marker"
+    # Each would run `touch` as the user restore runs as (root on an appliance) if the client read it.
+    payloads = {"shell": f"\\! touch {marker}\n", "system": f"SELECT 1; system touch {marker};\n",
+                "conditional": f"/*!50000 \\! touch {marker} */;\n",
+                "after-a-quote-in-a-comment": f"-- it's\n\\! touch {marker}\n",
+                "nbe": f"SET sql_mode='NO_BACKSLASH_ESCAPES'; SELECT 'a\\'; \\! touch {marker}; -- '\n"}
+    before = running_pids(stack)
+    for name, payload in payloads.items():
+        archive = resealed(good, tmp_path / f"{name}.tar.gz", "database.sql",
+                           lambda dump, payload=payload: dump + payload.encode())  # type: ignore[misc]
+        result = stack.cli("restore", str(archive), "--yes")
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert "database.sql holds a mariadb client command" in result.stderr, (name, result.stderr)
+        assert "stopping" not in result.stdout
+    assert not marker.exists()
+    assert running_pids(stack) == before  # nothing was stopped or restarted
+
+
+def test_the_dump_is_loaded_in_the_clients_sandbox(mariadb: devstack.MariaDB, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    dump = tmp_path / "database.sql"
+    dump.write_text(f"CREATE TABLE t (id INT);\n\\! touch {marker}\nINSERT INTO t VALUES (1);\n")
+    database = Database("127.0.0.1", mariadb.port, "restore_sandbox", "root", mariadb.root_password)
+    with pytest.raises(MaintenanceFailed, match="sandbox"):
+        database.replace_with(dump)
+    assert not marker.exists()
 
 
 def test_support_bundle_has_configs_logs_versions_status_and_no_secret(stack: ApplianceStack,

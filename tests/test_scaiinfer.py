@@ -38,12 +38,14 @@ from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     chat_model,
     fake_fixture,
     http_call,
+    http_process,
     serving,
     shared_env,
     wait_until,
 )
 from tests.conftest import REPO, ModeProcess, command_env, create_key, scaigrid
 from tests.test_inference import buffered_usage
+from tests.tls import TestCA
 
 USER = [{"role": "user", "content": "three words here"}]
 # Small thresholds so that health transitions take seconds (the directory rereads every 2 s on top).
@@ -52,6 +54,7 @@ NODE_SETTINGS = {"NODE_HEARTBEAT_INTERVAL_S": "0.3", "NODE_WARNING_AFTER_S": "1.
 # What node-a announces as loaded: the behaviours of tests/scaiinfer_node.py that its backends name.
 NODE_A_MODELS = "ok,fail-UNAVAILABLE,fail-INTERNAL,fail-INVALID_ARGUMENT,fail-RESOURCE_EXHAUSTED,cut-2,short-2,slow-5"
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+GATEWAY_CN = "scaigrid-gateway"  # the gateway's client certificate (SCAIINFER_CLIENT_CERT_FILE)
 PICTURE = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
 
@@ -90,12 +93,21 @@ class Cluster:
     tmp_path: Path
     grpc_target: str
     fake: FakeBackend  # an HTTP backend next to the nodes
+    ca: TestCA  # signs the nodes' certificates (SCAIINFER_CA_FILE) and the gateway's client certificate
 
-    def node(self, node_id: str, models: str, *extra: str) -> Any:
+    def node(self, node_id: str, models: str, *extra: str, tls: str = "ca") -> Any:
+        """A node serving TLS with a certificate of the cluster's CA and requiring the gateway's client certificate;
+        tls="other-ca": a certificate another CA signed; tls="plaintext": no TLS at all."""
         port = devstack.free_ports(1)[0]
         token = node_token(self.env, f"scaiinfer-{node_id}", 3600)
+        if tls == "plaintext":
+            tls_args: list[str] = []
+        else:
+            ca = self.ca if tls == "ca" else TestCA(self.tmp_path / f"{node_id}-ca", "another CA")
+            cert, key = ca.issue(node_id)
+            tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--client-ca", str(self.ca.ca_file)]
         return running(["-m", "tests.scaiinfer_node", "--port", str(port), "--gateway", self.grpc_target,
-                        "--node-id", node_id, "--models", models, "--calls", str(self.calls), *extra],
+                        "--node-id", node_id, "--models", models, "--calls", str(self.calls), *tls_args, *extra],
                        {**self.env, "SCAIINFER_NODE_TOKEN": token}, self.tmp_path / f"{node_id}.log", node_id)
 
     def listed(self) -> dict[str, dict[str, Any]]:
@@ -131,13 +143,16 @@ def serving_node(proc: ModeProcess) -> None:
 def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server,
             tmp_path_factory: pytest.TempPathFactory, fake: FakeBackend) -> Iterator[Cluster]:
     tmp_path = tmp_path_factory.mktemp("scaiinfer")
+    ca = TestCA(tmp_path / "tls")
+    client_cert, client_key = ca.issue(GATEWAY_CN, client=True)
     with shared_env(mariadb, redis_server, s3_server) as env:
-        env.update(NODE_SETTINGS)
+        env.update(NODE_SETTINGS, SCAIINFER_CA_FILE=str(ca.ca_file), SCAIINFER_CLIENT_CERT_FILE=str(client_cert),
+                   SCAIINFER_CLIENT_KEY_FILE=str(client_key))
         grpc_target = f"127.0.0.1:{env['GRPC_PORT']}"
         with running(["-m", "scaigrid", "run", "--mode", "grpc"], env, tmp_path / "grpc.log", "grpc") as grpc_mode:
             grpc_mode.wait_for(lambda: _health(grpc_target) == health_pb2.HealthCheckResponse.SERVING, what="SERVING")
             cluster = Cluster(env, None, "", tmp_path / "calls.jsonl", tmp_path, grpc_target,  # type: ignore[arg-type]
-                              fake)
+                              fake, ca)
             with cluster.node("node-a", NODE_A_MODELS) as node_a:
                 serving_node(node_a)
                 backends = [
@@ -149,7 +164,9 @@ def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
                     node_backend("a-cut", "node-a/cut-2"), node_backend("a-slow", "node-a/slow-5", timeout_s=1),
                     node_backend("a-short", "node-a/short-2"), node_backend("a-unloaded", "node-a/not-loaded"),
                     node_backend("x-unknown", "node-x/ok"), node_backend("c-ok", "node-c/ok"),
-                    node_backend("m-ok", "node-m/ok"), backend("h-ok", fake, "ok")]
+                    node_backend("m-ok", "node-m/ok"), backend("h-ok", fake, "ok"),
+                    node_backend("p-ok", "node-p/ok"), node_backend("o-ok", "node-o/ok"),
+                    node_backend("q-ok", "node-q/ok")]
                 models = [
                     chat_model("local/chat", [("a-ok", 1, 1)], price_input_per_mtok="1", price_output_per_mtok="2"),
                     chat_model("local/failover", [("a-unavailable", 1, 1), ("a-ok2", 1, 2)]),
@@ -165,6 +182,9 @@ def cluster(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
                     chat_model("local/unloaded", [("a-unloaded", 1, 1)]),
                     chat_model("local/moving", [("m-ok", 1, 1)]),
                     chat_model("local/mixed", [("a-ok", 1, 1), ("h-ok", 1, 2)]),
+                    chat_model("local/plaintext-node", [("p-ok", 1, 1)]),
+                    chat_model("local/other-ca-node", [("o-ok", 1, 1)]),
+                    chat_model("local/plaintext-opt-in", [("q-ok", 1, 1)]),
                     {"slug": "local/embed", "modality": "embedding", "routes": [
                         {"backend": "a-ok", "weight": 1, "priority": 1}]},
                     {"slug": "local/embed-mixed", "modality": "embedding", "routes": [
@@ -406,6 +426,44 @@ def test_a_node_with_a_wrong_token_is_refused_and_never_listed(cluster: Cluster)
         serving_node(node_w)
         assert "heartbeat refused: UNAUTHENTICATED" in node_w.log_path.read_text()
     assert "node-w" not in cluster.listed()
+
+
+# --- TLS to the nodes ---
+
+def test_calls_to_a_node_are_tls_and_present_the_gateways_client_certificate(cluster: Cluster) -> None:
+    status, headers, body = chat(cluster, "local/chat")
+    assert status == 200, body
+    call = {call["request_id"]: call for call in cluster.node_calls()}[headers["X-Request-ID"]]
+    assert (call["authorized"], call["client_cn"]) == (True, GATEWAY_CN)  # node-a requires the client certificate
+
+
+@pytest.mark.parametrize(("node_id", "tls", "model", "backend_id"), [
+    ("node-p", "plaintext", "local/plaintext-node", "p-ok"),
+    ("node-o", "other-ca", "local/other-ca-node", "o-ok")])
+def test_a_node_without_tls_or_with_a_certificate_of_another_ca_is_never_sent_a_call(
+        cluster: Cluster, node_id: str, tls: str, model: str, backend_id: str) -> None:
+    with cluster.node(node_id, "ok", tls=tls) as node:
+        serving_node(node)
+        # Until the gateway's directory has read the node's heartbeat, the model has no usable backend (503).
+        wait_until(lambda: chat(cluster, model)[0] != 503, f"{node_id} known to the gateway")
+        status, _, body = chat(cluster, model)
+    # The handshake fails before any request is written: the call and its node credential never leave the gateway.
+    assert (status, json.loads(body)["error"]["code"]) == (502, "BACKEND_ERROR"), body
+    assert cluster.breaker(backend_id)["last_error"].startswith("connect: gRPC UNAVAILABLE")
+    assert [call for call in cluster.node_calls() if call["node"] == node_id] == []
+
+
+def test_plaintext_to_nodes_takes_the_explicit_opt_in_and_says_so_in_the_log(cluster: Cluster, tmp_path: Path) -> None:
+    env = {name: value for name, value in cluster.env.items() if not name.startswith("SCAIINFER_")}
+    env.update(SCAIINFER_PLAINTEXT="true", HTTP_PORT=str(devstack.free_ports(1)[0]))
+    url = f"http://127.0.0.1:{env['HTTP_PORT']}/v1/inference/chat"
+    body = {"model": "local/plaintext-opt-in", "messages": USER}
+    with (cluster.node("node-q", "ok", tls="plaintext") as node, http_process(env, tmp_path / "http.log") as http):
+        serving_node(node)
+        wait_until(lambda: http_call("POST", url, cluster.gateway.key, body)[0] == 200, "node-q called in plaintext")
+    assert [call["client_cn"] for call in cluster.node_calls() if call["node"] == "node-q"] == [None]
+    warnings = [line for line in http.log_path.read_text().splitlines() if '"scaiinfer_plaintext"' in line]
+    assert len(warnings) == 1 and "in clear" in warnings[0]
 
 
 # --- dispatch to scaiinfer backends ---

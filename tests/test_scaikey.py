@@ -82,6 +82,7 @@ def test_an_unknown_user_is_created_on_first_sight_only_for_a_known_tenant(sk_no
 def test_claims_are_checked_with_leeway(sk_node, scaikey, acme):
     assert "aud" in _refused(sk_node, scaikey.token("sk-alice", aud="someone-else"))
     assert "iss" in _refused(sk_node, scaikey.token("sk-alice", iss="https://evil.test"))
+    _refused(sk_node, scaikey.token("sk-alice", iss=None))  # SCAIKEY_ISSUER is set: a token without `iss` is refused
     assert "expired" in _refused(sk_node, scaikey.token("sk-alice", ttl_s=-LEEWAY_S - 60))
     _refused(sk_node, scaikey.token("sk-alice", nbf=int(time.time()) + LEEWAY_S + 60))
     _refused(sk_node, scaikey.token("sk-alice", exp=None))

@@ -61,6 +61,44 @@ def test_auth_disabled_is_refused_in_production_and_allowed_in_development():
     assert load_settings({"SCAIGRID_AUTH_DISABLED": "true", "APP_ENV": "development"}, env_file=None).auth_disabled
 
 
+def test_production_needs_an_https_jwks_and_an_issuer_development_and_test_do_not():
+    plain = {"SCAIKEY_JWKS_URL": "http://scaikey.example/.well-known/jwks.json", "SCAIKEY_ISSUER": "https://scaikey"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(plain, env_file=None)
+    assert str(caught.value).startswith("SCAIKEY_JWKS_URL: must be https when APP_ENV=production")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SCAIKEY_JWKS_URL": "https://scaikey.example/.well-known/jwks.json"}, env_file=None)
+    assert str(caught.value).startswith("SCAIKEY_ISSUER: required when APP_ENV=production and SCAIKEY_JWKS_URL is set")
+    secure = {**plain, "SCAIKEY_JWKS_URL": "https://scaikey.example/.well-known/jwks.json"}
+    assert load_settings(secure, env_file=None).auth.scaikey_issuer == "https://scaikey"
+    assert load_settings({}, env_file=None).scaikey.jwks_url is None  # no ScaiKey at all: nothing required
+    for app_env in ("development", "test"):
+        settings = load_settings({"SCAIKEY_JWKS_URL": plain["SCAIKEY_JWKS_URL"], "APP_ENV": app_env}, env_file=None)
+        assert settings.scaikey.jwks_url == plain["SCAIKEY_JWKS_URL"] and settings.auth.scaikey_issuer is None
+
+
+def test_scaiinfer_tls_settings_go_together():
+    assert load_settings({}, env_file=None).scaiinfer.plaintext is False  # TLS unless opted out
+    for one in ({"SCAIINFER_CLIENT_CERT_FILE": "/etc/scaigrid/tls/gateway.pem"},
+                {"SCAIINFER_CLIENT_KEY_FILE": "/etc/scaigrid/tls/gateway.key"}):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(one, env_file=None)
+        assert str(caught.value).startswith("SCAIINFER_CLIENT_CERT_FILE, SCAIINFER_CLIENT_KEY_FILE: set both")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SCAIINFER_PLAINTEXT": "true", "SCAIINFER_CA_FILE": "/etc/scaigrid/tls/nodes.pem"},
+                      env_file=None)
+    assert str(caught.value).startswith("SCAIINFER_PLAINTEXT: true, but SCAIINFER_CA_FILE")
+    assert load_settings({"SCAIINFER_PLAINTEXT": "yes"}, env_file=None).scaiinfer.plaintext is True
+
+
+def test_cli_refuses_a_plain_http_jwks_in_production():
+    result = scaigrid("check-config", env={**MINIMAL, "SCAIKEY_JWKS_URL": "http://scaikey.example/jwks.json",
+                                           "SCAIKEY_ISSUER": "https://scaikey"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("scaigrid: configuration error: SCAIKEY_JWKS_URL: must be https when "
+                                    "APP_ENV=production")
+
+
 def test_objects_s3_cannot_take_in_10000_parts_are_refused():
     part = {"STORAGE_PART_SIZE_BYTES": str(5 * 1024**2)}
     with pytest.raises(ConfigError) as caught:

@@ -37,7 +37,7 @@ from scaigrid.dispatch.scaiinfer import NodeClient
 from scaigrid.dispatch.transport import NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
 from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
-from scaigrid.rpc.nodes import NodeDirectory
+from scaigrid.rpc.nodes import NodeDirectory, channel_credentials
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -409,7 +409,8 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     breakers = Breakers(settings, app[REDIS], app[BUS])
     loader = CatalogueLoader(app[DB], settings, app[BUS])
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
-    directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch_stream_timeout_s)
+    directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch_stream_timeout_s,
+                              channel_credentials(settings.scaiinfer))
     loader.on_load(lambda catalogue: directory.track(catalogue.node_ids))
     links = LinkDirectory(app[REDIS], settings)
     loader.on_load(lambda catalogue: links.track(catalogue.linked_node_ids))

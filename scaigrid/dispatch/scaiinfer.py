@@ -2,7 +2,8 @@
 
 The node's stream is turned into the same `data: {chat.completion.chunk}` frames an HTTP backend sends, so the
 pipeline relays, counts and fails over exactly as it does for HTTP. Calls go over the node directory's channel to
-the node, and carry the node's call credential (`nodes.call_token`), which the node learnt from its heartbeats.
+the node (TLS unless SCAIINFER_PLAINTEXT: `nodes.channel_credentials`), and carry the node's call credential
+(`nodes.call_token`), which the node learnt from its heartbeats.
 """
 
 import json

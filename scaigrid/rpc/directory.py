@@ -26,8 +26,10 @@ CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconn
 class ChannelDirectory:
     """Subclasses read their entries in `refresh` and then call `keep_channels` with the addresses in use."""
 
-    def __init__(self, what: str, refresh_s: float, retire_grace_s: float) -> None:
+    def __init__(self, what: str, refresh_s: float, retire_grace_s: float,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self._what = what  # "node", "link": for log lines and task names
+        self._credentials = credentials  # TLS for every channel; None: plaintext
         self._refresh_s = refresh_s
         self._retire_grace_s = retire_grace_s  # how long streams on a channel being closed may go on
         self._channels: dict[str, Any] = {}  # address -> grpc.aio.Channel
@@ -54,7 +56,9 @@ class ChannelDirectory:
     def channel(self, address: str) -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, CHANNEL_OPTIONS)
+            channel = self._channels[address] = (
+                grpc.aio.insecure_channel(address, CHANNEL_OPTIONS) if self._credentials is None
+                else grpc.aio.secure_channel(address, self._credentials, CHANNEL_OPTIONS))
         return channel
 
     def keep_channels(self, addresses: Iterable[str]) -> None:

@@ -13,9 +13,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 from sqlalchemy import select, update
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -25,7 +27,7 @@ from scaigrid.auth.bodies import utc_now
 from scaigrid.db.tables import infra_nodes
 from scaigrid.errors import FieldError
 from scaigrid.rpc.directory import ChannelDirectory
-from scaigrid.settings import NodeSettings, Secret
+from scaigrid.settings import ConfigError, NodeSettings, ScaiInferSettings, Secret
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
@@ -172,12 +174,32 @@ class KnownNode:
     models: frozenset[str]  # the models its last heartbeat announced as loaded
 
 
+def channel_credentials(settings: ScaiInferSettings) -> grpc.ChannelCredentials | None:
+    """TLS for the calls to nodes, from SCAIINFER_* (read once, at start); None only with SCAIINFER_PLAINTEXT."""
+    if settings.plaintext:
+        logger.warning("SCAIINFER_PLAINTEXT is true: calls to ScaiInfer nodes, and the node credential each carries, "
+                       "cross the network in clear", extra={"event": "scaiinfer_plaintext"})
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read("SCAIINFER_CA_FILE", settings.ca_file),
+        private_key=_read("SCAIINFER_CLIENT_KEY_FILE", settings.client_key_file),
+        certificate_chain=_read("SCAIINFER_CLIENT_CERT_FILE", settings.client_cert_file))
+
+
+def _read(env: str, path: str | None) -> bytes | None:
+    try:
+        return Path(path).read_bytes() if path else None
+    except OSError as exc:
+        raise ConfigError(f"{env}: cannot read {path} ({exc.strerror})") from None
+
+
 class NodeDirectory(ChannelDirectory):
     """The http process's view of the nodes its catalogue routes to (scaigrid/rpc/directory.py), and a channel to
     each one's endpoint."""
 
-    def __init__(self, engine: AsyncEngine, settings: NodeSettings, stream_timeout_s: float) -> None:
-        super().__init__("node", DIRECTORY_REFRESH_S, stream_timeout_s)
+    def __init__(self, engine: AsyncEngine, settings: NodeSettings, stream_timeout_s: float,
+                 credentials: grpc.ChannelCredentials | None) -> None:
+        super().__init__("node", DIRECTORY_REFRESH_S, stream_timeout_s, credentials)
         self._engine = engine
         self._stale_after_s = settings.stale_after_s
         self._nodes: dict[str, KnownNode] = {}
