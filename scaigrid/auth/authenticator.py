@@ -216,9 +216,9 @@ class Authenticator:
         snapshot mirrored, in a tenant it mirrored. The role is the asserted one, never above the mirrored row's
         (which the snapshot caps at tenant_user). No credential of the client ever reaches the node."""
         hybrid = self._settings.hybrid
-        if hybrid.role != "node" or hybrid.node_id is None or hybrid.node_credential is None:
-            raise errors.auth_token_invalid("this node verifies no tunnelled callers: it needs HYBRID_ROLE=node, "
-                                            "HYBRID_NODE_ID and HYBRID_NODE_CREDENTIAL")
+        if hybrid.node_id is None or hybrid.node_credential is None:
+            raise errors.auth_token_invalid("this node verifies no tunnelled callers: it needs HYBRID_NODE_ID and "
+                                            "HYBRID_NODE_CREDENTIAL")
         if not token:
             raise errors.auth_token_invalid(f"a tunnelled request needs its caller assertion ({ASSERTION_HEADER})")
         caller = assertion.verify(assertion.credential_key(hybrid.node_credential.reveal()), token,
