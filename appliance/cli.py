@@ -440,7 +440,7 @@ def link_enroll(config_path: Path, url: str, token: str, ca_file: str | None, na
     except link_module.LinkError as exc:
         raise Failed(str(exc)) from None
     say(f"enrolled as {enrolled.node_id} with {enrolled.url}; credential in {appliance.config.link_file}")
-    _apply_link(appliance, everything=True)
+    _apply_link(appliance)
 
 
 @link.command("status")
@@ -494,11 +494,11 @@ def link_rotate(config_path: Path) -> None:
         if link_module.read(appliance) != before:
             # Saved, but its first use (the check) failed, maybe after the switch revoked the old one: the link
             # program takes the saved one, as any later render would, and its first use switches just as well.
-            _apply_link(appliance, everything=False)
-            raise Failed(f"{exc} (the new credential is saved and the link program uses it)") from None
+            _apply_link(appliance)
+            raise Failed(f"{exc} (the new credential is saved and the programs use it)") from None
         raise Failed(str(exc)) from None
     say(f"credential of {rotated.node_id} rotated; the old one is revoked")
-    _apply_link(appliance, everything=False)
+    _apply_link(appliance)
 
 
 @link.command("unenroll")
@@ -527,7 +527,7 @@ def link_unenroll(config_path: Path, force: bool) -> None:
     else:
         say(f"local link removed; the managed side was not told and still has {current.node_id}: revoke it there")
     problem = _forget_mirror(appliance)
-    _apply_link(appliance, everything=True)
+    _apply_link(appliance)
     if problem is not None:
         raise Failed(problem)
 
@@ -552,10 +552,10 @@ def _forget_mirror(appliance: Appliance) -> str | None:
             f"{result.stderr.strip()}); once the database is reachable, run: {command}")
 
 
-def _apply_link(appliance: Appliance, *, everything: bool) -> None:
-    """Renders the link's settings into scaigrid.env and, when supervisord runs, applies them: the link program
-    restarts, or (`everything`: the appliance's role changed, and every program reads it) the whole appliance
-    restarts with the link program added or removed."""
+def _apply_link(appliance: Appliance) -> None:
+    """Renders the link's settings into scaigrid.env and, when supervisord runs, restarts the whole appliance with
+    them: every program reads them (the role, and the credential the http processes verify tunnelled callers with),
+    and the link program is added or removed."""
     if not appliance.config.firstboot_marker.exists():
         say("not initialised: `scaigrid-appliance init` renders the link's settings")
         return
@@ -563,16 +563,10 @@ def _apply_link(appliance: Appliance, *, everything: bool) -> None:
     say(f"rendered {len(written)} file(s)")
     supervisor = supervisor_of(appliance)
     try:
-        if everything:
-            role = "a node" if appliance.enrolled else "a standalone appliance"
-            say(f"restarting every program to run as {role} (the API pauses for a few seconds) ...")
-            supervisor.stop()
-            supervisor.start()
-        else:
-            supervisor.reread_and_update()
-            say("restarting the link program ...")
-            supervisor.stop("link")
-            supervisor.start("link")
+        role = "a node" if appliance.enrolled else "a standalone appliance"
+        say(f"restarting every program to run as {role} (the API pauses for a few seconds) ...")
+        supervisor.stop()
+        supervisor.start()
     except SupervisorUnavailable:
         say("supervisord is not running: the programs pick this up when the appliance starts")
         return

@@ -72,6 +72,10 @@ def model_not_found(slug: str) -> ScaigridError:
     return ScaigridError(f"no model {slug!r}", "MODEL_NOT_FOUND", 404)
 
 
+def model_access_denied(message: str) -> ScaigridError:
+    return ScaigridError(message, "MODEL_ACCESS_DENIED", 403)
+
+
 def model_unavailable(slug: str) -> ScaigridError:
     return ScaigridError(f"no backend of {slug!r} is available (all unhealthy or circuit breakers open)",
                          "MODEL_UNAVAILABLE", 503, retry_after_s=5)

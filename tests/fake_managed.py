@@ -12,7 +12,7 @@ import ipaddress
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance import devstack
-from scaigrid.hybrid import protocol
+from scaigrid.hybrid import assertion, protocol
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.interceptors import ERROR_CODE_KEY
 
@@ -184,13 +184,17 @@ class FakeManaged(link_pb2_grpc.HybridLinkServicer):
         self.push(link_pb2.ManagedMessage(config=link_pb2.ConfigSnapshot(
             version=version, body_json=body_json, sha256=sha256)))
 
-    def open_tunnel(self, tunnel_id: str, path: str, body: bytes, authorization: str,
-                    credit: int = protocol.TUNNEL_WINDOW, auto_credit: bool = True) -> Tunnel:
-        """Sends a TunnelRequest; with auto_credit, each frame received is credited at once (a fast consumer)."""
+    def open_tunnel(self, tunnel_id: str, path: str, body: bytes, caller: assertion.Caller | None,
+                    credit: int = protocol.TUNNEL_WINDOW, auto_credit: bool = True,
+                    headers: dict[str, str] | None = None) -> Tunnel:
+        """Sends a TunnelRequest for `caller` (signed as the managed side's relay does, for this tunnel; None: no
+        assertion); with auto_credit, each frame received is credited at once (a fast consumer)."""
         tunnel = self.tunnels[tunnel_id] = Tunnel(tunnel_id, auto_credit)
+        signed = "" if caller is None else assertion.sign(assertion.credential_key(self.credential), replace(
+            caller, node_id=NODE_ID, request_id=tunnel_id))
         self.push(link_pb2.ManagedMessage(tunnel_request=link_pb2.TunnelRequest(
             tunnel_id=tunnel_id, node_id=NODE_ID, method="POST", path=path, body=body, credit=credit,
-            headers={"authorization": authorization, "content-type": "application/json"})))
+            headers={"content-type": "application/json", **(headers or {})}, assertion=signed)))
         return tunnel
 
     def credit(self, tunnel_id: str, frames: int) -> None:

@@ -12,13 +12,14 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as sync_redis
+import redis.asyncio as aioredis
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -28,6 +29,7 @@ from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth import keys
 from scaigrid.db.tables import hybrid_mirrored
 from scaigrid.hybrid import outbox, protocol, snapshot
+from scaigrid.hybrid.assertion import Caller
 from tests.backends import (
     FakeBackend,
     apply,
@@ -44,6 +46,9 @@ from tests.fake_managed import NODE_ID, FakeManaged, make_certificates
 CREDENTIAL = "sgn_" + secrets.token_urlsafe(32)
 CHAT = "/oai/v1/chat/completions"
 # model slug on the node -> the FakeBackend behaviour serving it
+# The caller of the tunnels below: a user and key of the tenant the site's snapshot mirrored (_snapshot_body).
+MIRRORED = Caller(node_id="", request_id="", tenant_id="ten_linktest", partner_id="prt_linktest",
+                  user_id="usr_linktest", api_key_id="key_linktest", role="tenant_user")
 LOCAL_MODELS = {"local-chat": "ok", "local-gated": "gated-3", "local-paced": "paced-6-40", "local-slow": "slow-30"}
 
 
@@ -68,9 +73,21 @@ def site(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
          s3_server: devstack.S3Server, fake: FakeBackend) -> Iterator[Site]:
     directory = tmp_path_factory.mktemp("node")
     with shared_env(mariadb, redis_server, s3_server) as env:
+        # The http process verifies tunnelled callers with the node's credential, against what a snapshot mirrored.
+        env.update(HYBRID_NODE_ID=NODE_ID, HYBRID_NODE_CREDENTIAL=CREDENTIAL)
         apply(env, directory / "catalogue.toml",
               [backend(f"be-{slug}", fake, behaviour) for slug, behaviour in LOCAL_MODELS.items()],
               [chat_model(slug, [(f"be-{slug}", 1, 1)]) for slug in LOCAL_MODELS])
+        body = _snapshot_body(keys.generate())
+
+        async def mirror(engine: Any) -> None:
+            redis = aioredis.Redis.from_url(env["REDIS_URL"])
+            try:
+                await snapshot.apply(engine, NODE_ID, 1, body, snapshot.digest(body), redis=redis)
+            finally:
+                await redis.aclose()
+
+        on_database(env, mirror)
         with http_process(env, directory / "http.log") as http:
             yield Site(env, http, create_key(env, "tenant_user"))
 
@@ -372,7 +389,7 @@ def test_usage_is_deleted_only_once_acked_and_sent_again_after_a_reconnect(start
 def test_a_tunnelled_stream_comes_back_intact(start_link, managed: FakeManaged, site: Site):
     link = start_link()
     managed.wait_for(linked(managed), "a link")
-    tunnel = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), f"Bearer {site.key}")
+    tunnel = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), MIRRORED)
     managed.wait_for(lambda: tunnel.ended, "the tunnel's end")
     assert tunnel.head.status == 200 and tunnel.head.headers["content-type"].startswith("text/event-stream")
     assert tunnel.end.error_code == ""
@@ -382,17 +399,33 @@ def test_a_tunnelled_stream_comes_back_intact(start_link, managed: FakeManaged, 
                                    for line in site.http.log_lines()), what="the node's request line")
 
     for path in ("/v1/admin/keys", "/oai/v1/../../v1/admin/keys", "/oai/v1/%2e%2e/%2e%2e/v1/admin/keys"):
-        refused = managed.open_tunnel(tunnel_id(), path, b"{}", f"Bearer {site.key}")
+        refused = managed.open_tunnel(tunnel_id(), path, b"{}", MIRRORED)
         managed.wait_for(lambda tunnel=refused: tunnel.ended, "the refused tunnel's end")
         assert [frame.WhichOneof("kind") for frame in refused.frames] == ["end"], path
         assert refused.end.error_code == "TUNNEL_PATH_NOT_ALLOWED", path
     assert link.stop() == 0
 
 
+def test_a_tunnel_is_run_only_for_the_caller_a_valid_assertion_names(start_link, managed: FakeManaged, site: Site):
+    """Whatever the link carries besides, the node's http process takes the caller from the assertion alone."""
+    start_link()
+    managed.wait_for(linked(managed), "a link")
+    without = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), None,
+                                  headers={"authorization": f"Bearer {site.key}"})  # a key valid on the node
+    other_tenant = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"),
+                                       replace(MIRRORED, tenant_id="ten_unknown"))
+    for refused in (without, other_tenant):
+        managed.wait_for(lambda tunnel=refused: tunnel.ended, "the refused tunnel's end")
+        assert refused.head.status == 401 and b"AUTH_TOKEN_INVALID" in refused.body
+    admin = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), replace(MIRRORED, role="tenant_admin"))
+    managed.wait_for(lambda: admin.ended, "the tunnel's end")
+    assert admin.head.status == 200  # as the mirrored key's tenant_user
+
+
 def test_a_tunnel_the_node_cannot_run_ends_with_an_error_code(start_link, managed: FakeManaged, site: Site):
     link = start_link(HTTP_PORT=str(devstack.free_port()))  # nothing listens there
     managed.wait_for(linked(managed), "a link")
-    tunnel = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), f"Bearer {site.key}")
+    tunnel = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), MIRRORED)
     managed.wait_for(lambda: tunnel.ended, "the tunnel's end")
     assert [frame.WhichOneof("kind") for frame in tunnel.frames] == ["end"]
     assert tunnel.end.error_code == "NODE_HTTP_UNAVAILABLE"
@@ -403,13 +436,13 @@ def test_a_cancelled_tunnel_and_a_lost_link_close_the_backend_request(start_link
                                                                       fake: FakeBackend):
     link = start_link()
     managed.wait_for(linked(managed), "a link")
-    cancelled = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), f"Bearer {site.key}")
+    cancelled = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), MIRRORED)
     managed.wait_for(lambda: len(cancelled.frames) >= 2, "the head and a first chunk")
     managed.cancel(cancelled.tunnel_id)
     assert fake.requests_for("gated-3")[0].gone.wait(10), "the backend saw its client go"
     assert not cancelled.ended
 
-    cut = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), f"Bearer {site.key}")
+    cut = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), MIRRORED)
     managed.wait_for(lambda: len(cut.frames) >= 2, "the head and a first chunk")
     managed.drop()
     assert fake.requests_for("gated-3")[1].gone.wait(10), "the backend saw its client go with the link"
@@ -421,9 +454,9 @@ def test_a_cancelled_tunnel_and_a_lost_link_close_the_backend_request(start_link
 def test_a_tunnel_without_credit_does_not_hold_back_the_others(start_link, managed: FakeManaged, site: Site):
     link = start_link()
     managed.wait_for(linked(managed), "a link")
-    stalled = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-paced"), f"Bearer {site.key}", credit=2,
+    stalled = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-paced"), MIRRORED, credit=2,
                                   auto_credit=False)
-    flowing = [managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-paced"), f"Bearer {site.key}")
+    flowing = [managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-paced"), MIRRORED)
                for _ in range(3)]
     managed.wait_for(lambda: all(tunnel.ended for tunnel in flowing), "the tunnels with credit done")
     for tunnel in flowing:
@@ -442,13 +475,13 @@ def test_sigterm_lets_open_tunnels_finish_within_the_grace_and_cuts_the_rest(sta
                                                                              site: Site, fake: FakeBackend):
     link = start_link(HTTP_DRAIN_GRACE_S="4")
     managed.wait_for(linked(managed), "a link")
-    finishing = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), f"Bearer {site.key}")
-    hanging = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-slow"), f"Bearer {site.key}")
+    finishing = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-gated"), MIRRORED)
+    hanging = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-slow"), MIRRORED)
     managed.wait_for(lambda: len(finishing.frames) >= 2 and len(fake.requests_for("slow-30")) == 1,
                      "both tunnels under way")
     link.send(signal.SIGTERM)
     link.wait_for(lambda: bool(events(link, "stopping")), what="the stop signal taken")
-    late = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), f"Bearer {site.key}")
+    late = managed.open_tunnel(tunnel_id(), CHAT, chat_body("local-chat"), MIRRORED)
     managed.wait_for(lambda: late.ended, "the late tunnel refused")
     assert late.end.error_code == "NODE_STOPPING"
     fake.gate.set()  # the gated stream may go on now

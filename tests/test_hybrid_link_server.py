@@ -29,7 +29,8 @@ from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
-from scaigrid.hybrid import protocol, registry
+from scaigrid.errors import ScaigridError
+from scaigrid.hybrid import assertion, protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.settings import Secret
@@ -135,6 +136,7 @@ class NodeLink:
     """One Connect call, as a node's link process makes it."""
 
     def __init__(self, channel: grpc.aio.Channel, credential: str) -> None:
+        self.credential = credential
         self.call = link_pb2_grpc.HybridLinkStub(channel).Connect(
             metadata=(("authorization", f"Bearer {credential}"),))
         self.stash: list[link_pb2.ManagedMessage] = []  # read while waiting for another kind
@@ -327,38 +329,169 @@ async def test_the_config_snapshot_follows_welcome_and_every_change_and_what_the
     assert "references: tenant without partner" in str(rejected["message"])
 
 
-async def test_a_usage_batch_sent_twice_is_stored_once_and_only_for_the_nodes_tenants(managed: Managed) -> None:
-    [tenant] = await managed.sql("SELECT id, partner_id FROM tenants LIMIT 1")
+async def _key_row(managed: Managed, key: str) -> Any:
+    [row] = await managed.sql("SELECT id, user_id, tenant_id FROM api_keys WHERE key_prefix = :prefix",
+                              prefix=key[:12])
+    return row
 
-    def record(request_id: str, tenant_id: str) -> str:
+
+def _routed_to(managed: Managed, node_id: str, node_model: str, **model: Any) -> str:
+    """A managed model routed to the node's model through a shared `hybrid` backend; returns its slug."""
+    suffix = node_id[-8:] + node_model.replace("/", "-")
+    status, answer = managed.api("POST", "/v1/backends", {"id": f"tun-{suffix}", "provider": "hybrid",
+                                                         "model": f"{node_id}/{node_model}"})
+    assert status == 201, answer
+    slug = f"onprem/{suffix}"
+    status, answer = managed.api("POST", "/v1/models", {"slug": slug, "modality": "chat",
+                                                       "routes": [{"backend": f"tun-{suffix}"}], **model})
+    assert status == 201, answer
+    return slug
+
+
+async def test_node_usage_is_stored_once_for_its_users_at_managed_prices_and_never_under_a_relayed_id(
+        managed: Managed) -> None:
+    [tenant] = await managed.sql("SELECT id, partner_id FROM tenants WHERE slug = 'default'")
+    key = await _key_row(managed, create_key(managed.env, "tenant_user"))
+
+    def record(request_id: str, tenant_id: str = tenant["id"], user_id: str = key["user_id"],
+               api_key_id: str | None = key["id"]) -> str:
         return usage.encode(UsageRecord(
             request_id=request_id, created_at_unix=time.time(), partner_id=tenant["partner_id"], tenant_id=tenant_id,
-            user_id=None, api_key_id=None, model="site/llama", backend_id="vllm", protocol="oai", status="ok",
-            tokens_in=12, tokens_out=30, latency_ms=80, cost=Decimal("0.000123")))
+            user_id=user_id, api_key_id=api_key_id, model="site/llama", backend_id="vllm", protocol="oai",
+            status="ok", tokens_in=12, tokens_out=30, latency_ms=80, cost=Decimal("999")))
 
     ingested_before = managed.metric("scaigrid_hybrid_usage_ingested_total")
-    async with linked(managed) as (node_id, node):
+    async with linked(managed) as (node_id, node), channel_to(managed.grpc_target) as channel:
         assert managed.api("PUT", f"/v1/hybrid/nodes/{node_id}/tenants", {"tenant_ids": [tenant["id"]]})[0] == 200
-        batch = [record("req_tunnelled_once", tenant["id"]), record("req_not_ours", "ten_of_another_node")]
+        await asyncio.to_thread(_routed_to, managed, node_id, "site/llama", price_input_per_mtok="1000",
+                                price_output_per_mtok="2000")
+        # A request the managed side relays: the node learns its id, and may not account for it.
+        relayed = link_pb2_grpc.TunnelRelayStub(channel).Open(tunnel_request(node_id, "req_relayed_here"),
+                                                              metadata=managed.relay_metadata())
+        assert (await node.expect("tunnel_request")).tunnel_request.tunnel_id == "req_relayed_here"
+        batch = [record("req_node_served"), record("req_not_ours", tenant_id="ten_of_another_node"),
+                 record("req_relayed_here"), record("req_no_such_user", user_id="usr_nobody"),
+                 record("req_no_such_key", api_key_id="key_nobody"), record("req_no_user", user_id=None)]
         acks = []
         for _ in range(2):  # the second time as after a reconnect that lost the first ack
-            await node.send(usage=link_pb2.UsageBatch(batch_id="1-2", records_json=batch))
+            await node.send(usage=link_pb2.UsageBatch(batch_id="1-6", records_json=batch))
             acks.append((await node.expect("usage_ack")).usage_ack)
-    assert [(ack.batch_id, ack.stored) for ack in acks] == [("1-2", 1), ("1-2", 0)]  # acked whole, stored in part
-    rows = await managed.sql("SELECT request_id, tokens_out, cost FROM usage_records "
-                             "WHERE request_id IN ('req_tunnelled_once', 'req_not_ours')")
+        relayed.cancel()
+    assert [(ack.batch_id, ack.stored) for ack in acks] == [("1-6", 1), ("1-6", 0)]  # acked whole, stored in part
+    rows = await managed.sql("SELECT request_id, tokens_out, cost FROM usage_records WHERE request_id IN "
+                             "('req_node_served', 'req_not_ours', 'req_relayed_here', 'req_no_such_user', "
+                             "'req_no_such_key', 'req_no_user')")
+    # The managed side's price (12 x 1000 + 30 x 2000 per million tokens), never the node's cost.
     assert [(row["request_id"], row["tokens_out"], row["cost"]) for row in rows] == [
-        ("req_tunnelled_once", 30, Decimal("0.000123"))]
+        ("req_node_served", 30, Decimal("0.072"))]
     assert managed.metric("scaigrid_hybrid_usage_ingested_total") == ingested_before + 1
+    refused = [line["message"] for line in managed.grpc.log_lines()
+               if line.get("event") == "hybrid_usage_foreign" and line.get("node_id") == node_id]
+    assert any("relayed" in str(message) for message in refused)
+
+
+async def test_a_hybrid_backend_reaches_only_an_enrolled_node_that_serves_its_tenant(managed: Managed) -> None:
+    node_id, _ = managed.enroll()
+    partner_admin = create_key(managed.env, "partner_admin")
+    [tenant] = await managed.sql("SELECT id FROM tenants WHERE slug = 'default'")
+    for model in (f"{node_id}/site/llama", "hn_" + "f" * 32 + "/site/llama"):
+        status, answer = managed.api("POST", "/v1/backends", {
+            "id": "pa-tunnel", "provider": "hybrid", "model": model, "tenant": "default"}, bearer=partner_admin)
+        assert (status, answer["error"]["code"]) == (422, "VALIDATION_ERROR"), answer
+        assert answer["error"]["details"][0]["field"] == "model"
+    assert await managed.sql("SELECT id FROM backends WHERE id = 'pa-tunnel'") == []
+    assert managed.api("PUT", f"/v1/hybrid/nodes/{node_id}/tenants", {"tenant_ids": [tenant["id"]]})[0] == 200
+    status, answer = managed.api("POST", "/v1/backends", {
+        "id": "pa-tunnel", "provider": "hybrid", "model": f"{node_id}/site/llama", "tenant": "default"},
+        bearer=partner_admin)
+    assert status == 201, answer
+
+
+def _chat(managed: Managed, key: str, model: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{managed.env['HTTP_PORT']}/oai/v1/chat/completions", method="POST",
+        data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+ANSWER = json.dumps({"id": "chatcmpl-node", "object": "chat.completion", "created": 1, "model": "site/llama",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the node"},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+
+
+async def _answer(node: NodeLink, tunnel_id: str) -> None:
+    for kind in ({"head": link_pb2.TunnelHead(status=200, headers={"content-type": "application/json"})},
+                 {"data": ANSWER}, {"end": link_pb2.TunnelEnd()}):
+        await node.send(tunnel=frame(tunnel_id, **kind))
+
+
+async def test_the_clients_credential_never_goes_down_the_link_and_the_managed_record_wins(
+        managed: Managed) -> None:
+    """Through the real http process and relay: the node gets who the caller is, never the caller's key."""
+    [tenant] = await managed.sql("SELECT id, partner_id FROM tenants WHERE slug = 'default'")
+    client_keys = {role: create_key(managed.env, role) for role in ("tenant_user", "tenant_admin", "super_admin")}
+    async with linked(managed) as (node_id, node):
+        assert managed.api("PUT", f"/v1/hybrid/nodes/{node_id}/tenants", {"tenant_ids": [tenant["id"]]})[0] == 200
+        slug = await asyncio.to_thread(_routed_to, managed, node_id, "site/llama")
+        for role, client_key in client_keys.items():
+            row = await _key_row(managed, client_key)
+            chat = asyncio.create_task(asyncio.to_thread(_chat, managed, client_key, slug))
+            request = (await node.expect("tunnel_request")).tunnel_request
+            on_the_link = request.SerializeToString()
+            assert client_key.encode() not in on_the_link and client_key[:12].encode() not in on_the_link
+            assert b"Bearer" not in on_the_link and "authorization" not in request.headers
+            caller = assertion.verify(assertion.credential_key(node.credential), request.assertion,
+                                      node_id=node_id, request_id=request.tunnel_id)
+            assert (caller.tenant_id, caller.user_id, caller.api_key_id, caller.role) == (
+                tenant["id"], row["user_id"], row["id"], role)
+            # The node knows the id now: a record it reports under it, even before the managed side's own record
+            # is stored, is refused.
+            await node.send(usage=link_pb2.UsageBatch(batch_id=f"x-{role}", records_json=[usage.encode(UsageRecord(
+                request_id=request.tunnel_id, created_at_unix=time.time(), partner_id=tenant["partner_id"],
+                tenant_id=tenant["id"], user_id=row["user_id"], api_key_id=row["id"], model="site/llama",
+                backend_id="vllm", protocol="oai", status="ok", tokens_in=1, tokens_out=1, latency_ms=1,
+                cost=Decimal(0)))]))
+            assert (await node.expect("usage_ack")).usage_ack.stored == 0
+            await _answer(node, request.tunnel_id)
+            status, body = await chat
+            assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from the node"
+            assert await managed.sql("SELECT request_id FROM usage_records WHERE request_id = :request_id",
+                                     request_id=request.tunnel_id) == []
+            async with redis_client(managed) as redis:
+                waiting = [usage.decode(raw) for raw in await redis.lrange(usage.BUFFER_KEY, 0, -1)]
+            # The managed side's own record, from what it relayed, is the one on its way to the usage table.
+            [own] = [record for record in waiting if record.request_id == request.tunnel_id]
+            assert (own.api_key_id, own.model, own.tokens_in, own.tokens_out) == (row["id"], slug, 3, 4)
+
+
+async def test_a_caller_whose_tenant_the_node_does_not_serve_is_not_sent_there(managed: Managed) -> None:
+    client_key = create_key(managed.env, "tenant_user")  # before linking: it blocks, and the link must heartbeat
+    async with linked(managed) as (node_id, node):
+        slug = await asyncio.to_thread(_routed_to, managed, node_id, "site/other")  # shared; the node serves none
+        status, body = await asyncio.to_thread(_chat, managed, client_key, slug)
+        assert (status, json.loads(body)["error"]["code"]) == (403, "MODEL_ACCESS_DENIED")
+        await node.expect("heartbeat_ack")
+        assert not any(message.WhichOneof("kind") == "tunnel_request" for message in node.stash)
 
 
 # --- tunnels ---
 
+CALLER = link_pb2.Caller(tenant_id="ten_a", partner_id="prt_a", user_id="usr_a", api_key_id="key_a",
+                         role="tenant_user")
+
+
 def tunnel_request(node_id: str, tunnel_id: str, credit: int = 4) -> link_pb2.TunnelRequest:
+    # An authorization header the http process never sends, to show that the relay would not pass one on either.
     return link_pb2.TunnelRequest(
         tunnel_id=tunnel_id, node_id=node_id, method="POST", path="/oai/v1/chat/completions",
         headers={"authorization": "Bearer sgk_client", "content-type": "application/json"},
-        body=b'{"model":"llama","stream":true}', credit=credit)
+        body=b'{"model":"llama","stream":true}', credit=credit, caller=CALLER)
 
 
 def frame(tunnel_id: str, **kind: Any) -> link_pb2.TunnelFrame:
@@ -387,7 +520,18 @@ async def test_a_tunnel_is_relayed_with_credit_and_a_stalled_one_holds_up_nothin
         call = relay.Open(tunnel_request(node_id, "req_1"), metadata=managed.relay_metadata())
         request = (await node.expect("tunnel_request")).tunnel_request
         assert (request.tunnel_id, request.path, request.credit) == ("req_1", "/oai/v1/chat/completions", 4)
-        assert request.headers["authorization"] == "Bearer sgk_client" and request.body.startswith(b'{"model"')
+        assert dict(request.headers) == {"content-type": "application/json"} and request.body.startswith(b'{"model"')
+        # The caller, as an assertion this node (and only it) verifies, for this request only.
+        key = assertion.credential_key(node.credential)
+        caller = assertion.verify(key, request.assertion, node_id=node_id, request_id="req_1")
+        assert (caller.tenant_id, caller.partner_id, caller.user_id, caller.api_key_id, caller.role) == (
+            "ten_a", "prt_a", "usr_a", "key_a", "tenant_user")
+        assert not request.HasField("caller")
+        for wrong_key, for_node, request_id in ((key, node_id, "req_stalled"), (key, "hn_other", "req_1"),
+                                                (assertion.credential_key("sgn_another"), node_id, "req_1")):
+            with pytest.raises(ScaigridError) as refused:
+                assertion.verify(wrong_key, request.assertion, node_id=for_node, request_id=request_id)
+            assert refused.value.code == "AUTH_TOKEN_INVALID"
         assert managed.metric("scaigrid_hybrid_tunnel_streams") == 2
 
         chunks = [b"data: %d\n\n" % index for index in range(9)]

@@ -17,7 +17,7 @@ from appliance import devstack
 from scaigrid.accounting import flush, usage
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
-from scaigrid.auth.tenancy import create_partner, create_tenant
+from scaigrid.auth.tenancy import create_partner, create_tenant, create_user
 from scaigrid.cache import InvalidationBus
 from scaigrid.db.tables import backends, hybrid_mirrored, hybrid_usage_outbox, usage_records
 from scaigrid.hybrid import enrollment, outbox, snapshot
@@ -149,6 +149,13 @@ async def test_a_record_committed_late_inside_a_batchs_range_survives_its_acknow
     assert await _queued(ledger) == [late.request_id]  # still to be sent, not deleted unsent
 
 
+async def _member(conn: Any, partner_id: str, slug: str) -> dict[str, str]:
+    """A new tenant of the partner, with a user: the owner of usage records a node may report."""
+    tenant_id = await create_tenant(conn, partner_id=partner_id, slug=slug, name=slug)
+    user_id = await create_user(conn, tenant_id=tenant_id, email=f"someone@{slug}.example", role="tenant_user")
+    return {"partner_id": partner_id, "tenant_id": tenant_id, "user_id": user_id}
+
+
 async def _enrolled(conn: Any, name: str, tenant_ids: list[str]) -> str:
     """A node enrolled on the managed side, with these tenants allowed on it."""
     minted = await enrollment.mint_token(conn, name, 60)
@@ -162,8 +169,7 @@ async def test_the_managed_side_stores_a_batch_once_and_skips_what_is_not_a_usag
     async with ledger_for(migrated_env) as ledger:
         async with ledger.engine.begin() as conn:
             partner_id = await create_partner(conn, slug="acme", name="Acme")
-            owner = {"partner_id": partner_id, "tenant_id": await create_tenant(
-                conn, partner_id=partner_id, slug="acme-eu", name="Acme EU")}
+            owner = await _member(conn, partner_id, "acme-eu")
             node_id = await _enrolled(conn, "site-a", [owner["tenant_id"]])
         secret_model = "acme/model-" + "x" * 200  # too long for the column: this record cannot be stored
         good: list[UsageRecord] = [usage_of(owner), usage_of(owner, cost="0.000000000001")]
@@ -177,7 +183,8 @@ async def test_the_managed_side_stores_a_batch_once_and_skips_what_is_not_a_usag
         async with ledger.engine.connect() as conn:
             stored = (await conn.execute(select(usage_records.c.request_id, usage_records.c.cost))).all()
             assert await conn.scalar(select(func.count()).select_from(usage_records)) == 2
-    assert {(row.request_id, row.cost) for row in stored} == {(r.request_id, r.cost) for r in good}
+    # At the managed side's price: none, as no managed model routes to the node's model; never the node's cost.
+    assert {(row.request_id, row.cost) for row in stored} == {(r.request_id, 0) for r in good}
     skipped = [message for message in caplog.messages if "skipped" in message]
     assert len(skipped) == 6  # three bad records, in each of the two deliveries
     assert any(bad.request_id in message and "model is not a string" in message for message in skipped)
@@ -193,10 +200,8 @@ async def test_a_node_accounts_only_for_the_tenants_allowed_on_it(migrated_env: 
         async with ledger.engine.begin() as conn:
             partner_id = await create_partner(conn, slug="acme", name="Acme")
             rival_partner = await create_partner(conn, slug="rival", name="Rival")
-            ours = {"partner_id": partner_id, "tenant_id": await create_tenant(
-                conn, partner_id=partner_id, slug="acme-eu", name="Acme EU")}
-            theirs = {"partner_id": partner_id, "tenant_id": await create_tenant(
-                conn, partner_id=partner_id, slug="acme-us", name="Acme US")}
+            ours = await _member(conn, partner_id, "acme-eu")
+            theirs = await _member(conn, partner_id, "acme-us")
             node_id = await _enrolled(conn, "site-a", [ours["tenant_id"]])
             other_node = await _enrolled(conn, "site-b", [theirs["tenant_id"]])
         mine = usage_of(ours)

@@ -3,6 +3,7 @@ TLS with a CA the test made) and `hybrid` (the tunnel: a real gRPC server speaki
 registry); the tunnel's request id on the node; the link in /health/detailed."""
 
 import asyncio
+import hashlib
 import json
 import secrets
 import ssl
@@ -13,6 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -20,11 +22,15 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 from aiohttp import web
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
 from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
-from scaigrid.hybrid import protocol, registry
+from scaigrid.db.tables import api_keys, hybrid_mirrored, hybrid_node_tenants, hybrid_nodes, tenants
+from scaigrid.hybrid import assertion, protocol, registry
+from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.settings import Secret
 from tests.backends import (
@@ -44,6 +50,9 @@ from tests.test_inference import buffered_usage
 
 NODE = "hn_" + "0" * 31 + "1"
 UNLINKED = "hn_" + "0" * 31 + "2"
+SERVES_NOBODY = "hn_" + "0" * 31 + "3"  # linked, but no tenant is allowed on it
+# The http process plays a node too, for the tunnelled requests it receives (the node side of the tunnel).
+SELF_NODE, SELF_CREDENTIAL = "hn_" + "0" * 31 + "4", "sgn_" + secrets.token_urlsafe(32)
 USER = [{"role": "user", "content": "three words here"}]
 RELAY_PROMPT_TOKENS = 5
 
@@ -165,6 +174,13 @@ class Managed:
     relay: Relay
     upstream: ManagedSide
     admin_key: str
+    caller: dict[str, str]  # the ids of the tenant_user key's tenant, partner, user and key
+
+    def assertion(self, tunnel_id: str, credential: str = SELF_CREDENTIAL, node_id: str = SELF_NODE,
+                  now_s: float | None = None, role: str = "tenant_user") -> str:
+        """A caller assertion of the tenant_user key, as the managed side's relay signs it for a node."""
+        return assertion.sign(assertion.credential_key(credential), assertion.Caller(
+            node_id=node_id, request_id=tunnel_id, role=role, **self.caller), now_s)
 
     def chat(self, model: str, stream: bool = False, **headers: str) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) of one chat request with the tenant_user key and these headers besides."""
@@ -177,6 +193,33 @@ class Managed:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
+
+
+def _enrol(env: dict[str, str], key: str) -> dict[str, str]:
+    """The nodes this module routes to, enrolled, the default tenant allowed on NODE and UNLINKED; and, as a node
+    whose snapshot mirrored them, the default tenant, the user of `key` and `key`. Returns those rows' ids."""
+    async def write() -> dict[str, str]:
+        engine = create_async_engine(env["DATABASE_URL"])
+        try:
+            async with engine.begin() as conn:
+                row = (await conn.execute(select(api_keys.c.id, api_keys.c.user_id, api_keys.c.tenant_id,
+                                                 tenants.c.partner_id).join(
+                    tenants, tenants.c.id == api_keys.c.tenant_id).where(api_keys.c.key_prefix == key[:12]))).one()
+                await conn.execute(insert(hybrid_nodes), [
+                    {"id": node_id, "name": node_id, "credential_hash": hashlib.sha256(node_id.encode()).hexdigest(),
+                     "software_version": "0.1.0", "created_at": datetime.now(UTC).replace(tzinfo=None)}
+                    for node_id in (NODE, UNLINKED, SERVES_NOBODY)])
+                await conn.execute(insert(hybrid_node_tenants), [
+                    {"node_id": node_id, "tenant_id": row.tenant_id} for node_id in (NODE, UNLINKED)])
+                await conn.execute(insert(hybrid_mirrored), [
+                    {"kind": "tenant", "row_id": row.tenant_id}, {"kind": "user", "row_id": row.user_id},
+                    {"kind": "api_key", "row_id": row.id}])
+            return {"tenant_id": row.tenant_id, "partner_id": row.partner_id, "user_id": row.user_id,
+                    "api_key_id": row.id}
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(write())
 
 
 def _claim(redis_url: str, node_id: str, replica: str) -> None:
@@ -211,13 +254,18 @@ def managed(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
             # A heartbeat interval longer than the module: the link written below stays held without refreshes.
             env.update(HYBRID_ROLE="managed", HYBRID_HEARTBEAT_INTERVAL_S="3600",
                        HYBRID_MANAGED_URL=f"https://127.0.0.1:{upstream.port}", HYBRID_CA_FILE=str(ca_file))
-            _claim(env["REDIS_URL"], NODE, f"127.0.0.1:{relay.port}")
+            env.update(HYBRID_NODE_ID=SELF_NODE, HYBRID_NODE_CREDENTIAL=SELF_CREDENTIAL)
+            key = create_key(env, "tenant_user")
+            caller = _enrol(env, key)
+            for node_id in (NODE, SERVES_NOBODY):
+                _claim(env["REDIS_URL"], node_id, f"127.0.0.1:{relay.port}")
             tunnelled = [(f"tun-{name}", f"{NODE}/{name}")
                          for name in ("ok", "ratelimit", "stranger", "broken", "held")]
             apply(env, tmp_path / "catalogue.toml", [
                 {"id": "up", "provider": "managed", "model": "ok"},
                 *({"id": backend_id, "provider": "hybrid", "model": model} for backend_id, model in tunnelled),
                 {"id": "tun-unlinked", "provider": "hybrid", "model": f"{UNLINKED}/ok"},
+                {"id": "tun-nobody", "provider": "hybrid", "model": f"{SERVES_NOBODY}/ok"},
             ], [
                 chat_model("up/chat", [("up", 1, 1)]),
                 {"slug": "up/embed", "modality": "embedding",
@@ -230,10 +278,11 @@ def managed(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: 
                 chat_model("node/broken", [("tun-broken", 1, 1)]),
                 chat_model("node/held", [("tun-held", 1, 1)]),
                 chat_model("node/unlinked", [("tun-unlinked", 1, 1)]),
+                chat_model("node/nobody", [("tun-nobody", 1, 1)]),
+                chat_model("node/fallback", [("tun-nobody", 1, 1), ("up", 1, 2)]),
             ])
             with http_process(env, tmp_path / "http.log") as process:
-                yield Managed(Gateway(env, create_key(env, "tenant_user")), process, relay, upstream,
-                              create_key(env, "super_admin"))
+                yield Managed(Gateway(env, key), process, relay, upstream, create_key(env, "super_admin"), caller)
     finally:
         relay.stop()
         upstream.stop()
@@ -281,8 +330,12 @@ def test_a_tunnelled_stream_arrives_intact_and_the_relay_gets_what_the_node_need
     tunnel = opened.request
     assert (tunnel.tunnel_id, tunnel.node_id, tunnel.method, tunnel.path, tunnel.credit) == (
         request_id, NODE, "POST", "/oai/v1/chat/completions", protocol.TUNNEL_WINDOW)
-    assert dict(tunnel.headers) == {"authorization": f"Bearer {gateway.gateway.key}",
-                                    "content-type": "application/json"}
+    # Who the caller is, for the relay to sign; never the client's credential.
+    assert dict(tunnel.headers) == {"content-type": "application/json"}
+    assert gateway.gateway.key.encode() not in tunnel.SerializeToString()
+    caller = tunnel.caller
+    assert {"tenant_id": caller.tenant_id, "partner_id": caller.partner_id, "user_id": caller.user_id,
+            "api_key_id": caller.api_key_id} == gateway.caller and caller.role == "tenant_user"
     assert json.loads(tunnel.body)["model"] == "ok"  # the node's own slug
     scheme, _, token = opened.authorization.partition(" ")
     secret = Secret(gateway.gateway.env["SERVICE_TOKEN_SECRET"])
@@ -358,6 +411,13 @@ def test_a_client_that_goes_away_cancels_the_relay_call(gateway: Managed) -> Non
                "the relay seeing the call cancelled")
 
 
+def test_a_caller_whose_tenant_the_node_does_not_serve_is_never_sent_there(gateway: Managed) -> None:
+    status, _, body = gateway.chat("node/nobody")
+    assert (status, json.loads(body)["error"]["code"]) == (403, "MODEL_ACCESS_DENIED")
+    assert gateway.chat("node/fallback")[0] == 200  # another route of the model serves the caller instead
+    assert gateway.relay.opened == []
+
+
 def test_a_node_whose_link_no_replica_holds_is_model_unavailable(gateway: Managed) -> None:
     status, _, body = gateway.chat("node/unlinked")
     assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
@@ -372,7 +432,8 @@ def test_a_tunnelled_request_keeps_the_managed_request_id_and_a_forged_token_doe
     link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60,
                                      scope=HYBRID_LINK)
     status, headers, _ = gateway.chat("node/chat", **{"X-Scaigrid-Tunnel": link_token,
-                                                        "X-Scaigrid-Tunnel-Id": tunnel_id})
+                                                        "X-Scaigrid-Tunnel-Id": tunnel_id,
+                                                        ASSERTION_HEADER: gateway.assertion(tunnel_id)})
     assert (status, headers["X-Request-ID"]) == (200, tunnel_id)
     wait_until(lambda: tunnel_id in buffered_usage(gateway.gateway), "the usage record under the tunnel id")
 
@@ -395,11 +456,44 @@ def test_a_tunnelled_request_never_goes_back_up_to_the_managed_side(gateway: Man
     """A node model routed to a `managed` backend would loop a tunnelled request between the two sides."""
     link_token = service_tokens.mint(Secret(gateway.gateway.env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME,
                                      60, scope=HYBRID_LINK)
-    status, _, body = gateway.chat("up/chat", **{"X-Scaigrid-Tunnel": link_token,
-                                                 "X-Scaigrid-Tunnel-Id": "req_" + secrets.token_hex(12)})
+    tunnel_id = "req_" + secrets.token_hex(12)
+    status, _, body = gateway.chat("up/chat", **{"X-Scaigrid-Tunnel": link_token, "X-Scaigrid-Tunnel-Id": tunnel_id,
+                                                 ASSERTION_HEADER: gateway.assertion(tunnel_id)})
     assert status == 503 and json.loads(body)["error"]["code"] == "MODEL_UNAVAILABLE"
     assert not gateway.upstream.received
     assert gateway.chat("up/chat")[0] == 200  # the same model, asked by a client of the node, goes up
+
+
+def test_a_tunnelled_caller_is_only_who_a_valid_assertion_names(gateway: Managed) -> None:
+    """The node authenticates a tunnelled request from the managed side's assertion: the Authorization header does
+    not count, and a forged, expired, replayed or misdirected assertion is refused."""
+    env = gateway.gateway.env
+    link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60)
+
+    def tunnelled(tunnel_id: str, caller: str | None) -> tuple[int, Any]:
+        headers = {"X-Scaigrid-Tunnel": link_token, "X-Scaigrid-Tunnel-Id": tunnel_id}
+        if caller is not None:
+            headers[ASSERTION_HEADER] = caller
+        status, _, body = gateway.chat("node/chat", **headers)  # with the client's own valid key besides
+        return status, json.loads(body)
+
+    tunnel_id = "req_" + secrets.token_hex(12)
+    other_id = "req_" + secrets.token_hex(12)
+    refused = {
+        "none": tunnelled(tunnel_id, None),
+        "forged": tunnelled(tunnel_id, gateway.assertion(tunnel_id, credential="sgn_" + secrets.token_urlsafe(32))),
+        "expired": tunnelled(tunnel_id, gateway.assertion(tunnel_id, now_s=time.time() - assertion.ASSERTION_TTL_S)),
+        "another request": tunnelled(tunnel_id, gateway.assertion(other_id)),
+        "another node": tunnelled(tunnel_id, gateway.assertion(tunnel_id, node_id=NODE)),
+        "platform role": tunnelled(tunnel_id, gateway.assertion(tunnel_id, role="super_admin")),
+    }
+    for why, (status, answer) in refused.items():
+        assert (status, answer["error"]["code"]) == (401, "AUTH_TOKEN_INVALID"), why
+    assert tunnel_id not in buffered_usage(gateway.gateway)
+    # A tenant_admin on the managed side is no more than the mirrored key's role here.
+    assert tunnelled(other_id, gateway.assertion(other_id, role="tenant_admin"))[0] == 200
+    wait_until(lambda: other_id in buffered_usage(gateway.gateway), "the usage record")
+    assert buffered_usage(gateway.gateway)[other_id].api_key_id == gateway.caller["api_key_id"]
 
 
 # --- /health/detailed ---
@@ -408,7 +502,7 @@ def test_the_managed_side_lists_the_links_its_registry_holds(gateway: Managed) -
     status, _, body = http_call("GET", gateway.gateway.url + "/health/detailed", gateway.admin_key)
     link = json.loads(body)["link"]
     assert status == 200 and link["status"] == "ok"
-    [held] = link["links"]
+    [held] = [entry for entry in link["links"] if entry["node_id"] == NODE]
     assert (held["node_id"], held["replica"], held["config_version"], held["models"]) == (
         NODE, f"127.0.0.1:{gateway.relay.port}", 3, ["ok"])
     assert "session" not in held

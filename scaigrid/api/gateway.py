@@ -8,9 +8,11 @@ from aiohttp import web
 from scaigrid import errors
 from scaigrid.accounting.service import RATE_STATE, Accounting
 from scaigrid.api.access import route_access
+from scaigrid.api.base import REQUEST_ID, TUNNELLED
 from scaigrid.auth.authenticator import Authenticator
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.roles import REACHES
+from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.logs import tenant_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,12 @@ async def gateway_middleware(request: web.Request, handler: Callable[[web.Reques
         raise errors.not_permitted("this route declares no access rule, so it is refused")
     if access.permission is None:
         return await handler(request)
-    principal = await request.app[AUTHENTICATOR].authenticate(request.headers.get("Authorization"))
+    authenticator = request.app[AUTHENTICATOR]
+    if request.get(TUNNELLED):
+        # The managed side's caller, as its signed assertion names them; the managed side keeps the credential.
+        principal = await authenticator.tunnelled(request.headers.get(ASSERTION_HEADER), request[REQUEST_ID])
+    else:
+        principal = await authenticator.authenticate(request.headers.get("Authorization"))
     request[PRINCIPAL] = principal
     tenant_id_var.set(principal.tenant_id)
     user_id_var.set(principal.user_id)

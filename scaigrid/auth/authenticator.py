@@ -1,4 +1,5 @@
-"""Turns `Authorization: Bearer ...` into a Principal: API keys, ScaiKey JWTs, service tokens (or, in dev, nobody).
+"""Turns `Authorization: Bearer ...` into a Principal: API keys, ScaiKey JWTs, service tokens (or, in dev, nobody);
+on a hybrid node, a tunnelled request's caller assertion (`tunnelled`).
 
 Once warm, authenticating an API key touches neither MariaDB nor Redis: records are cached for
 API_KEY_CACHE_TTL_S, and a revocation or suspension is announced on the invalidation bus so every
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
@@ -24,7 +25,9 @@ from scaigrid.auth.scaikey import ScaiKeyVerifier
 from scaigrid.auth.tenancy import Membership, create_user, load_membership
 from scaigrid.cache import InvalidationBus
 from scaigrid.db.defaults import DEFAULT_SLUG
-from scaigrid.db.tables import tenants, users
+from scaigrid.db.tables import api_keys, hybrid_mirrored, tenants, users
+from scaigrid.hybrid import assertion
+from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -207,6 +210,44 @@ class Authenticator:
             member = await load_membership(conn, users.c.scaikey_id == subject)
             assert member is not None  # just inserted in this transaction
             return member
+
+    async def tunnelled(self, token: str | None, request_id: str) -> Principal:
+        """The managed side's caller of a request its link tunnelled here (docs/hybrid.md, "Tunnel"): named by a
+        caller assertion signed for this node and this request, and known here as a user (and key) that the config
+        snapshot mirrored, in a tenant it mirrored. The role is the asserted one, never above the mirrored row's
+        (which the snapshot caps at tenant_user). No credential of the client ever reaches the node."""
+        hybrid = self._settings.hybrid
+        if hybrid.node_id is None or hybrid.node_credential is None:
+            raise errors.auth_token_invalid("this node verifies no tunnelled callers: it needs HYBRID_NODE_ID and "
+                                            "HYBRID_NODE_CREDENTIAL")
+        if not token:
+            raise errors.auth_token_invalid(f"a tunnelled request needs its caller assertion ({ASSERTION_HEADER})")
+        caller = assertion.verify(assertion.credential_key(hybrid.node_credential.reveal()), token,
+                                  node_id=hybrid.node_id, request_id=request_id)
+        if caller.role not in TENANT_ROLES:
+            raise errors.auth_token_invalid(f"a tunnelled caller has a tenant role here, not {caller.role!r}")
+        wanted = {("tenant", caller.tenant_id), ("user", caller.user_id)}
+        if caller.api_key_id is not None:
+            wanted.add(("api_key", caller.api_key_id))
+        async with self._engine.connect() as conn:
+            member = await load_membership(conn, users.c.id == caller.user_id)
+            mirrored = set((await conn.execute(select(hybrid_mirrored.c.kind, hybrid_mirrored.c.row_id).where(
+                tuple_(hybrid_mirrored.c.kind, hybrid_mirrored.c.row_id).in_(sorted(wanted))))).tuples().all())
+            key = None if caller.api_key_id is None else (await conn.execute(select(api_keys).where(
+                api_keys.c.id == caller.api_key_id, api_keys.c.user_id == caller.user_id))).first()
+        if (member is None or mirrored != wanted or (member.tenant_id, member.partner_id) != (
+                caller.tenant_id, caller.partner_id)):
+            raise errors.auth_token_invalid("the tunnelled caller is not a user of a tenant mirrored on this node")
+        role_here = member.role
+        if caller.api_key_id is not None:
+            if key is None or key.revoked_at is not None or (
+                    key.expires_at is not None and key.expires_at <= utc_now()):
+                raise errors.auth_token_invalid("the tunnelled caller's API key is unknown, revoked or expired here")
+            if grants_at_most(key.role, member.role):
+                role_here = key.role
+        role = caller.role if grants_at_most(caller.role, role_here) else role_here
+        return self._principal("tunnel", role, member, f"tunnel:{caller.api_key_id or caller.user_id}",
+                               caller.api_key_id, None if key is None else key.rpm_limit)
 
     async def _dev_principal(self) -> Principal:
         if self._dev is None:

@@ -356,3 +356,16 @@ hybrid_usage_outbox = Table(
     Index("ix_hybrid_usage_outbox_request_id", "request_id", unique=True),
     **TABLE_ARGS,
 )
+
+# --- hybrid relayed requests (core_0009) ---
+
+# Managed side: the request ids this side sent down a link, written before the node learns the id, so that a
+# node's usage record under one of them is refused whenever it arrives (the managed side's own record wins).
+hybrid_relayed_requests = Table(
+    "hybrid_relayed_requests", metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("node_id", String(40), nullable=False),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Index("ix_hybrid_relayed_requests_created_at", "created_at"),
+    **TABLE_ARGS,
+)

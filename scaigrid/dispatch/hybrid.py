@@ -8,11 +8,13 @@ headers), the answer's bytes, and an end. The answer is then relayed, counted an
 backend's: the head's status maps as an HTTP status does (transport.status_failure).
 
 `managed`, on a node: the managed gateway's /oai/v1/ API over HTTPS (HYBRID_MANAGED_URL, trusting HYBRID_CA_FILE),
-that is an HttpTransport with its own session. Both providers act with the client's own Authorization header:
-a managed API key is valid on both sides (the node mirrors the keys of its tenants from the config snapshots), so
-the side that serves a request authenticates, limits and accounts for it as its own. A 401 or 403 from the other
-side therefore means "this client may not use it there", not "the backend is broken": it is passed back as a
-refusal, and one client whose key the node does not know cannot trip the breaker for everyone.
+that is an HttpTransport with its own session, with the client's own Authorization header (a managed API key is
+valid on both sides: the node mirrors the keys of its tenants from the config snapshots). `hybrid` never sends the
+client's credential down the link, which ends on a customer-operated node: it names the caller (tenant, user, key,
+role), and the relay signs that into an assertion for this request and node (scaigrid/hybrid/assertion.py). Either
+way the side that serves a request authenticates, limits and accounts for it as its own. A 401 or 403 from the
+other side therefore means "this client may not use it there", not "the backend is broken": it is passed back as a
+refusal, and one client the node does not know cannot trip the breaker for everyone.
 """
 
 import contextlib
@@ -29,6 +31,7 @@ from aiohttp import web
 
 from scaigrid.api.base import REQUEST_ID
 from scaigrid.auth import service_tokens
+from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.transport import (
     ERROR_BODY_MAX_BYTES,
@@ -178,10 +181,15 @@ class HybridTransport:
         link = self.directory.holder(backend.node_id, time.time())
         if link is None:
             raise Failure("connect", f"no replica holds the link of node {backend.node_id}", public="node not linked")
+        principal = request[PRINCIPAL]
+        # Who the caller is, never their credential: the relay signs it into an assertion only this node verifies.
+        caller = link_pb2.Caller(tenant_id=principal.tenant_id, partner_id=principal.partner_id,
+                                 user_id=principal.user_id or "", api_key_id=principal.api_key_id or "",
+                                 role=principal.role)
         tunnel = link_pb2.TunnelRequest(
             tunnel_id=request[REQUEST_ID], node_id=backend.node_id, method="POST", path=path,
-            headers={"authorization": request.headers.get("Authorization", ""), "content-type": "application/json"},
-            body=upstream_body(payload, backend.node_model), credit=protocol.TUNNEL_WINDOW)
+            headers={"content-type": "application/json"}, body=upstream_body(payload, backend.node_model),
+            credit=protocol.TUNNEL_WINDOW, caller=caller)
         call = link_pb2_grpc.TunnelRelayStub(self.directory.channel(link.replica)).Open(
             tunnel, metadata=self._metadata())
         stream = TunnelStream(call)

@@ -197,11 +197,21 @@ class Dispatcher:
         if needs and (unmet := self._unmet(model, needs)) is not None:
             raise unmet
         tried: set[str] | None = None
+        # A linked node knows only the users of the tenants allowed on it: nobody else's request is sent there. A
+        # model whose every route is such a node is refused to this caller, as another tenant's model would be.
+        tenant_id = exchange.principal.tenant_id
+        foreign = {route.backend.id for group in model.groups for route in group
+                   if route.backend.provider == HYBRID and tenant_id not in route.backend.node_tenant_ids}
+        if foreign:
+            if all(route.backend.id in foreign for group in model.groups for route in group):
+                raise errors.model_access_denied(
+                    f"model {model.slug!r} is served on hybrid nodes that do not serve your tenant")
+            tried = foreign
         if exchange.request[TUNNELLED]:
             # A request the managed side sent down the link never goes back up it: a `managed` backend here would
             # loop it between the two sides until a timeout.
-            tried = {route.backend.id for group in model.groups for route in group
-                     if route.backend.provider == MANAGED}
+            tried = (tried or set()) | {route.backend.id for group in model.groups for route in group
+                                        if route.backend.provider == MANAGED}
         failure: Failure | None = None
         while (backend := await self._choose(model, tried, needs)) is not None:
             exchange.backend = backend

@@ -20,14 +20,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from sqlalchemy import select, update
+from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import scaigrid
 from scaigrid import errors
+from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.service_tokens import HYBRID_RELAY
-from scaigrid.db.tables import hybrid_nodes
+from scaigrid.db.tables import hybrid_nodes, hybrid_relayed_requests
 from scaigrid.errors import FieldError, ScaigridError
-from scaigrid.hybrid import enrollment, outbox, protocol, registry, snapshot
+from scaigrid.hybrid import assertion, enrollment, outbox, protocol, registry, snapshot
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.interceptors import accepts, node_credential
 from scaigrid.settings import Settings
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
 MAX_MODELS = 256
 MAX_VERSION_CHARS = 64  # hybrid_nodes.software_version
+MAX_ID_CHARS = 40  # hybrid_relayed_requests.request_id and node_id
+FORWARDED_HEADERS = ("content-type", "accept")
 USAGE_RETRY_S = 5.0  # a batch that could not be stored is tried again while the link lasts, then acked
 LINK_LOST = "LINK_LOST"
 
@@ -54,9 +58,11 @@ class Tunnel:
 class Link:
     """One node's Connect stream on this replica."""
 
-    def __init__(self, holder: registry.LinkHolder, pushed_sha256: str) -> None:
+    def __init__(self, holder: registry.LinkHolder, pushed_sha256: str, assertion_key: bytes) -> None:
         self.holder = holder  # what the registry says of this link; rewritten on every heartbeat
         self.node_id = holder.node_id
+        # Signs the caller assertions of this link's tunnels: derived from the credential the node linked with.
+        self.assertion_key = assertion_key
         # Messages to the node, then None (the stream ends OK) or the error the stream ends with.
         self.outgoing: asyncio.Queue[link_pb2.ManagedMessage | ScaigridError | None] = asyncio.Queue()
         self.tunnels: dict[str, Tunnel] = {}
@@ -117,13 +123,14 @@ class HeldLinks:
         self.links: dict[str, Link] = {}
         self.stopping = False
 
-    async def hold(self, node_id: str, hello: link_pb2.Hello) -> Link:
+    async def hold(self, node_id: str, hello: link_pb2.Hello, credential_hash: str) -> Link:
         """Claims the node's link for this replica; a link of the node held before (here or elsewhere) ends."""
         now_s = time.time()
         link = Link(registry.LinkHolder(
             node_id=node_id, replica=self.replica, session=secrets.token_hex(12), connected_since_unix=now_s,
             last_heartbeat_unix=now_s, software_version=hello.software_version, config_version=hello.config_version,
-            outbox_depth=0, tunnels_in_flight=0, models=tuple(hello.models)), hello.config_hash)
+            outbox_depth=0, tunnels_in_flight=0, models=tuple(hello.models)), hello.config_hash,
+            assertion.signing_key(credential_hash))
         await registry.claim(self.redis, link.holder, self.ttl_s)
         older = self.links.get(node_id)
         if older is not None:
@@ -167,7 +174,7 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
         held = self._held
         node_id = None
         try:
-            node_id = await self._authenticate(context)
+            node_id, credential_hash = await self._authenticate(context)
             hello = await self._hello(requests)
             problem = protocol.skew_problem(hello.protocol_version, hello.software_version, scaigrid.__version__)
             if problem is not None:
@@ -177,7 +184,7 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
             async with held.engine.begin() as conn:
                 await conn.execute(update(hybrid_nodes).where(hybrid_nodes.c.id == node_id).values(
                     software_version=hello.software_version))
-            link = await held.hold(node_id, hello)
+            link = await held.hold(node_id, hello, credential_hash)
         except ScaigridError as exc:
             logger.warning("hybrid link refused (%s): %s", exc.code, exc.message,
                            extra={"event": "hybrid_link_refused", "node_id": node_id, "code": exc.code,
@@ -206,10 +213,11 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
             logger.info("hybrid node %s unlinked: %s (%d tunnel(s) cut)", node_id, link.end_reason, cut,
                         extra={"event": "hybrid_link_disconnected", "node_id": node_id, "tunnels_cut": cut})
 
-    async def _authenticate(self, context: Any) -> str:
+    async def _authenticate(self, context: Any) -> tuple[str, str]:
+        """The node's id and the hash of the credential it linked with (after the switch, if it was pending)."""
         async with self._held.engine.begin() as conn:  # promotes a rotated-in credential on its first use
             row = await enrollment.authenticate(conn, _authorization(context))
-        return str(row["id"])
+        return str(row["id"]), str(row["credential_hash"])
 
     async def _hello(self, requests: AsyncIterator[link_pb2.NodeMessage]) -> link_pb2.Hello:
         try:
@@ -362,8 +370,19 @@ class TunnelRelayServicer(link_pb2_grpc.TunnelRelayServicer):
     # Only the managed http processes: a ScaiInfer node's token must not reach hybrid nodes through it.
     @accepts(HYBRID_RELAY)
     async def Open(self, request: link_pb2.TunnelRequest, context: Any) -> AsyncIterator[link_pb2.TunnelFrame]:
-        if not request.tunnel_id:
-            raise errors.validation_error([FieldError("tunnel_id", "required")])
+        for name in ("tunnel_id", "node_id"):
+            if not 0 < len(getattr(request, name)) <= MAX_ID_CHARS:
+                raise errors.validation_error([FieldError(name, f"required: at most {MAX_ID_CHARS} characters")])
+        caller = request.caller
+        if not (caller.tenant_id and caller.partner_id and caller.user_id and caller.role):
+            raise errors.validation_error([FieldError("caller", "required: the tenant, partner, user and role of "
+                                                                "the request")])
+        # Remembered before the node can learn the id: a usage record a node reports under it is refused. Failing
+        # over between two backends of one node relays the same id again.
+        async with self._held.engine.begin() as conn:
+            statement = insert(hybrid_relayed_requests).values(
+                request_id=request.tunnel_id, node_id=request.node_id, created_at=utc_now())
+            await conn.execute(statement.on_duplicate_key_update(request_id=statement.inserted.request_id))
         link = self._held.links.get(request.node_id)
         if link is None or link.closed:
             raise errors.link_lost(f"node {request.node_id!r} has no link to this grpc replica "
@@ -372,9 +391,15 @@ class TunnelRelayServicer(link_pb2_grpc.TunnelRelayServicer):
             raise errors.validation_error([FieldError("tunnel_id", "a tunnel with this id is open already")])
         window = request.credit or protocol.TUNNEL_WINDOW
         tunnel = link.tunnels[request.tunnel_id] = Tunnel(window)
-        forwarded = link_pb2.TunnelRequest()
-        forwarded.CopyFrom(request)
-        forwarded.credit = window
+        signed = assertion.sign(link.assertion_key, assertion.Caller(
+            node_id=link.node_id, request_id=request.tunnel_id, tenant_id=caller.tenant_id,
+            partner_id=caller.partner_id, user_id=caller.user_id, api_key_id=caller.api_key_id or None,
+            role=caller.role))
+        # Only what the node needs goes down the link: never a header the caller could carry a credential in.
+        forwarded = link_pb2.TunnelRequest(
+            tunnel_id=request.tunnel_id, node_id=link.node_id, method=request.method, path=request.path,
+            headers={name: value for name, value in request.headers.items() if name.lower() in FORWARDED_HEADERS},
+            body=request.body, credit=window, assertion=signed)
         link.send(link_pb2.ManagedMessage(tunnel_request=forwarded))
         TUNNEL_STREAMS.inc()
         ended, taken = False, 0

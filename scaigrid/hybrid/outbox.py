@@ -9,7 +9,7 @@ acknowledgement) counts once, and only records of the tenants allowed on the nod
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from sqlalchemy import delete, func, select
@@ -20,14 +20,19 @@ from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth.bodies import utc_now
 from scaigrid.db.tables import (
+    api_keys,
     backends,
     hybrid_mirrored,
     hybrid_node_tenants,
+    hybrid_relayed_requests,
     hybrid_usage_outbox,
+    model_routes,
+    models,
     tenants,
     usage_records,
+    users,
 )
-from scaigrid.routing.catalogue import MANAGED
+from scaigrid.routing.catalogue import HYBRID, MANAGED
 from scaigrid.webhooks import outbox as webhook_outbox
 
 logger = logging.getLogger(__name__)
@@ -103,9 +108,10 @@ async def ingest(engine: AsyncEngine, node_id: str, records_json: Sequence[str])
 
     A record that does not decode, or holds what usage_records cannot, is logged (by position and request id only)
     and skipped: one bad record must not hold up the node's outbox forever. A record of a tenant not allowed on
-    the node (or under another partner than the tenant's) is skipped too, and only counted in the log: a node
-    accounts for the tenants it serves, never for anyone else. Request events go to webhooks as for the managed
-    side's own usage.
+    the node (or under another partner than the tenant's), of a user or key not of that tenant, or under a request
+    id the managed side relayed to a node is skipped too, and only counted in the log (`_refusals`): a node
+    accounts for the tenants it serves, never for anyone else. The cost is the managed side's (`_node_prices`),
+    never the node's. Request events go to webhooks as for the managed side's own usage.
     """
     records: list[UsageRecord] = []
     for index, raw in enumerate(records_json):
@@ -123,21 +129,72 @@ async def ingest(engine: AsyncEngine, node_id: str, records_json: Sequence[str])
     if not records:
         return 0
     async with engine.begin() as conn:
-        allowed = set((await conn.execute(select(tenants.c.id, tenants.c.partner_id).join(
-            hybrid_node_tenants, hybrid_node_tenants.c.tenant_id == tenants.c.id).where(
-            hybrid_node_tenants.c.node_id == node_id))).tuples().all())
-        ours = [record for record in records if (record.tenant_id, record.partner_id) in allowed]
+        refusals = await _refusals(conn, node_id, records)
+        ours = [record for record in records if record.request_id not in refusals]
         stored: set[str] = set()
         if ours:
+            prices = await _node_prices(conn, node_id, {record.model for record in ours})
+            ours = [_priced(record, prices.get(record.model)) for record in ours]
             stored = set((await conn.scalars(select(usage_records.c.request_id).where(
                 usage_records.c.request_id.in_([record.request_id for record in ours])))).all())
             await usage.store(conn, ours)
             await webhook_outbox.emit_usage(conn, ours)  # derived ids: a batch sent again emits nothing new
-    foreign = len(records) - len(ours)
-    if foreign:
-        logger.warning("%d usage record(s) of node %s not stored: their tenants are not allowed on the node", foreign,
-                       node_id, extra={"event": "hybrid_usage_foreign", "node_id": node_id, "count": foreign})
+    for reason in sorted(set(refusals.values())):
+        count = sum(1 for why in refusals.values() if why == reason)
+        logger.warning("%d usage record(s) of node %s not stored: %s", count, node_id, reason,
+                       extra={"event": "hybrid_usage_foreign", "node_id": node_id, "count": count})
     return len({record.request_id for record in ours} - stored)
+
+
+async def _refusals(conn: AsyncConnection, node_id: str, records: Sequence[UsageRecord]) -> dict[str, str]:
+    """Why the managed side stores none of these records, by request id: a node accounts only for what it served,
+    to the users and keys of the tenants allowed on it, and never under an id the managed side relayed to a node
+    (it accounted that request itself, whichever record arrives first)."""
+    allowed = set((await conn.execute(select(tenants.c.id, tenants.c.partner_id).join(
+        hybrid_node_tenants, hybrid_node_tenants.c.tenant_id == tenants.c.id).where(
+        hybrid_node_tenants.c.node_id == node_id))).tuples().all())
+    request_ids = [record.request_id for record in records]
+    relayed = set((await conn.scalars(select(hybrid_relayed_requests.c.request_id).where(
+        hybrid_relayed_requests.c.request_id.in_(request_ids)))).all())
+    user_ids = {record.user_id for record in records if record.user_id}
+    members = set((await conn.execute(select(users.c.id, users.c.tenant_id).where(
+        users.c.id.in_(user_ids)))).tuples().all()) if user_ids else set()
+    key_ids = {record.api_key_id for record in records if record.api_key_id}
+    keys = set((await conn.execute(select(api_keys.c.id, api_keys.c.user_id, api_keys.c.tenant_id).where(
+        api_keys.c.id.in_(key_ids)))).tuples().all()) if key_ids else set()
+    refusals: dict[str, str] = {}
+    for record in records:
+        if (record.tenant_id, record.partner_id) not in allowed:
+            refusals[record.request_id] = "their tenants are not allowed on the node"
+        elif record.request_id in relayed:
+            refusals[record.request_id] = "the managed side relayed these requests and accounts for them itself"
+        elif (record.user_id, record.tenant_id) not in members or (
+                record.api_key_id is not None
+                and (record.api_key_id, record.user_id, record.tenant_id) not in keys):
+            refusals[record.request_id] = "their user or key is not one of their tenant's"
+    return refusals
+
+
+async def _node_prices(conn: AsyncConnection, node_id: str, slugs: set[str]) -> dict[str, tuple[Decimal, Decimal]]:
+    """The managed side's prices of the node's models: those of the managed model routed to each one (through a
+    `hybrid` backend "<node>/<slug>"; the first by slug when several are). A model none routes to has none."""
+    by_target = {f"{node_id}/{slug}": slug for slug in slugs}
+    rows = (await conn.execute(
+        select(backends.c.model, models.c.price_input_per_mtok, models.c.price_output_per_mtok)
+        .select_from(backends.join(model_routes, model_routes.c.backend_id == backends.c.id)
+                     .join(models, models.c.id == model_routes.c.model_id))
+        .where(backends.c.provider == HYBRID, backends.c.model.in_(by_target)).order_by(models.c.slug))).all()
+    prices: dict[str, tuple[Decimal, Decimal]] = {}
+    for target, price_in, price_out in rows:
+        prices.setdefault(by_target[target], (price_in, price_out))
+    return prices
+
+
+def _priced(record: UsageRecord, price: tuple[Decimal, Decimal] | None) -> UsageRecord:
+    """The record at the managed side's price: the node's own cost is never taken."""
+    price_in, price_out = price or (Decimal(0), Decimal(0))
+    return replace(record, cost=(record.tokens_in * price_in + record.tokens_out * price_out) / 1_000_000,
+                   tunnelled=False)
 
 
 # The columns' limits: a value beyond them would fail the whole batch's insert, and the batch would come back forever.

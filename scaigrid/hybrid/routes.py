@@ -18,8 +18,10 @@ from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.bodies import Body, iso, json_object, listing, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
+from scaigrid.cache import announce
 from scaigrid.db.tables import hybrid_nodes
 from scaigrid.hybrid import enrollment, registry, snapshot
+from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ async def revoke_node(request: web.Request) -> web.Response:
         row = (await conn.execute(select(hybrid_nodes).where(hybrid_nodes.c.id == node_id))).mappings().first()
     if row is None:
         raise errors.not_found(f"no hybrid node {node_id!r}")
+    await announce(request.app[REDIS], TOPIC_CATALOGUE)  # its `hybrid` backends serve nobody from now on
     logger.info("hybrid node %s revoked by an admin", node_id,
                 extra={"event": "hybrid_node_revoked", "node_id": node_id})
     return ok(_node_json(row))
@@ -120,6 +123,7 @@ async def put_node_tenants(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         await snapshot.set_allowed_tenants(conn, node_id, tenant_ids)
         allowed = await snapshot.allowed_tenants(conn, node_id)
+    await announce(request.app[REDIS], TOPIC_CATALOGUE)  # `hybrid` backends send only these tenants' requests
     logger.info("hybrid node %s may serve %d tenant(s)", node_id, len(allowed),
                 extra={"event": "hybrid_node_tenants_set", "node_id": node_id})
     return ok({"node_id": node_id, "tenant_ids": allowed})
@@ -174,6 +178,7 @@ async def unenroll(request: web.Request) -> web.Response:
     async with request.app[DB].begin() as conn:
         row = await enrollment.authenticate(conn, request.headers.get("Authorization"))
         await enrollment.revoke(conn, row["id"])
+    await announce(request.app[REDIS], TOPIC_CATALOGUE)
     logger.info("hybrid node %s unenrolled itself", row["id"],
                 extra={"event": "hybrid_node_unenrolled", "node_id": row["id"]})
     return ok({"node_id": row["id"], "revoked": True})

@@ -12,6 +12,7 @@ import aiohttp
 from scaigrid.api.base import TUNNEL_HEADER, TUNNEL_ID_HEADER
 from scaigrid.auth import service_tokens
 from scaigrid.hybrid import protocol
+from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.lifecycle import finish_within
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2
 from scaigrid.settings import Settings
@@ -25,9 +26,9 @@ FRAME_MAX_BYTES = 64 * 1024
 QUEUED_FRAMES_MAX = 8
 LOCAL_CONNECT_TIMEOUT_S = 5.0
 TUNNEL_TOKEN_TTL_S = 60  # checked once, when the node's http process receives the request
-# Never forwarded as the client sent them: hop-by-hop headers, and the two the node sets itself.
-DROPPED_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                                     "upgrade", "proxy-authorization", TUNNEL_HEADER.lower(), TUNNEL_ID_HEADER.lower()})
+# The only headers of a TunnelRequest the node passes on: the caller is named by the assertion, and an
+# `authorization` header (which the managed side never sends) is not taken from the link.
+FORWARDED_REQUEST_HEADERS = frozenset({"content-type", "accept"})
 RETURNED_HEADERS = ("content-type", "retry-after")
 RETURNED_HEADER_PREFIX = "x-scaigrid-ratelimit-"
 
@@ -227,10 +228,12 @@ class NodeTunnels:
                                f"a tunnel carries inference calls only ({', '.join(ALLOWED_PATH_PREFIXES)})")
             return
         headers = {name: value for name, value in request.headers.items()
-                   if name.lower() not in DROPPED_REQUEST_HEADERS}
+                   if name.lower() in FORWARDED_REQUEST_HEADERS}
         headers[TUNNEL_HEADER] = service_tokens.mint(self._secret, protocol.LINK_SERVICE_NAME, TUNNEL_TOKEN_TTL_S,
                                                      scope=service_tokens.HYBRID_LINK)
         headers[TUNNEL_ID_HEADER] = tunnel_id
+        # Verified by the http process against this node's credential: the caller the managed side vouches for.
+        headers[ASSERTION_HEADER] = request.assertion
         put = self._sender.put
         headed = False
         try:

@@ -23,7 +23,7 @@ from scaigrid import errors
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.crypto import UndecryptableCredential, decrypt
-from scaigrid.db.tables import backends, model_routes, models, tenants
+from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, tenants
 from scaigrid.lifecycle import background
 from scaigrid.settings import Settings
 
@@ -57,6 +57,9 @@ class Backend:
     # node's (hn_...). Neither has a base_url.
     node_id: str | None = None
     node_model: str = ""
+    # provider "hybrid": the tenants allowed on its node (PUT /v1/hybrid/nodes/{id}/tenants); no other tenant's
+    # request is sent there, since the node knows only these tenants' users (docs/hybrid.md, "Tunnel").
+    node_tenant_ids: frozenset[str] = frozenset()
 
     def visible_to(self, principal: Principal) -> bool:
         """Shared backends are seen by everyone allowed to look at backends; a tenant's by those reaching it."""
@@ -137,7 +140,7 @@ def _credential(settings: Settings, row: Any) -> str | None:
     return None
 
 
-def _backend(settings: Settings, row: Any) -> Backend:
+def _backend(settings: Settings, row: Any, node_tenants: Mapping[str, frozenset[str]]) -> Backend:
     headers = {"Content-Type": "application/json"}
     key = _credential(settings, row)
     if key:
@@ -151,11 +154,12 @@ def _backend(settings: Settings, row: Any) -> Backend:
         model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,
         cost_input_per_mtok=row.cost_input_per_mtok, cost_output_per_mtok=row.cost_output_per_mtok,
         chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers,
-        node_id=node_id, node_model=node_model)
+        node_id=node_id, node_model=node_model,
+        node_tenant_ids=node_tenants.get(node_id or "", frozenset()) if row.provider == HYBRID else frozenset())
 
 
 async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
-    """Reads every backend, model and route (three queries)."""
+    """Reads every backend, model and route, and the tenants of each linked node (four queries)."""
     async with engine.connect() as conn:
         backend_rows = (await conn.execute(
             select(backends, tenants.c.partner_id)
@@ -164,7 +168,14 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
             select(models, tenants.c.slug.label("tenant_slug"))
             .select_from(models.outerjoin(tenants, models.c.tenant_id == tenants.c.id)))).all()
         route_rows = (await conn.execute(select(model_routes))).all()
-    by_id = {row.id: _backend(settings, row) for row in backend_rows}
+        allowed_rows = (await conn.execute(select(hybrid_node_tenants.c.node_id, hybrid_node_tenants.c.tenant_id)
+                                           .join(hybrid_nodes, hybrid_nodes.c.id == hybrid_node_tenants.c.node_id)
+                                           .where(hybrid_nodes.c.revoked_at.is_(None)))).all()
+    node_tenants: dict[str, set[str]] = {}
+    for node_id, tenant_id in allowed_rows:
+        node_tenants.setdefault(node_id, set()).add(tenant_id)
+    frozen = {node_id: frozenset(tenant_ids) for node_id, tenant_ids in node_tenants.items()}
+    by_id = {row.id: _backend(settings, row, frozen) for row in backend_rows}
     routes_of: dict[str, list[Route]] = {}
     for row in route_rows:
         backend = by_id.get(row.backend_id)

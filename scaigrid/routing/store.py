@@ -21,7 +21,7 @@ from scaigrid import errors
 from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
-from scaigrid.db.tables import backends, model_routes, models, new_id, tenants
+from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, new_id, tenants
 from scaigrid.errors import FieldError
 from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER
 from scaigrid.rpc.nodes import NODE_ID
@@ -389,9 +389,25 @@ async def _routed_by(conn: AsyncConnection, backend_id: str) -> list[Row[Any]]:
     return list((await conn.execute(query)).all())
 
 
+async def _check_linked_node(conn: AsyncConnection, model: str, tenant_id: str | None) -> None:
+    """An active hybrid backend names an enrolled node that serves its owner: a tenant's backend needs that tenant
+    allowed on the node (PUT /v1/hybrid/nodes/{id}/tenants); a shared one is the platform's (`_tenant` checked)."""
+    node_id = model.partition("/")[0]
+    query = select(hybrid_nodes.c.id).where(hybrid_nodes.c.id == node_id, hybrid_nodes.c.revoked_at.is_(None))
+    if tenant_id is not None:
+        query = query.join(hybrid_node_tenants, hybrid_node_tenants.c.node_id == hybrid_nodes.c.id).where(
+            hybrid_node_tenants.c.tenant_id == tenant_id)
+    if await conn.scalar(query) is None:
+        # One answer for "no such node" and "not yours": a tenant's admin learns nothing of other nodes.
+        raise errors.validation_error([FieldError("model", f"no enrolled hybrid node {node_id!r} serves "
+                                                           f"{'this tenant' if tenant_id else 'the platform'}")])
+
+
 async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor, spec: BackendSpec) -> str:
     """Creates or updates one backend; returns "created", "updated" or "unchanged"."""
     tenant_id = await _tenant(conn, actor, spec.tenant)
+    if spec.provider == HYBRID and spec.status == "active":
+        await _check_linked_node(conn, spec.model, tenant_id)
     existing = (await conn.execute(_backend_query().where(backends.c.id == spec.id))).first()
     if existing is not None and not _reaches(actor, existing.tenant_id, existing.partner_id):
         raise errors.slug_conflict(f"backend id {spec.id!r} is taken")

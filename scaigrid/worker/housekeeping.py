@@ -7,7 +7,7 @@ from sqlalchemy import Select, delete, or_, select
 
 from scaigrid.auth.bodies import utc_now
 from scaigrid.db import delete_in_batches
-from scaigrid.db.tables import api_keys, budgets, usage_records
+from scaigrid.db.tables import api_keys, budgets, hybrid_relayed_requests, usage_records
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ async def purge_usage(ctx: JobContext) -> None:
         or_(u.user_id.is_(None), u.user_id.not_in(_total_budget_scopes("user")))))
     logger.info("deleted %d usage record(s) older than %d days", deleted, days,
                 extra={"event": "usage_purged", "count": deleted})
+    # The ids relayed to hybrid nodes guard usage records: they go when such records would.
+    await delete_in_batches(ctx.engine, delete(hybrid_relayed_requests).where(
+        hybrid_relayed_requests.c.created_at < utc_now() - timedelta(days=days)))
 
 
 async def purge_api_keys(ctx: JobContext) -> None:

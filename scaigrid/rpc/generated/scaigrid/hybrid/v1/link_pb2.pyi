@@ -128,7 +128,7 @@ class UsageAck(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., stored: _Optional[int] = ...) -> None: ...
 
 class TunnelRequest(_message.Message):
-    __slots__ = ("tunnel_id", "node_id", "method", "path", "headers", "body", "credit")
+    __slots__ = ("tunnel_id", "node_id", "method", "path", "headers", "body", "credit", "caller", "assertion")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class TunnelRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    ASSERTION_FIELD_NUMBER: _ClassVar[int]
     tunnel_id: str
     node_id: str
     method: str
@@ -150,7 +152,23 @@ class TunnelRequest(_message.Message):
     headers: _containers.ScalarMap[str, str]
     body: bytes
     credit: int
-    def __init__(self, tunnel_id: _Optional[str] = ..., node_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[bytes] = ..., credit: _Optional[int] = ...) -> None: ...
+    caller: Caller
+    assertion: str
+    def __init__(self, tunnel_id: _Optional[str] = ..., node_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[bytes] = ..., credit: _Optional[int] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., assertion: _Optional[str] = ...) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("tenant_id", "partner_id", "user_id", "api_key_id", "role")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    partner_id: str
+    user_id: str
+    api_key_id: str
+    role: str
+    def __init__(self, tenant_id: _Optional[str] = ..., partner_id: _Optional[str] = ..., user_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class TunnelFrame(_message.Message):
     __slots__ = ("tunnel_id", "head", "data", "end")
