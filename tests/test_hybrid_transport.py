@@ -468,7 +468,8 @@ def test_a_tunnelled_caller_is_only_who_a_valid_assertion_names(gateway: Managed
     """The node authenticates a tunnelled request from the managed side's assertion: the Authorization header does
     not count, and a forged, expired, replayed or misdirected assertion is refused."""
     env = gateway.gateway.env
-    link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60)
+    link_token = service_tokens.mint(Secret(env["SERVICE_TOKEN_SECRET"]), protocol.LINK_SERVICE_NAME, 60,
+                                     scope=HYBRID_LINK)
 
     def tunnelled(tunnel_id: str, caller: str | None) -> tuple[int, Any]:
         headers = {"X-Scaigrid-Tunnel": link_token, "X-Scaigrid-Tunnel-Id": tunnel_id}
