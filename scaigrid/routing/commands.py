@@ -33,7 +33,8 @@ def _lines(item: str, error: ScaigridError) -> list[str]:
 
 def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse: Callable[[Any], Spec],
                problems: list[str]) -> list[tuple[str, Spec]]:
-    """Every item of one [[table]], each named "<kind> <id>" for the lines it earns."""
+    """Every item of one [[table]], each named "<kind> <id>" (and "(tenant <slug>)" for a tenant's: ids are unique
+    per tenant) for the lines it earns."""
     items = document.get(table, [])
     if not isinstance(items, list):
         problems.append(f"{table}: write each item as a [[{table}]] table")
@@ -41,7 +42,10 @@ def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse:
     parsed: list[tuple[str, Spec]] = []
     for index, item in enumerate(items):
         ident = item.get(key) if isinstance(item, dict) else None
+        tenant = item.get("tenant") if isinstance(item, dict) else None
         name = f"{kind} {ident}" if isinstance(ident, str) and ident else f"{table}[{index}]"
+        if isinstance(tenant, str) and tenant:
+            name += f" (tenant {tenant})"
         try:
             spec = parse(item)
         except ScaigridError as exc:
