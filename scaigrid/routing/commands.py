@@ -33,8 +33,7 @@ def _lines(item: str, error: ScaigridError) -> list[str]:
 
 def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse: Callable[[Any], Spec],
                problems: list[str]) -> list[tuple[str, Spec]]:
-    """Every item of one [[table]], each named "<kind> <id>" (and "(tenant <slug>)" for a tenant's: ids are unique
-    per tenant) for the lines it earns."""
+    """Every item of one [[table]], each named "<kind> <id>" for the lines it earns."""
     items = document.get(table, [])
     if not isinstance(items, list):
         problems.append(f"{table}: write each item as a [[{table}]] table")
@@ -42,16 +41,14 @@ def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse:
     parsed: list[tuple[str, Spec]] = []
     for index, item in enumerate(items):
         ident = item.get(key) if isinstance(item, dict) else None
-        tenant = item.get("tenant") if isinstance(item, dict) else None
         name = f"{kind} {ident}" if isinstance(ident, str) and ident else f"{table}[{index}]"
-        if isinstance(tenant, str) and tenant:
-            name += f" (tenant {tenant})"
         try:
             spec = parse(item)
         except ScaigridError as exc:
             problems.extend(_lines(name, exc))
             continue
-        if any(name == seen for seen, _ in parsed):
+        # Ids are unique per owner: the same id for two tenants (or a tenant and the platform) is two items.
+        if any(name == seen and spec.tenant == other.tenant for seen, other in parsed):
             problems.append(f"{name}: {key}: defined twice in the file")
             continue
         parsed.append((name, spec))
