@@ -381,11 +381,11 @@ async def backend_key_for(conn: AsyncConnection, actor: Actor, name: str, tenant
 
 
 def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A backend as the API shows it (a row of `visible_backends`): never the key, only whether there is one."""
+    """A backend as the API shows it (a row of `visible_backends`): its name as `id`; never the API key, only
+    whether there is one."""
     return {
         "id": backend_name(row["id"]), "provider": row["provider"], "base_url": row["base_url"] or None,
-        "model": row["model"],
-        "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
+        "model": row["model"], "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
         "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
         "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),
         "timeout_s": row["timeout_s"], "tenant": row["tenant_slug"], "status": row["status"],
