@@ -63,8 +63,9 @@ def apply(env: dict[str, str], tmp_path: Path, text: str, name: str = "catalogue
 
 
 def routes(env: dict[str, str], slug: str) -> list[tuple[str, int, int]]:
-    rows = sql(env, "SELECT r.backend_id, r.weight, r.priority FROM model_routes r JOIN models m ON m.id = r.model_id "
-                    "WHERE m.slug = :slug ORDER BY r.priority", slug=slug)
+    """(backend name, weight, priority): a tenant backend's stored key adds "@<tenant id>" to its name."""
+    rows = sql(env, "SELECT SUBSTRING_INDEX(r.backend_id, '@', 1), r.weight, r.priority FROM model_routes r "
+                    "JOIN models m ON m.id = r.model_id WHERE m.slug = :slug ORDER BY r.priority", slug=slug)
     return [tuple(row) for row in rows]
 
 
@@ -91,6 +92,34 @@ def test_apply_creates_then_changes_nothing_when_applied_again(migrated_env: dic
         "backend vllm-a: unchanged", "backend openai-b: unchanged", "model scailabs/poolnoodle-omni: unchanged"]
     # Unchanged means unwritten: the same ciphertext, not a fresh encryption of the same key.
     assert sql(migrated_env, "SELECT id, updated_at, api_key_encrypted FROM backends ORDER BY id") == stamps
+
+
+def test_the_same_names_for_two_owners_are_two_items_applied_idempotently(migrated_env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    add_tenant(migrated_env, "acme")
+    text = "".join(f"""
+[[backends]]
+id = "vllm-1"
+provider = "custom"
+base_url = "http://127.0.0.1:808{index}/v1"
+model = "llama"
+{owner}
+[[models]]
+slug = "shared/name"
+modality = "chat"
+routes = [ {{ backend = "vllm-1" }} ]
+{owner}
+""" for index, owner in enumerate(("", 'tenant = "acme"')))
+    code, out, err = apply(migrated_env, tmp_path, text)
+    assert (code, out.splitlines()) == (0, ["backend vllm-1: created"] * 2 + ["model shared/name: created"] * 2), err
+    owners = sql(migrated_env, "SELECT t.slug, b.base_url FROM model_routes r JOIN models m ON m.id = r.model_id "
+                               "JOIN backends b ON b.id = r.backend_id LEFT JOIN tenants t ON t.id = m.tenant_id "
+                               "ORDER BY t.slug")
+    assert [tuple(row) for row in owners] == [(None, "http://127.0.0.1:8080/v1"), ("acme", "http://127.0.0.1:8081/v1")]
+    code, out, err = apply(migrated_env, tmp_path, text)
+    assert (code, out.splitlines()) == (0, ["backend vllm-1: unchanged"] * 2 + ["model shared/name: unchanged"] * 2)
+    code, out, err = apply(migrated_env, tmp_path, text + text)
+    assert code == 1 and err.count("defined twice in the file") == 4, err
 
 
 def test_api_key_is_stored_encrypted_and_never_printed(migrated_env: dict[str, str], tmp_path: Path) -> None:

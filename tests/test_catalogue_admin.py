@@ -7,6 +7,7 @@ import redis as sync_redis
 from cryptography.fernet import Fernet
 
 from scaigrid.cache import CHANNEL
+from tests.backends import wait_until
 from tests.catalogue_fixtures import add_tenant, call, sql
 from tests.conftest import Node
 
@@ -162,7 +163,8 @@ def test_a_tenant_neither_sees_nor_uses_another_tenants_backends_and_models(node
     add_tenant(node.env, "acme")  # partner "default"
     add_tenant(node.env, "globex", partner="globex-partner")
     admin = node.admin_key
-    for body in (backend("shared-1"), backend("acme-gpu", tenant="acme"), backend("globex-gpu", tenant="globex")):
+    for body in (backend("shared-1"), backend("acme-gpu", tenant="acme"), backend("globex-gpu", tenant="globex"),
+                 backend("globex-box", tenant="globex")):
         assert call(node.url, "POST", "/v1/backends", admin, body)[0] == 201
     assert call(node.url, "POST", "/v1/models", admin, model("globex/chat", "globex-gpu", tenant="globex"))[0] == 201
 
@@ -189,23 +191,93 @@ def test_a_tenant_neither_sees_nor_uses_another_tenants_backends_and_models(node
                              {} if method == "PUT" else None)) == (404, "BACKEND_NOT_FOUND")
         assert error_of(call(node.url, method, "/v1/models/globex/chat", partner_admin,
                              {} if method == "PUT" else None)) == (404, "MODEL_NOT_FOUND")
-    # Taking over another tenant's id by creating it again is refused without telling whose it is.
+    # Another tenant's id is acme's to use too: names are unique per tenant, and tell nothing across tenants.
     assert error_of(call(node.url, "POST", "/v1/backends", partner_admin, backend("globex-gpu", tenant="acme"))) == (
-        409, "SLUG_CONFLICT")
+        201, "ok")
 
     # Nor can acme's model be routed to globex's server, or a shared model to acme's.
-    status, reply = call(node.url, "POST", "/v1/models", partner_admin, model("acme/chat", "globex-gpu", tenant="acme"))
+    status, reply = call(node.url, "POST", "/v1/models", partner_admin, model("acme/chat", "globex-box", tenant="acme"))
     assert status == 422 and reply["error"]["details"][0]["field"] == "routes[0].backend"
     status, reply = call(node.url, "POST", "/v1/models", partner_admin,
                          model("acme/chat", "acme-gpu", "shared-1", tenant="acme"))
     assert status == 201, reply
     status, reply = call(node.url, "POST", "/v1/models", admin, model("shared/chat", "acme-gpu"))
     assert status == 422 and reply["error"]["details"][0]["field"] == "routes[0].backend"
-    # Moving a routed backend to another tenant would blind its models: refused.
-    status, reply = call(node.url, "PUT", "/v1/backends/acme-gpu", admin, {"tenant": "globex"})
-    assert status == 422 and "acme/chat" in reply["error"]["details"][0]["message"]
-    owners = sql(node.env, "SELECT b.id, t.slug FROM backends b JOIN tenants t ON t.id = b.tenant_id ORDER BY b.id")
-    assert [tuple(row) for row in owners] == [("acme-2", "acme"), ("acme-gpu", "acme"), ("globex-gpu", "globex")]
+    # A backend's tenant is part of what it is (its id is unique within the tenant only): it never moves.
+    status, reply = call(node.url, "PUT", "/v1/backends/acme-gpu?tenant=acme", admin, {"tenant": "globex"})
+    assert status == 422 and reply["error"]["details"][0]["field"] == "tenant"
+    owners = sql(node.env, "SELECT SUBSTRING_INDEX(b.id, '@', 1) AS name, t.slug FROM backends b "
+                           "JOIN tenants t ON t.id = b.tenant_id ORDER BY t.slug, name")
+    assert [tuple(row) for row in owners] == [
+        ("acme-2", "acme"), ("acme-gpu", "acme"), ("globex-gpu", "acme"), ("globex-box", "globex"),
+        ("globex-gpu", "globex")]
+
+
+def test_names_are_unique_per_tenant_so_they_neither_block_nor_reveal_across_partners(node: Node) -> None:
+    add_tenant(node.env, "acme", partner="acme-partner")
+    add_tenant(node.env, "globex", partner="globex-partner")
+    admin = node.admin_key  # tenant "default"
+    assert call(node.url, "POST", "/v1/backends", admin, backend("vllm-1", model="platform-llama"))[0] == 201
+    assert call(node.url, "POST", "/v1/models", admin, model("shared/name", "vllm-1", display_name="platform"))[0] == (
+        201)
+    partner_admins = {"acme": node.key("partner_admin", "acme"), "globex": node.key("partner_admin", "globex")}
+    for tenant, key in partner_admins.items():
+        status, reply = call(node.url, "POST", "/v1/backends", key, backend("vllm-1", tenant=tenant,
+                                                                            model=f"{tenant}-llama"))
+        assert (status, reply["data"]["id"], reply["data"]["tenant"]) == (201, "vllm-1", tenant), reply
+        status, reply = call(node.url, "POST", "/v1/models", key, model("shared/name", "vllm-1", tenant=tenant,
+                                                                        display_name=tenant))
+        assert (status, reply["data"]["tenant"]) == (201, tenant), reply
+        # Within one tenant (as within the platform) a name is still taken.
+        assert error_of(call(node.url, "POST", "/v1/backends", key, backend("vllm-1", tenant=tenant))) == (
+            409, "SLUG_CONFLICT")
+        assert error_of(call(node.url, "POST", "/v1/models", key, model("shared/name", tenant=tenant))) == (
+            409, "SLUG_CONFLICT")
+    assert error_of(call(node.url, "POST", "/v1/backends", admin, backend("vllm-1"))) == (409, "SLUG_CONFLICT")
+    assert error_of(call(node.url, "POST", "/v1/models", admin, model("shared/name"))) == (409, "SLUG_CONFLICT")
+
+    for mine, theirs in (("acme", "globex"), ("globex", "acme")):
+        key = partner_admins[mine]
+        status, reply = call(node.url, "GET", "/v1/backends/vllm-1", key)  # its own tenant's, over the platform's
+        assert (status, reply["data"]["model"], reply["data"]["tenant"]) == (200, f"{mine}-llama", mine)
+        listing = call(node.url, "GET", "/v1/backends", key)[1]["data"]["items"]
+        assert sorted((b["id"], b["tenant"] or "") for b in listing) == [("vllm-1", ""), ("vllm-1", mine)]
+        assert call(node.url, "GET", "/v1/routing/shared/name", key)[1]["data"]["routes"] == [
+            {"backend": "vllm-1", "weight": 1, "priority": 1}]
+        # The other partner's names answer exactly as names nobody has.
+        for name, missing in (("vllm-1", "no-such-backend"), ("shared/name", "no/such-model")):
+            for method, path in (("GET", "/v1/backends/{}"), ("PUT", "/v1/backends/{}"), ("DELETE", "/v1/backends/{}"),
+                                 ("GET", "/v1/backends/{}/health"), ("PUT", "/v1/models/{}"),
+                                 ("DELETE", "/v1/models/{}"), ("GET", "/v1/routing/{}"), ("PUT", "/v1/routing/{}")):
+                if ("backends" in path) != (name == "vllm-1"):
+                    continue
+                body = ({"routes": []} if "routing" in path else {}) if method == "PUT" else None
+                taken = call(node.url, method, path.format(name) + f"?tenant={theirs}", key, body)
+                free = call(node.url, method, path.format(missing) + f"?tenant={theirs}", key, body)
+                assert error_of(taken) == error_of(free) == (
+                    404, "BACKEND_NOT_FOUND" if "backends" in path else "MODEL_NOT_FOUND"), (method, path)
+                assert taken[1]["error"]["message"] == free[1]["error"]["message"].replace(missing, name)
+
+    # The super_admin reaches each by naming its tenant; a change to one leaves the others as they were.
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-1?tenant=globex", admin, {"status": "disabled"})
+    assert (status, reply["data"]["tenant"], reply["data"]["status"]) == (200, "globex", "disabled"), reply
+    statuses = {(b["tenant"], b["status"]) for b in call(node.url, "GET", "/v1/backends", admin)[1]["data"]["items"]}
+    assert statuses == {(None, "active"), ("acme", "active"), ("globex", "disabled")}
+
+    # Inference: a tenant's own model shadows the platform's of the same slug, for that tenant only.
+    def offered(tenant: str) -> str | None:
+        status, reply = call(node.url, "GET", "/v1/models", users[tenant])
+        names = [m["display_name"] for m in reply["data"]["items"] if m["slug"] == "shared/name"]
+        assert status == 200 and len(names) <= 1, reply
+        return names[0] if names else None
+
+    users = {tenant: node.key("tenant_user", tenant) for tenant in ("default", "acme", "globex")}
+    wait_until(lambda: [offered(t) for t in users] == ["platform", "acme", "globex"], "each tenant's own model")
+    status, reply = call(node.url, "GET", "/v1/models/shared/name", users["acme"])
+    assert (status, reply["data"]["owned_by"]) == (200, "acme")
+    assert error_of(call(node.url, "DELETE", "/v1/models/shared/name?tenant=acme", partner_admins["acme"])) == (
+        200, "ok")
+    wait_until(lambda: [offered(t) for t in users] == ["platform", "platform", "globex"], "the platform's again")
 
 
 def test_every_change_is_announced(node: Node) -> None:

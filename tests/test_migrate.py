@@ -146,3 +146,51 @@ async def test_core_tables_in_code_match_the_migrated_schema(settings):
         await engine.dispose()
     # Only the version table is in the database and not in the metadata.
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == "alembic_version")] == []
+
+
+async def test_names_per_owner_rekey_tenant_backends_and_go_back_unless_names_clash(settings):
+    """core_0008 qualifies a tenant backend's key by its tenant everywhere it is referenced, and its downgrade undoes
+    that, refusing (and changing nothing) while one name exists for two owners."""
+    engine = create_async_engine(settings.database.url.reveal())
+
+    async def rows(sql: str) -> list[tuple[object, ...]]:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(text(sql))]
+
+    async def run(*statements: str) -> None:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+
+    try:
+        await migrations.upgrade(engine, (), lock_timeout_s=10)
+        assert [r.error for r in await migrations.downgrade(engine, (), target="core_0006", lock_timeout_s=10)] == [
+            None]
+        tenant_id = (await rows("SELECT id FROM tenants WHERE slug = 'default'"))[0][0]
+        await run(
+            "INSERT INTO backends (id, tenant_id, provider, base_url, model) VALUES "
+            "('shared', NULL, 'custom', 'http://127.0.0.1:9/v1', 'm'), "
+            f"('own-gpu', '{tenant_id}', 'custom', 'http://127.0.0.1:9/v1', 'm')",
+            f"INSERT INTO models (id, slug, tenant_id, modality) VALUES ('mdl_1', 'a/chat', '{tenant_id}', 'chat')",
+            "INSERT INTO model_routes (model_id, backend_id) VALUES ('mdl_1', 'own-gpu'), ('mdl_1', 'shared')",
+            "INSERT INTO hybrid_mirrored (kind, row_id) VALUES ('backend', 'own-gpu')")
+        assert [r.error for r in await migrations.upgrade(engine, (), lock_timeout_s=10)] == [None]
+        own_key = f"own-gpu@{tenant_id}"
+        assert await rows("SELECT id FROM backends ORDER BY id") == [(own_key,), ("shared",)]
+        assert await rows("SELECT backend_id FROM model_routes ORDER BY backend_id") == [(own_key,), ("shared",)]
+        assert await rows("SELECT row_id FROM hybrid_mirrored") == [(own_key,)]
+
+        # The platform may now have a model of a tenant's slug: until it is gone, there is no way back.
+        await run("INSERT INTO models (id, slug, modality) VALUES ('mdl_2', 'a/chat', 'chat')")
+        down = await migrations.downgrade(engine, (), target="core_0006", lock_timeout_s=10)
+        assert "model slug 'a/chat' exists for more than one owner" in str(down[0].error)
+        assert await rows("SELECT id FROM backends ORDER BY id") == [(own_key,), ("shared",)]
+        await run("DELETE FROM models WHERE id = 'mdl_2'")
+        assert [r.error for r in await migrations.downgrade(engine, (), target="core_0006", lock_timeout_s=10)] == [
+            None]
+        assert await rows("SELECT id FROM backends ORDER BY id") == [("own-gpu",), ("shared",)]
+        assert await rows("SELECT backend_id FROM model_routes ORDER BY backend_id") == [("own-gpu",), ("shared",)]
+        assert await rows("SELECT row_id FROM hybrid_mirrored") == [("own-gpu",)]
+        assert [r.error for r in await migrations.upgrade(engine, (), lock_timeout_s=10)] == [None]
+    finally:
+        await engine.dispose()

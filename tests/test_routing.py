@@ -2,6 +2,7 @@
 by two http processes, backend health, and the catalogue following `scaigrid admin apply` while running."""
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, A
         backend("on", fake, "on-model"),
         backend("flaky", fake, "flaky-model"),
         backend("beta-box", fake, "beta-model", tenant="beta"),
+        backend("dup", fake, "platform-dup"),
+        backend("dup", fake, "beta-dup", tenant="beta"),  # names are unique per owner
     ], [
         chat_model("r/failover", [("unreachable", 1, 1), ("failing", 1, 2), ("healthy", 1, 3)]),
         chat_model("r/peers", [("fail-peer", 1, 1), ("ok-peer", 1, 1)]),
@@ -61,6 +64,8 @@ def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, A
         chat_model("r/slow", [("sluggish", 1, 1), ("quick", 1, 2)]),
         chat_model("r/disabled", [("off", 1, 1), ("on", 1, 2)]),
         chat_model("r/flaky", [("flaky", 1, 1)]),
+        chat_model("r/dup", [("dup", 1, 1)]),
+        chat_model("r/dup", [("dup", 1, 1)], tenant="beta"),
     ]
 
 
@@ -217,6 +222,23 @@ def test_backend_health_needs_routing_view_and_hides_other_tenants_backends(pair
     assert pair.health("no-such-backend")[1]["error"]["code"] == "BACKEND_NOT_FOUND"
     beta_admin = create_key(pair.env, "tenant_admin", "beta")
     assert pair.health("beta-box", key=beta_admin)[0] == 200
+
+
+def test_a_tenants_own_model_and_backend_of_a_platform_name_serve_that_tenant_only(pair: Pair, fake: FakeBackend
+                                                                                   ) -> None:
+    beta_user = create_key(pair.env, "tenant_user", "beta")
+    status, _, body = http_call("POST", pair.urls[1] + "/v1/inference/chat", beta_user,
+                                {"model": "r/dup", "messages": USER})
+    assert status == 200, body
+    assert pair.chat("r/dup")[0] == 200
+    assert [r.body["model"] for r in fake.received] == ["beta-dup", "platform-dup"]
+    # Each is its own backend to breakers and metrics, the tenant's labelled with its tenant.
+    beta_admin = create_key(pair.env, "tenant_admin", "beta")
+    status, reply = pair.health("dup", process=1, key=beta_admin)
+    assert (status, reply["data"]["backend_id"], reply["data"]["state"]) == (200, "dup", "closed")
+    metrics = http_get(pair.urls[1] + "/metrics")[2].decode()
+    assert 'scaigrid_backend_health{backend_id="dup"} 1.0' in metrics
+    assert re.search(r'scaigrid_backend_health\{backend_id="dup@ten_[0-9a-f]{32}"\} 1\.0', metrics), metrics
 
 
 def test_every_process_follows_an_applied_catalogue_change(pair: Pair, fake: FakeBackend, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Computed,
     DateTime,
     Double,
     ForeignKey,
@@ -120,7 +121,9 @@ COST = Numeric(24, 12)
 
 backends = Table(
     "backends", metadata,
-    Column("id", String(64), primary_key=True),  # chosen by the operator, e.g. "vllm-a100-1"
+    # catalogue.backend_key: the name its owner chose ("vllm-a100-1"), then "@<tenant id>" for a tenant's backend,
+    # so that names are unique per owner (core_0008). The API shows the name as `id`.
+    Column("id", String(128), primary_key=True),
     Column("tenant_id", String(40), ForeignKey("tenants.id")),  # NULL = shared by every tenant
     Column("provider", String(16), nullable=False),  # openai | custom
     Column("base_url", String(1024), nullable=False),
@@ -138,8 +141,10 @@ backends = Table(
 models = Table(
     "models", metadata,
     Column("id", String(40), primary_key=True),
-    Column("slug", String(191), nullable=False, unique=True),  # what clients send as `model`
+    Column("slug", String(191), nullable=False),  # what clients send as `model`; unique per owner
     Column("tenant_id", String(40), ForeignKey("tenants.id")),  # NULL = offered to every tenant
+    # The owner as a value a unique key compares ('' = the platform): NULLs are never equal in one (core_0008).
+    Column("owner_scope", String(40), Computed("COALESCE(tenant_id, '')", persisted=True)),
     Column("display_name", String(255)),
     Column("modality", String(16), nullable=False),  # chat | embedding | image | audio
     Column("context_window", Integer),
@@ -149,13 +154,14 @@ models = Table(
     Column("default_params", JSON),
     Column("status", String(16), nullable=False, server_default="active"),  # active | deprecated
     *_timestamps(),
+    UniqueConstraint("owner_scope", "slug", name="uq_models_owner_slug"),
     **TABLE_ARGS,
 )
 
 model_routes = Table(
     "model_routes", metadata,
     Column("model_id", String(40), ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
-    Column("backend_id", String(64), ForeignKey("backends.id"), primary_key=True),
+    Column("backend_id", String(128), ForeignKey("backends.id"), primary_key=True),
     Column("weight", Integer, nullable=False, server_default="1"),
     # Lower value is tried first: every priority-1 backend before any priority-2 one.
     Column("priority", Integer, nullable=False, server_default="1"),
@@ -171,7 +177,7 @@ usage_records = Table(
     Column("user_id", String(40)),
     Column("api_key_id", String(40)),
     Column("model", String(191), nullable=False),
-    Column("backend_id", String(64)),
+    Column("backend_id", String(128)),  # its key (catalogue.backend_key)
     Column("protocol", String(8), nullable=False),  # native | oai
     Column("status", String(16), nullable=False),  # ok | error
     Column("tokens_in", Integer, nullable=False, server_default="0"),

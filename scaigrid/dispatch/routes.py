@@ -7,7 +7,7 @@ from aiohttp import web
 
 from scaigrid import errors
 from scaigrid.api.access import requires
-from scaigrid.api.base import STARTED
+from scaigrid.api.base import DB, STARTED
 from scaigrid.auth.bodies import decimal_text, ok
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
@@ -15,6 +15,7 @@ from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
 from scaigrid.errors import FieldError
+from scaigrid.routing import store
 from scaigrid.routing.catalogue import Model
 
 # Which route serves which modality, and where a client should go instead.
@@ -171,18 +172,20 @@ async def oai_get_model(request: web.Request) -> web.Response:
 @requires("routing:view", scopes=(OPERATOR,))
 async def backend_health(request: web.Request) -> web.Response:
     """The backend's circuit breaker as all http processes share it, and this process's requests in flight."""
-    backend_id = request.match_info["id"]
+    name = request.match_info["id"]
+    async with request.app[DB].connect() as conn:  # names resolve as for GET /v1/backends/{id}, ?tenant= included
+        key = await store.backend_key_for(conn, request[PRINCIPAL], name, request.query.get("tenant"))
     dispatcher = request.app[DISPATCHER]
-    backend = dispatcher.catalogue.current.backend(backend_id)
-    if backend is None or not backend.visible_to(request[PRINCIPAL]):
-        raise errors.backend_not_found(backend_id)
-    health = await dispatcher.breakers.health(backend_id)
+    backend = dispatcher.catalogue.current.backend(key)
+    if backend is None:
+        raise errors.backend_not_found(name)
+    health = await dispatcher.breakers.health(key)
     if backend.tenant_id is None and request[PRINCIPAL].reach != "platform" and health.get("last_error"):
         # A shared backend's own error text may name hosts or key prefixes: only the platform sees it in full.
         health["last_error"] = health["last_error"].split(":", 1)[0]
     inflight = sum(sample.value for metric in BACKEND_INFLIGHT.collect() for sample in metric.samples
-                   if sample.labels.get("backend_id") == backend_id)
-    return ok({"backend_id": backend_id, "status": backend.status, **health, "inflight": int(inflight)})
+                   if sample.labels.get("backend_id") == key)
+    return ok({"backend_id": name, "status": backend.status, **health, "inflight": int(inflight)})
 
 
 ROUTES: list[web.RouteDef] = [

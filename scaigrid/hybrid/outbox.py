@@ -199,7 +199,7 @@ def _priced(record: UsageRecord, price: tuple[Decimal, Decimal] | None) -> Usage
 
 # The columns' limits: a value beyond them would fail the whole batch's insert, and the batch would come back forever.
 _TEXT_LIMITS = {"request_id": 40, "partner_id": 40, "tenant_id": 40, "user_id": 40, "api_key_id": 40, "model": 191,
-                "backend_id": 64, "protocol": 8, "status": 16, "error_code": 64}
+                "backend_id": 128, "protocol": 8, "status": 16, "error_code": 64}
 _REQUIRED = ("request_id", "partner_id", "tenant_id", "model", "protocol", "status")
 _INT_MAX = 2**31 - 1
 _COST_MAX = Decimal(10) ** 12

@@ -47,7 +47,7 @@ from scaigrid.db.tables import (
     users,
 )
 from scaigrid.hybrid.outbox import MANAGED_BACKEND_PREFIX, MIRRORED_TENANT
-from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE
+from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE, backend_key
 from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES, MONEY_DECIMALS, MONEY_MAX
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ def digest(body_json: str) -> str:
 def managed_backend_id(slug: str) -> str:
     """The node's backend for a managed model: stable per slug, and recognisable (the outbox skips its usage)."""
     return MANAGED_BACKEND_PREFIX + hashlib.sha1(slug.encode()).hexdigest()[:12]  # noqa: S324  # a name, not a security hash
+
+
+def _managed_backend_key(model: Mapping[str, Any]) -> str:
+    return backend_key(managed_backend_id(model["slug"]), model["tenant_id"])
 
 
 # --- managed side ---
@@ -254,7 +258,9 @@ SECTIONS: dict[str, dict[str, Check]] = {
                        "status": _choice(MODEL_STATUSES), "price_input_per_mtok": _price,
                        "price_output_per_mtok": _price},
 }
-_KEY_OF = {"partners": "id", "tenants": "id", "users": "id", "api_keys": "id", "managed_models": "slug"}
+# What identifies a row of each section (a model's slug is unique per owner only).
+_KEY_OF = {"partners": ("id",), "tenants": ("id",), "users": ("id",), "api_keys": ("id",),
+           "managed_models": ("tenant_id", "slug")}
 
 
 def parse(body_json: str, sha256: str) -> dict[str, list[dict[str, Any]]]:
@@ -287,9 +293,10 @@ def parse(body_json: str, sha256: str) -> dict[str, list[dict[str, Any]]]:
                 problem = check(row[name])
                 if problem is not None:
                     raise SnapshotRejected(f"{where}.{name}: {problem}")
-            if row[_KEY_OF[section]] in seen:
-                raise SnapshotRejected(f"{where}: {row[_KEY_OF[section]]!r} appears twice")
-            seen.add(row[_KEY_OF[section]])
+            key = tuple(row[name] for name in _KEY_OF[section])
+            if key in seen:
+                raise SnapshotRejected(f"{where}: {key[-1]!r} appears twice")
+            seen.add(key)
     sections: dict[str, list[dict[str, Any]]] = {section: body[section] for section in SECTIONS}
     _check_references(sections)
     return sections
@@ -499,24 +506,25 @@ async def _switch_off(conn: AsyncConnection, table: Table, row_ids: set[str]) ->
 
 async def _mirror_models(conn: AsyncConnection, managed_models: Sequence[dict[str, Any]],
                          mirrored: Mapping[str, set[str]]) -> None:
-    """A local model routed to a `managed` backend per managed model; a local model of the same slug wins."""
+    """A local model routed to a `managed` backend per managed model; a local model of the same slug and owner wins."""
     mirrored_models = mirrored.get("model", set())
-    existing = {row.slug: row.id for row in (await conn.execute(select(models.c.slug, models.c.id).where(
-        models.c.slug.in_([model["slug"] for model in managed_models])))).all()}
+    existing = {(row.tenant_id, row.slug): row.id for row in (await conn.execute(
+        select(models.c.tenant_id, models.c.slug, models.c.id).where(
+            models.c.slug.in_([model["slug"] for model in managed_models])))).all()}
     local_backends = set((await conn.scalars(select(backends.c.id).where(backends.c.id.in_(
-        [managed_backend_id(model["slug"]) for model in managed_models])))).all()) - mirrored.get("backend", set())
+        [_managed_backend_key(model) for model in managed_models])))).all()) - mirrored.get("backend", set())
     if local_backends:
         raise SnapshotRejected(f"backend {sorted(local_backends)[0]!r} exists on this node and was not made by the "
                                f"link: rename it so the link can route its managed model")
     kept_models, kept_backends = set(), set()
     for model in managed_models:
-        model_id = existing.get(model["slug"])
+        model_id = existing.get((model["tenant_id"], model["slug"]))
         if model_id is not None and model_id not in mirrored_models:
             logger.warning("managed model %s is not offered here: a local model has that slug", model["slug"],
                            extra={"event": "hybrid_model_shadowed", "model": model["slug"]})
             continue
         model_id = model_id or new_id("mdl")
-        backend_id = managed_backend_id(model["slug"])
+        backend_id = _managed_backend_key(model)
         await _upsert(conn, backends, [{
             "id": backend_id, "tenant_id": model["tenant_id"], "provider": MANAGED,
             "base_url": "",  # a managed backend has none: it is reached at HYBRID_MANAGED_URL

@@ -20,7 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from yarl import URL
 
 from scaigrid import errors
-from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.crypto import UndecryptableCredential, decrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, tenants
@@ -36,11 +35,26 @@ SCAIINFER = "scaiinfer"  # the provider whose backends are ScaiInfer nodes, reac
 HYBRID = "hybrid"  # managed side: a linked node's model, reached through the tunnel on its link
 MANAGED = "managed"  # node side: a model of the managed gateway (HYBRID_MANAGED_URL), reached over HTTPS
 MANAGED_API_ROOT = "/oai/v1"  # under HYBRID_MANAGED_URL
+OWNER_SEPARATOR = "@"  # never in a backend's name (routing.store.BACKEND_ID)
+
+
+def backend_key(name: str, tenant_id: str | None) -> str:
+    """A backend's primary key: its name qualified by its owner, so that two owners' names never meet.
+
+    A platform backend's key is its bare name (what metrics and usage records show for most backends); a tenant's is
+    "<name>@<tenant id>". Names are unique per owner, and one owner's names neither block nor reveal another's.
+    """
+    return name if tenant_id is None else f"{name}{OWNER_SEPARATOR}{tenant_id}"
+
+
+def backend_name(key: str) -> str:
+    """The name a backend is known by in the API (its `id` there), from its key."""
+    return key.partition(OWNER_SEPARATOR)[0]
 
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    id: str
+    id: str  # backend_key(name, tenant_id): what breakers, metrics and usage records name it by
     tenant_id: str | None  # None = shared by every tenant
     partner_id: str | None  # the owning tenant's partner
     provider: str
@@ -60,10 +74,6 @@ class Backend:
     # provider "hybrid": the tenants allowed on its node (PUT /v1/hybrid/nodes/{id}/tenants); no other tenant's
     # request is sent there, since the node knows only these tenants' users (docs/hybrid.md, "Tunnel").
     node_tenant_ids: frozenset[str] = frozenset()
-
-    def visible_to(self, principal: Principal) -> bool:
-        """Shared backends are seen by everyone allowed to look at backends; a tenant's by those reaching it."""
-        return self.tenant_id is None or principal.reaches(self.tenant_id, self.partner_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +110,8 @@ class Catalogue:
     """An immutable snapshot: lookups are dictionary reads."""
 
     def __init__(self, all_models: Iterable[Model], all_backends: Iterable[Backend]) -> None:
-        self._models = {model.slug: model for model in all_models}
+        # Slugs are unique per owner (a tenant, or None for the platform), not across owners.
+        self._models = {(model.tenant_id, model.slug): model for model in all_models}
         self._sorted = sorted(self._models.values(), key=lambda model: model.slug)
         self._backends = {backend.id: backend for backend in all_backends}
         self.backend_ids = tuple(self._backends)
@@ -111,17 +122,21 @@ class Catalogue:
         self.model_count = len(self._models)
 
     def model(self, slug: str, tenant_id: str) -> Model:
-        """The model `slug` as this tenant sees it; another tenant's private model does not exist for it."""
-        model = self._models.get(slug)
-        if model is None or (model.tenant_id is not None and model.tenant_id != tenant_id):
+        """The model `slug` as this tenant sees it: its own model of that slug, else the platform's (which its own
+        shadows); another tenant's model does not exist for it."""
+        model = self._models.get((tenant_id, slug)) or self._models.get((None, slug))
+        if model is None:
             raise errors.model_not_found(slug)
         return model
 
     def models_for(self, tenant_id: str) -> list[Model]:
-        return [model for model in self._sorted if model.tenant_id is None or model.tenant_id == tenant_id]
+        """Every model the tenant sees, by slug: a platform model its own model shadows is left out."""
+        return [model for model in self._sorted if model.tenant_id == tenant_id
+                or (model.tenant_id is None and (tenant_id, model.slug) not in self._models)]
 
-    def backend(self, backend_id: str) -> Backend | None:
-        return self._backends.get(backend_id)
+    def backend(self, key: str) -> Backend | None:
+        """The backend of that key (`backend_key`), not of that name."""
+        return self._backends.get(key)
 
 
 def _credential(settings: Settings, row: Any) -> str | None:

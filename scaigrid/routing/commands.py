@@ -47,7 +47,8 @@ def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse:
         except ScaigridError as exc:
             problems.extend(_lines(name, exc))
             continue
-        if any(name == seen for seen, _ in parsed):
+        # Ids are unique per owner: the same id for two tenants (or a tenant and the platform) is two items.
+        if any(name == seen and spec.tenant == other.tenant for seen, other in parsed):
             problems.append(f"{name}: {key}: defined twice in the file")
             continue
         parsed.append((name, spec))

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _tenant(request: web.Request) -> str | None:
+    """`?tenant=<slug>`: resolve the path's name as that tenant sees it, not as the caller's own tenant does."""
+    return request.query.get("tenant")
+
+
 async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """Runs one change in a transaction, then tells every http process to reload the catalogue."""
     async with request.app[DB].begin() as conn:
@@ -55,20 +60,20 @@ async def create_backend(request: web.Request) -> web.Response:
 @requires("routing:view", scopes=(OPERATOR,))
 async def get_backend(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
-        return ok(await store.get_backend(conn, request[PRINCIPAL], request.match_info["id"]))
+        return ok(await store.get_backend(conn, request[PRINCIPAL], request.match_info["id"], _tenant(request)))
 
 
 @requires("routing:manage", scopes=(OPERATOR,))
 async def update_backend(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_backend(
-        conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body)))
+        conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body, _tenant(request))))
 
 
 @requires("routing:manage", scopes=(OPERATOR,))
 async def delete_backend(request: web.Request) -> web.Response:
     backend_id = request.match_info["id"]
-    await _change(request, lambda conn: store.delete_backend(conn, request[PRINCIPAL], backend_id))
+    await _change(request, lambda conn: store.delete_backend(conn, request[PRINCIPAL], backend_id, _tenant(request)))
     return ok({"id": backend_id, "deleted": True})
 
 
@@ -88,13 +93,13 @@ async def create_model(request: web.Request) -> web.Response:
 async def update_model(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_model(
-        conn, request[PRINCIPAL], request.match_info["slug"], body)))
+        conn, request[PRINCIPAL], request.match_info["slug"], body, _tenant(request))))
 
 
 @requires("models:manage", scopes=(OPERATOR,))
 async def delete_model(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
-    await _change(request, lambda conn: store.delete_model(conn, request[PRINCIPAL], slug))
+    await _change(request, lambda conn: store.delete_model(conn, request[PRINCIPAL], slug, _tenant(request)))
     return ok({"slug": slug, "deleted": True})
 
 
@@ -104,14 +109,16 @@ async def delete_model(request: web.Request) -> web.Response:
 async def get_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     async with request.app[DB].connect() as conn:
-        return ok({"model": slug, "routes": await store.get_routes(conn, request[PRINCIPAL], slug)})
+        routes = await store.get_routes(conn, request[PRINCIPAL], slug, _tenant(request))
+    return ok({"model": slug, "routes": routes})
 
 
 @requires("routing:manage", scopes=(OPERATOR,))
 async def set_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     body = await json_object(request)
-    routes = await _change(request, lambda conn: store.set_routes(conn, request[PRINCIPAL], slug, body))
+    routes = await _change(request, lambda conn: store.set_routes(
+        conn, request[PRINCIPAL], slug, body, _tenant(request)))
     return ok({"model": slug, "routes": routes})
 
 

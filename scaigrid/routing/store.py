@@ -4,6 +4,10 @@ Parsing (`parse_*`) checks a body alone and reports every problem at once as VAL
 `upsert_*`/`delete_*` functions then check what needs the database (tenants, backends a route names, who may
 see what) inside the caller's transaction, and write only what changed. `actor` is the API caller, or None for
 the node's operator at the command line (who may do anything).
+
+Names (a backend's id, a model's slug) are unique per owner: a tenant, or the platform. A name given in a path
+resolves as a tenant sees it, its own object first, then the platform's: the caller's tenant, or the tenant named by
+`?tenant=<slug>` (one the caller reaches). What the caller cannot see answers exactly as what does not exist.
 """
 
 import json
@@ -23,7 +27,7 @@ from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, new_id, tenants
 from scaigrid.errors import FieldError
-from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER
+from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
 from scaigrid.urls import http_url_problem
@@ -314,6 +318,21 @@ def _visible_to(actor: Actor, tenant_column: ColumnElement[Any]) -> ColumnElemen
     return or_(tenant_column.is_(None), tenant_column == actor.tenant_id)
 
 
+def _owned_by(tenant_column: ColumnElement[Any], tenant_id: str | None) -> ColumnElement[bool]:
+    return tenant_column.is_(None) if tenant_id is None else tenant_column == tenant_id
+
+
+async def _viewer(conn: AsyncConnection, actor: Actor, tenant: str | None, missing: errors.ScaigridError
+                  ) -> str | None:
+    """The tenant whose view a name in a path resolves in: `tenant` (a slug the actor reaches), else the actor's."""
+    if tenant is None:
+        return (actor.tenant_id or None) if actor is not None else None
+    row = (await conn.execute(select(tenants.c.id, tenants.c.partner_id).where(tenants.c.slug == tenant))).first()
+    if row is None or not _reaches(actor, row.id, row.partner_id):
+        raise missing
+    return str(row.id)
+
+
 async def _tenant(conn: AsyncConnection, actor: Actor, slug: str | None) -> str | None:
     """The id of the tenant an object is written for; only the platform writes shared (tenant-less) objects."""
     if slug is None:
@@ -334,34 +353,51 @@ def _backend_query() -> Select[Any]:
         backends.outerjoin(tenants, backends.c.tenant_id == tenants.c.id))
 
 
-async def _backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> Row[Any]:
-    """A backend the actor may see, else BACKEND_NOT_FOUND (whether it exists elsewhere is not told)."""
-    row = (await conn.execute(_backend_query().where(backends.c.id == backend_id))).first()
+async def _backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None = None) -> Row[Any]:
+    """The backend `name` as the viewing tenant sees it (its own, else the platform's), if the actor may see it;
+    else BACKEND_NOT_FOUND (whether it exists elsewhere is not told)."""
+    missing = errors.backend_not_found(name)
+    if not BACKEND_ID.fullmatch(name):  # a key ("name@tenant") is not a name
+        raise missing
+    viewer = await _viewer(conn, actor, tenant, missing)
+    keys = [backend_key(name, viewer), name] if viewer else [name]
+    found = {row.id: row for row in await conn.execute(_backend_query().where(backends.c.id.in_(keys)))}
+    row = next((found[key] for key in keys if key in found), None)
     if row is None or not _may_read(actor, row.tenant_id, row.partner_id):
-        raise errors.backend_not_found(backend_id)
+        raise missing
     return row
 
 
-async def _writable_backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> Row[Any]:
-    row = await _backend(conn, actor, backend_id)
+async def _writable_backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None) -> Row[Any]:
+    row = await _backend(conn, actor, name, tenant)
     if not _reaches(actor, row.tenant_id, row.partner_id):
-        raise errors.not_permitted(f"backend {backend_id!r} is shared; only a super_admin changes it")
+        raise errors.not_permitted(f"backend {name!r} is shared; only a super_admin changes it")
     return row
+
+
+async def backend_key_for(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None) -> str:
+    """The key of the backend a caller names in a path (see `_backend`)."""
+    return str((await _backend(conn, actor, name, tenant)).id)
 
 
 def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A backend as the API shows it (a row of `visible_backends`): never the key, only whether there is one."""
+    """A backend as the API shows it (a row of `visible_backends`): its name as `id`; never the API key, only
+    whether there is one."""
     return {
-        "id": row["id"], "provider": row["provider"], "base_url": row["base_url"] or None, "model": row["model"],
-        "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
+        "id": backend_name(row["id"]), "provider": row["provider"], "base_url": row["base_url"] or None,
+        "model": row["model"], "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
         "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
         "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),
         "timeout_s": row["timeout_s"], "tenant": row["tenant_slug"], "status": row["status"],
     }
 
 
-async def get_backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> dict[str, Any]:
-    return backend_view(dict((await _backend(conn, actor, backend_id))._mapping))
+async def get_backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None = None) -> dict[str, Any]:
+    return backend_view(dict((await _backend(conn, actor, name, tenant))._mapping))
+
+
+async def _backend_view_of(conn: AsyncConnection, key: str) -> dict[str, Any]:
+    return backend_view(dict((await conn.execute(_backend_query().where(backends.c.id == key))).one()._mapping))
 
 
 def visible_backends(actor: Actor) -> Select[Any]:
@@ -382,11 +418,10 @@ def _stored_key(settings: Settings, existing: Row[Any] | None, api_key: str | No
     return encrypt(settings, api_key)
 
 
-async def _routed_by(conn: AsyncConnection, backend_id: str) -> list[Row[Any]]:
-    query = (select(models.c.slug, models.c.tenant_id)
-             .select_from(model_routes.join(models, model_routes.c.model_id == models.c.id))
-             .where(model_routes.c.backend_id == backend_id).order_by(models.c.slug))
-    return list((await conn.execute(query)).all())
+async def _routed_by(conn: AsyncConnection, key: str) -> list[str]:
+    query = (select(models.c.slug).select_from(model_routes.join(models, model_routes.c.model_id == models.c.id))
+             .where(model_routes.c.backend_id == key).order_by(models.c.slug))
+    return list((await conn.scalars(query)).all())
 
 
 async def _check_linked_node(conn: AsyncConnection, model: str, tenant_id: str | None) -> None:
@@ -404,13 +439,12 @@ async def _check_linked_node(conn: AsyncConnection, model: str, tenant_id: str |
 
 
 async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor, spec: BackendSpec) -> str:
-    """Creates or updates one backend; returns "created", "updated" or "unchanged"."""
+    """Creates or updates the backend `spec.id` of `spec.tenant`; returns "created", "updated" or "unchanged"."""
     tenant_id = await _tenant(conn, actor, spec.tenant)
     if spec.provider == HYBRID and spec.status == "active":
         await _check_linked_node(conn, spec.model, tenant_id)
-    existing = (await conn.execute(_backend_query().where(backends.c.id == spec.id))).first()
-    if existing is not None and not _reaches(actor, existing.tenant_id, existing.partner_id):
-        raise errors.slug_conflict(f"backend id {spec.id!r} is taken")
+    key = backend_key(spec.id, tenant_id)
+    existing = (await conn.execute(_backend_query().where(backends.c.id == key))).first()
     values = {
         "tenant_id": tenant_id, "provider": spec.provider, "base_url": spec.base_url, "model": spec.model,
         "api_key_encrypted": _stored_key(settings, existing, spec.api_key), "api_key_env": spec.api_key_env,
@@ -418,37 +452,41 @@ async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor
         "timeout_s": spec.timeout_s, "status": spec.status,
     }
     if existing is None:
-        await conn.execute(insert(backends).values(id=spec.id, **values))
+        await conn.execute(insert(backends).values(id=key, **values))
         return "created"
     if all(getattr(existing, name) == value for name, value in values.items()):
         return "unchanged"
-    if tenant_id is not None and tenant_id != existing.tenant_id:
-        blind = [row.slug for row in await _routed_by(conn, spec.id) if row.tenant_id != tenant_id]
-        if blind:
-            raise errors.validation_error([FieldError(
-                "tenant", f"model(s) {', '.join(blind)} route to this backend and would no longer see it")])
-    await conn.execute(update(backends).where(backends.c.id == spec.id).values(**values))
+    await conn.execute(update(backends).where(backends.c.id == key).values(**values))
     return "updated"
 
 
 async def create_backend(conn: AsyncConnection, settings: Settings, actor: Actor, body: Any) -> dict[str, Any]:
-    """POST: a new backend; SLUG_CONFLICT if the id exists."""
+    """POST: a new backend; SLUG_CONFLICT if its tenant (or the platform) has one of that id."""
     spec = parse_backend(body)
-    if (await conn.execute(select(backends.c.id).where(backends.c.id == spec.id))).first() is not None:
+    key = backend_key(spec.id, await _tenant(conn, actor, spec.tenant))
+    if (await conn.execute(select(backends.c.id).where(backends.c.id == key))).first() is not None:
         raise errors.slug_conflict(f"backend id {spec.id!r} is taken")
     await upsert_backend(conn, settings, actor, spec)
-    return await get_backend(conn, actor, spec.id)
+    return await _backend_view_of(conn, key)
 
 
-async def update_backend(conn: AsyncConnection, settings: Settings, actor: Actor, backend_id: str,
-                         body: Mapping[str, Any]) -> dict[str, Any]:
+def _same_owner(body: Mapping[str, Any], tenant_slug: str | None, kind: str) -> None:
+    """An object's owner is part of its identity (its name is unique per owner only): it is never moved."""
+    if body.get("tenant", tenant_slug) != tenant_slug:
+        raise errors.validation_error([FieldError(
+            "tenant", f"a {kind}'s tenant cannot change; create the {kind} in that tenant instead")])
+
+
+async def update_backend(conn: AsyncConnection, settings: Settings, actor: Actor, name: str,
+                         body: Mapping[str, Any], tenant: str | None = None) -> dict[str, Any]:
     """PUT: fields in the body replace the stored ones, absent fields keep theirs (the key included)."""
-    existing = await _writable_backend(conn, actor, backend_id)
-    if body.get("id", backend_id) != backend_id:
+    existing = await _writable_backend(conn, actor, name, tenant)
+    if body.get("id", name) != name:
         raise errors.validation_error([FieldError("id", "a backend's id cannot change; create a new backend")])
-    current: dict[str, Any] = {name: getattr(existing, name) for name in (
-        "id", "provider", "base_url", "model", "api_key_env", "timeout_s", "status")}
-    current.update(tenant=existing.tenant_slug, cost_input_per_mtok=str(existing.cost_input_per_mtok),
+    _same_owner(body, existing.tenant_slug, "backend")
+    current: dict[str, Any] = {column: getattr(existing, column) for column in (
+        "provider", "base_url", "model", "api_key_env", "timeout_s", "status")}
+    current.update(id=name, tenant=existing.tenant_slug, cost_input_per_mtok=str(existing.cost_input_per_mtok),
                    cost_output_per_mtok=str(existing.cost_output_per_mtok))
     if "api_key" not in body and "api_key_env" not in body and existing.api_key_encrypted is not None:
         try:
@@ -458,16 +496,16 @@ async def update_backend(conn: AsyncConnection, settings: Settings, actor: Actor
     if "api_key" in body or "api_key_env" in body:
         current.pop("api_key_env")  # a new credential replaces the old one, whichever form either takes
     await upsert_backend(conn, settings, actor, parse_backend({**current, **body}))
-    return await get_backend(conn, actor, backend_id)
+    return await _backend_view_of(conn, existing.id)
 
 
-async def delete_backend(conn: AsyncConnection, actor: Actor, backend_id: str) -> None:
+async def delete_backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None = None) -> None:
     """Refused while a model routes to it: its routes go first, so no model silently loses a backend."""
-    await _writable_backend(conn, actor, backend_id)
-    routed = [row.slug for row in await _routed_by(conn, backend_id)]
+    existing = await _writable_backend(conn, actor, name, tenant)
+    routed = await _routed_by(conn, existing.id)
     if routed:
-        raise errors.backend_in_use(backend_id, routed)
-    await conn.execute(delete(backends).where(backends.c.id == backend_id))
+        raise errors.backend_in_use(name, routed)
+    await conn.execute(delete(backends).where(backends.c.id == existing.id))
 
 
 # --- models and their routes ---
@@ -477,35 +515,52 @@ def _model_query() -> Select[Any]:
         models.outerjoin(tenants, models.c.tenant_id == tenants.c.id))
 
 
-async def _model(conn: AsyncConnection, actor: Actor, slug: str, *, write: bool) -> Row[Any]:
-    row = (await conn.execute(_model_query().where(models.c.slug == slug))).first()
+async def _model(conn: AsyncConnection, actor: Actor, slug: str, tenant: str | None, *, write: bool) -> Row[Any]:
+    """The model `slug` as the viewing tenant sees it: its own, else the platform's (which its own shadows)."""
+    missing = errors.model_not_found(slug)
+    viewer = await _viewer(conn, actor, tenant, missing)
+    rows = (await conn.execute(_model_query().where(models.c.slug == slug, or_(
+        models.c.tenant_id.is_(None), models.c.tenant_id == viewer) if viewer else models.c.tenant_id.is_(None)))
+    ).all()
+    row = min(rows, key=lambda candidate: candidate.tenant_id is None, default=None)
     if row is None or not _may_read(actor, row.tenant_id, row.partner_id):
-        raise errors.model_not_found(slug)
+        raise missing
     if write and not _reaches(actor, row.tenant_id, row.partner_id):
         raise errors.not_permitted(f"model {slug!r} is shared; only a super_admin changes it")
     return row
 
 
 async def _routes_of(conn: AsyncConnection, model_id: str) -> list[RouteSpec]:
+    """The stored routes, each naming its backend by key."""
     rows = await conn.execute(select(model_routes).where(model_routes.c.model_id == model_id)
                               .order_by(model_routes.c.priority, model_routes.c.backend_id))
     return [RouteSpec(row.backend_id, row.weight, row.priority) for row in rows]
 
 
 def _route_views(routes: Sequence[RouteSpec]) -> list[dict[str, Any]]:
-    return [{"backend": r.backend, "weight": r.weight, "priority": r.priority} for r in routes]
+    return [{"backend": backend_name(r.backend), "weight": r.weight, "priority": r.priority} for r in routes]
 
 
-async def _check_routes(conn: AsyncConnection, tenant_id: str | None, routes: Sequence[RouteSpec]) -> None:
-    """A model routes only to backends its tenant may use: shared ones, or its own tenant's."""
-    problems = []
+async def _resolve_routes(conn: AsyncConnection, tenant_id: str | None, routes: Sequence[RouteSpec]
+                          ) -> list[RouteSpec]:
+    """The routes with each backend named by key. A model routes only to backends its tenant may use: its own
+    tenant's (first) or shared ones."""
+    def candidates(name: str) -> list[str]:
+        return [backend_key(name, tenant_id), name] if tenant_id else [name]
+
+    wanted = [key for route in routes for key in candidates(route.backend)]
+    found = set((await conn.scalars(select(backends.c.id).where(backends.c.id.in_(wanted)))).all()) if wanted else set()
+    problems, resolved = [], []
     for index, route in enumerate(routes):
-        row = (await conn.execute(select(backends.c.tenant_id).where(backends.c.id == route.backend))).first()
-        if row is None or row.tenant_id not in (None, tenant_id):
+        key = next((key for key in candidates(route.backend) if key in found), None)
+        if key is None:
             problems.append(FieldError(f"routes[{index}].backend", f"no backend {route.backend!r} visible to the "
                                        "model's tenant (backends are shared or belong to the model's tenant)"))
+        else:
+            resolved.append(RouteSpec(key, route.weight, route.priority))
     if problems:
         raise errors.validation_error(problems)
+    return resolved
 
 
 async def _replace_routes(conn: AsyncConnection, model_id: str, routes: Sequence[RouteSpec]) -> bool:
@@ -531,17 +586,22 @@ def model_view(row: Row[Any], routes: Sequence[RouteSpec]) -> dict[str, Any]:
     }
 
 
-async def get_model(conn: AsyncConnection, actor: Actor, slug: str) -> dict[str, Any]:
-    row = await _model(conn, actor, slug, write=False)
-    return model_view(row, await _routes_of(conn, row.id))
+async def _model_view_of(conn: AsyncConnection, model_id: str) -> dict[str, Any]:
+    row = (await conn.execute(_model_query().where(models.c.id == model_id))).one()
+    return model_view(row, await _routes_of(conn, model_id))
+
+
+async def _model_id(conn: AsyncConnection, tenant_id: str | None, slug: str) -> str | None:
+    """The id of the model `slug` of that owner (a tenant, or None: the platform)."""
+    return await conn.scalar(select(models.c.id).where(models.c.slug == slug, _owned_by(models.c.tenant_id,
+                                                                                          tenant_id)))
 
 
 async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> str:
-    """Creates or updates one model and, when the spec has routes, replaces its routes."""
+    """Creates or updates the model `spec.slug` of `spec.tenant` and, when the spec has routes, replaces them."""
     tenant_id = await _tenant(conn, actor, spec.tenant)
-    existing = (await conn.execute(_model_query().where(models.c.slug == spec.slug))).first()
-    if existing is not None and not _reaches(actor, existing.tenant_id, existing.partner_id):
-        raise errors.slug_conflict(f"model slug {spec.slug!r} is taken")
+    existing = (await conn.execute(_model_query().where(
+        models.c.slug == spec.slug, _owned_by(models.c.tenant_id, tenant_id)))).first()
     values = {
         "tenant_id": tenant_id, "display_name": spec.display_name, "modality": spec.modality,
         "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
@@ -549,8 +609,10 @@ async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> 
         "default_params": spec.default_params, "status": spec.status,
     }
     model_id = existing.id if existing is not None else new_id("mdl")
-    routes = spec.routes if spec.routes is not None else (await _routes_of(conn, model_id) if existing else [])
-    await _check_routes(conn, tenant_id, routes)
+    if spec.routes is not None:
+        routes = await _resolve_routes(conn, tenant_id, spec.routes)
+    else:
+        routes = await _routes_of(conn, model_id) if existing else []
     if existing is None:
         await conn.execute(insert(models).values(id=model_id, slug=spec.slug, **values))
         await _replace_routes(conn, model_id, routes)
@@ -563,42 +625,46 @@ async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> 
 
 
 async def create_model(conn: AsyncConnection, actor: Actor, body: Any) -> dict[str, Any]:
-    """POST: a new model; SLUG_CONFLICT if the slug exists."""
+    """POST: a new model; SLUG_CONFLICT if its tenant (or the platform) has one of that slug."""
     spec = parse_model(body)
-    if (await conn.execute(select(models.c.id).where(models.c.slug == spec.slug))).first() is not None:
+    tenant_id = await _tenant(conn, actor, spec.tenant)
+    if await _model_id(conn, tenant_id, spec.slug) is not None:
         raise errors.slug_conflict(f"model slug {spec.slug!r} is taken")
     await upsert_model(conn, actor, spec)
-    return await get_model(conn, actor, spec.slug)
+    return await _model_view_of(conn, str(await _model_id(conn, tenant_id, spec.slug)))
 
 
-async def update_model(conn: AsyncConnection, actor: Actor, slug: str, body: Mapping[str, Any]) -> dict[str, Any]:
+async def update_model(conn: AsyncConnection, actor: Actor, slug: str, body: Mapping[str, Any],
+                       tenant: str | None = None) -> dict[str, Any]:
     """PUT: fields in the body replace the stored ones; absent fields (routes included) keep theirs."""
-    existing = await _model(conn, actor, slug, write=True)
+    existing = await _model(conn, actor, slug, tenant, write=True)
     if body.get("slug", slug) != slug:
         raise errors.validation_error([FieldError("slug", "a model's slug cannot change; create a new model")])
+    _same_owner(body, existing.tenant_slug, "model")
     current = {name: getattr(existing, name) for name in MODEL_FIELDS if name not in ("tenant", "routes")}
     current.update(tenant=existing.tenant_slug, price_input_per_mtok=str(existing.price_input_per_mtok),
                    price_output_per_mtok=str(existing.price_output_per_mtok))
     await upsert_model(conn, actor, parse_model({**current, **body}))
-    return await get_model(conn, actor, slug)
+    return await _model_view_of(conn, existing.id)
 
 
-async def delete_model(conn: AsyncConnection, actor: Actor, slug: str) -> None:
-    row = await _model(conn, actor, slug, write=True)
+async def delete_model(conn: AsyncConnection, actor: Actor, slug: str, tenant: str | None = None) -> None:
+    row = await _model(conn, actor, slug, tenant, write=True)
     await conn.execute(delete(model_routes).where(model_routes.c.model_id == row.id))
     await conn.execute(delete(models).where(models.c.id == row.id))
 
 
-async def get_routes(conn: AsyncConnection, actor: Actor, slug: str) -> list[dict[str, Any]]:
-    row = await _model(conn, actor, slug, write=False)
+async def get_routes(conn: AsyncConnection, actor: Actor, slug: str, tenant: str | None = None
+                     ) -> list[dict[str, Any]]:
+    row = await _model(conn, actor, slug, tenant, write=False)
     return _route_views(await _routes_of(conn, row.id))
 
 
-async def set_routes(conn: AsyncConnection, actor: Actor, slug: str, body: Any) -> list[dict[str, Any]]:
+async def set_routes(conn: AsyncConnection, actor: Actor, slug: str, body: Any, tenant: str | None = None
+                     ) -> list[dict[str, Any]]:
     """PUT /v1/routing/{slug}: the model's whole routing policy."""
-    row = await _model(conn, actor, slug, write=True)
-    routes = parse_routes(body)
-    await _check_routes(conn, row.tenant_id, routes)
+    row = await _model(conn, actor, slug, tenant, write=True)
+    routes = await _resolve_routes(conn, row.tenant_id, parse_routes(body))
     await _replace_routes(conn, row.id, routes)
     return _route_views(await _routes_of(conn, row.id))
 

@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision = "core_0009"
-down_revision = "core_0007"
+down_revision = "core_0008"
 branch_labels = None
 depends_on = None
 
