@@ -175,10 +175,8 @@ async def backend_health(request: web.Request) -> web.Response:
     backend = dispatcher.catalogue.current.backend(backend_id)
     if backend is None or not backend.visible_to(request[PRINCIPAL]):
         raise errors.backend_not_found(backend_id)
-    health = await dispatcher.breakers.health(backend_id)
-    if backend.tenant_id is None and request[PRINCIPAL].reach != "platform" and health.get("last_error"):
-        # A shared backend's own error text may name hosts or key prefixes: only the platform sees it in full.
-        health["last_error"] = health["last_error"].split(":", 1)[0]
+    # A backend's own error text may quote any URL it reaches, name hosts or key prefixes: only for the platform.
+    health = await dispatcher.breakers.health(backend_id, platform=request[PRINCIPAL].reach == "platform")
     inflight = sum(sample.value for metric in BACKEND_INFLIGHT.collect() for sample in metric.samples
                    if sample.labels.get("backend_id") == backend_id)
     return ok({"backend_id": backend_id, "status": backend.status, **health, "inflight": int(inflight)})
