@@ -417,8 +417,8 @@ async def _routed_by(conn: AsyncConnection, backend_id: str) -> list[Row[Any]]:
 
 async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor, spec: BackendSpec) -> str:
     """Creates or updates one backend; returns "created", "updated" or "unchanged"."""
-    await _check_target(settings, spec)
     tenant_id = await _tenant(conn, actor, spec.tenant)
+    await _check_target(settings, spec)
     existing = (await conn.execute(_backend_query().where(backends.c.id == spec.id))).first()
     if existing is not None and not _reaches(actor, existing.tenant_id, existing.partner_id):
         raise errors.slug_conflict(f"backend id {spec.id!r} is taken")
