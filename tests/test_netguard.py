@@ -1,10 +1,13 @@
 """The outbound-address guard every connection the node makes goes through: which addresses it refuses, and why."""
 
 import asyncio
+import ipaddress
 import socket
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scaigrid import netguard
 
@@ -46,6 +49,18 @@ def test_ipv6_addresses_embedding_a_refused_ipv4_address_are_refused(address: st
 @pytest.mark.parametrize("address", ALLOWED)
 def test_global_addresses_pass(address: str) -> None:
     assert netguard.refusal(address) is None
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_address_and_each_ipv6_form_of_it_are_judged_alike(ip: ipaddress.IPv4Address) -> None:
+    refused = netguard.refusal(str(ip)) is not None
+    assert refused == (not ip.is_global or ip.is_multicast)
+    forms = [ipaddress.IPv6Address(f"::ffff:{ip}"), ipaddress.IPv6Address((0x2002 << 112) | (int(ip) << 80)),
+             ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | int(ip))]
+    if int(ip) > 1:
+        forms.append(ipaddress.IPv6Address(int(ip)))  # ::a.b.c.d (:: and ::1 are addresses of their own)
+    for form in forms:
+        assert (netguard.refusal(str(form)) is not None) == refused, form
 
 
 def test_a_url_whose_host_is_an_address_is_judged_without_resolving() -> None:
