@@ -57,8 +57,9 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
         "S3_ACCESS_KEY_ID": s3.access_key_id,
         "S3_SECRET_ACCESS_KEY": s3.secret_access_key,
         "S3_BUCKET": BUCKET,
-        # On a developer's machine, webhook receivers usually listen on localhost.
+        # On a developer's machine, webhook receivers and backends usually listen on localhost.
         "WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
+        "BACKEND_ALLOW_PRIVATE_TARGETS": "true",
         **overrides,
     }
     path = var / "appliance.env"

@@ -256,6 +256,10 @@ class DispatchSettings:
         "BREAKER_FAILURE_THRESHOLD", _positive_int, 5, "consecutive failures that open a backend's circuit breaker")
     breaker_open_s: float = setting(
         "BREAKER_OPEN_S", _positive_float, 30.0, "how long a breaker stays open before one trial request (half-open)")
+    allow_private_targets: bool = setting(
+        "BACKEND_ALLOW_PRIVATE_TARGETS", _bool, False,
+        "allow tenants' backends on private, loopback, link-local and other non-global addresses (shared backends, "
+        "which only the platform writes, always may)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ The `model` a request names selects the behaviour (or `FakeBackend.behaviours[mo
   gated-N            streams 1 chunk, waits for `gate` to be set, then the other N-1
   cut-N              streams N chunks, then drops the connection (no [DONE])
   fail               HTTP 500
+  refuse             HTTP 400 (a refusal of the request, not a failing backend)
+  redirect-PORT      HTTP 307 to the same path on 127.0.0.1:PORT
   ratelimit-S        HTTP 429 with Retry-After: S
   slow-S             sleeps S seconds, then answers like ok
   garbage            HTTP 200 whose body is not JSON
@@ -44,6 +46,7 @@ from tests.threaded_server import ThreadedServer
 PROMPT_TOKENS = 11
 CREATED = 1_700_000_000
 EMBEDDING_DIMENSIONS = 4
+REFUSAL_TEXT = "the internal host 10.9.8.7 says: bad request"  # what a backend's 400 says ("refuse")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
@@ -106,6 +109,11 @@ class FakeBackend(ThreadedServer):
         """The answers that are not a success, shared by both routes."""
         if behaviour == "fail":
             return web.json_response({"error": {"message": "the model crashed", "type": "server_error"}}, status=500)
+        if behaviour == "refuse":
+            return web.json_response({"error": {"message": REFUSAL_TEXT, "type": "invalid_request_error"}},
+                                     status=400)
+        if match := re.fullmatch(r"redirect-(\d+)", behaviour):
+            raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{match[1]}/v1/chat/completions")
         if match := re.fullmatch(r"ratelimit-(\d+)", behaviour):
             return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                      headers={"Retry-After": match[1]})

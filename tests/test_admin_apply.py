@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import redis as sync_redis
 from cryptography.fernet import Fernet
 
@@ -29,7 +30,7 @@ id = "openai-b"
 provider = "openai"
 base_url = "https://api.openai.com/v1"
 model = "gpt-4o"
-api_key_env = "OPENAI_KEY"
+api_key_env = "SCAIGRID_BACKEND_KEY_OPENAI"
 cost_input_per_mtok = "2.50"
 cost_output_per_mtok = "10"
 
@@ -53,6 +54,12 @@ base_url = "http://127.0.0.1:8081/v1"
 model = "llama"
 tenant = "acme"
 """
+
+
+@pytest.fixture
+def env(env: dict[str, str]) -> dict[str, str]:
+    """acme's backends here name 127.0.0.1 and are never called: the operator allows private targets."""
+    return {**env, "BACKEND_ALLOW_PRIVATE_TARGETS": "true"}
 
 
 def apply(env: dict[str, str], tmp_path: Path, text: str, name: str = "catalogue.toml") -> tuple[int, str, str]:
@@ -174,7 +181,7 @@ model = "m"
 cost_input_per_mtok = 0.1
 cost_output_per_mtok = "0.0000001"
 api_key = "x"
-api_key_env = "Y"
+api_key_env = "SCAIGRID_BACKEND_KEY_Y"
 
 [[models]]
 slug = "acme/embed"
@@ -240,6 +247,19 @@ routes = [ { backend = "acme-gpu" } ]
 """)
     assert code == 0, err
     assert routes(migrated_env, "acme/chat") == [("acme-gpu", 1, 1)]
+
+
+def test_a_tenants_backend_on_a_private_address_needs_the_operators_consent(migrated_env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    add_tenant(migrated_env, "acme")
+    strict = {**migrated_env, "BACKEND_ALLOW_PRIVATE_TARGETS": "false"}
+    code, out, err = apply(strict, tmp_path, CATALOGUE + ACME_GPU)
+    assert code == 1, out
+    # The shared vllm-a on 127.0.0.1 is the platform's own and passes; acme's backend there does not.
+    assert [line for line in err.splitlines() if "base_url" in line] == [
+        "backend acme-gpu: base_url: 127.0.0.1 is a loopback address; a tenant's backend must be on a public address "
+        "(the operator may allow private ones with BACKEND_ALLOW_PRIVATE_TARGETS=true, or make it a shared backend)"]
+    assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0
 
 
 def test_bad_files_are_refused_with_one_line(migrated_env: dict[str, str], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import time
 from typing import Any
 
+import pytest
 import redis as sync_redis
 from cryptography.fernet import Fernet
 
@@ -12,6 +13,12 @@ from tests.catalogue_fixtures import add_tenant, call, sql
 from tests.conftest import Node
 
 SECRET = "sk-upstream-secret-0123456789"
+
+
+@pytest.fixture
+def env(env: dict[str, str]) -> dict[str, str]:
+    """Tenants' backends here name 127.0.0.1:9 and are never called: the operator allows private targets."""
+    return {**env, "BACKEND_ALLOW_PRIVATE_TARGETS": "true"}
 
 
 def backend(backend_id: str, **fields: Any) -> dict[str, Any]:
@@ -50,8 +57,9 @@ def test_backends_are_managed_and_their_key_is_never_shown(node: Node) -> None:
             reply["data"]["timeout_s"]) == ("0.3", "disabled", True, 30.0)
     token = sql(node.env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0]
     assert Fernet(node.env["SCAIGRID_ENCRYPTION_KEY"].encode()).decrypt(token.encode()).decode() == SECRET
-    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key_env": "VLLM_KEY"})
-    assert status == 200 and reply["data"]["has_api_key"] is False and reply["data"]["api_key_env"] == "VLLM_KEY"
+    status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key_env": "SCAIGRID_BACKEND_KEY_VLLM"})
+    assert status == 200 and reply["data"]["has_api_key"] is False
+    assert reply["data"]["api_key_env"] == "SCAIGRID_BACKEND_KEY_VLLM"
     assert sql(node.env, "SELECT api_key_encrypted FROM backends WHERE id = 'vllm-a'")[0][0] is None
     status, reply = call(node.url, "PUT", "/v1/backends/vllm-a", admin, {"api_key": SECRET})
     assert (reply["data"]["has_api_key"], reply["data"]["api_key_env"]) == (True, None)

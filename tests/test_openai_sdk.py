@@ -17,11 +17,12 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
     """One node for the module: each test uses models of its own, so they do not disturb each other."""
     tmp_path = tmp_path_factory.mktemp("sdk")
     with shared_env(mariadb, redis_server, s3_server) as env:
-        env["FAKE_UPSTREAM_KEY"] = "sk-from-the-environment"
+        env["SCAIGRID_BACKEND_KEY_FAKE"] = "sk-from-the-environment"
+        env["BACKEND_ALLOW_PRIVATE_TARGETS"] = "true"  # beta's own backend is a fake on loopback
         add_tenant(env, "beta")
         with serving(env, tmp_path, [
             backend("plain", fake, "ok", api_key="sk-plain-secret"),
-            backend("env-keyed", fake, "tooled", api_key_env="FAKE_UPSTREAM_KEY"),
+            backend("env-keyed", fake, "tooled", api_key_env="SCAIGRID_BACKEND_KEY_FAKE"),
             backend("paced", fake, "paced-4-10"),
             backend("emb", fake, "ok"),
             backend("broken", fake, "fail"),

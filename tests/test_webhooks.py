@@ -94,6 +94,8 @@ async def test_crud_validation_secret_and_tenancy(node: Node, start_mode, receiv
     assert "loopback" in problems(create({"url": receiver.url("x", host="localhost"), "events": events}))["url"]
     assert "private" in problems(create({"url": "http://10.1.2.3/hook", "events": events}))["url"]
     assert "link-local" in problems(create({"url": "http://169.254.169.254/latest", "events": events}))["url"]
+    assert "CGNAT" in problems(create({"url": "http://100.64.0.1/hook", "events": events}))["url"]
+    assert "embeds 127.0.0.1" in problems(create({"url": "http://[2002:7f00:1::]/", "events": events}))["url"]
     assert "http or https" in problems(create({"url": "ftp://93.184.216.34/x", "events": events}))["url"]
     assert "credentials" in problems(create({"url": "https://u:p@93.184.216.34/x", "events": events}))["url"]
     found = problems(create({"url": PUBLIC_URL, "events": ["request.done"], "max_retries": -1, "colour": "red"}))

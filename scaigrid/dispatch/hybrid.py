@@ -127,7 +127,7 @@ class TunnelStream:
             while len(body) < ERROR_BODY_MAX_BYTES and (data := await self.read()):
                 body += data
             raise status_failure(frame.head.status, headers.get("retry-after"), body[:ERROR_BODY_MAX_BYTES],
-                                 FORWARDED_REFUSED_STATUSES)
+                                 FORWARDED_REFUSED_STATUSES, for_client=True)
         if streamed:
             check_event_stream(headers.get("content-type", ""))
 
@@ -221,6 +221,7 @@ class ManagedTransport(HttpTransport):
     """
 
     refused_statuses = FORWARDED_REFUSED_STATUSES
+    answers_client = True
 
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         super().__init__(session)

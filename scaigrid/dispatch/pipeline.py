@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from scaigrid import errors
+from scaigrid import errors, netguard
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
 from scaigrid.api.base import DB, REDIS, REQUEST_ID, SETTINGS, TUNNELLED
@@ -72,6 +72,8 @@ class Exchange:
 
 
 def _client_error(exc: Exception) -> Failure:
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, netguard.RefusedTarget):
+        return Failure("connect", f"refused target: {exc.os_error}", public="refused target")
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return Failure("connect", f"cannot connect: {type(exc).__name__}", public="no connection")
     return Failure("status", f"connection failed: {type(exc).__name__}", public="connection failed")
@@ -180,11 +182,14 @@ class Dispatcher:
         if failure.kind == "rate_limited":
             await self.breakers.cool_down(backend.id, failure.retry_after_s)
         elif failure.kind == "refused":
+            logger.info("backend %s refused a request: %s", backend.id, failure.detail,
+                        extra={"event": "backend_refused", "backend_id": backend.id})
             await self._succeeded(backend)
         else:
             logger.warning("backend %s failed: %s", backend.id, failure.detail,
                            extra={"event": "backend_failed", "backend_id": backend.id, "kind": failure.kind})
-            await self.breakers.failed(backend.id, f"{failure.kind}: {failure.detail}")
+            await self.breakers.failed(backend.id, f"{failure.kind}: {failure.detail}",
+                                       f"{failure.kind}: {failure.public}" if failure.public else failure.kind)
 
     async def _succeeded(self, backend: Backend) -> None:
         if not self.breakers.clean(backend.id):
@@ -221,8 +226,10 @@ class Dispatcher:
                 failure = exc
                 await self._report(backend, exc)
                 if exc.kind == "refused":
+                    # Below platform reach, never the backend's own words: a tenant's backend may be any URL.
+                    why = exc.detail if exchange.principal.reach == "platform" else exc.public or "refused"
                     raise errors.validation_error(
-                        [errors.FieldError("body", exc.detail)], "the backend refused the request") from None
+                        [errors.FieldError("body", why)], "the backend refused the request") from None
             tried = tried or set()
             tried.add(backend.id)
         raise self._exhausted(model, failure)
@@ -425,12 +432,18 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     links = LinkDirectory(app[REDIS], settings)
     loader.on_load(lambda catalogue: links.track(catalogue.linked_node_ids))
     # No pool limit: every client stream holds one upstream connection. Timeouts are per request (dispatch).
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    # Tenants' backends connect through their own pool, whose resolver refuses what scaigrid.netguard refuses.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=dispatch.connect_timeout_s)
-    async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+    guarded_resolver = None if dispatch.allow_private_targets else netguard.GuardedResolver()
+    async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                                      timeout=timeout) as session,
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300,
+                                                                     resolver=guarded_resolver),
+                                      timeout=timeout) as guarded,
                 managed_session(settings, timeout) as managed, loader.running(), directory.running(),
                 links.running()):
-        app[DISPATCHER] = Dispatcher(settings, loader, breakers, app[ACCOUNTING], HttpTransport(session), {
+        http = HttpTransport(session, guarded)
+        app[DISPATCHER] = Dispatcher(settings, loader, breakers, app[ACCOUNTING], http, {
             SCAIINFER: NodeClient(settings, directory), HYBRID: HybridTransport(settings, links),
             MANAGED: ManagedTransport(managed, settings)})
         try:

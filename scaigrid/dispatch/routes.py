@@ -179,10 +179,8 @@ async def backend_health(request: web.Request) -> web.Response:
     backend = dispatcher.catalogue.current.backend(key)
     if backend is None:
         raise errors.backend_not_found(name)
-    health = await dispatcher.breakers.health(key)
-    if backend.tenant_id is None and request[PRINCIPAL].reach != "platform" and health.get("last_error"):
-        # A shared backend's own error text may name hosts or key prefixes: only the platform sees it in full.
-        health["last_error"] = health["last_error"].split(":", 1)[0]
+    # A backend's own error text may quote any URL it reaches, name hosts or key prefixes: only for the platform.
+    health = await dispatcher.breakers.health(key, platform=request[PRINCIPAL].reach == "platform")
     inflight = sum(sample.value for metric in BACKEND_INFLIGHT.collect() for sample in metric.samples
                    if sample.labels.get("backend_id") == key)
     return ok({"backend_id": name, "status": backend.status, **health, "inflight": int(inflight)})

@@ -47,7 +47,7 @@ def rpc_failure(exc: grpc.aio.AioRpcError) -> Failure:
     if kind == "rate_limited":
         return Failure(kind, detail, RETRY_AFTER_S)
     if kind == "refused":
-        return Failure(kind, exc.details() or name)
+        return Failure(kind, exc.details() or name, public=f"gRPC {name}")
     return Failure(kind, detail, public=f"gRPC {name}" if kind == "status" else "")
 
 

@@ -99,12 +99,17 @@ def _upstream_message(body: bytes) -> str:
 
 
 def status_failure(status: int, retry_after: str | None, body: bytes,
-                   refused: frozenset[int] = REFUSED_STATUSES) -> Failure:
-    """An answer other than 200 (`body`: its first ERROR_BODY_MAX_BYTES), for failover, the breaker and the client."""
+                   refused: frozenset[int] = REFUSED_STATUSES, *, for_client: bool = False) -> Failure:
+    """An answer other than 200 (`body`: its first ERROR_BODY_MAX_BYTES), for failover, the breaker and the client.
+
+    `for_client`: the other side is a ScaiGrid answering this very client (hybrid, managed), so its refusal is
+    passed on as it is; any other backend's words stay with the log and the platform.
+    """
     if status == 429:
         return Failure("rate_limited", "HTTP 429", _retry_after_s(retry_after))
     if status in refused:
-        return Failure("refused", _upstream_message(body))
+        message = _upstream_message(body)
+        return Failure("refused", message, public=message if for_client else f"HTTP {status}")
     return Failure("status", f"HTTP {status}: {_upstream_message(body)}", public=f"HTTP {status}")
 
 
@@ -139,13 +144,19 @@ class HttpStream:
 
 
 class HttpTransport:
-    """Backends that speak the OpenAI protocol over HTTP: they serve whatever a request needs."""
+    """Backends that speak the OpenAI protocol over HTTP: they serve whatever a request needs.
+
+    A backend marked `guarded` (a tenant's) goes through the `guarded` session, whose resolver refuses what
+    scaigrid.netguard refuses. Redirects are never followed: a 3xx is a failed attempt like any other status.
+    """
 
     lacks: Mapping[str, str] = {}
     refused_statuses = REFUSED_STATUSES
+    answers_client = False  # whether the backend's refusals are addressed to the client (status_failure)
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, guarded: aiohttp.ClientSession | None = None) -> None:
         self._session = session
+        self._guarded = guarded or session
 
     def available(self, backend: Backend, now_s: float) -> bool:
         return True
@@ -154,9 +165,17 @@ class HttpTransport:
         """The request's headers upstream: the backend's own credential."""
         return backend.headers
 
+    def _session_for(self, backend: Backend) -> aiohttp.ClientSession:
+        if not backend.guarded:
+            return self._session
+        if backend.refused is not None:
+            raise Failure("connect", f"refused target: {backend.refused}", public="refused target")
+        return self._guarded
+
     async def open(self, backend: Backend, payload: dict[str, Any], request: web.Request) -> Upstream:
-        response = await self._session.post(backend.chat_url, data=upstream_body(payload, backend.model),
-                                            headers=self.headers(backend, request))
+        response = await self._session_for(backend).post(
+            backend.chat_url, data=upstream_body(payload, backend.model), headers=self.headers(backend, request),
+            allow_redirects=False)
         try:
             if response.status != 200:
                 raise await self._status_failure(response)
@@ -168,12 +187,14 @@ class HttpTransport:
 
     async def fetch(self, backend: Backend, payload: dict[str, Any], request: web.Request, embeddings: bool) -> bytes:
         url = backend.embeddings_url if embeddings else backend.chat_url
-        async with self._session.post(url, data=upstream_body(payload, backend.model),
-                                      headers=self.headers(backend, request)) as response:
+        async with self._session_for(backend).post(url, data=upstream_body(payload, backend.model),
+                                                   headers=self.headers(backend, request),
+                                                   allow_redirects=False) as response:
             if response.status != 200:
                 raise await self._status_failure(response)
             return await response.read()
 
     async def _status_failure(self, response: aiohttp.ClientResponse) -> Failure:
         body = await response.content.read(ERROR_BODY_MAX_BYTES)
-        return status_failure(response.status, response.headers.get("Retry-After"), body, self.refused_statuses)
+        return status_failure(response.status, response.headers.get("Retry-After"), body, self.refused_statuses,
+                              for_client=self.answers_client)

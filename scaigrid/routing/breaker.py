@@ -62,11 +62,11 @@ local function current()
 end
 """
 
-# ARGV[3] threshold, ARGV[4] open seconds, ARGV[5] error text.
+# ARGV[3] threshold, ARGV[4] open seconds, ARGV[5] error text, ARGV[6] its public form.
 _FAILURE = _LUA_COMMON + """
 local failures = redis.call('HINCRBY', key, 'failures', 1)
 local state = field('state', 'closed')
-redis.call('HSET', key, 'last_error', ARGV[5], 'last_error_at', stamp(now))
+redis.call('HSET', key, 'last_error', ARGV[5], 'last_error_public', ARGV[6], 'last_error_at', stamp(now))
 if state == 'half_open' or (state == 'closed' and failures >= tonumber(ARGV[3])) then
   redis.call('HSET', key, 'state', 'open', 'opened_until', stamp(now + tonumber(ARGV[4])))
 end
@@ -178,9 +178,10 @@ class Breakers:
     async def succeeded(self, backend_id: str) -> None:
         self._apply(await self._run(self._success, backend_id))
 
-    async def failed(self, backend_id: str, error: str) -> None:
+    async def failed(self, backend_id: str, error: str, public: str) -> None:
+        """`error` may quote the backend (shown to the platform only); `public` never does (shown to the rest)."""
         self._apply(await self._run(self._failure, backend_id, self._threshold, self._open_s,
-                                    error[:LAST_ERROR_MAX_CHARS]))
+                                    error[:LAST_ERROR_MAX_CHARS], public[:LAST_ERROR_MAX_CHARS]))
 
     async def cool_down(self, backend_id: str, seconds: float) -> None:
         self._apply(await self._run(self._cooldown, backend_id, seconds))
@@ -265,8 +266,11 @@ class Breakers:
 
     # --- GET /v1/backends/{id}/health ---
 
-    async def health(self, backend_id: str) -> dict[str, Any]:
-        """The breaker as Redis has it now (the shared truth); this process's mirror when Redis is unreachable."""
+    async def health(self, backend_id: str, *, platform: bool) -> dict[str, Any]:
+        """The breaker as Redis has it now (the shared truth); this process's mirror when Redis is unreachable.
+
+        `last_error` in full (it may quote the backend's answer) for a platform caller, else only its public form.
+        """
         shared = True
         try:
             fields = _decoded(await self._redis.hgetall(KEY_PREFIX + backend_id))
@@ -284,12 +288,19 @@ class Breakers:
             "state": state,
             "healthy": state == CLOSED and cooldown_until <= now_s,
             "consecutive_failures": int(fields.get("failures", 0)),
-            "last_error": fields.get("last_error"),
+            "last_error": fields.get("last_error") if platform else _public_error(fields),
             "last_error_at": _iso(float(fields.get("last_error_at", 0))),
             "opened_until": _iso(opened_until),
             "cooldown_until": _iso(cooldown_until) if cooldown_until > now_s else None,
             "shared": shared,
         }
+
+
+def _public_error(fields: dict[str, str]) -> str | None:
+    if "last_error_public" in fields:
+        return fields["last_error_public"]
+    last_error = fields.get("last_error")  # written before the public form was kept: its kind alone
+    return None if last_error is None else last_error.split(":", 1)[0]
 
 
 def _decoded(raw: dict[Any, Any]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from yarl import URL
 
-from scaigrid import errors
+from scaigrid import errors, netguard
 from scaigrid.cache import InvalidationBus
 from scaigrid.crypto import UndecryptableCredential, decrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, tenants
@@ -52,6 +52,10 @@ def backend_name(key: str) -> str:
     return key.partition(OWNER_SEPARATOR)[0]
 
 
+# The only environment variables a backend's `api_key_env` may name: the operator's, never the node's own secrets.
+API_KEY_ENV_PREFIX = "SCAIGRID_BACKEND_KEY_"
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     id: str  # backend_key(name, tenant_id): what breakers, metrics and usage records name it by
@@ -74,6 +78,10 @@ class Backend:
     # provider "hybrid": the tenants allowed on its node (PUT /v1/hybrid/nodes/{id}/tenants); no other tenant's
     # request is sent there, since the node knows only these tenants' users (docs/hybrid.md, "Tunnel").
     node_tenant_ids: frozenset[str] = frozenset()
+    # A tenant's backend connects through scaigrid.netguard unless BACKEND_ALLOW_PRIVATE_TARGETS; `refused` says why
+    # its IP-literal host (which no resolver sees) may not be called.
+    guarded: bool = False
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +154,12 @@ def _credential(settings: Settings, row: Any) -> str | None:
         except UndecryptableCredential as exc:
             logger.error("backend %s: %s", row.id, exc, extra={"event": "backend_key_unreadable", "backend_id": row.id})
             return None
+    if row.api_key_env and not row.api_key_env.startswith(API_KEY_ENV_PREFIX):
+        # Stored before the prefix rule: reading it could send one of the node's own secrets to the backend.
+        logger.error("backend %s: api_key_env %s lacks the prefix %s; calling it without a key", row.id,
+                     row.api_key_env, API_KEY_ENV_PREFIX, extra={"event": "backend_key_env_refused",
+                                                                 "backend_id": row.id})
+        return None
     if row.api_key_env:
         key = os.environ.get(row.api_key_env)
         if key is None:
@@ -164,12 +178,15 @@ def _backend(settings: Settings, row: Any, node_tenants: Mapping[str, frozenset[
     if row.provider == MANAGED:  # unset: the transport says such a backend is unavailable
         root = (settings.hybrid.managed_url or "").rstrip("/") + MANAGED_API_ROOT
     node_id, _, node_model = row.model.partition("/") if row.provider in (SCAIINFER, HYBRID) else (None, "", "")
+    # Shared backends are the platform's own (an on-prem vLLM on 10.x is normal); a tenant's stays on global addresses.
+    guarded = row.tenant_id is not None and bool(row.base_url) and not settings.dispatch.allow_private_targets
     return Backend(
         id=row.id, tenant_id=row.tenant_id, partner_id=row.partner_id, provider=row.provider, base_url=root,
         model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,
         cost_input_per_mtok=row.cost_input_per_mtok, cost_output_per_mtok=row.cost_output_per_mtok,
         chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers,
-        node_id=node_id, node_model=node_model,
+        node_id=node_id, node_model=node_model, guarded=guarded,
+        refused=netguard.literal_refusal(root) if guarded else None,
         node_tenant_ids=node_tenants.get(node_id or "", frozenset()) if row.provider == HYBRID else frozenset())
 
 

@@ -42,8 +42,9 @@ async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaita
 @requires("routing:view", scopes=(OPERATOR,))
 async def list_backends(request: web.Request) -> web.Response:
     """Shared backends and those of the tenants the caller reaches, newest first."""
-    return await listing(request, store.visible_backends(request[PRINCIPAL]), backends.c.created_at, backends.c.id,
-                         store.backend_view)
+    actor = request[PRINCIPAL]
+    return await listing(request, store.visible_backends(actor), backends.c.created_at, backends.c.id,
+                         lambda row: store.backend_view(row, actor))
 
 
 @requires("routing:manage", scopes=(OPERATOR,))

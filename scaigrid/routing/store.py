@@ -16,18 +16,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import ColumnElement, Row, Select, delete, insert, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from scaigrid import errors
+from scaigrid import errors, netguard
 from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, new_id, tenants
 from scaigrid.errors import FieldError
-from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
+from scaigrid.routing.catalogue import API_KEY_ENV_PREFIX, HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
 from scaigrid.urls import http_url_problem
@@ -35,7 +35,8 @@ from scaigrid.urls import http_url_problem
 BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SEGMENT = r"[a-z0-9][a-z0-9._:-]*"
 MODEL_SLUG = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Only the operator's variables: never SERVICE_TOKEN_SECRET, DATABASE_URL or any other of the node's own.
+ENV_NAME = re.compile(rf"{API_KEY_ENV_PREFIX}[A-Za-z0-9_]{{1,107}}")
 PROVIDERS = ("openai", "custom", SCAIINFER, HYBRID, MANAGED)
 # A scaiinfer backend names its node and the node's model: "node-eu-01/llama-3.3" (the URI scaiinfer:<node>/<model>).
 NODE_MODEL = re.compile(rf"(?:{NODE_ID.pattern})/[^\s/][^\s]{{0,190}}")
@@ -206,7 +207,22 @@ def _base_url(fields: _Fields) -> str | None:
     if http_url_problem(url) is not None or urlsplit(url).query or urlsplit(url).fragment:
         fields.fail("base_url", "an http:// or https:// URL of the OpenAI API root, e.g. http://10.0.0.5:8000/v1")
         return None
+    if urlsplit(url).username is not None or urlsplit(url).password is not None:
+        fields.fail("base_url", "must not contain credentials (user:password@); give the key in api_key")
+        return None
     return url.rstrip("/")
+
+
+async def _check_target(settings: Settings, spec: BackendSpec) -> None:
+    """A tenant's backend must be on a global address (scaigrid.netguard) unless the operator allows otherwise."""
+    if spec.tenant is None or not spec.base_url or settings.dispatch.allow_private_targets:
+        return  # shared backends are the platform's own: an on-prem vLLM on 10.x is normal
+    host = urlsplit(spec.base_url).hostname or ""
+    problem = await netguard.host_refusal(host)
+    if problem is not None:
+        raise errors.validation_error([FieldError("base_url", (
+            f"{problem}; a tenant's backend must be on a public address (the operator may allow private ones with "
+            "BACKEND_ALLOW_PRIVATE_TARGETS=true, or make it a shared backend)"))])
 
 
 def parse_backend(body: Any) -> BackendSpec:
@@ -380,11 +396,21 @@ async def backend_key_for(conn: AsyncConnection, actor: Actor, name: str, tenant
     return str((await _backend(conn, actor, name, tenant)).id)
 
 
-def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def _shown_url(row: Mapping[str, Any], actor: Actor) -> str | None:
+    """A shared backend's URL is the platform's business (it names its network); any user:password@ stays hidden."""
+    if not row["base_url"] or (row["tenant_id"] is None and not (actor is None or actor.reach == "platform")):
+        return None
+    parts = urlsplit(row["base_url"])
+    if parts.username is None and parts.password is None:  # stored before credentials were refused
+        return str(row["base_url"])
+    return str(urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])))
+
+
+def backend_view(row: Mapping[str, Any], actor: Actor) -> dict[str, Any]:
     """A backend as the API shows it (a row of `visible_backends`): its name as `id`; never the API key, only
     whether there is one."""
     return {
-        "id": backend_name(row["id"]), "provider": row["provider"], "base_url": row["base_url"] or None,
+        "id": backend_name(row["id"]), "provider": row["provider"], "base_url": _shown_url(row, actor),
         "model": row["model"], "has_api_key": row["api_key_encrypted"] is not None, "api_key_env": row["api_key_env"],
         "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
         "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),
@@ -393,11 +419,11 @@ def backend_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def get_backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None = None) -> dict[str, Any]:
-    return backend_view(dict((await _backend(conn, actor, name, tenant))._mapping))
+    return backend_view(dict((await _backend(conn, actor, name, tenant))._mapping), actor)
 
 
-async def _backend_view_of(conn: AsyncConnection, key: str) -> dict[str, Any]:
-    return backend_view(dict((await conn.execute(_backend_query().where(backends.c.id == key))).one()._mapping))
+async def _backend_view_of(conn: AsyncConnection, actor: Actor, key: str) -> dict[str, Any]:
+    return backend_view(dict((await conn.execute(_backend_query().where(backends.c.id == key))).one()._mapping), actor)
 
 
 def visible_backends(actor: Actor) -> Select[Any]:
@@ -443,6 +469,7 @@ async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor
     tenant_id = await _tenant(conn, actor, spec.tenant)
     if spec.provider == HYBRID and spec.status == "active":
         await _check_linked_node(conn, spec.model, tenant_id)
+    await _check_target(settings, spec)
     key = backend_key(spec.id, tenant_id)
     existing = (await conn.execute(_backend_query().where(backends.c.id == key))).first()
     values = {
@@ -467,7 +494,7 @@ async def create_backend(conn: AsyncConnection, settings: Settings, actor: Actor
     if (await conn.execute(select(backends.c.id).where(backends.c.id == key))).first() is not None:
         raise errors.slug_conflict(f"backend id {spec.id!r} is taken")
     await upsert_backend(conn, settings, actor, spec)
-    return await _backend_view_of(conn, key)
+    return await _backend_view_of(conn, actor, key)
 
 
 def _same_owner(body: Mapping[str, Any], tenant_slug: str | None, kind: str) -> None:
@@ -496,7 +523,7 @@ async def update_backend(conn: AsyncConnection, settings: Settings, actor: Actor
     if "api_key" in body or "api_key_env" in body:
         current.pop("api_key_env")  # a new credential replaces the old one, whichever form either takes
     await upsert_backend(conn, settings, actor, parse_backend({**current, **body}))
-    return await _backend_view_of(conn, existing.id)
+    return await _backend_view_of(conn, actor, existing.id)
 
 
 async def delete_backend(conn: AsyncConnection, actor: Actor, name: str, tenant: str | None = None) -> None:

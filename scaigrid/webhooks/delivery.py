@@ -28,12 +28,12 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from scaigrid import crypto
+from scaigrid import crypto, netguard
 from scaigrid.auth.bodies import utc_now
 from scaigrid.db import delete_in_batches
 from scaigrid.db.tables import webhook_deliveries, webhook_events, webhooks
 from scaigrid.settings import Settings
-from scaigrid.webhooks import outbox, targets
+from scaigrid.webhooks import outbox
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ async def _claim(conn: AsyncConnection, now: datetime, lease: timedelta, limit: 
 
 async def send(session: aiohttp.ClientSession, settings: Settings, claimed: Claimed) -> Outcome:
     """One POST of the event, signed; never raises for what the receiver (or the network) does."""
-    refused = targets.literal_refusal(claimed.url, allow_private=settings.webhooks.allow_private_targets)
+    refused = None if settings.webhooks.allow_private_targets else netguard.literal_refusal(claimed.url)
     if refused is not None:
         return Outcome(None, f"refused target: {refused}")
     try:
@@ -144,7 +144,7 @@ async def send(session: aiohttp.ClientSession, settings: Settings, claimed: Clai
     except TimeoutError:
         return Outcome(None, f"no answer within {timeout_s:g} s")
     except aiohttp.ClientConnectorError as exc:
-        if isinstance(exc.os_error, targets.RefusedTarget):
+        if isinstance(exc.os_error, netguard.RefusedTarget):
             return Outcome(None, f"refused target: {exc.os_error}")
         return Outcome(None, f"cannot connect: {exc.os_error}")
     except aiohttp.ClientError as exc:
@@ -213,7 +213,7 @@ async def resume(conn: AsyncConnection, webhook_id: str, now: datetime) -> None:
 
 def new_session(settings: Settings) -> aiohttp.ClientSession:
     """The client deliveries go through; unless private targets are allowed, its resolver refuses them."""
-    resolver = None if settings.webhooks.allow_private_targets else targets.GuardedResolver()
+    resolver = None if settings.webhooks.allow_private_targets else netguard.GuardedResolver()
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, limit=CLAIM_BATCH))
 
 
