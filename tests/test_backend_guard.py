@@ -97,7 +97,7 @@ def test_a_backend_key_comes_only_from_the_operators_variables(node: Guarded, fa
         for key, body in ((node.partner_admin, tenant_backend("env-key", PUBLIC_URL)), (node.admin, shared)):
             fields = refused_fields(call(node.strict, "POST", "/v1/backends", key, {**body, "api_key_env": name}))
             assert list(fields) == ["api_key_env"] and "SCAIGRID_BACKEND_KEY_" in fields["api_key_env"]
-    assert sql(node.env, "SELECT id FROM backends WHERE id = 'env-key'") == []
+    assert sql(node.env, "SELECT id FROM backends WHERE id = 'env-key' OR id LIKE 'env-key@%'") == []
     assert call(node.strict, "POST", "/v1/backends", node.partner_admin, tenant_backend(
         "env-key", PUBLIC_URL, api_key_env="SCAIGRID_BACKEND_KEY_ACME"))[0] == 201
 
@@ -125,14 +125,14 @@ def test_a_tenants_backend_on_a_non_global_address_is_refused_when_saved(node: G
     fields = refused_fields(call(node.strict, "POST", "/v1/backends", node.admin,
                                  tenant_backend("inside", "http://10.0.0.1/v1")))
     assert "10.0.0.1 is a private address" in fields["base_url"]
-    assert sql(node.env, "SELECT id FROM backends WHERE id = 'inside'") == []
+    assert sql(node.env, "SELECT id FROM backends WHERE id = 'inside' OR id LIKE 'inside@%'") == []
 
     # Changing a saved backend to such an address is refused too, and the stored one stays.
     outside = tenant_backend("outside", PUBLIC_URL)
     assert call(node.strict, "POST", "/v1/backends", node.partner_admin, outside)[0] == 201
     refused_fields(call(node.strict, "PUT", "/v1/backends/outside", node.partner_admin,
                         {"base_url": "http://169.254.169.254/v1"}))
-    assert sql(node.env, "SELECT base_url FROM backends WHERE id = 'outside'")[0][0] == PUBLIC_URL
+    assert sql(node.env, "SELECT base_url FROM backends WHERE id LIKE 'outside@%'")[0][0] == PUBLIC_URL
 
     # Credentials in a URL are refused for everyone: a key goes in api_key, encrypted and never shown.
     fields = refused_fields(call(node.strict, "POST", "/v1/backends", node.admin, {
