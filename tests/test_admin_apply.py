@@ -163,7 +163,7 @@ max_output_tokens = 0
         "backend cheap: cost_output_per_mtok: at most 6 decimals",
         "backend cheap: api_key_env: give api_key or api_key_env, not both",
         "model acme/embed: modality: one of: chat, embedding, image, audio",
-        "model acme/embed: max_output_tokens: an integer from 1",
+        "model acme/embed: max_output_tokens: a whole number 1-",
     ):
         assert any(line.startswith(expected) for line in lines), (expected, lines)
     assert lines[-1].endswith("nothing was written")

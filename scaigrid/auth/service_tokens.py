@@ -36,7 +36,7 @@ def _signature(secret: Secret, signed: str) -> str:
 
 def mint(secret: Secret, name: str, ttl_s: int, now_s: float | None = None) -> str:
     """A token naming the service `name`, valid for ttl_s seconds."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError("a service name is 1-64 letters, digits, dots, dashes or underscores")
     now_s = time.time() if now_s is None else now_s
     payload = _b64(json.dumps({"svc": name, "exp": int(now_s) + ttl_s}, separators=(",", ":")).encode())

@@ -22,7 +22,7 @@ from scaigrid.hybrid import enrollment, registry, snapshot
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[\w .:@-]+$")
+NAME = re.compile(r"[\w .:@-]+")
 
 
 def _managed(request: web.Request) -> None:
