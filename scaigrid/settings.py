@@ -165,7 +165,7 @@ _MODULE_REF = re.compile(r"^[a-z][a-z0-9_]*$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def _module_list(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in raw.split(",") if item.strip())
     for item in items:
-        if not _MODULE_REF.match(item):
+        if not _MODULE_REF.fullmatch(item):
             raise ValueError("comma-separated module ids (e.g. scaibunker) or package.module:attribute references")
     return items
 

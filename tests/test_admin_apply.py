@@ -199,11 +199,58 @@ max_output_tokens = 0
         "backend cheap: cost_output_per_mtok: at most 6 decimals",
         "backend cheap: api_key_env: give api_key or api_key_env, not both",
         "model acme/embed: modality: one of: chat, embedding, image, audio",
-        "model acme/embed: max_output_tokens: an integer from 1",
+        "model acme/embed: max_output_tokens: a whole number 1-",
     ):
         assert any(line.startswith(expected) for line in lines), (expected, lines)
     assert lines[-1].endswith("nothing was written")
     assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0  # the valid items were not written either
+
+
+def test_values_that_would_break_dispatch_later_are_refused_by_apply_too(migrated_env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """apply reads with the API's reader: TOML's nan and inf, deep tables and a key with a line break are refused."""
+    deep = "{ a = " * 32 + "{}" + " }" * 32
+    bad = f"""
+[[backends]]
+id = "crlf"
+provider = "custom"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+api_key = "sk-abc\\r\\nX-Injected: 1"
+
+[[models]]
+slug = "acme/nan"
+modality = "chat"
+default_params = {{ temperature = nan }}
+
+[[models]]
+slug = "acme/inf"
+modality = "chat"
+default_params = {{ top_p = inf }}
+
+[[models]]
+slug = "acme/deep"
+modality = "chat"
+default_params = {deep}
+
+[[models]]
+slug = "acme/huge"
+modality = "chat"
+default_params = {{ max_tokens = 100_000_000_000_000_000 }}
+"""
+    code, out, err = apply(migrated_env, tmp_path, bad)
+    assert code == 1 and out == "" and "Traceback" not in err
+    lines = err.splitlines()
+    for expected in (
+        "backend crlf: api_key: control characters (line breaks included) are not allowed",
+        "model acme/nan: default_params: must be an object of JSON values (no NaN or Infinity)",
+        "model acme/inf: default_params: must be an object of JSON values (no NaN or Infinity)",
+        "model acme/deep: default_params: nested deeper than 31 levels",
+        "model acme/huge: default_params.max_tokens: an integer from 1 to 2147483647",
+    ):
+        assert expected in lines, (expected, lines)
+    assert sql(migrated_env, "SELECT COUNT(*) FROM backends")[0][0] == 0
+    assert sql(migrated_env, "SELECT COUNT(*) FROM models")[0][0] == 0
 
 
 def test_problems_found_in_the_database_roll_back_the_whole_file(migrated_env: dict[str, str], tmp_path: Path) -> None:

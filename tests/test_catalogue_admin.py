@@ -1,5 +1,6 @@
 """The /v1/ catalogue admin API: backends, models and routing policies, with permissions and tenancy."""
 
+import json
 import time
 from typing import Any
 
@@ -107,6 +108,55 @@ def test_values_the_catalogue_could_not_load_are_refused(node: Node) -> None:
             m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]}:
         assert time.monotonic() < deadline, "the catalogue was not reloaded"
         time.sleep(0.05)
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A JSON object `levels` deep: {"a": {"a": ... {}}}."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_values_that_would_break_dispatch_later_are_refused_and_nothing_is_stored(node: Node) -> None:
+    """Exploits: an api_key with CR/LF was stored and every chat to its model then answered 500; default_params with
+    NaN or 900-deep nesting answered 500 from the database's constraint."""
+    admin = node.admin_key
+    assert call(node.url, "POST", "/v1/backends", admin, backend("kept", api_key=SECRET))[0] == 201
+    assert call(node.url, "POST", "/v1/models", admin, model("acme/kept", "kept",
+                                                             default_params={"temperature": 0.5}))[0] == 201
+    for key in ("sk-abc\r\nX-Injected: 1", "sk-abc\n", "sk abc", "sk-\x00abc", "sk-ключ"):
+        status, reply = call(node.url, "POST", "/v1/backends", admin, backend("broken", api_key=key))
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["api_key"]), (key, reply)
+        status, reply = call(node.url, "PUT", "/v1/backends/kept", admin, {"api_key": key})
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["api_key"]), (key, reply)
+    for field, value in (("model", "llama\n"), ("base_url", "http://127.0.0.1:9/v1\r\n")):
+        status, reply = call(node.url, "POST", "/v1/backends", admin, backend("broken", **{field: value}))
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, [field]), reply
+    token = sql(node.env, "SELECT api_key_encrypted FROM backends WHERE id = 'kept'")[0][0]
+    assert Fernet(node.env["SCAIGRID_ENCRYPTION_KEY"].encode()).decrypt(token.encode()).decode() == SECRET
+    assert [b["id"] for b in call(node.url, "GET", "/v1/backends", admin)[1]["data"]["items"]] == ["kept"]
+
+    # NaN, Infinity and nesting past what any body may have are refused as the body is read.
+    for raw in (b'{"slug": "acme/nan", "modality": "chat", "default_params": {"temperature": NaN}}',
+                b'{"slug": "acme/inf", "modality": "chat", "default_params": {"top_p": Infinity}}',
+                b'{"slug": "acme/deep", "modality": "chat", "default_params": ' + b'{"a": ' * 900 + b"{}"
+                + b"}" * 901):
+        status, reply = call(node.url, "POST", "/v1/models", admin, raw=raw)
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["body"]), reply
+    # A JSON value deeper than the database takes, or with a parameter no backend takes, is refused by field.
+    for params, field in ((nested(32), "default_params"), ({"max_tokens": 10**26}, "default_params.max_tokens"),
+                          ({"temperature": 7}, "default_params.temperature"),
+                          ({"blob": "x" * 70_000}, "default_params")):
+        status, reply = call(node.url, "POST", "/v1/models", admin, model("acme/bad", "kept", default_params=params))
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, [field]), reply
+        status, reply = call(node.url, "PUT", "/v1/models/acme/kept", admin, {"default_params": params})
+        assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, [field]), reply
+    assert sql(node.env, "SELECT slug FROM models") == [("acme/kept",)]
+    assert json.loads(sql(node.env, "SELECT default_params FROM models")[0][0]) == {"temperature": 0.5}
+    # As deep as the limit is stored, and read back as it was sent.
+    status, reply = call(node.url, "PUT", "/v1/models/acme/kept", admin, {"default_params": nested(31)})
+    assert status == 200 and reply["data"]["default_params"] == nested(31), reply
 
 
 def test_models_and_their_routing_policy(node: Node) -> None:

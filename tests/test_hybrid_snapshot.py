@@ -302,8 +302,7 @@ async def test_a_bad_snapshot_is_refused_with_its_reason_and_the_node_keeps_what
         ((first.version, first.body_json, first.sha256), "version 1 is not newer than the applied version 1"),
         (_edited(first, dangling), "api_keys[0].user_id: 'usr_gone' is not in the snapshot"),
         (_edited(first, collides), f"tenants: {local_tenant!r} exists on this node and was not made by the link"),
-        (_edited(first, escalates), "api_keys[0].role: 'super_admin' is not one of tenant_admin, tenant_user, "
-                                    "tenant_viewer"),
+        (_edited(first, escalates), "api_keys[0].role: one of: tenant_admin, tenant_user, tenant_viewer"),
         (_edited(first, misshapen), "users: expected a list"),
     ]
     for (version, body_json, sha256), reason in cases:
@@ -313,6 +312,35 @@ async def test_a_bad_snapshot_is_refused_with_its_reason_and_the_node_keeps_what
         assert refused.value.reason == reason
         assert await _node_state(node_side.engine) == before, reason
     assert await snapshot.applied(node_side.engine) == (1, first.sha256)
+
+
+async def test_the_snapshot_takes_every_slug_the_api_takes_and_refuses_what_it_refuses(
+        managed: Managed, migrated_env: dict[str, str], start_mode: Callable[..., ModeProcess]):
+    """Exploit: the API took "acme\\n" (re.match) where the snapshot's check did not (fullmatch), so one tenant's slug
+    made every node refuse its whole snapshot. Both now read with the one body reader."""
+    start_http(start_mode, migrated_env)
+    url, admin = f"http://127.0.0.1:{migrated_env['HTTP_PORT']}", create_key(migrated_env, "super_admin")
+    edge = "0" + "a-" * 31 + "z"  # 64 characters: the longest slug
+    made = call(url, "POST", "/v1/tenants", admin, {"slug": edge, "name": "Edge",
+                                                         "partner_id": managed.partner_id})
+    assert made.status == 201, made.body
+    async with managed.engine.begin() as conn:
+        await snapshot.set_allowed_tenants(conn, managed.node_id, [managed.allowed, made.data["id"]])
+    taken = await snapshot.current(managed.engine, managed.node_id)
+    assert edge in {row["slug"] for row in snapshot.parse(taken.body_json, taken.sha256)["tenants"]}
+
+    for slug in ("acme-eu\n", "acme-eu\r", "Acme", "-acme", "acme-", edge + "b", "ac me", "acme\u2028"):
+        refused = call(url, "POST", "/v1/tenants", admin, {"slug": slug, "name": "X",
+                                                               "partner_id": managed.partner_id})
+        assert (refused.status, [d["field"] for d in refused.body["error"]["details"]]) == (422, ["slug"]), slug
+
+        def slugged(body: dict[str, Any], slug: str = slug) -> None:
+            body["tenants"][0]["slug"] = slug
+
+        _, body_json, sha256 = _edited(taken, slugged)
+        with pytest.raises(snapshot.SnapshotRejected) as rejected:
+            snapshot.parse(body_json, sha256)
+        assert rejected.value.reason.startswith("tenants[0].slug: "), (slug, rejected.value.reason)
 
 
 async def test_forgetting_the_mirror_switches_it_off_and_a_new_enrolment_starts_its_versions_over(

@@ -203,6 +203,32 @@ async def test_bodies_are_validated_with_every_problem_named(session: aiohttp.Cl
     assert fake.received == []
 
 
+async def test_numbers_no_backend_could_take_are_refused_before_going_upstream(
+        session: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    """Exploit: max_tokens of 10**26 was forwarded upstream; NaN, as aiohttp's request.json() parses it, too."""
+    status, envelope = await post(session, "/v1/inference/chat", {
+        "model": "acme/chat", "messages": USER, "max_tokens": 10**26, "max_completion_tokens": 2**31, "n": 10**6,
+        "seed": 2**63, "presence_penalty": 3, "top_logprobs": 21})
+    assert status == 422 and envelope["error"]["code"] == "VALIDATION_ERROR"
+    assert {d["field"] for d in envelope["error"]["details"]} == {
+        "max_tokens", "max_completion_tokens", "n", "seed", "presence_penalty", "top_logprobs"}
+    status, envelope = await post(session, "/v1/inference/embed", {"model": "acme/embed", "input": "x",
+                                                                   "dimensions": 10**12})
+    assert status == 422 and [d["field"] for d in envelope["error"]["details"]] == ["dimensions"]
+    for raw in (b'{"model": "acme/chat", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                b'{"model": "acme/chat", "messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
+                b'{"model": "acme/chat", "messages": [], "seed": ' + b"9" * 5000 + b"}"):
+        async with session.post("/v1/inference/chat", data=raw, headers={"Content-Type": "application/json"}) as r:
+            envelope = await r.json()
+            assert r.status == 422 and envelope["error"]["details"][0]["field"] == "body", envelope
+    assert fake.received == []
+    # The largest allowed value passes, capped by the model's max_output_tokens as before; so does a 64-bit seed.
+    status, envelope = await post(session, "/v1/inference/chat", {"model": "acme/chat", "messages": USER,
+                                                                  "max_tokens": 2**31 - 1, "seed": -(2**63)})
+    assert status == 200, envelope
+    assert (fake.received[0].body["max_tokens"], fake.received[0].body["seed"]) == (100, -(2**63))
+
+
 async def test_the_model_must_fit_the_route(session: aiohttp.ClientSession) -> None:
     status, envelope = await post(session, "/v1/inference/chat", {"model": "acme/embed", "messages": USER})
     assert status == 422 and envelope["error"]["code"] == "VALIDATION_ERROR"

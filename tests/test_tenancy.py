@@ -48,6 +48,29 @@ def test_partners_are_a_platform_matter(node):
         assert call(node.url, method, "/v1/partners", admin, body).code == "AUTHZ_PERMISSION_DENIED"
 
 
+def test_slugs_names_and_emails_are_matched_whole_and_refuse_control_characters(node):
+    """Exploit: "default\\n" was accepted as a slug (re.match with ^...$), for tenants and partners alike."""
+    team = tenant(node.url, node.admin_key, "team")
+    before = {path: call(node.url, "GET", path, node.admin_key).data["items"]
+              for path in ("/v1/partners", "/v1/tenants", "/v1/users")}
+    for path, body, field in (
+            ("/v1/partners", {"slug": "default\n", "name": "Again"}, "slug"),
+            ("/v1/partners", {"slug": "fresh\n", "name": "Fresh"}, "slug"),
+            ("/v1/partners", {"slug": "fresh", "name": "Fresh\r\nX-Injected: 1"}, "name"),
+            ("/v1/tenants", {"slug": "team\n", "name": "Team"}, "slug"),
+            ("/v1/tenants", {"slug": "other\n", "name": "Other"}, "slug"),
+            ("/v1/tenants", {"slug": "other", "name": "Other\x00"}, "name"),
+            ("/v1/users", {"email": "ann@example.com\n", "tenant_id": team["id"]}, "email"),
+            ("/v1/users", {"email": "ann@example.com", "display_name": "Ann\u2028", "tenant_id": team["id"]},
+             "display_name")):
+        reply = call(node.url, "POST", path, node.admin_key, body)
+        assert (reply.status, [d["field"] for d in reply.body["error"]["details"]]) == (422, [field]), (body, reply)
+    reply = call(node.url, "PATCH", f"/v1/tenants/{team['id']}", node.admin_key, {"name": "Renamed\n"})
+    assert (reply.status, [d["field"] for d in reply.body["error"]["details"]]) == (422, ["name"])
+    for path, items in before.items():
+        assert call(node.url, "GET", path, node.admin_key).data["items"] == items, path
+
+
 def test_a_partner_admin_manages_only_its_own_tenants(node):
     other = call(node.url, "POST", "/v1/partners", node.admin_key, {"slug": "other", "name": "Other"}).data
     theirs = tenant(node.url, node.admin_key, "theirs", partner_id=other["id"])

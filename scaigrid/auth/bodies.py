@@ -1,13 +1,12 @@
-"""The edges of the identity routes: JSON bodies validated field by field (422 with details), envelopes, pages."""
+"""The edges of the routes: the body reader (scaigrid/fields.py) under its usual names, envelopes, times, pages."""
 
 import base64
 import binascii
 import json
-import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Column, Select, and_, or_
@@ -16,6 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.base import DB
 from scaigrid.errors import FieldError
+from scaigrid.fields import Fields
+from scaigrid.fields import json_object as json_object
+from scaigrid.fields import naive_utc as naive_utc
+
+Body = Fields  # the identity routes' name for the one reader
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
@@ -50,103 +54,9 @@ def utc_from_unix(unix_s: float) -> datetime:
     return datetime.fromtimestamp(unix_s, UTC).replace(tzinfo=None)
 
 
-def naive_utc(value: datetime) -> datetime:
-    """A parsed time as stored: naive UTC (without a zone it is taken as UTC). OverflowError past year 1 or 9999."""
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
-
-
 def decimal_text(value: Decimal) -> str:
     """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
     return format(value.normalize(), "f") if value else "0"
-
-
-async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request's body, which must be a JSON object (422 VALIDATION_ERROR otherwise)."""
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json parses
-        data = None
-    if not isinstance(data, dict):
-        raise errors.validation_error([FieldError("body", "expected a JSON object")])
-    return data
-
-
-class Body:
-    """A JSON object read field by field; every problem is collected, then raised at once as VALIDATION_ERROR."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-        self._seen: set[str] = set()
-        self.problems: list[FieldError] = []
-
-    @classmethod
-    async def of(cls, request: web.Request) -> Self:
-        return cls(await json_object(request))
-
-    def has(self, name: str) -> bool:
-        return name in self._data
-
-    def _raw(self, name: str, required: bool) -> Any:
-        self._seen.add(name)
-        value = self._data.get(name)
-        if value is None and required:
-            self.problems.append(FieldError(name, "required"))
-        return value
-
-    def string(self, name: str, *, required: bool = False, max_length: int = 255,
-               pattern: re.Pattern[str] | None = None, choices: Sequence[str] | None = None,
-               hint: str = "") -> str | None:
-        value = self._raw(name, required)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self.problems.append(FieldError(name, "expected a non-empty string"))
-        elif len(value) > max_length:
-            self.problems.append(FieldError(name, f"at most {max_length} characters"))
-        elif choices is not None and value not in choices:
-            self.problems.append(FieldError(name, "one of " + ", ".join(choices)))
-        elif pattern is not None and not pattern.match(value):
-            self.problems.append(FieldError(name, hint or f"must match {pattern.pattern}"))
-        else:
-            return value
-        return None
-
-    def whole_number(self, name: str, *, maximum: int, minimum: int = 0, unit: str = "",
-                     required: bool = False) -> int | None:
-        """An integer (a boolean is not one) from `minimum` to `maximum`; `unit` ("seconds") goes into the message."""
-        value = self._raw(name, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            what = f"a whole number of {unit}," if unit else "a whole number"
-            self.problems.append(FieldError(name, f"{what} {minimum}-{maximum}"))
-            return None
-        return value
-
-    def timestamp(self, name: str, *, future: bool = False) -> datetime | None:
-        """An ISO 8601 time; without a zone it is taken as UTC. Returned as naive UTC, as stored."""
-        value = self._raw(name, False)
-        if value is None:
-            return None
-        try:
-            parsed = naive_utc(datetime.fromisoformat(value)) if isinstance(value, str) else None
-        except (ValueError, OverflowError):
-            parsed = None
-        if parsed is None:
-            self.problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
-            return None
-        if future and parsed <= utc_now():
-            self.problems.append(FieldError(name, "must be in the future"))
-            return None
-        return parsed
-
-    def done(self) -> None:
-        """Raises VALIDATION_ERROR for every problem found, unknown fields included (a typo must not pass)."""
-        for name in self._data:
-            if name not in self._seen:
-                self.problems.append(FieldError(name, "unknown field"))
-        if self.problems:
-            raise errors.validation_error(self.problems)
 
 
 async def page(conn: AsyncConnection, request: web.Request, query: Select[Any], created_at: Column[datetime],

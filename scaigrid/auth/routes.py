@@ -27,7 +27,7 @@ from scaigrid.errors import FieldError
 
 logger = logging.getLogger(__name__)
 
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not starting or ending with a dash"
 SETTABLE_STATUSES = ("active", "suspended")
 

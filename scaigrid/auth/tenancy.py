@@ -14,7 +14,7 @@ from scaigrid.auth.roles import REACHES, grants_at_most
 from scaigrid.db.tables import new_id, partners, tenants, users
 from scaigrid.errors import FieldError
 
-SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+SLUG_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")  # fullmatch: re.match with $ takes "x\n"
 SLUG_MAX = 64
 
 

@@ -9,7 +9,6 @@ that the tenant's own event later fills in).
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,6 +31,7 @@ from scaigrid.cache import announce
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import partners, scaikey_events, tenants, users
 from scaigrid.errors import FieldError
+from scaigrid.fields import Fields, load_object
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +73,26 @@ class Event:
     partner_id: str | None
 
 
+# The fields of an event's data that are stored (as names, emails, ScaiKey ids), with their columns' lengths.
+_DATA_TEXT = {"name": 255, "email": 320, "display_name": 255, "tenant_id": 64, "partner_id": 64}
+
+
 def parse_event(body: bytes, headers: Mapping[str, str]) -> Event:
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
-        document = None
-    if not isinstance(document, dict):
-        raise errors.validation_error([FieldError("body", "expected a JSON object")])
-    problems = []
-
-    def text(value: Any, field: str, required: bool = True, max_length: int = 128) -> str | None:
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value or len(value) > max_length:
-            problems.append(FieldError(field, f"expected a string of 1-{max_length} characters"))
-            return None
-        return value
-
-    event_id = text(document.get("event_id"), "event_id")
-    event_type = text(document.get("event_type"), "event_type", max_length=64)
-    resource = document.get("resource")
-    resource_id = text(resource.get("id") if isinstance(resource, dict) else None, "resource.id", max_length=64)
-    data = document.get("data", {})
-    if not isinstance(data, dict):
-        problems.append(FieldError("data", "expected an object"))
-    tenant_id = text(document.get("tenant_id"), "tenant_id", required=False, max_length=64)
-    partner_id = text(document.get("partner_id"), "partner_id", required=False, max_length=64)
+    """The event, read with the body reader; fields ScaiKey adds that we do not know are ignored, not refused."""
+    document = load_object(body)
+    top = Fields(document)
+    event_id = top.text("event_id", required=True, max_len=128)
+    event_type = top.text("event_type", required=True, max_len=64)
+    tenant_id = top.text("tenant_id", max_len=64)
+    partner_id = top.text("partner_id", max_len=64)
+    resource = Fields(document.get("resource") or {}, prefix="resource.")
+    resource_id = resource.text("id", required=True, max_len=64)
+    data = document.get("data") or {}
+    stored = Fields(data, prefix="data.")
+    for name, max_len in _DATA_TEXT.items():
+        if isinstance(data, dict) and isinstance(data.get(name), str) and data[name].strip():  # else ignored
+            stored.text(name, max_len=max_len)
+    problems = top.problems + resource.problems + stored.problems
     for header, value in (("X-ScaiKey-Event-ID", event_id), ("X-ScaiKey-Event-Type", event_type)):
         if header in headers and value is not None and headers[header] != value:
             problems.append(FieldError(header, "does not match the signed body"))
@@ -125,7 +119,7 @@ def _string(data: dict[str, Any], *names: str) -> str | None:
 
 async def _slug(conn: AsyncConnection, table: Table, data: dict[str, Any], fallback: str) -> str:
     wanted = _string(data, "slug")
-    if wanted is not None and tenancy.SLUG_PATTERN.match(wanted):
+    if wanted is not None and tenancy.SLUG_PATTERN.fullmatch(wanted):
         return await tenancy.free_slug(conn, table, wanted)
     return await tenancy.free_slug(conn, table, _string(data, "name") or fallback)
 

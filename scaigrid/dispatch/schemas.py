@@ -4,26 +4,24 @@ Only the fields ScaiGrid documents are checked; any other field (response_format
 is passed to the backend untouched, as OpenAI clients expect. A JSON null counts as an absent field.
 """
 
-import json
 from typing import Any
 
 from scaigrid import errors
 from scaigrid.errors import FieldError
+from scaigrid.fields import INT32_MAX, INT64_MAX, INT64_MIN, load_object
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")
 ENCODING_FORMATS = ("float", "base64")
 MAX_STOP_SEQUENCES = 4
+# Bounds of the numbers forwarded upstream (docs/api.md): a value no backend could take is refused here, not there.
+MAX_TOKENS_LIMIT = INT32_MAX  # and at most the model's max_output_tokens, which the pipeline caps it to
+MAX_CHOICES = 128  # n
+MAX_TOP_LOGPROBS = 20
+MAX_DIMENSIONS = 65_536
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
-        raise errors.validation_error([FieldError("body", "not valid JSON")]) from None
-    if not isinstance(body, dict):
-        raise errors.validation_error([FieldError("body", "must be a JSON object")])
-    return body
+parse_json = load_object  # the one body loader: UTF-8, a JSON object, no NaN or Infinity, bounded nesting
 
 
 def _number(value: Any) -> bool:
@@ -99,10 +97,10 @@ def _range(body: dict[str, Any], name: str, low: float, high: float, problems: l
         problems.append(FieldError(name, f"a number from {low:g} to {high:g}"))
 
 
-def _positive(body: dict[str, Any], name: str, problems: list[FieldError]) -> None:
+def _whole(body: dict[str, Any], name: str, low: int, high: int, problems: list[FieldError]) -> None:
     value = body.get(name)
-    if value is not None and not (_integer(value) and value >= 1):
-        problems.append(FieldError(name, "an integer >= 1"))
+    if value is not None and not (_integer(value) and low <= value <= high):
+        problems.append(FieldError(name, f"an integer from {low} to {high}"))
 
 
 def _typed(body: dict[str, Any], name: str, kind: type, what: str, problems: list[FieldError]) -> None:
@@ -111,21 +109,38 @@ def _typed(body: dict[str, Any], name: str, kind: type, what: str, problems: lis
         problems.append(FieldError(name, what))
 
 
+def parameter_problems(body: dict[str, Any]) -> list[FieldError]:
+    """The problems of the tuning parameters of a chat or embeddings body, or of a model's default_params (merged
+    under every request's, so that a stored default must pass the same checks)."""
+    problems: list[FieldError] = []
+    _range(body, "temperature", 0, 2, problems)
+    _range(body, "top_p", 0, 1, problems)
+    _range(body, "presence_penalty", -2, 2, problems)
+    _range(body, "frequency_penalty", -2, 2, problems)
+    _whole(body, "max_tokens", 1, MAX_TOKENS_LIMIT, problems)
+    _whole(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, problems)
+    _whole(body, "n", 1, MAX_CHOICES, problems)
+    _whole(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, problems)
+    _whole(body, "seed", INT64_MIN, INT64_MAX, problems)
+    _typed(body, "logprobs", bool, "true or false", problems)
+    _whole(body, "dimensions", 1, MAX_DIMENSIONS, problems)
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ENCODING_FORMATS:
+        problems.append(FieldError("encoding_format", "one of: " + ", ".join(ENCODING_FORMATS)))
+    if body.get("stop") is not None:
+        _stop(body["stop"], problems)
+    return problems
+
+
 def chat(body: dict[str, Any]) -> None:
     """Checks a chat completion body (native or OpenAI surface); raises VALIDATION_ERROR listing every problem."""
     problems: list[FieldError] = []
     _model(body, problems)
     _messages(body.get("messages"), problems)
-    _range(body, "temperature", 0, 2, problems)
-    _range(body, "top_p", 0, 1, problems)
-    _positive(body, "max_tokens", problems)
-    _positive(body, "max_completion_tokens", problems)
-    _typed(body, "seed", int, "an integer", problems)
+    problems.extend(parameter_problems(body))
     _typed(body, "stream", bool, "true or false", problems)
     _typed(body, "stream_options", dict, "an object such as {include_usage: true}", problems)
     _typed(body, "metadata", dict, "an object of string values", problems)
-    if body.get("stop") is not None:
-        _stop(body["stop"], problems)
     if body.get("tools") is not None:
         _tools(body["tools"], problems)
     if body.get("tool_choice") is not None:
@@ -142,9 +157,6 @@ def embed(body: dict[str, Any]) -> None:
     if not (isinstance(given, str) and given) and not (
             isinstance(given, list) and given and all(isinstance(item, str) and item for item in given)):
         problems.append(FieldError("input", "required: a non-empty string or a non-empty list of non-empty strings"))
-    _positive(body, "dimensions", problems)
-    encoding = body.get("encoding_format")
-    if encoding is not None and encoding not in ENCODING_FORMATS:
-        problems.append(FieldError("encoding_format", "one of: " + ", ".join(ENCODING_FORMATS)))
+    problems.extend(parameter_problems(body))
     if problems:
         raise errors.validation_error(problems)

@@ -25,7 +25,7 @@ from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[\w .:@-]+$")
+NAME = re.compile(r"[\w .:@-]+")
 
 
 def _managed(request: web.Request) -> None:

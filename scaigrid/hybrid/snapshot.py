@@ -16,7 +16,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from redis.asyncio import Redis
@@ -46,9 +45,10 @@ from scaigrid.db.tables import (
     tenants,
     users,
 )
+from scaigrid.fields import Fields
 from scaigrid.hybrid.outbox import MANAGED_BACKEND_PREFIX, MIRRORED_TENANT
 from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE, backend_key
-from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES, MONEY_DECIMALS, MONEY_MAX
+from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -192,69 +192,47 @@ async def _managed_models(conn: AsyncConnection, node_id: str, tenant_ids: Seque
 
 # --- the body's shape: every section, every field, checked before anything is written ---
 
-Check = Callable[[Any], str | None]  # a problem with the value, or None
+Read = Callable[[Fields, str], object]  # reads one field of a row with the body reader, which notes any problem
 
 
-def _text(max_length: int, pattern: re.Pattern[str] | None = None) -> Check:
-    def check(value: Any) -> str | None:
-        if not isinstance(value, str) or not value or len(value) > max_length:
-            return f"expected a non-empty string of at most {max_length} characters"
-        if pattern is not None and not pattern.fullmatch(value):
-            return f"{value!r} does not match {pattern.pattern}"
-        return None
-
-    return check
+def _text(max_len: int, pattern: re.Pattern[str] | None = None, *, optional: bool = False) -> Read:
+    return lambda row, name: row.text(name, required=not optional, max_len=max_len, pattern=pattern)
 
 
-def _choice(choices: Iterable[str]) -> Check:
+def _choice(choices: Iterable[str]) -> Read:
     allowed = tuple(choices)
-    return lambda value: None if value in allowed else f"{value!r} is not one of {', '.join(allowed)}"
+    return lambda row, name: row.text(name, required=True, choices=allowed)
 
 
-def _whole(value: Any) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "expected an integer >= 1"
+def _whole(row: Fields, name: str) -> object:
+    return row.integer(name)
 
 
-def _time(value: Any) -> str | None:
-    try:
-        naive_utc(datetime.fromisoformat(value))
-    except (TypeError, ValueError, OverflowError):
-        return "expected an ISO 8601 time"
-    return None
+def _time(row: Fields, name: str) -> object:
+    return row.timestamp(name)
 
 
-def _price(value: Any) -> str | None:
-    try:
-        price = Decimal(value) if isinstance(value, str) else None
-    except InvalidOperation:
-        price = None
-    if price is None or not price.is_finite() or not 0 <= price < MONEY_MAX or price != round(price, MONEY_DECIMALS):
-        return f"expected a decimal string >= 0 with at most {MONEY_DECIMALS} decimals"
-    return None
-
-
-def _optional(check: Check) -> Check:
-    return lambda value: None if value is None else check(value)
+def _price(row: Fields, name: str) -> object:
+    return row.money(name, required=True)
 
 
 _ID = _text(40)
 _STATUS = _text(16)
-_RPM = _optional(_whole)
-# The fields of each section, each with its check; a row must have exactly these.
-SECTIONS: dict[str, dict[str, Check]] = {
+# The fields of each section, each with its reader: the same rules as the API's, so that whatever the API stored
+# passes here; a row must have exactly these fields.
+SECTIONS: dict[str, dict[str, Read]] = {
     "partners": {"id": _ID, "slug": _text(SLUG_MAX, SLUG_PATTERN), "name": _text(255), "status": _STATUS,
-                 "rpm_limit": _RPM},
+                 "rpm_limit": _whole},
     "tenants": {"id": _ID, "partner_id": _ID, "slug": _text(SLUG_MAX, SLUG_PATTERN), "name": _text(255),
-                "status": _STATUS, "rpm_limit": _RPM},
-    "users": {"id": _ID, "tenant_id": _ID, "email": _text(320), "display_name": _optional(_text(255)),
-              "role": _choice(TENANT_ROLES), "status": _STATUS, "rpm_limit": _RPM},
+                "status": _STATUS, "rpm_limit": _whole},
+    "users": {"id": _ID, "tenant_id": _ID, "email": _text(320), "display_name": _text(255, optional=True),
+              "role": _choice(TENANT_ROLES), "status": _STATUS, "rpm_limit": _whole},
     "api_keys": {"id": _ID, "tenant_id": _ID, "user_id": _ID, "name": _text(255),
                  "key_hash": _text(64, re.compile(r"[0-9a-f]{64}")), "key_prefix": _text(16),
-                 "role": _choice(TENANT_ROLES), "rpm_limit": _RPM, "expires_at": _optional(_time),
-                 "revoked_at": _optional(_time)},
-    "managed_models": {"slug": _text(191, MODEL_SLUG), "tenant_id": _optional(_ID),
-                       "display_name": _optional(_text(255)), "modality": _choice(MODALITIES),
-                       "context_window": _optional(_whole), "max_output_tokens": _optional(_whole),
+                 "role": _choice(TENANT_ROLES), "rpm_limit": _whole, "expires_at": _time, "revoked_at": _time},
+    "managed_models": {"slug": _text(191, MODEL_SLUG), "tenant_id": _text(40, optional=True),
+                       "display_name": _text(255, optional=True), "modality": _choice(MODALITIES),
+                       "context_window": _whole, "max_output_tokens": _whole,
                        "status": _choice(MODEL_STATUSES), "price_input_per_mtok": _price,
                        "price_output_per_mtok": _price},
 }
@@ -289,10 +267,11 @@ def parse(body_json: str, sha256: str) -> dict[str, list[dict[str, Any]]]:
             where = f"{section}[{index}]"
             if not isinstance(row, dict) or set(row) != set(fields):
                 raise SnapshotRejected(f"{where}: expected an object with exactly the fields {', '.join(fields)}")
-            for name, check in fields.items():
-                problem = check(row[name])
-                if problem is not None:
-                    raise SnapshotRejected(f"{where}.{name}: {problem}")
+            reader = Fields(row, tuple(fields), prefix=f"{where}.")
+            for name, read in fields.items():
+                read(reader, name)
+            if reader.problems:
+                raise SnapshotRejected(f"{reader.problems[0].field}: {reader.problems[0].message}")
             key = tuple(row[name] for name in _KEY_OF[section])
             if key in seen:
                 raise SnapshotRejected(f"{where}: {key[-1]!r} appears twice")

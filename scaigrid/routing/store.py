@@ -10,11 +10,10 @@ resolves as a tenant sees it, its own object first, then the platform's: the cal
 `?tenant=<slug>` (one the caller reaches). What the caller cannot see answers exactly as what does not exist.
 """
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +25,9 @@ from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, new_id, tenants
+from scaigrid.dispatch.schemas import parameter_problems
 from scaigrid.errors import FieldError
+from scaigrid.fields import Fields
 from scaigrid.routing.catalogue import API_KEY_ENV_PREFIX, HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
@@ -51,8 +52,8 @@ _KEYLESS = {
 BACKEND_STATUSES = ("active", "disabled")
 MODALITIES = ("chat", "embedding", "image", "audio")
 MODEL_STATUSES = ("active", "deprecated")
-MONEY_DECIMALS = 6  # the PRICE column's scale
-MONEY_MAX = Decimal(10) ** 12  # the PRICE column's 18 digits less its 6 decimals
+# A key is sent as `Authorization: Bearer <key>`: visible ASCII only, or every request to the backend would fail.
+API_KEY = re.compile(r"[\x21-\x7e]+")
 
 BACKEND_FIELDS = ("id", "provider", "base_url", "model", "api_key", "api_key_env", "cost_input_per_mtok",
                   "cost_output_per_mtok", "timeout_s", "tenant", "status")
@@ -102,101 +103,7 @@ class ModelSpec:
 
 # --- parsing: a body alone ---
 
-class _Fields:
-    """Reads typed fields off one body, collecting a FieldError per problem instead of stopping at the first."""
-
-    def __init__(self, body: Any, known: Sequence[str], prefix: str = "") -> None:
-        self.prefix = prefix
-        self.errors: list[FieldError] = []
-        if not isinstance(body, Mapping):
-            self.body: Mapping[str, Any] = {}
-            self.fail("", "must be an object")
-            return
-        self.body = body
-        for name in body:
-            if name not in known:
-                self.fail(str(name), f"unknown field (expected one of: {', '.join(known)})")
-
-    def fail(self, name: str, message: str) -> None:
-        self.errors.append(FieldError(f"{self.prefix}{name}" if name else self.prefix.rstrip("."), message))
-
-    def present(self, name: str, required: bool) -> bool:
-        if self.body.get(name) is not None:
-            return True
-        if required:
-            self.fail(name, "required")
-        return False
-
-    def text(self, name: str, *, required: bool = False, max_len: int = 255, pattern: re.Pattern[str] | None = None,
-             choices: Sequence[str] = ()) -> str | None:
-        if not self.present(name, required):
-            return None
-        value = self.body[name]
-        if not isinstance(value, str) or not value.strip():
-            self.fail(name, "must be a non-empty string")
-        elif len(value) > max_len:
-            self.fail(name, f"at most {max_len} characters")
-        elif pattern is not None and not pattern.fullmatch(value):
-            self.fail(name, f"must match {pattern.pattern}")
-        elif choices and value not in choices:
-            self.fail(name, f"one of: {', '.join(choices)}")
-        else:
-            return value
-        return None
-
-    def integer(self, name: str, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int | None:
-        if not self.present(name, False):
-            return None
-        value = self.body[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            self.fail(name, f"an integer from {minimum} to {maximum}")
-            return None
-        return value
-
-    def seconds(self, name: str) -> float | None:
-        if not self.present(name, False):
-            return None
-        value = self.body[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-            self.fail(name, "a number of seconds, more than 0 and at most 86400")
-            return None
-        return float(value)
-
-    def money(self, name: str) -> Decimal:
-        """Per million tokens, as a decimal string (a float would not be exact): "0.10"."""
-        if not self.present(name, False):
-            return Decimal(0)
-        value = self.body[name]
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            self.fail(name, 'a decimal string such as "2.50" (not a float: it would not be exact)')
-            return Decimal(0)
-        try:
-            amount = Decimal(str(value).strip())
-        except InvalidOperation:
-            self.fail(name, 'a decimal string such as "2.50"')
-            return Decimal(0)
-        if not amount.is_finite() or amount < 0 or amount >= MONEY_MAX:
-            self.fail(name, f"at least 0 and less than {MONEY_MAX:,}")
-        # Normalised only once in range: normalising a huge exponent overflows.
-        elif isinstance(exponent := amount.normalize().as_tuple().exponent, int) and exponent < -MONEY_DECIMALS:
-            self.fail(name, f"at most {MONEY_DECIMALS} decimals")
-        return amount
-
-    def mapping(self, name: str) -> dict[str, Any] | None:
-        if not self.present(name, False):
-            return None
-        value = self.body[name]
-        try:
-            if not isinstance(value, Mapping):
-                raise TypeError
-            return dict(json.loads(json.dumps(value)))
-        except (TypeError, ValueError):
-            self.fail(name, "must be an object of JSON values")
-            return None
-
-    def done(self) -> None:
-        if self.errors:
-            raise errors.validation_error(self.errors)
+_Fields = Fields  # the one body reader, under the name the parse_* functions use
 
 
 def _base_url(fields: _Fields) -> str | None:
@@ -235,7 +142,7 @@ def parse_backend(body: Any) -> BackendSpec:
         provider=provider,
         base_url="" if keyless else _base_url(f) or "",
         model=f.text("model", required=True) or "",
-        api_key=f.text("api_key", max_len=4096),
+        api_key=f.text("api_key", max_len=4096, pattern=API_KEY, hint="visible ASCII characters, no spaces"),
         api_key_env=f.text("api_key_env", max_len=128, pattern=ENV_NAME),
         cost_input_per_mtok=f.money("cost_input_per_mtok"),
         cost_output_per_mtok=f.money("cost_output_per_mtok"),
@@ -269,7 +176,7 @@ def _routes(f: _Fields) -> tuple[RouteSpec, ...] | None:
         return None
     routes: list[RouteSpec] = []
     for index, item in enumerate(raw):
-        r = _Fields(item, ROUTE_FIELDS, prefix=f"{f.prefix}routes[{index}].")
+        r = _Fields(item, ROUTE_FIELDS, prefix=f"{f.where}routes[{index}].")
         route = RouteSpec(
             backend=r.text("backend", required=True, max_len=64, pattern=BACKEND_ID) or "",
             weight=r.integer("weight", maximum=1000) or 1,
@@ -277,7 +184,7 @@ def _routes(f: _Fields) -> tuple[RouteSpec, ...] | None:
         )
         if route.backend and route.backend in {seen.backend for seen in routes}:
             r.fail("backend", f"{route.backend!r} is listed twice")
-        f.errors.extend(r.errors)
+        f.problems.extend(r.problems)
         routes.append(route)
     return tuple(routes)
 
@@ -309,6 +216,8 @@ def parse_model(body: Any) -> ModelSpec:
     )
     if spec.context_window and spec.max_output_tokens and spec.max_output_tokens > spec.context_window:
         f.fail("max_output_tokens", f"at most context_window ({spec.context_window})")
+    for problem in parameter_problems(spec.default_params or {}):  # merged under every request's parameters
+        f.fail(f"default_params.{problem.field}", problem.message)
     f.done()
     return spec
 

@@ -88,7 +88,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     body = await WebhookBody.of(request)
     url = await body.url("url", required=True, allow_private=settings.webhooks.allow_private_targets)
     events = body.events("events", required=True)
-    description = body.string("description")
+    description = body.string("description", multiline=True)
     max_retries = body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT)
     status = body.string("status", choices=STATUSES) or "active"
     wanted_tenant_id = body.string("tenant_id", max_length=40)
@@ -128,7 +128,7 @@ async def update_webhook(request: web.Request) -> web.Response:
         "max_retries": body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT),
         "status": body.string("status", choices=STATUSES),
     }
-    description = body.string("description")
+    description = body.string("description", multiline=True)
     body.done()
     values = {name: value for name, value in changes.items() if value is not None}
     if body.has("description"):  # null clears it

@@ -55,7 +55,7 @@ def key_problem(key: str) -> str | None:
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
             return "the key has an empty, '.' or '..' segment"
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):
             return (f"a key segment contains a backslash or '%' (encoded twice?), "
                     f"or exceeds {MAX_SEGMENT_CHARS} characters")
     return None
