@@ -89,6 +89,9 @@ async def _unlock(conn: AsyncConnection) -> None:
 
 async def _run(conn: AsyncConnection, stream: Stream, direction: str, target: str) -> StreamResult:
     before = await current_revision(conn, stream)
+    # Out of any transaction, so that Alembic commits each revision with its version stamp (env.py): MariaDB commits
+    # DDL at once, and a stamp rolled back after a later revision failed would leave the schema ahead of its version.
+    await conn.commit()
     try:
         step = command.upgrade if direction == "upgrade" else command.downgrade
         await conn.run_sync(lambda sync_conn: step(stream.config(sync_conn), target))
