@@ -20,7 +20,10 @@ from appliance.programs import PROGRAMS, healthy
 from appliance.supervisor import SUPERVISORD, Supervisor, SupervisorUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
-# Settings a developer may override from the shell, e.g. `HTTPS_PORT=9443 make run`.
+# The outbound-address guard is on, as on an appliance: shared backends (the platform's) may be on localhost; a
+# developer whose tenants' backends or webhook receivers are there says so, e.g. `WEBHOOK_ALLOW_PRIVATE_TARGETS=true`.
+GUARD_KEYS = ("WEBHOOK_ALLOW_PRIVATE_TARGETS", "BACKEND_ALLOW_PRIVATE_TARGETS")
+# Settings a developer may override from the shell, e.g. `HTTPS_PORT=9443 make run`, besides GUARD_KEYS.
 PORT_KEYS = ("HTTPS_PORT", "HTTP_REDIRECT_PORT", "GRPC_TLS_PORT", "APPLIANCE_METRICS_PORT", "HTTP_PORT",
                   "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT", "LINK_METRICS_PORT")
 LOCAL_PORTS = {"HTTPS_PORT": "8443", "HTTP_REDIRECT_PORT": "8080", "GRPC_TLS_PORT": "8444"}
@@ -57,9 +60,6 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
         "S3_ACCESS_KEY_ID": s3.access_key_id,
         "S3_SECRET_ACCESS_KEY": s3.secret_access_key,
         "S3_BUCKET": BUCKET,
-        # On a developer's machine, webhook receivers and backends usually listen on localhost.
-        "WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
-        "BACKEND_ALLOW_PRIVATE_TARGETS": "true",
         **overrides,
     }
     path = var / "appliance.env"
@@ -154,7 +154,7 @@ def main() -> int:
         if not client.bucket_exists(BUCKET):  # moto keeps buckets in memory: a new one on every start
             client.make_bucket(BUCKET)
 
-        overrides = {key: os.environ[key] for key in PORT_KEYS if key in os.environ}
+        overrides = {key: os.environ[key] for key in (*PORT_KEYS, *GUARD_KEYS) if key in os.environ}
         appliance = appliance_config.load(write_config(var, redis, s3, mariadb, overrides))
         say("first-boot steps:")
         first_boot(appliance, mariadb)
