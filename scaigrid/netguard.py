@@ -45,7 +45,7 @@ def _kind(ip: IPAddress) -> str | None:
     """What kind of non-global address `ip` is (None: a global one)."""
     # Most specific first: loopback and link-local ranges are also `is_private`.
     checks = [("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-              ("unspecified", ip.is_unspecified)]
+              ("wildcard (unspecified)", ip.is_unspecified)]
     if isinstance(ip, ipaddress.IPv4Address):
         checks.append(("shared (CGNAT)", ip in _SHARED))
     else:

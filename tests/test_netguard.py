@@ -17,7 +17,7 @@ REFUSED = {
     "fd12:3456::1": "private",
     "169.254.169.254": "link-local", "fe80::1": "link-local", "fe80::1%eth0": "link-local",
     "100.64.0.1": "shared (CGNAT)", "100.127.255.254": "shared (CGNAT)",
-    "0.0.0.0": "unspecified", "::": "unspecified", "0.1.2.3": "private",  # 0/8: "this network"
+    "0.0.0.0": "wildcard (unspecified)", "::": "wildcard (unspecified)", "0.1.2.3": "private",  # 0/8: "this network"
     "224.0.0.1": "multicast", "239.255.255.250": "multicast", "ff02::1": "multicast", "ff0e::1": "multicast",
     "240.0.0.1": "private", "255.255.255.255": "private",  # reserved, and in Python's private list
     "198.18.0.1": "private", "198.19.255.1": "private",  # benchmarking
