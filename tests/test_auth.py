@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from jose import jwt
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -156,9 +157,9 @@ def test_service_tokens_from_the_cli_are_accepted_and_forgeries_are_not(node):
         assert (reply.status, reply.code) == (401, "SERVICE_TOKEN_INVALID"), what
 
 
-def _unscoped_token(secret: Secret, name: str) -> str:
-    """A token as minted before scopes existed: signed with the right secret, naming no scope."""
-    payload = base64.urlsafe_b64encode(json.dumps({"svc": name, "exp": int(time.time()) + 600}).encode())
+def _hand_signed(secret: Secret, claims: dict[str, object]) -> str:
+    """A token in the format before python-jose: sst_<base64url JSON>.<base64url HMAC-SHA256>."""
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode())
     signed = "sst_" + payload.rstrip(b"=").decode()
     digest = hmac.new(secret.reveal().encode(), signed.encode(), hashlib.sha256).digest()
     return signed + "." + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
@@ -168,10 +169,17 @@ def test_a_service_token_needs_a_known_scope(node):
     for args in ((), ("--scope", "admin")):
         refused = scaigrid("admin", "service-token", "--name", "worker-1", *args, env=node.env)
         assert refused.returncode == 2 and "--scope" in refused.stderr and refused.stdout == "", args
-    # Tokens minted before scopes (which were super_admin) are refused, saying how to get a new one.
-    reply = call(node.url, "GET", "/v1/tenants", _unscoped_token(Secret(node.env["SERVICE_TOKEN_SECRET"]), "old"))
+    # A token naming no scope (as every one minted before scopes, which were super_admin) is refused, saying how to
+    # get a new one.
+    secret, expires = Secret(node.env["SERVICE_TOKEN_SECRET"]), int(time.time()) + 600
+    unscoped = "sst_" + jwt.encode({"svc": "old", "exp": expires}, secret.reveal(), algorithm="HS256")
+    reply = call(node.url, "GET", "/v1/tenants", unscoped)
     assert (reply.status, reply.code) == (401, "SERVICE_TOKEN_INVALID")
     assert "--scope" in reply.body["error"]["message"]
+    # Tokens in the hand-signed format before python-jose are refused too, scoped or not.
+    for claims in ({"svc": "old", "exp": expires}, {"svc": "old", "scp": OPERATOR, "exp": expires}):
+        reply = call(node.url, "GET", "/v1/tenants", _hand_signed(secret, claims))
+        assert (reply.status, reply.code) == (401, "SERVICE_TOKEN_INVALID"), claims
 
 
 def test_the_operator_scope_administers_but_runs_no_inference(node):

@@ -1,24 +1,24 @@
-"""Service tokens for internal callers (gRPC clients, operator tooling): `sst_<payload>.<signature>`.
+"""Service tokens for internal callers (gRPC clients, operator tooling): `sst_` + an HS256 JWT (python-jose).
 
-payload = base64url(JSON {"svc": name, "scp": scope, "exp": unix seconds}),
-signature = base64url(HMAC-SHA256(SERVICE_TOKEN_SECRET, "sst_" + payload)). Stateless: every process holding the
-secret verifies without a database, a token stops working when it expires, and rotating the secret retires every
-token at once. The scope says what the caller may call at all: each HTTP route and gRPC method lists the scopes it
-accepts, and no scope reaches inference.
+Claims: svc (service name), scp (scope), exp (unix seconds), signed with SERVICE_TOKEN_SECRET. Stateless: every
+process holding the secret verifies without a database, a token stops working when it expires, and rotating the
+secret retires every token at once. The scope says what the caller may call at all: each HTTP route and gRPC method
+lists the scopes it accepts, and no scope reaches inference.
 """
 
-import base64
-import hashlib
-import hmac
-import json
 import re
 import time
 from dataclasses import dataclass
+
+from jose import jwt
+from jose.exceptions import JWTError
 
 from scaigrid import errors
 from scaigrid.settings import Secret
 
 PREFIX = "sst_"
+ALGORITHM = "HS256"
+MAX_TOKEN_CHARS = 1024  # a real token is ~200 characters; anything far longer is not worth decoding
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 OPERATOR = "operator"  # platform administration over HTTP (never inference)
@@ -35,14 +35,6 @@ class ServiceIdentity:
     expires_at_unix: int
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _signature(secret: Secret, signed: str) -> str:
-    return _b64(hmac.new(secret.reveal().encode(), signed.encode(), hashlib.sha256).digest())
-
-
 def mint(secret: Secret, name: str, ttl_s: int, now_s: float | None = None, *, scope: str) -> str:
     """A token naming the service `name` with one of SCOPES, valid for ttl_s seconds."""
     if not NAME_PATTERN.fullmatch(name):
@@ -51,8 +43,8 @@ def mint(secret: Secret, name: str, ttl_s: int, now_s: float | None = None, *, s
         raise ValueError(f"a scope is one of {', '.join(SCOPES)}")
     now_s = time.time() if now_s is None else now_s
     claims = {"svc": name, "scp": scope, "exp": int(now_s) + ttl_s}
-    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-    return f"{PREFIX}{payload}.{_signature(secret, PREFIX + payload)}"
+    token: str = jwt.encode(claims, secret.reveal(), algorithm=ALGORITHM)
+    return PREFIX + token
 
 
 def verify(secret: Secret | None, token: str, now_s: float | None = None) -> ServiceIdentity:
@@ -60,17 +52,16 @@ def verify(secret: Secret | None, token: str, now_s: float | None = None) -> Ser
     included."""
     if secret is None:
         raise errors.service_token_invalid("this node accepts no service tokens (SERVICE_TOKEN_SECRET is not set)")
-    signed, dot, signature = token.rpartition(".")
-    if not dot or not signed.startswith(PREFIX):
+    if not token.startswith(PREFIX) or len(token) > MAX_TOKEN_CHARS:
         raise errors.service_token_invalid("malformed service token")
-    if not hmac.compare_digest(signature.encode(), _signature(secret, signed).encode()):
-        raise errors.service_token_invalid("the service token's signature does not match")
-    payload = signed[len(PREFIX):]
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        name, expires_at = claims["svc"], claims["exp"]
-    except (ValueError, TypeError, KeyError):
-        raise errors.service_token_invalid("malformed service token") from None
+        # The algorithm list is pinned, so "none" or RS256 never pass; jose compares signatures in constant time.
+        # exp is required and checked below, with no leeway, against now_s: jose checks only against its own clock.
+        claims = jwt.decode(token[len(PREFIX):], secret.reveal(), algorithms=[ALGORITHM],
+                            options={"verify_exp": False})
+    except JWTError:
+        raise errors.service_token_invalid("the service token is malformed or its signature does not match") from None
+    name, expires_at = claims.get("svc"), claims.get("exp")
     if not isinstance(name, str) or not isinstance(expires_at, int):
         raise errors.service_token_invalid("malformed service token")
     if expires_at <= (time.time() if now_s is None else now_s):

@@ -1,23 +1,26 @@
 """Caller assertions: who a tunnelled request is for, signed by the managed side, verified by the node.
 
 The managed side never sends a client's credential down the hybrid link. The grpc replica that relays a request
-signs `sga_<payload>.<signature>` instead: payload = base64url(JSON {node, req, tenant, partner, user, key, role,
-exp}), signature = base64url(HMAC-SHA256(key, "sga_" + payload)). The key is derived from the sha256 of the node
+signs `sga_` + an HS256 JWT (python-jose) instead, with claims aud (the node id), req, tenant, partner, user, key,
+role, exp. The key is derived from the sha256 of the node
 credential the link authenticated with: the managed side stores only that hash, and the node computes it from its
 HYBRID_NODE_CREDENTIAL. So only the managed side and that one node can sign, a node can forge assertions only to
 itself, and an assertion is good for one request id, on one node, for ASSERTION_TTL_S.
 """
 
-import base64
 import hashlib
 import hmac
-import json
 import time
 from dataclasses import dataclass
+
+from jose import jwt
+from jose.exceptions import JWTError
 
 from scaigrid import errors
 
 PREFIX = "sga_"
+ALGORITHM = "HS256"
+MAX_TOKEN_CHARS = 2048  # a real assertion is ~450 characters; anything far longer is not worth decoding
 ASSERTION_TTL_S = 60  # checked once, when the node's http process receives the tunnelled request
 # The node's link program hands the assertion to its own http process in this header, beside the tunnel header.
 ASSERTION_HEADER = "X-Scaigrid-Tunnel-Caller"
@@ -48,39 +51,34 @@ def credential_key(credential: str) -> bytes:
     return signing_key(hashlib.sha256(credential.encode()).hexdigest())
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _signature(key: bytes, signed: str) -> str:
-    return _b64(hmac.new(key, signed.encode(), hashlib.sha256).digest())
-
-
 def sign(key: bytes, caller: Caller, now_s: float | None = None) -> str:
     """An assertion of `caller`, valid ASSERTION_TTL_S from now (caller.expires_at_unix is ignored)."""
     now_s = time.time() if now_s is None else now_s
-    claims = {"node": caller.node_id, "req": caller.request_id, "tenant": caller.tenant_id,
+    claims = {"aud": caller.node_id, "req": caller.request_id, "tenant": caller.tenant_id,
               "partner": caller.partner_id, "user": caller.user_id, "key": caller.api_key_id, "role": caller.role,
               "exp": int(now_s) + ASSERTION_TTL_S}
-    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-    return f"{PREFIX}{payload}.{_signature(key, PREFIX + payload)}"
+    token: str = jwt.encode(claims, key, algorithm=ALGORITHM)
+    return PREFIX + token
 
 
 def verify(key: bytes, token: str, *, node_id: str, request_id: str, now_s: float | None = None) -> Caller:
     """The caller an assertion names, if signed with `key` for this node and request and not expired; otherwise
     AUTH_TOKEN_INVALID (401)."""
-    signed, dot, signature = token.rpartition(".")
-    if not dot or not signed.startswith(PREFIX):
+    if not token.startswith(PREFIX) or len(token) > MAX_TOKEN_CHARS:
         raise errors.auth_token_invalid("malformed caller assertion")
-    if not hmac.compare_digest(signature.encode(), _signature(key, signed).encode()):
-        raise errors.auth_token_invalid("the caller assertion's signature does not match this node's credential")
-    payload = signed[len(PREFIX):]
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        caller = Caller(node_id=claims["node"], request_id=claims["req"], tenant_id=claims["tenant"],
+        # The algorithm list is pinned. aud and exp are required and checked below, to say which one is wrong, and
+        # exp with no leeway against now_s: jose checks only against its own clock.
+        claims = jwt.decode(token[len(PREFIX):], key, algorithms=[ALGORITHM],
+                            options={"verify_aud": False, "verify_exp": False})
+    except JWTError:
+        raise errors.auth_token_invalid(
+            "the caller assertion is malformed or its signature does not match this node's credential") from None
+    try:
+        caller = Caller(node_id=claims["aud"], request_id=claims["req"], tenant_id=claims["tenant"],
                         partner_id=claims["partner"], user_id=claims["user"], api_key_id=claims["key"],
                         role=claims["role"], expires_at_unix=claims["exp"])
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except KeyError:
         raise errors.auth_token_invalid("malformed caller assertion") from None
     texts = (caller.node_id, caller.request_id, caller.tenant_id, caller.partner_id, caller.user_id, caller.role)
     if (not all(isinstance(text, str) and text for text in texts) or not isinstance(caller.expires_at_unix, int)
