@@ -15,11 +15,12 @@ from sqlalchemy import select
 from scaigrid import errors
 from scaigrid.api.access import public, requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.auth.bodies import Body, iso, json_object, listing, ok, utc_from_unix
+from scaigrid.auth.bodies import iso, listing, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import hybrid_nodes
+from scaigrid.fields import Fields, json_object
 from scaigrid.hybrid import enrollment, registry, snapshot
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 
@@ -50,9 +51,9 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     """A single-use enrolment token, valid ttl_s (default and maximum HYBRID_ENROLLMENT_TOKEN_TTL_S); shown once."""
     _platform_only(request)
     max_ttl_s = request.app[SETTINGS].hybrid.enrollment_token_ttl_s
-    body = await Body.of(request)
+    body = await Fields.of(request)
     name = body.string("name", pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
-    ttl_s = body.whole_number("ttl_s", minimum=1, maximum=max_ttl_s, unit="seconds")
+    ttl_s = body.integer("ttl_s", minimum=1, maximum=max_ttl_s, unit="seconds")
     body.done()
     async with request.app[DB].begin() as conn:
         minted = await enrollment.mint_token(conn, name, max_ttl_s if ttl_s is None else ttl_s)
@@ -133,7 +134,7 @@ async def put_node_tenants(request: web.Request) -> web.Response:
 async def enroll(request: web.Request) -> web.Response:
     """Spends an enrolment token on a new node: {node_id, credential}; the credential is shown once."""
     _managed(request)
-    body = await Body.of(request)
+    body = await Fields.of(request)
     token = body.string("token", required=True, max_length=128)
     name = body.string("name", required=True, pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
     software_version = body.string("software_version", required=True, max_length=64)
