@@ -140,17 +140,18 @@ class Fields:
     def present(self, name: str, required: bool) -> bool:
         return self._raw(name, required) is not None
 
-    def text(self, name: str, *, required: bool = False, max_len: int = 255, pattern: re.Pattern[str] | None = None,
-             choices: Sequence[str] | None = None, hint: str = "", multiline: bool = False) -> str | None:
-        """A non-blank string of at most `max_len` characters, without control characters (`multiline`: but for
+    def string(self, name: str, *, required: bool = False, max_length: int = 255,
+               pattern: re.Pattern[str] | None = None, choices: Sequence[str] | None = None, hint: str = "",
+               multiline: bool = False) -> str | None:
+        """A non-blank string of at most `max_length` characters, without control characters (`multiline`: but for
         tab and line breaks), one of `choices` and matching `pattern` as a whole when given."""
         value = self._raw(name, required)
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
             self.fail(name, "expected a non-empty string")
-        elif len(value) > max_len:
-            self.fail(name, f"at most {max_len} characters")
+        elif len(value) > max_length:
+            self.fail(name, f"at most {max_length} characters")
         elif (_CONTROL_BUT_LINES if multiline else _CONTROL).search(value):
             self.fail(name, "control characters (line breaks included) are not allowed")
         elif choices is not None and value not in choices:
@@ -160,13 +161,6 @@ class Fields:
         else:
             return value
         return None
-
-    def string(self, name: str, *, required: bool = False, max_length: int = 255,
-               pattern: re.Pattern[str] | None = None, choices: Sequence[str] | None = None, hint: str = "",
-               multiline: bool = False) -> str | None:
-        """`text`, under the name (and `max_length`) the identity routes use."""
-        return self.text(name, required=required, max_len=max_length, pattern=pattern, choices=choices, hint=hint,
-                         multiline=multiline)
 
     def integer(self, name: str, *, minimum: int = 1, maximum: int = INT32_MAX, unit: str = "",
                 required: bool = False) -> int | None:
@@ -179,11 +173,6 @@ class Fields:
             self.fail(name, f"{what} {minimum}-{maximum}")
             return None
         return value
-
-    def whole_number(self, name: str, *, maximum: int, minimum: int = 0, unit: str = "",
-                     required: bool = False) -> int | None:
-        """`integer`, under the name (and defaults) the identity routes use."""
-        return self.integer(name, minimum=minimum, maximum=maximum, unit=unit, required=required)
 
     def seconds(self, name: str) -> float | None:
         value = self._raw(name, False)

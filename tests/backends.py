@@ -282,6 +282,15 @@ def http_process(env: dict[str, str], log_path: Path) -> AbstractContextManager[
     return mode_process("http", env, log_path, lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"))
 
 
+@contextmanager
+def two_http_processes(env: dict[str, str], log_dir: Path, **second_env: str) -> Iterator[tuple[str, str]]:
+    """Two http processes of one node (same database and Redis), the second on a port of its own with `second_env`
+    on top of `env`: their base URLs."""
+    other = {**env, **second_env, "HTTP_PORT": str(devstack.free_port())}
+    with http_process(env, log_dir / "http-a.log"), http_process(other, log_dir / "http-b.log"):
+        yield f"http://127.0.0.1:{env['HTTP_PORT']}", f"http://127.0.0.1:{other['HTTP_PORT']}"
+
+
 @dataclass
 class Gateway:
     """A node serving a catalogue of fake backends, and a tenant_user key of the default tenant."""
@@ -348,6 +357,15 @@ def http_call(method: str, url: str, key: str, body: Any = None, timeout_s: floa
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat_call(url: str, key: str, model: str) -> tuple[int, bytes]:
+    """(status, body) of one native chat request saying hi to `model`, errors included."""
+    status, _, body = http_call("POST", url + "/v1/inference/chat", key, {"model": model, "messages": USER})
+    return status, body
 
 
 def models_listed(url: str, key: str) -> set[str]:

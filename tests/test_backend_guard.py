@@ -13,18 +13,17 @@ from appliance import devstack
 from tests.backends import (  # noqa: F401
     REFUSAL_TEXT,
     FakeBackend,
+    chat_call,
     fake_fixture,
-    http_call,
-    http_process,
     models_listed,
     shared_env,
+    two_http_processes,
     wait_until,
 )
 from tests.catalogue_fixtures import call, sql
 from tests.conftest import create_key
 
 PUBLIC_URL = "http://93.184.216.34/v1"  # a global address: passes the guard (never called: no model routes to it)
-USER = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
@@ -41,8 +40,7 @@ class Guarded:
     user: str
 
     def chat(self, url: str, model: str, key: str | None = None) -> tuple[int, str]:
-        status, _, body = http_call("POST", url + "/v1/inference/chat", key or self.user,
-                                    {"model": model, "messages": USER})
+        status, body = chat_call(url, key or self.user, model)
         return status, body.decode()
 
     def served(self, model: str) -> None:
@@ -59,12 +57,10 @@ class Guarded:
 def guarded_node(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     tmp_path = tmp_path_factory.mktemp("guard")
-    with shared_env(mariadb, redis_server, s3_server) as env:
-        allowing = {**env, "HTTP_PORT": str(devstack.free_port()), "BACKEND_ALLOW_PRIVATE_TARGETS": "true"}
-        with http_process(env, tmp_path / "strict.log"), http_process(allowing, tmp_path / "allowing.log"):
-            yield Guarded(env, f"http://127.0.0.1:{env['HTTP_PORT']}", f"http://127.0.0.1:{allowing['HTTP_PORT']}",
-                          create_key(env, "super_admin"), create_key(env, "partner_admin"),
-                          create_key(env, "tenant_admin"), create_key(env, "tenant_user"))
+    with (shared_env(mariadb, redis_server, s3_server) as env,
+          two_http_processes(env, tmp_path, BACKEND_ALLOW_PRIVATE_TARGETS="true") as (strict, allowing)):
+        yield Guarded(env, strict, allowing, create_key(env, "super_admin"), create_key(env, "partner_admin"),
+                      create_key(env, "tenant_admin"), create_key(env, "tenant_user"))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from scaigrid.accounting.records import UsageRecord
 from scaigrid.resources import database_ctx
 from scaigrid.settings import load_settings
 from tests.backends import (  # noqa: F401
+    USER,
     FakeBackend,
     Gateway,
     backend,
@@ -31,7 +32,6 @@ from tests.backends import (  # noqa: F401
 from tests.conftest import create_key, http_get
 
 STREAM_TIMEOUT_S = 3
-USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")

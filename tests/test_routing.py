@@ -15,22 +15,23 @@ import pytest
 
 from appliance import devstack
 from tests.backends import (  # noqa: F401
+    USER,
     FakeBackend,
     apply,
     backend,
+    chat_call,
     chat_model,
     fake_fixture,
     http_call,
-    http_process,
     models_listed,
     shared_env,
+    two_http_processes,
     wait_until,
 )
 from tests.catalogue_fixtures import add_tenant
 from tests.conftest import create_key, http_get
 
 BREAKER_OPEN_S = 2
-USER = [{"role": "user", "content": "hi"}]
 
 
 def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -79,8 +80,7 @@ class Pair:
     admin: str
 
     def chat(self, model: str, process: int = 0) -> tuple[int, dict[str, Any]]:
-        status, _, body = http_call("POST", self.urls[process] + "/v1/inference/chat", self.user,
-                                    {"model": model, "messages": USER})
+        status, body = chat_call(self.urls[process], self.user, model)
         return status, json.loads(body)
 
     def health(self, backend_id: str, process: int = 0, key: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -98,10 +98,8 @@ def node_pair(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server
                    BACKEND_ALLOW_PRIVATE_TARGETS="true")
         add_tenant(env, "beta")
         apply(env, tmp_path / "catalogue.toml", *catalogue(fake))
-        other = {**env, "HTTP_PORT": str(devstack.free_port())}
-        with http_process(env, tmp_path / "http-a.log"), http_process(other, tmp_path / "http-b.log"):
-            yield Pair(env, (f"http://127.0.0.1:{env['HTTP_PORT']}", f"http://127.0.0.1:{other['HTTP_PORT']}"),
-                       create_key(env, "tenant_user"), create_key(env, "super_admin"))
+        with two_http_processes(env, tmp_path) as urls:
+            yield Pair(env, urls, create_key(env, "tenant_user"), create_key(env, "super_admin"))
 
 
 @pytest.fixture
@@ -229,8 +227,7 @@ def test_backend_health_needs_routing_view_and_hides_other_tenants_backends(pair
 def test_a_tenants_own_model_and_backend_of_a_platform_name_serve_that_tenant_only(pair: Pair, fake: FakeBackend
                                                                                    ) -> None:
     beta_user = create_key(pair.env, "tenant_user", "beta")
-    status, _, body = http_call("POST", pair.urls[1] + "/v1/inference/chat", beta_user,
-                                {"model": "r/dup", "messages": USER})
+    status, body = chat_call(pair.urls[1], beta_user, "r/dup")
     assert status == 200, body
     assert pair.chat("r/dup")[0] == 200
     assert [r.body["model"] for r in fake.received] == ["beta-dup", "platform-dup"]

@@ -47,7 +47,15 @@ from tests.adversary import (
     send,
     with_heads,
 )
-from tests.backends import FakeBackend, apply, backend, http_process, shared_env, wait_until
+from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
+    FakeBackend,
+    apply,
+    backend,
+    fake_fixture,
+    http_process,
+    shared_env,
+    wait_until,
+)
 from tests.conftest import create_key
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,13 +181,6 @@ async def _mirror(env: dict[str, str]) -> tuple[dict[str, Any], str]:
         await redis.aclose()
         await engine.dispose()
     return tenant, key
-
-
-@pytest.fixture(name="fake", scope="module")
-def fake_fixture() -> Iterator[FakeBackend]:
-    server = FakeBackend().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from scaigrid.accounting.budgets import (
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, decimal_text, iso, listing, naive_utc, ok, page, utc_now
+from scaigrid.auth.bodies import decimal_text, iso, listing, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import REACHES
 from scaigrid.auth.service_tokens import OPERATOR
@@ -41,6 +41,7 @@ from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
 from scaigrid.errors import FieldError
+from scaigrid.fields import Fields, naive_utc
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def _decimals(number: Decimal) -> int:
     return max(0, -exponent)
 
 
-class AccountingBody(Body):
+class AccountingBody(Fields):
     """The identity routes' field-by-field body checks, plus the numbers budgets and rate limits need."""
 
     def limit(self, name: str, *, required: bool = False, integral: bool = False) -> Decimal | None:
@@ -158,13 +159,13 @@ class AccountingBody(Body):
             return None
         number = _number(value, floats=False)
         if number is None:
-            self.problems.append(FieldError(name, 'expected a decimal string, e.g. "100.50"'))
+            self.fail(name, 'expected a decimal string, e.g. "100.50"')
         elif not 0 < number < LIMIT_VALUE_MAX:
-            self.problems.append(FieldError(name, f"must be more than 0 and less than {LIMIT_VALUE_MAX}"))
+            self.fail(name, f"must be more than 0 and less than {LIMIT_VALUE_MAX}")
         elif integral and number != number.to_integral_value():
-            self.problems.append(FieldError(name, "must be a whole number for limit_type tokens or requests"))
+            self.fail(name, "must be a whole number for limit_type tokens or requests")
         elif _decimals(number) > 12:
-            self.problems.append(FieldError(name, "at most 12 decimals"))
+            self.fail(name, "at most 12 decimals")
         else:
             return number
         return None
@@ -176,19 +177,19 @@ class AccountingBody(Body):
             return None
         number = _number(value, floats=True)
         if number is None or not 0 < number <= 1 or _decimals(number) > 3:
-            self.problems.append(FieldError(name, "a share of the limit, more than 0 and at most 1 (e.g. 0.8)"))
+            self.fail(name, "a share of the limit, more than 0 and at most 1 (e.g. 0.8)")
             return None
         return number
 
     def rpm(self, name: str) -> int | None:
         """A rate limit: present, and a whole number of requests per minute or null (the default)."""
         if not self.has(name):
-            self.problems.append(FieldError(name, "required: a whole number, or null for the default"))
+            self.fail(name, "required: a whole number, or null for the default")
             return None
         value = self._raw(name, False)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 1 <= value <= limits.RPM_MAX):
-            self.problems.append(FieldError(name, f"a whole number 1-{limits.RPM_MAX}, or null for the default"))
+            self.fail(name, f"a whole number 1-{limits.RPM_MAX}, or null for the default")
             return None
         return value
 

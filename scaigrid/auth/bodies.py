@@ -1,4 +1,4 @@
-"""The edges of the routes: the body reader (scaigrid/fields.py) under its usual names, envelopes, times, pages."""
+"""The edges of the routes: envelopes, times, pages (bodies are read with scaigrid/fields.py)."""
 
 import base64
 import binascii
@@ -15,11 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.base import DB
 from scaigrid.errors import FieldError
-from scaigrid.fields import Fields
-from scaigrid.fields import json_object as json_object
-from scaigrid.fields import naive_utc as naive_utc
-
-Body = Fields  # the identity routes' name for the one reader
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 100

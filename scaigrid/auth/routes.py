@@ -17,13 +17,14 @@ from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS
 from scaigrid.auth import keys, tenancy, webhooks
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
-from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
+from scaigrid.auth.bodies import iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import api_keys, partners, tenants, users
 from scaigrid.errors import FieldError
+from scaigrid.fields import Fields
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _roles_within(principal: Principal) -> list[str]:
     return [role for role in ROLES if grants_at_most(role, principal.role)]
 
 
-def _require_id(body: Body, name: str, value: str | None, what: str) -> None:
+def _require_id(body: Fields, name: str, value: str | None, what: str) -> None:
     """A service caller has no user, tenant or partner of its own: it must name the one it means."""
     if not value and not body.problems:
         body.problems.append(FieldError(name, f"required: a service caller has no {what} of its own"))
@@ -92,7 +93,7 @@ async def _user_in_reach(conn: AsyncConnection, principal: Principal, user_id: s
 async def create_api_key(request: web.Request) -> web.Response:
     """Makes a key for the caller (or, with users:manage, for a user in reach); the key is in this answer only."""
     principal = request[PRINCIPAL]
-    body = await Body.of(request)
+    body = await Fields.of(request)
     name = body.string("name", required=True)
     role = body.string("role", choices=ROLES)
     expires_at = body.timestamp("expires_at", future=True)
@@ -173,7 +174,7 @@ async def create_partner(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if principal.reach != "platform":
         raise errors.not_permitted("only a platform admin creates partners")
-    body = await Body.of(request)
+    body = await Fields.of(request)
     slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
                        hint=SLUG_HINT)
     name = body.string("name", required=True)
@@ -218,7 +219,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if principal.reach == "tenant":
         raise errors.not_permitted("tenants are created with partner or platform reach")
-    body = await Body.of(request)
+    body = await Fields.of(request)
     slug = body.string("slug", required=True, max_length=tenancy.SLUG_MAX, pattern=tenancy.SLUG_PATTERN,
                        hint=SLUG_HINT)
     name = body.string("name", required=True)
@@ -249,7 +250,7 @@ async def get_tenant(request: web.Request) -> web.Response:
 async def update_tenant(request: web.Request) -> web.Response:
     """Renames, suspends or reactivates a tenant; a suspension stops its keys and tokens on every process."""
     principal = request[PRINCIPAL]
-    body = await Body.of(request)
+    body = await Fields.of(request)
     name = body.string("name")
     status = body.string("status", choices=SETTABLE_STATUSES)
     body.done()
@@ -289,7 +290,7 @@ async def list_users(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     """A local user (ScaiKey users arrive by webhook or on first sign-in); role at most the caller's."""
     principal = request[PRINCIPAL]
-    body = await Body.of(request)
+    body = await Fields.of(request)
     email = body.string("email", required=True, max_length=320, pattern=EMAIL, hint="an email address")
     role = body.string("role", choices=ROLES) or "tenant_user"
     display_name = body.string("display_name")
@@ -312,7 +313,7 @@ async def create_user(request: web.Request) -> web.Response:
 async def update_user(request: web.Request) -> web.Response:
     """Changes a user's role, status or name; takes effect on every process at once."""
     principal = request[PRINCIPAL]
-    body = await Body.of(request)
+    body = await Fields.of(request)
     role = body.string("role", choices=ROLES)
     status = body.string("status", choices=SETTABLE_STATUSES)
     display_name = body.string("display_name")

@@ -81,17 +81,17 @@ def parse_event(body: bytes, headers: Mapping[str, str]) -> Event:
     """The event, read with the body reader; fields ScaiKey adds that we do not know are ignored, not refused."""
     document = load_object(body)
     top = Fields(document)
-    event_id = top.text("event_id", required=True, max_len=128)
-    event_type = top.text("event_type", required=True, max_len=64)
-    tenant_id = top.text("tenant_id", max_len=64)
-    partner_id = top.text("partner_id", max_len=64)
+    event_id = top.string("event_id", required=True, max_length=128)
+    event_type = top.string("event_type", required=True, max_length=64)
+    tenant_id = top.string("tenant_id", max_length=64)
+    partner_id = top.string("partner_id", max_length=64)
     resource = Fields(document.get("resource") or {}, prefix="resource.")
-    resource_id = resource.text("id", required=True, max_len=64)
+    resource_id = resource.string("id", required=True, max_length=64)
     data = document.get("data") or {}
     stored = Fields(data, prefix="data.")
     for name, max_len in _DATA_TEXT.items():
         if isinstance(data, dict) and isinstance(data.get(name), str) and data[name].strip():  # else ignored
-            stored.text(name, max_len=max_len)
+            stored.string(name, max_length=max_len)
     problems = top.problems + resource.problems + stored.problems
     for header, value in (("X-ScaiKey-Event-ID", event_id), ("X-ScaiKey-Event-Type", event_type)):
         if header in headers and value is not None and headers[header] != value:

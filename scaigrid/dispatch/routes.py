@@ -15,6 +15,7 @@ from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
 from scaigrid.errors import FieldError
+from scaigrid.fields import json_object
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import Model
 
@@ -81,7 +82,7 @@ async def _run(request: web.Request, exchange: Exchange, stream: bool, payload: 
 
 async def _chat(request: web.Request, protocol: str) -> web.StreamResponse:
     started = request[STARTED]  # authentication and admission count as gateway time too
-    body = schemas.parse_json(await request.read())
+    body = await json_object(request)
     schemas.chat(body)
     model = _model_for(request, body["model"], "chat")
     payload, stream, forward_usage = chat_payload(model, body)
@@ -91,7 +92,7 @@ async def _chat(request: web.Request, protocol: str) -> web.StreamResponse:
 
 async def _embed(request: web.Request, protocol: str) -> web.StreamResponse:
     started = request[STARTED]
-    body = schemas.parse_json(await request.read())
+    body = await json_object(request)
     schemas.embed(body)
     model = _model_for(request, body["model"], "embedding")
     payload = {**model.default_params, **body}

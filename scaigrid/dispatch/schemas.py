@@ -8,7 +8,7 @@ from typing import Any
 
 from scaigrid import errors
 from scaigrid.errors import FieldError
-from scaigrid.fields import INT32_MAX, INT64_MAX, INT64_MIN, load_object
+from scaigrid.fields import INT32_MAX, INT64_MAX, INT64_MIN
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")
@@ -19,9 +19,6 @@ MAX_TOKENS_LIMIT = INT32_MAX  # and at most the model's max_output_tokens, which
 MAX_CHOICES = 128  # n
 MAX_TOP_LOGPROBS = 20
 MAX_DIMENSIONS = 65_536
-
-
-parse_json = load_object  # the one body loader: UTF-8, a JSON object, no NaN or Infinity, bounded nesting
 
 
 def _number(value: Any) -> bool:

@@ -15,11 +15,11 @@ from sqlalchemy import select
 from scaigrid import errors
 from scaigrid.api.access import public, requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.auth.bodies import Body, iso, json_object, listing, ok, utc_from_unix
-from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.auth.bodies import iso, listing, ok, utc_from_unix
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import hybrid_nodes
+from scaigrid.fields import Fields, json_object
 from scaigrid.hybrid import enrollment, registry, snapshot
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 
@@ -33,12 +33,6 @@ def _managed(request: web.Request) -> None:
         raise errors.hybrid_not_managed()
 
 
-def _platform_only(request: web.Request) -> None:
-    _managed(request)
-    if request[PRINCIPAL].reach != "platform":
-        raise errors.not_permitted("hybrid nodes are platform infrastructure: super_admin only")
-
-
 def _node_json(row: Any) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "software_version": row["software_version"],
             "created_at": iso(row["created_at"]), "rotated_at": iso(row["rotated_at"]),
@@ -48,11 +42,11 @@ def _node_json(row: Any) -> dict[str, Any]:
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def create_enrollment_token(request: web.Request) -> web.Response:
     """A single-use enrolment token, valid ttl_s (default and maximum HYBRID_ENROLLMENT_TOKEN_TTL_S); shown once."""
-    _platform_only(request)
+    _managed(request)
     max_ttl_s = request.app[SETTINGS].hybrid.enrollment_token_ttl_s
-    body = await Body.of(request)
+    body = await Fields.of(request)
     name = body.string("name", pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
-    ttl_s = body.whole_number("ttl_s", minimum=1, maximum=max_ttl_s, unit="seconds")
+    ttl_s = body.integer("ttl_s", minimum=1, maximum=max_ttl_s, unit="seconds")
     body.done()
     async with request.app[DB].begin() as conn:
         minted = await enrollment.mint_token(conn, name, max_ttl_s if ttl_s is None else ttl_s)
@@ -73,7 +67,7 @@ def _link_state(holder: registry.LinkHolder | None) -> dict[str, Any]:
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node ever enrolled, revoked ones included, newest first, with its link as the registry has it."""
-    _platform_only(request)
+    _managed(request)
     links = await registry.holders(request.app[REDIS])
     return await listing(request, select(hybrid_nodes), hybrid_nodes.c.created_at, hybrid_nodes.c.id,
                          lambda row: {**_node_json(row), "link": _link_state(links.get(row["id"]))})
@@ -82,7 +76,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def revoke_node(request: web.Request) -> web.Response:
     """Revokes the node: its credentials stop working at once (repeating it changes nothing)."""
-    _platform_only(request)
+    _managed(request)
     node_id = request.match_info["id"]
     async with request.app[DB].begin() as conn:
         await enrollment.revoke(conn, node_id)
@@ -98,7 +92,7 @@ async def revoke_node(request: web.Request) -> web.Response:
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def get_node_tenants(request: web.Request) -> web.Response:
     """The tenants whose partners, users, keys and models the node mirrors (its config snapshot carries them)."""
-    _platform_only(request)
+    _managed(request)
     node_id = request.match_info["id"]
     async with request.app[DB].connect() as conn:
         if await conn.scalar(select(hybrid_nodes.c.id).where(hybrid_nodes.c.id == node_id)) is None:
@@ -110,7 +104,7 @@ async def get_node_tenants(request: web.Request) -> web.Response:
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))
 async def put_node_tenants(request: web.Request) -> web.Response:
     """Replaces the node's tenants: {"tenant_ids": [...]}; the node gets them with its next snapshot."""
-    _platform_only(request)
+    _managed(request)
     node_id = request.match_info["id"]
     body = await json_object(request)
     tenant_ids = body.get("tenant_ids")
@@ -133,7 +127,7 @@ async def put_node_tenants(request: web.Request) -> web.Response:
 async def enroll(request: web.Request) -> web.Response:
     """Spends an enrolment token on a new node: {node_id, credential}; the credential is shown once."""
     _managed(request)
-    body = await Body.of(request)
+    body = await Fields.of(request)
     token = body.string("token", required=True, max_length=128)
     name = body.string("name", required=True, pattern=NAME, hint="letters, digits, spaces and . : @ _ -")
     software_version = body.string("software_version", required=True, max_length=64)

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid import errors
 from scaigrid.auth.authenticator import TENANT_ROLES, TOPIC_IDENTITY
-from scaigrid.auth.bodies import decimal_text, iso, naive_utc, utc_now
+from scaigrid.auth.bodies import decimal_text, iso, utc_now
 from scaigrid.auth.tenancy import SLUG_MAX, SLUG_PATTERN
 from scaigrid.cache import announce
 from scaigrid.db.tables import (
@@ -45,7 +45,7 @@ from scaigrid.db.tables import (
     tenants,
     users,
 )
-from scaigrid.fields import Fields
+from scaigrid.fields import Fields, naive_utc
 from scaigrid.hybrid.outbox import MANAGED_BACKEND_PREFIX, MIRRORED_TENANT
 from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE, backend_key
 from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES
@@ -196,12 +196,12 @@ Read = Callable[[Fields, str], object]  # reads one field of a row with the body
 
 
 def _text(max_len: int, pattern: re.Pattern[str] | None = None, *, optional: bool = False) -> Read:
-    return lambda row, name: row.text(name, required=not optional, max_len=max_len, pattern=pattern)
+    return lambda row, name: row.string(name, required=not optional, max_length=max_len, pattern=pattern)
 
 
 def _choice(choices: Iterable[str]) -> Read:
     allowed = tuple(choices)
-    return lambda row, name: row.text(name, required=True, choices=allowed)
+    return lambda row, name: row.string(name, required=True, choices=allowed)
 
 
 def _whole(row: Fields, name: str) -> object:

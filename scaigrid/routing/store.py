@@ -103,11 +103,8 @@ class ModelSpec:
 
 # --- parsing: a body alone ---
 
-_Fields = Fields  # the one body reader, under the name the parse_* functions use
-
-
-def _base_url(fields: _Fields) -> str | None:
-    url = fields.text("base_url", required=True, max_len=1024)
+def _base_url(fields: Fields) -> str | None:
+    url = fields.string("base_url", required=True, max_length=1024)
     if url is None:
         return None
     # A URL that would not load into the catalogue, or with a query or fragment the request paths cannot follow.
@@ -134,21 +131,21 @@ async def _check_target(settings: Settings, spec: BackendSpec) -> None:
 
 def parse_backend(body: Any) -> BackendSpec:
     """A backend from a body (API) or a [[backends]] table (apply); VALIDATION_ERROR lists every problem."""
-    f = _Fields(body, BACKEND_FIELDS)
-    provider = f.text("provider", required=True, choices=PROVIDERS) or ""
+    f = Fields(body, BACKEND_FIELDS)
+    provider = f.string("provider", required=True, choices=PROVIDERS) or ""
     keyless = _KEYLESS.get(provider)
     spec = BackendSpec(
-        id=f.text("id", required=True, max_len=64, pattern=BACKEND_ID) or "",
+        id=f.string("id", required=True, max_length=64, pattern=BACKEND_ID) or "",
         provider=provider,
         base_url="" if keyless else _base_url(f) or "",
-        model=f.text("model", required=True) or "",
-        api_key=f.text("api_key", max_len=4096, pattern=API_KEY, hint="visible ASCII characters, no spaces"),
-        api_key_env=f.text("api_key_env", max_len=128, pattern=ENV_NAME),
+        model=f.string("model", required=True) or "",
+        api_key=f.string("api_key", max_length=4096, pattern=API_KEY, hint="visible ASCII characters, no spaces"),
+        api_key_env=f.string("api_key_env", max_length=128, pattern=ENV_NAME),
         cost_input_per_mtok=f.money("cost_input_per_mtok"),
         cost_output_per_mtok=f.money("cost_output_per_mtok"),
         timeout_s=f.seconds("timeout_s"),
-        tenant=f.text("tenant", max_len=64),
-        status=f.text("status", choices=BACKEND_STATUSES) or "active",
+        tenant=f.string("tenant", max_length=64),
+        status=f.string("status", choices=BACKEND_STATUSES) or "active",
     )
     if spec.api_key is not None and spec.api_key_env is not None:
         f.fail("api_key_env", "give api_key or api_key_env, not both")
@@ -167,7 +164,7 @@ def parse_backend(body: Any) -> BackendSpec:
     return spec
 
 
-def _routes(f: _Fields) -> tuple[RouteSpec, ...] | None:
+def _routes(f: Fields) -> tuple[RouteSpec, ...] | None:
     if "routes" not in f.body:
         return None
     raw = f.body["routes"]
@@ -176,9 +173,9 @@ def _routes(f: _Fields) -> tuple[RouteSpec, ...] | None:
         return None
     routes: list[RouteSpec] = []
     for index, item in enumerate(raw):
-        r = _Fields(item, ROUTE_FIELDS, prefix=f"{f.where}routes[{index}].")
+        r = Fields(item, ROUTE_FIELDS, prefix=f"{f.where}routes[{index}].")
         route = RouteSpec(
-            backend=r.text("backend", required=True, max_len=64, pattern=BACKEND_ID) or "",
+            backend=r.string("backend", required=True, max_length=64, pattern=BACKEND_ID) or "",
             weight=r.integer("weight", maximum=1000) or 1,
             priority=r.integer("priority", maximum=1000) or 1,
         )
@@ -191,7 +188,7 @@ def _routes(f: _Fields) -> tuple[RouteSpec, ...] | None:
 
 def parse_routes(body: Any) -> tuple[RouteSpec, ...]:
     """The body of PUT /v1/routing/{slug}: {"routes": [...]}."""
-    f = _Fields(body, ("routes",))
+    f = Fields(body, ("routes",))
     f.present("routes", True)
     routes = _routes(f)
     f.done()
@@ -200,18 +197,18 @@ def parse_routes(body: Any) -> tuple[RouteSpec, ...]:
 
 def parse_model(body: Any) -> ModelSpec:
     """A frontend model from a body (API) or a [[models]] table (apply)."""
-    f = _Fields(body, MODEL_FIELDS)
+    f = Fields(body, MODEL_FIELDS)
     spec = ModelSpec(
-        slug=f.text("slug", required=True, max_len=191, pattern=MODEL_SLUG) or "",
-        display_name=f.text("display_name"),
-        modality=f.text("modality", required=True, choices=MODALITIES) or "",
+        slug=f.string("slug", required=True, max_length=191, pattern=MODEL_SLUG) or "",
+        display_name=f.string("display_name"),
+        modality=f.string("modality", required=True, choices=MODALITIES) or "",
         context_window=f.integer("context_window"),
         max_output_tokens=f.integer("max_output_tokens"),
         price_input_per_mtok=f.money("price_input_per_mtok"),
         price_output_per_mtok=f.money("price_output_per_mtok"),
         default_params=f.mapping("default_params"),
-        status=f.text("status", choices=MODEL_STATUSES) or "active",
-        tenant=f.text("tenant", max_len=64),
+        status=f.string("status", choices=MODEL_STATUSES) or "active",
+        tenant=f.string("tenant", max_length=64),
         routes=_routes(f),
     )
     if spec.context_window and spec.max_output_tokens and spec.max_output_tokens > spec.context_window:

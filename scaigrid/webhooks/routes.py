@@ -15,12 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import crypto, errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
-from scaigrid.auth.bodies import Body, iso, listing, ok, utc_now
+from scaigrid.auth.bodies import iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant, visible_to
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
-from scaigrid.errors import FieldError
+from scaigrid.fields import Fields
 from scaigrid.webhooks import delivery, outbox, targets
 
 logger = logging.getLogger(__name__)
@@ -30,16 +30,15 @@ MAX_RETRIES_LIMIT = 20
 STATUSES = ("active", "disabled")
 
 
-class WebhookBody(Body):
+class WebhookBody(Fields):
     def events(self, name: str, *, required: bool = False) -> list[str] | None:
         value = self._raw(name, required)
         if value is None:
             return None
         if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
-            self.problems.append(FieldError(name, "expected a non-empty list of event types"))
+            self.fail(name, "expected a non-empty list of event types")
         elif unknown := [item for item in value if item not in outbox.EVENT_TYPES]:
-            self.problems.append(FieldError(name, f"unknown event type(s) {', '.join(unknown)}; known: "
-                                            + ", ".join(outbox.EVENT_TYPES)))
+            self.fail(name, f"unknown event type(s) {', '.join(unknown)}; known: " + ", ".join(outbox.EVENT_TYPES))
         else:
             return sorted(set(value))
         return None
@@ -47,7 +46,7 @@ class WebhookBody(Body):
     async def url(self, name: str, *, required: bool, allow_private: bool) -> str | None:
         value = self.string(name, required=required, max_length=2048)
         if value is not None and (problem := await targets.target_problem(value, allow_private=allow_private)):
-            self.problems.append(FieldError(name, problem))
+            self.fail(name, problem)
             return None
         return value
 
@@ -89,7 +88,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     url = await body.url("url", required=True, allow_private=settings.webhooks.allow_private_targets)
     events = body.events("events", required=True)
     description = body.string("description", multiline=True)
-    max_retries = body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT)
+    max_retries = body.integer("max_retries", minimum=0, maximum=MAX_RETRIES_LIMIT)
     status = body.string("status", choices=STATUSES) or "active"
     wanted_tenant_id = body.string("tenant_id", max_length=40)
     body.done()
@@ -125,7 +124,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {
         "url": await body.url("url", required=False, allow_private=settings.webhooks.allow_private_targets),
         "events": body.events("events"),
-        "max_retries": body.whole_number("max_retries", maximum=MAX_RETRIES_LIMIT),
+        "max_retries": body.integer("max_retries", minimum=0, maximum=MAX_RETRIES_LIMIT),
         "status": body.string("status", choices=STATUSES),
     }
     description = body.string("description", multiline=True)

@@ -9,7 +9,7 @@ and usage records keep naming one backend each. Tenant backends are re-keyed her
 bare name.
 
 Revision ID: core_0008
-Revises: core_0006
+Revises: core_0007
 Create Date: 2026-11-28
 """
 

@@ -1,7 +1,7 @@
 """Hybrid link: the request ids the managed side relayed to nodes, so a node cannot report usage under them.
 
 Revision ID: core_0009
-Revises: core_0006 (the lead rechains it after core_0008 when merging)
+Revises: core_0008
 Create Date: 2026-12-10
 """
 

@@ -8,12 +8,12 @@ from aiohttp import web
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
-from scaigrid.auth.bodies import Body, iso, ok, utc_from_unix
+from scaigrid.auth.bodies import iso, ok, utc_from_unix
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant
 from scaigrid.db.tables import new_id
-from scaigrid.errors import FieldError
+from scaigrid.fields import Fields
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.capabilities import VERBS, Capability
 from scaigrid.modules.scaibunker.tables import capabilities as capability_rows
@@ -24,14 +24,14 @@ PERMISSION = "scaibunker:images:manage"
 DEFAULT_TTL_S = 3600
 
 
-class MintBody(Body):
+class MintBody(Fields):
     def prefix(self, name: str) -> str | None:
-        """Required; "" (the tenant's whole namespace) is a valid prefix, so Body.string does not fit."""
+        """Required; "" (the tenant's whole namespace) is a valid prefix, so Fields.string does not fit."""
         value = self._raw(name, False)
         if not isinstance(value, str):
-            self.problems.append(FieldError(name, 'required: a string, "" or a path ending with "/"'))
+            self.fail(name, 'required: a string, "" or a path ending with "/"')
         elif problem := capabilities.prefix_problem(value):
-            self.problems.append(FieldError(name, problem))
+            self.fail(name, problem)
         else:
             return value
         return None
@@ -41,8 +41,7 @@ class MintBody(Body):
         if (isinstance(value, list) and value and all(isinstance(v, str) and v in VERBS for v in value)
                 and len(set(value)) == len(value)):
             return frozenset(value)
-        self.problems.append(FieldError(name, "required: a non-empty list of distinct verbs among "
-                                        + ", ".join(VERBS)))
+        self.fail(name, "required: a non-empty list of distinct verbs among " + ", ".join(VERBS))
         return None
 
 
@@ -56,8 +55,8 @@ async def mint_capability(request: web.Request) -> web.Response:
     body = await MintBody.of(request)
     prefix = body.prefix("prefix")
     verbs = body.verbs("verbs")
-    ttl_s = body.whole_number("ttl_s", minimum=1, maximum=settings.capability_max_ttl_s, unit="seconds")
-    max_bytes = body.whole_number("max_bytes", minimum=1, maximum=settings.max_object_bytes, unit="bytes")
+    ttl_s = body.integer("ttl_s", minimum=1, maximum=settings.capability_max_ttl_s, unit="seconds")
+    max_bytes = body.integer("max_bytes", minimum=1, maximum=settings.max_object_bytes, unit="bytes")
     wanted_tenant_id = body.string("tenant_id", max_length=40)
     body.done()
     assert prefix is not None and verbs is not None  # done() raised otherwise
