@@ -34,7 +34,7 @@ from scaigrid.hybrid import assertion, protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.settings import Secret
-from tests.backends import http_process, mode_process, shared_env
+from tests.backends import http_process, mode_process, shared_env, wait_until
 from tests.conftest import ModeProcess, create_key, http_get
 
 INTERVAL_S = 1  # the heartbeat interval the managed side hands out: a silent link is dropped after 3 s
@@ -345,6 +345,8 @@ def _routed_to(managed: Managed, node_id: str, node_model: str, **model: Any) ->
     status, answer = managed.api("POST", "/v1/models", {"slug": slug, "modality": "chat",
                                                        "routes": [{"backend": f"tun-{suffix}"}], **model})
     assert status == 201, answer
+    # The http process reloads its catalogue when the change is announced, a moment after it answered.
+    wait_until(lambda: managed.api("GET", f"/v1/models/{slug}")[0] == 200, f"{slug} in the catalogue")
     return slug
 
 
