@@ -29,6 +29,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MONEY_DECIMALS = 6  # the PRICE column's scale
 MONEY_MAX = Decimal(10) ** 12  # the PRICE column's 18 digits less its 6 decimals
 
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
+    return format(value.normalize(), "f") if value else "0"
+
+
 # C0, DEL and C1 controls, line and paragraph separators, and lone surrogates (which no database or header takes).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")

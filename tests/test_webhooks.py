@@ -20,8 +20,8 @@ from appliance import devstack
 from scaigrid.accounting import flush
 from scaigrid.accounting.service import Accounting
 from scaigrid.auth import service_tokens
-from scaigrid.auth.bodies import utc_now
 from scaigrid.cache import InvalidationBus
+from scaigrid.clock import utc_now
 from scaigrid.db.tables import webhook_deliveries, webhook_events, webhooks
 from scaigrid.resources import database_ctx
 from scaigrid.settings import Secret, Settings, load_settings

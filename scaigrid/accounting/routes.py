@@ -32,16 +32,17 @@ from scaigrid.accounting.budgets import (
 )
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.api.envelope import listing, ok, page
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import decimal_text, iso, listing, ok, page, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import REACHES
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
+from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
 from scaigrid.errors import FieldError
-from scaigrid.fields import Fields, naive_utc
+from scaigrid.fields import Fields, decimal_text, naive_utc
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from scaigrid.accounting.budgets import (
     split_cost,
 )
 from scaigrid.accounting.records import RateState, UsageRecord
-from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
+from scaigrid.clock import utc_now
 from scaigrid.hybrid import outbox as hybrid_outbox
 from scaigrid.settings import Settings
 from scaigrid.webhooks import outbox

@@ -9,7 +9,7 @@ from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid.accounting.records import UsageRecord
-from scaigrid.auth.bodies import utc_from_unix
+from scaigrid.clock import utc_from_unix
 from scaigrid.db.tables import usage_records
 
 BUFFER_KEY = "scaigrid:usage:buffer"  # a Redis list: RPUSHed by every http process, drained by the worker

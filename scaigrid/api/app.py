@@ -16,10 +16,10 @@ from scaigrid.api.base import DB, READY_CHECKS, REDIS, S3, SETTINGS, base_app, r
 from scaigrid.api.gateway import ACCOUNTING, AUTHENTICATOR, add_rate_limit_headers, gateway_middleware
 from scaigrid.auth import routes as auth_routes
 from scaigrid.auth.authenticator import Authenticator
-from scaigrid.auth.bodies import iso
 from scaigrid.auth.roles import PERMISSIONS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import BUS, InvalidationBus, bus_ctx
+from scaigrid.clock import iso
 from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
 from scaigrid.dispatch.pipeline import dispatch_ctx

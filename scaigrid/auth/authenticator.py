@@ -18,12 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
 from scaigrid.auth import keys, service_tokens
-from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.auth.roles import ROLE_REACH, ROLES, grants_at_most
 from scaigrid.auth.scaikey import ScaiKeyVerifier
 from scaigrid.auth.tenancy import Membership, create_user, load_membership
 from scaigrid.cache import InvalidationBus
+from scaigrid.clock import utc_now
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import api_keys, hybrid_mirrored, tenants, users
 from scaigrid.hybrid import assertion

@@ -15,13 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS
+from scaigrid.api.envelope import listing, ok
 from scaigrid.auth import keys, tenancy, webhooks
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
-from scaigrid.auth.bodies import iso, listing, ok, utc_now
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
+from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import api_keys, partners, tenants, users
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields

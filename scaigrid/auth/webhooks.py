@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.access import public
 from scaigrid.api.base import DB, REDIS, SETTINGS
+from scaigrid.api.envelope import ok
 from scaigrid.auth import tenancy
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.bodies import ok
 from scaigrid.auth.roles import ROLES
 from scaigrid.cache import announce
 from scaigrid.db.defaults import DEFAULT_SLUG

@@ -8,14 +8,14 @@ from aiohttp import web
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, STARTED
-from scaigrid.auth.bodies import decimal_text, ok
+from scaigrid.api.envelope import ok
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
 from scaigrid.errors import FieldError
-from scaigrid.fields import json_object
+from scaigrid.fields import decimal_text, json_object
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import Model
 

@@ -9,7 +9,7 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db.tables import hybrid_enrollment_tokens, hybrid_nodes, new_id
 
 TOKEN_PREFIX = "sget_"  # noqa: S105  # a prefix that says what a pasted secret is, not a secret

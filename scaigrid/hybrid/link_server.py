@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import scaigrid
 from scaigrid import errors
-from scaigrid.auth.bodies import utc_now
 from scaigrid.auth.service_tokens import HYBRID_RELAY
+from scaigrid.clock import utc_now
 from scaigrid.db.tables import hybrid_nodes, hybrid_relayed_requests
 from scaigrid.errors import FieldError, ScaigridError
 from scaigrid.hybrid import assertion, enrollment, outbox, protocol, registry, snapshot

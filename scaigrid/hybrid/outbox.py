@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid.accounting import usage
 from scaigrid.accounting.records import UsageRecord
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db.tables import (
     api_keys,
     backends,

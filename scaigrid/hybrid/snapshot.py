@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid import errors
 from scaigrid.auth.authenticator import TENANT_ROLES, TOPIC_IDENTITY
-from scaigrid.auth.bodies import decimal_text, iso, utc_now
 from scaigrid.auth.tenancy import SLUG_MAX, SLUG_PATTERN
 from scaigrid.cache import announce
+from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import (
     api_keys,
     backends,
@@ -45,7 +45,7 @@ from scaigrid.db.tables import (
     tenants,
     users,
 )
-from scaigrid.fields import Fields, naive_utc
+from scaigrid.fields import Fields, decimal_text, naive_utc
 from scaigrid.hybrid.outbox import MANAGED_BACKEND_PREFIX, MIRRORED_TENANT
 from scaigrid.routing.catalogue import HYBRID, MANAGED, OFFERED_STATUSES, TOPIC_CATALOGUE, backend_key
 from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES

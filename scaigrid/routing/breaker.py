@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
-from scaigrid.auth.bodies import iso, utc_from_unix
 from scaigrid.cache import CHANNEL, InvalidationBus
+from scaigrid.clock import iso, utc_from_unix
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)

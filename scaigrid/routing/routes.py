@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.auth.bodies import listing, ok
+from scaigrid.api.envelope import listing, ok
 from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce

@@ -21,13 +21,12 @@ from sqlalchemy import ColumnElement, Row, Select, delete, insert, or_, select, 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors, netguard
-from scaigrid.auth.bodies import decimal_text
 from scaigrid.auth.principal import Principal
 from scaigrid.crypto import UndecryptableCredential, decrypt, encrypt
 from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, model_routes, models, new_id, tenants
 from scaigrid.dispatch.schemas import parameter_problems
 from scaigrid.errors import FieldError
-from scaigrid.fields import Fields
+from scaigrid.fields import Fields, decimal_text
 from scaigrid.routing.catalogue import API_KEY_ENV_PREFIX, HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
 from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db.tables import infra_nodes
 from scaigrid.errors import FieldError
 from scaigrid.rpc.directory import ChannelDirectory

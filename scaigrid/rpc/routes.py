@@ -4,7 +4,7 @@ from aiohttp import web
 
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
-from scaigrid.auth.bodies import ok
+from scaigrid.api.envelope import ok
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.rpc.nodes import list_nodes
 

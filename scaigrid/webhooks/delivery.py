@@ -29,7 +29,7 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid import crypto, netguard
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db import delete_in_batches
 from scaigrid.db.tables import webhook_deliveries, webhook_events, webhooks
 from scaigrid.settings import Settings

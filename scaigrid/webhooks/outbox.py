@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid.accounting.budgets import Budget, Period
 from scaigrid.accounting.records import UsageRecord
-from scaigrid.auth.bodies import decimal_text, iso, utc_from_unix
+from scaigrid.clock import iso, utc_from_unix
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
+from scaigrid.fields import decimal_text
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import crypto, errors
 from scaigrid.api.access import requires
 from scaigrid.api.base import DB, SETTINGS
-from scaigrid.auth.bodies import iso, listing, ok, utc_now
+from scaigrid.api.envelope import listing, ok
 from scaigrid.auth.principal import PRINCIPAL, Principal
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant, visible_to
+from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
 from scaigrid.fields import Fields
 from scaigrid.webhooks import delivery, outbox, targets

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from sqlalchemy import Select, delete, or_, select
 
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db import delete_in_batches
 from scaigrid.db.tables import api_keys, budgets, hybrid_relayed_requests, usage_records
 from scaigrid.worker.jobs import JobContext

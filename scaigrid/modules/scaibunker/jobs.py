@@ -4,7 +4,7 @@ import logging
 
 from sqlalchemy import delete
 
-from scaigrid.auth.bodies import utc_now
+from scaigrid.clock import utc_now
 from scaigrid.db import delete_in_batches
 from scaigrid.modules.scaibunker.tables import capabilities
 from scaigrid.worker.jobs import Job, JobContext

@@ -30,7 +30,8 @@ from prometheus_client import Counter
 from scaigrid import errors
 from scaigrid.api.access import public
 from scaigrid.api.base import DB, S3, SETTINGS
-from scaigrid.auth.bodies import iso, ok
+from scaigrid.api.envelope import ok
+from scaigrid.clock import iso
 from scaigrid.errors import FieldError
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.capabilities import Capability

@@ -1,11 +1,10 @@
-"""The edges of the routes: envelopes, times, pages (bodies are read with scaigrid/fields.py)."""
+"""The API envelope: `{"status": "ok", "data": ...}` answers, and listings a page at a time."""
 
 import base64
 import binascii
 import json
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
 from scaigrid.api.base import DB
+from scaigrid.clock import iso
 from scaigrid.errors import FieldError
 
 DEFAULT_PAGE = 50
@@ -32,26 +32,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return iso(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def iso(value: datetime | None) -> str | None:
-    """Stored times are naive UTC; on the wire they say so."""
-    return None if value is None else value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
-
-
-def utc_now() -> datetime:
-    """Now, as stored: naive UTC."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def utc_from_unix(unix_s: float) -> datetime:
-    """A unix time as stored: naive UTC."""
-    return datetime.fromtimestamp(unix_s, UTC).replace(tzinfo=None)
-
-
-def decimal_text(value: Decimal) -> str:
-    """A decimal as plain digits, without trailing zeros or an exponent: "0.00042", "100"."""
-    return format(value.normalize(), "f") if value else "0"
 
 
 async def page(conn: AsyncConnection, request: web.Request, query: Select[Any], created_at: Column[datetime],
