@@ -21,7 +21,7 @@ class RateLimits:
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # api_key | jwt | service | dev
+    kind: str  # api_key | jwt | service | tunnel (a hybrid caller assertion) | dev
     role: str
     partner_id: str
     tenant_id: str
