@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from scaigrid.appkeys import BUS
 from scaigrid.lifecycle import background
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,6 @@ class InvalidationBus:
                 self.subscribed.clear()
                 self._drop_all()
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
-
-
-BUS = web.AppKey("invalidation_bus", InvalidationBus)
 
 
 def bus_ctx(redis_key: web.AppKey[aioredis.Redis]) -> Callable[[web.Application], AsyncIterator[None]]:

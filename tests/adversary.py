@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaigrid.api.access import Access
+from scaigrid.access import Access
 from scaigrid.auth import service_tokens
 from scaigrid.auth.roles import REACHES, ROLE_REACH, ROLES, role_can
 from scaigrid.settings import Secret

@@ -8,7 +8,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from scaigrid import errors
-from scaigrid.api.base import DRAIN, base_app
+from scaigrid.api.base import base_app
+from scaigrid.appkeys import DRAIN
 from scaigrid.settings import load_settings
 
 

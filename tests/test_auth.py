@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
-from scaigrid.api.access import access_of
+from scaigrid.access import access_of
 from scaigrid.api.app import create_app
 from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE

@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client import REGISTRY
 
 from scaigrid.accounting.records import RateState
-from scaigrid.accounting.service import RATE_STATE
+from scaigrid.appkeys import RATE_STATE
 from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.errors import ScaigridError
 from tests.accounting_fixtures import Ledger, eventually, ledger_fixture, start_worker, usage  # noqa: F401

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select
 
 from appliance import devstack
-from scaigrid.api.access import Access, access_of
+from scaigrid.access import Access, access_of
 from scaigrid.api.app import create_app
 from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_RELAY, OPERATOR, SCAIINFER_NODE

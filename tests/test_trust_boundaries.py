@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
-from scaigrid.api.access import Access, access_of
+from scaigrid.access import Access, access_of
 from scaigrid.api.app import create_app
 from scaigrid.auth import keys
 from scaigrid.db.tables import new_id

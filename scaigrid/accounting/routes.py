@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, delete, false, func, insert, select, updat
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
+from scaigrid.access import requires
 from scaigrid.accounting import limits
 from scaigrid.accounting.budgets import (
     HARD_ACTIONS,
@@ -30,17 +31,16 @@ from scaigrid.accounting.budgets import (
     current_period,
     used_of,
 )
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.api.envelope import listing, ok, page
+from scaigrid.appkeys import DB, PRINCIPAL, REDIS, SETTINGS
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
-from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.principal import Principal
 from scaigrid.auth.roles import REACHES
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
+from scaigrid.envelope import listing, ok, page
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields, decimal_text, naive_utc
 

@@ -32,6 +32,7 @@ from scaigrid.accounting.budgets import (
     split_cost,
 )
 from scaigrid.accounting.records import RateState, UsageRecord
+from scaigrid.appkeys import RATE_STATE
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.clock import utc_now
@@ -41,7 +42,6 @@ from scaigrid.webhooks import outbox
 
 logger = logging.getLogger(__name__)
 
-RATE_STATE = web.RequestKey("rate_state", RateState)
 RATE_KEY_PREFIX = "scaigrid:rl:"  # + level:id, a sorted set of the last minute's admitted requests
 WINDOW_S = 60
 FAILURE_LOG_INTERVAL_S = 60.0

@@ -9,16 +9,28 @@ from typing import Any
 
 from aiohttp import web
 
+from scaigrid.access import access_of, requires
 from scaigrid.accounting import routes as accounting_routes
 from scaigrid.accounting.service import Accounting
-from scaigrid.api.access import access_of, requires
-from scaigrid.api.base import DB, READY_CHECKS, REDIS, S3, SETTINGS, base_app, resource_ctx
-from scaigrid.api.gateway import ACCOUNTING, AUTHENTICATOR, add_rate_limit_headers, gateway_middleware
+from scaigrid.api.base import base_app, resource_ctx
+from scaigrid.api.gateway import add_rate_limit_headers, gateway_middleware
+from scaigrid.appkeys import (
+    ACCOUNTING,
+    AUTHENTICATOR,
+    BUS,
+    DB,
+    MODULES,
+    READY_CHECKS,
+    REDIS,
+    S3,
+    SCHEMA_HEADS,
+    SETTINGS,
+)
 from scaigrid.auth import routes as auth_routes
 from scaigrid.auth.authenticator import Authenticator
 from scaigrid.auth.roles import PERMISSIONS
 from scaigrid.auth.service_tokens import OPERATOR
-from scaigrid.cache import BUS, InvalidationBus, bus_ctx
+from scaigrid.cache import InvalidationBus, bus_ctx
 from scaigrid.clock import iso
 from scaigrid.db import migrations
 from scaigrid.dispatch import routes as dispatch_routes
@@ -35,9 +47,6 @@ from scaigrid.rpc.nodes import list_nodes
 from scaigrid.settings import ConfigError, Settings
 from scaigrid.webhooks import routes as webhook_routes
 from scaigrid.worker.heartbeat import fresh_heartbeats
-
-MODULES = web.AppKey("modules", tuple[Module, ...])
-SCHEMA_HEADS = web.AppKey("schema_heads", dict)  # stream name -> head revisions, read once at start
 
 
 async def _database_ready(app: web.Application) -> str:

@@ -3,22 +3,19 @@
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from aiohttp import web
-from minio import Minio
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
-from scaigrid.api.access import public
-from scaigrid.auth import service_tokens
+from scaigrid.access import public
+from scaigrid.appkeys import DRAIN, READY_CHECKS, REQUEST_ID, SETTINGS, STARTED, TUNNELLED
+from scaigrid.hybrid import protocol
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.logs import request_id_var
 from scaigrid.metrics import metrics_handler
@@ -27,22 +24,7 @@ from scaigrid.settings import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ReadyCheck = Callable[[web.Application], Awaitable[str]]
-
-SETTINGS = web.AppKey("settings", Settings)
-# Shared resources, opened by resource_ctx in whichever app needs them.
-DB = web.AppKey("db", AsyncEngine)
-REDIS = web.AppKey("redis", aioredis.Redis)
-S3 = web.AppKey("s3", Minio)
-READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])  # filled by the app that composes checks
-REQUEST_ID = web.RequestKey("request_id", str)
-TUNNELLED = web.RequestKey("tunnelled", bool)  # the managed side sent this request down the hybrid link
-STARTED = web.RequestKey("started", float)  # perf_counter() when the request reached the app
 REQUEST_ID_HEADER = "X-Request-ID"
-REQUEST_ID_PATTERN = re.compile(r"req_[0-9a-f]{24}")
-# A request the hybrid link tunnels from the managed side keeps the managed side's request id, so that its usage
-# record has one id on both sides; only the node's link process, holding a service token, can set it.
-TUNNEL_HEADER, TUNNEL_ID_HEADER = "X-Scaigrid-Tunnel", "X-Scaigrid-Tunnel-Id"
 # Health and metrics stay served while draining: load balancers and Prometheus must see the drain happen.
 DRAIN_EXEMPT = ("/health", "/health/ready", "/metrics")
 LISTEN_BACKLOG = 1024
@@ -82,8 +64,6 @@ class Drain:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         return started - self.inflight, self.inflight
 
-
-DRAIN = web.AppKey("drain", Drain)
 
 
 OAI_PREFIX = "/oai/"
@@ -128,33 +108,11 @@ def _translate_http_exception(exc: web.HTTPException) -> errors.ScaigridError:
     return errors.ScaigridError(exc.reason, f"HTTP_{exc.status}", exc.status)
 
 
-def _tunnel_id(request: web.Request) -> str | None:
-    """The tunnel id the link process gives its request, when its token is valid; a forgery is logged and ignored."""
-    token = request.headers.get(TUNNEL_HEADER)
-    if token is None:
-        return None
-    tunnel_id = request.headers.get(TUNNEL_ID_HEADER, "")
-    try:
-        scope = service_tokens.verify(request.app[SETTINGS].auth.service_token_secret, token).scope
-    except errors.ScaigridError as exc:
-        problem = exc.message
-    else:
-        if scope != service_tokens.HYBRID_LINK:
-            problem = f"the token's scope is {scope}, not {service_tokens.HYBRID_LINK}"
-        elif not REQUEST_ID_PATTERN.fullmatch(tunnel_id):
-            problem = f"{TUNNEL_ID_HEADER} is not a request id"
-        else:
-            return tunnel_id
-    logger.warning("%s ignored: %s", TUNNEL_HEADER, problem,
-                   extra={"event": "tunnel_header_ignored", "path": request.path})
-    return None
-
-
 @web.middleware
 async def request_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                              ) -> web.StreamResponse:
     """Request id, drain accounting, error translation and the request log line, in one place."""
-    tunnel_id = _tunnel_id(request)
+    tunnel_id = protocol.tunnel_id(request.headers, request.app[SETTINGS].auth.service_token_secret, request.path)
     request[TUNNELLED] = tunnel_id is not None
     request_id = request[REQUEST_ID] = tunnel_id or "req_" + secrets.token_hex(12)
     request_id_var.set(request_id)

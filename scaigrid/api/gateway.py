@@ -6,19 +6,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from scaigrid import errors
-from scaigrid.accounting.service import RATE_STATE, Accounting
-from scaigrid.api.access import route_access
-from scaigrid.api.base import REQUEST_ID, TUNNELLED
-from scaigrid.auth.authenticator import Authenticator
-from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.access import route_access
+from scaigrid.appkeys import ACCOUNTING, AUTHENTICATOR, PRINCIPAL, RATE_STATE, REQUEST_ID, TUNNELLED
 from scaigrid.auth.roles import REACHES
 from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.logs import tenant_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
-
-AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
-ACCOUNTING = web.AppKey("accounting", Accounting)
 
 
 @web.middleware

@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from scaigrid import errors
 from scaigrid.auth.roles import ROLE_REACH, role_can
 from scaigrid.auth.service_tokens import OPERATOR
@@ -59,5 +57,3 @@ class Principal:
             return partner_id == self.partner_id
         return tenant_id == self.tenant_id
 
-
-PRINCIPAL = web.RequestKey("principal", Principal)

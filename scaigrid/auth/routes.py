@@ -13,17 +13,17 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, REDIS
-from scaigrid.api.envelope import listing, ok
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, PRINCIPAL, REDIS
 from scaigrid.auth import keys, tenancy, webhooks
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
-from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.auth.principal import Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import api_keys, partners, tenants, users
+from scaigrid.envelope import listing, ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields
 

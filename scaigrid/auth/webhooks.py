@@ -21,15 +21,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
-from scaigrid.api.access import public
-from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.api.envelope import ok
+from scaigrid.access import public
+from scaigrid.appkeys import DB, REDIS, SETTINGS
 from scaigrid.auth import tenancy
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.roles import ROLES
 from scaigrid.cache import announce
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import partners, scaikey_events, tenants, users
+from scaigrid.envelope import ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields, load_object
 

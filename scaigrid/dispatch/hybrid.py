@@ -29,9 +29,8 @@ import grpc
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from scaigrid.api.base import REQUEST_ID
+from scaigrid.appkeys import PRINCIPAL, REQUEST_ID
 from scaigrid.auth import service_tokens
-from scaigrid.auth.principal import PRINCIPAL
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.transport import (
     ERROR_BODY_MAX_BYTES,

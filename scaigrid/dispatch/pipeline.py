@@ -26,10 +26,8 @@ from aiohttp import web
 from scaigrid import errors, netguard
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
-from scaigrid.api.base import DB, REDIS, REQUEST_ID, SETTINGS, TUNNELLED
-from scaigrid.api.gateway import ACCOUNTING
+from scaigrid.appkeys import ACCOUNTING, BUS, DB, DISPATCHER, REDIS, REQUEST_ID, SETTINGS, TUNNELLED
 from scaigrid.auth.principal import Principal
-from scaigrid.cache import BUS
 from scaigrid.dispatch import metrics, sse
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.hybrid import HybridTransport, LinkDirectory, ManagedTransport, managed_session
@@ -412,9 +410,6 @@ class Dispatcher:
             cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out),
             error_code=None if exchange.status == "ok" else exchange.status, tunnelled=exchange.request[TUNNELLED])
         self._accounting.submit(usage)
-
-
-DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 
 
 async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -6,14 +6,13 @@ from typing import Any
 from aiohttp import web
 
 from scaigrid import errors
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, STARTED
-from scaigrid.api.envelope import ok
-from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, DISPATCHER, PRINCIPAL, STARTED
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.dispatch import schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
-from scaigrid.dispatch.pipeline import DISPATCHER, NATIVE, OAI, Exchange
+from scaigrid.dispatch.pipeline import NATIVE, OAI, Exchange
+from scaigrid.envelope import ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import decimal_text, json_object
 from scaigrid.routing import store

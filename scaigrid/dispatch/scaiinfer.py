@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from scaigrid.api.base import REQUEST_ID
+from scaigrid.appkeys import REQUEST_ID
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.sse import DONE_FRAME
 from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS

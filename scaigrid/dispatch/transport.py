@@ -55,7 +55,7 @@ class Upstream(Protocol):
 class Transport(Protocol):
     """How the pipeline reaches one kind of backend; failures raise dispatch.failures.Failure.
 
-    `request` is the client's request: its id (api.base.REQUEST_ID), and the headers a transport that acts with the
+    `request` is the client's request: its id (appkeys.REQUEST_ID), and the headers a transport that acts with the
     client's own credential forwards.
     """
 

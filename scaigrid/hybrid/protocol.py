@@ -9,7 +9,15 @@ A refused node gets HYBRID_VERSION_SKEW (errors.hybrid_version_skew) with both v
 retries with backoff (an upgrade on either side then lets it in without an operator touching the link).
 """
 
+import logging
 import re
+from collections.abc import Mapping
+
+from scaigrid import errors
+from scaigrid.auth import service_tokens
+from scaigrid.settings import Secret
+
+logger = logging.getLogger(__name__)
 
 LINK_PROTOCOL_VERSION = 1
 MIN_NODE_PROTOCOL = 1
@@ -19,6 +27,10 @@ RELAY_SERVICE_NAME = "hybrid-relay"  # managed http processes call TunnelRelay.O
 TUNNEL_WINDOW = 32  # frames a node may send per tunnel ahead of the managed side's TunnelCredit
 # Where the node's link process publishes its state for the http process and `scaigrid-appliance status`.
 NODE_STATE_KEY = "scaigrid:hybrid:node:state"
+# A request the hybrid link tunnels from the managed side keeps the managed side's request id, so that its usage
+# record has one id on both sides; only the node's link process, holding a service token, can set it.
+TUNNEL_HEADER, TUNNEL_ID_HEADER = "X-Scaigrid-Tunnel", "X-Scaigrid-Tunnel-Id"
+REQUEST_ID_PATTERN = re.compile(r"req_[0-9a-f]{24}")  # every request id has this form (the request middleware gives it)
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.\d+)?(?:[-+.].*)?")
 
@@ -45,4 +57,25 @@ def skew_problem(node_protocol: int, node_version: str, managed_version: str) ->
     if managed[1] - node[1] > MAX_MINOR_BEHIND:
         return (f"the node runs {node_version}, more than {MAX_MINOR_BEHIND} minor release(s) behind the managed "
                 f"side's {managed_version}: upgrade the appliance (`scaigrid-appliance upgrade`)")
+    return None
+
+
+def tunnel_id(headers: Mapping[str, str], secret: Secret | None, path: str) -> str | None:
+    """The tunnel id the link process gives its request, when its token is valid; a forgery is logged and ignored."""
+    token = headers.get(TUNNEL_HEADER)
+    if token is None:
+        return None
+    tunnel_id = headers.get(TUNNEL_ID_HEADER, "")
+    try:
+        scope = service_tokens.verify(secret, token).scope
+    except errors.ScaigridError as exc:
+        problem = exc.message
+    else:
+        if scope != service_tokens.HYBRID_LINK:
+            problem = f"the token's scope is {scope}, not {service_tokens.HYBRID_LINK}"
+        elif not REQUEST_ID_PATTERN.fullmatch(tunnel_id):
+            problem = f"{TUNNEL_ID_HEADER} is not a request id"
+        else:
+            return tunnel_id
+    logger.warning("%s ignored: %s", TUNNEL_HEADER, problem, extra={"event": "tunnel_header_ignored", "path": path})
     return None

@@ -13,13 +13,13 @@ from aiohttp import web
 from sqlalchemy import select
 
 from scaigrid import errors
-from scaigrid.api.access import public, requires
-from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.api.envelope import listing, ok
+from scaigrid.access import public, requires
+from scaigrid.appkeys import DB, REDIS, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_from_unix
 from scaigrid.db.tables import hybrid_nodes
+from scaigrid.envelope import listing, ok
 from scaigrid.fields import Fields, json_object
 from scaigrid.hybrid import enrollment, registry, snapshot
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE

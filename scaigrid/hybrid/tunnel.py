@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from scaigrid.api.base import TUNNEL_HEADER, TUNNEL_ID_HEADER
 from scaigrid.auth import service_tokens
 from scaigrid.hybrid import protocol
 from scaigrid.hybrid.assertion import ASSERTION_HEADER
@@ -229,9 +228,9 @@ class NodeTunnels:
             return
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() in FORWARDED_REQUEST_HEADERS}
-        headers[TUNNEL_HEADER] = service_tokens.mint(self._secret, protocol.LINK_SERVICE_NAME, TUNNEL_TOKEN_TTL_S,
-                                                     scope=service_tokens.HYBRID_LINK)
-        headers[TUNNEL_ID_HEADER] = tunnel_id
+        headers[protocol.TUNNEL_HEADER] = service_tokens.mint(
+            self._secret, protocol.LINK_SERVICE_NAME, TUNNEL_TOKEN_TTL_S, scope=service_tokens.HYBRID_LINK)
+        headers[protocol.TUNNEL_ID_HEADER] = tunnel_id
         # Verified by the http process against this node's credential: the caller the managed side vouches for.
         headers[ASSERTION_HEADER] = request.assertion
         put = self._sender.put

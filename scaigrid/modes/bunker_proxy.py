@@ -6,7 +6,8 @@ import uvloop
 from aiohttp import web
 
 from scaigrid.api.app import mount_module
-from scaigrid.api.base import READY_CHECKS, S3, SETTINGS, base_app, resource_ctx, serve
+from scaigrid.api.base import base_app, resource_ctx, serve
+from scaigrid.appkeys import READY_CHECKS, S3, SETTINGS
 from scaigrid.health import check_s3
 from scaigrid.modules import scaibunker
 from scaigrid.resources import s3_ctx

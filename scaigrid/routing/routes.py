@@ -9,13 +9,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, REDIS, SETTINGS
-from scaigrid.api.envelope import listing, ok
-from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, PRINCIPAL, REDIS, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import backends
+from scaigrid.envelope import listing, ok
 from scaigrid.fields import json_object
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE

@@ -2,10 +2,10 @@
 
 from aiohttp import web
 
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, SETTINGS
-from scaigrid.api.envelope import ok
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
+from scaigrid.envelope import ok
 from scaigrid.rpc.nodes import list_nodes
 
 

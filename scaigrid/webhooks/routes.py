@@ -13,14 +13,14 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import crypto, errors
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, SETTINGS
-from scaigrid.api.envelope import listing, ok
-from scaigrid.auth.principal import PRINCIPAL, Principal
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, PRINCIPAL, SETTINGS
+from scaigrid.auth.principal import Principal
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant, visible_to
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
+from scaigrid.envelope import listing, ok
 from scaigrid.fields import Fields
 from scaigrid.webhooks import delivery, outbox, targets
 

@@ -4,7 +4,7 @@ import asyncio
 
 from aiohttp import web
 
-from scaigrid.api.access import public
+from scaigrid.access import public
 from scaigrid.modules import Module
 from scaigrid.worker.jobs import Job, JobContext
 

@@ -6,14 +6,13 @@ import time
 from aiohttp import web
 
 from scaigrid import errors
-from scaigrid.api.access import requires
-from scaigrid.api.base import DB, SETTINGS
-from scaigrid.api.envelope import ok
-from scaigrid.auth.principal import PRINCIPAL
+from scaigrid.access import requires
+from scaigrid.appkeys import DB, PRINCIPAL, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant
 from scaigrid.clock import iso, utc_from_unix
 from scaigrid.db.tables import new_id
+from scaigrid.envelope import ok
 from scaigrid.fields import Fields
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.capabilities import VERBS, Capability

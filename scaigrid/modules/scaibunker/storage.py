@@ -28,10 +28,10 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from prometheus_client import Counter
 
 from scaigrid import errors
-from scaigrid.api.access import public
-from scaigrid.api.base import DB, S3, SETTINGS
-from scaigrid.api.envelope import ok
+from scaigrid.access import public
+from scaigrid.appkeys import DB, S3, SETTINGS, TRANSFERS
 from scaigrid.clock import iso
+from scaigrid.envelope import ok
 from scaigrid.errors import FieldError
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.capabilities import Capability
@@ -120,7 +120,6 @@ class Transfers:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-TRANSFERS = web.AppKey("storage_transfers", Transfers)
 
 
 async def transfers_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,7 +12,7 @@ from sqlalchemy import Column, Select, and_, or_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
-from scaigrid.api.base import DB
+from scaigrid.appkeys import DB
 from scaigrid.clock import iso
 from scaigrid.errors import FieldError
 
