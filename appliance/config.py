@@ -18,11 +18,11 @@ from cryptography.fernet import Fernet
 from scaigrid.settings import (
     ConfigError,
     Settings,
-    _bool,
-    _port,
-    _positive_int,
     entries,
     load_settings,
+    parse_bool,
+    parse_port,
+    parse_positive_int,
     read_env_file,
     setting_parsers,
 )
@@ -68,7 +68,7 @@ def _optional_path(raw: str) -> Path | None:
 
 
 def _optional_seconds(raw: str) -> int | None:
-    return _positive_int(raw) if raw else None
+    return parse_positive_int(raw) if raw else None
 
 
 def _networks(raw: str) -> tuple[str, ...]:
@@ -101,9 +101,9 @@ class ApplianceConfig:
                      "virtualenv holding scaigrid and scaigrid-appliance")
     systemd_unit_dir: Path = key("SYSTEMD_UNIT_DIR", _absolute_path, "/etc/systemd/system",
                                  "where render writes scaigrid-appliance.service's drop-in (its stop timeout)")
-    https_port: int = key("HTTPS_PORT", _port, "443", "nginx: the API over TLS")
-    http_redirect_port: int = key("HTTP_REDIRECT_PORT", _port, "80", "nginx: plain HTTP, redirected to HTTPS")
-    grpc_tls_port: int = key("GRPC_TLS_PORT", _port, "50443",
+    https_port: int = key("HTTPS_PORT", parse_port, "443", "nginx: the API over TLS")
+    http_redirect_port: int = key("HTTP_REDIRECT_PORT", parse_port, "80", "nginx: plain HTTP, redirected to HTTPS")
+    grpc_tls_port: int = key("GRPC_TLS_PORT", parse_port, "50443",
                              "nginx: gRPC over TLS for ScaiInfer nodes and hybrid links")
     tls_cert_file: Path | None = key("TLS_CERT_FILE", _optional_path, "",
                                      "PEM certificate (chain); empty: CONFIG_DIR/tls/server.crt, self-signed by init")
@@ -115,20 +115,20 @@ class ApplianceConfig:
     nginx_proxy_read_timeout_s: int | None = key(
         "NGINX_PROXY_READ_TIMEOUT_S", _optional_seconds, "",
         "how long nginx waits on a quiet upstream; empty: DISPATCH_STREAM_TIMEOUT_S + 60; must exceed it")
-    appliance_metrics_port: int = key("APPLIANCE_METRICS_PORT", _port, "9153",
+    appliance_metrics_port: int = key("APPLIANCE_METRICS_PORT", parse_port, "9153",
                                       "/metrics of the program-state listener (programs' states, FATAL counts)")
     database_host: str = key("DATABASE_HOST", _hostname, "127.0.0.1", "MariaDB host")
-    database_port: int = key("DATABASE_PORT", _port, "3306", "MariaDB port")
+    database_port: int = key("DATABASE_PORT", parse_port, "3306", "MariaDB port")
     database_name: str = key("DATABASE_NAME", _name, "scaigrid", "MariaDB database")
     database_user: str = key("DATABASE_USER", _name, "scaigrid",
                              "MariaDB user (its password: secrets/database-password)")
     database_admin_socket: Path = key("DATABASE_ADMIN_SOCKET", _absolute_path, "/run/mysqld/mysqld.sock",
                                       "local MariaDB socket where init creates the database and user as root")
-    garage_enabled: bool = key("GARAGE_ENABLED", _bool, "false", "run a local Garage S3 for the storage proxy")
+    garage_enabled: bool = key("GARAGE_ENABLED", parse_bool, "false", "run a local Garage S3 for the storage proxy")
     garage_binary: Path = key("GARAGE_BINARY", _absolute_path, "/usr/local/bin/garage", "Garage executable")
-    garage_s3_port: int = key("GARAGE_S3_PORT", _port, "3900", "Garage S3 API (loopback)")
-    garage_rpc_port: int = key("GARAGE_RPC_PORT", _port, "3901", "Garage RPC (loopback)")
-    garage_admin_port: int = key("GARAGE_ADMIN_PORT", _port, "3903", "Garage admin API and /metrics (loopback)")
+    garage_s3_port: int = key("GARAGE_S3_PORT", parse_port, "3900", "Garage S3 API (loopback)")
+    garage_rpc_port: int = key("GARAGE_RPC_PORT", parse_port, "3901", "Garage RPC (loopback)")
+    garage_admin_port: int = key("GARAGE_ADMIN_PORT", parse_port, "3903", "Garage admin API and /metrics (loopback)")
 
     @property
     def tls_cert(self) -> Path:

@@ -2,15 +2,14 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from minio import Minio
 from redis.asyncio.sentinel import Sentinel
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from scaigrid.settings import Settings
+from scaigrid.settings import Settings, parse_redis_url
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 # Connections per process, at most. Every request of the http mode talks to Redis, so a burst of a few hundred
@@ -18,41 +17,6 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 # burst into errors that look like a Redis outage. A plain pool, not the blocking one: its cheaper checkout is
 # measurable on the hot path (bench/RESULTS.md), and idle connections cost Redis little.
 REDIS_MAX_CONNECTIONS = 2048
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """A parsed REDIS_URL: one server, or a Sentinel set naming the master to follow."""
-
-    url: str
-    sentinels: tuple[tuple[str, int], ...] = ()
-    master: str = ""
-    db: int = 0
-    password: str | None = None
-
-
-def parse_redis_url(raw: str) -> RedisTarget:
-    """Accepts redis://, rediss:// and redis+sentinel://[:password@]h1:26379[,h2:26379]/<master>[/<db>]."""
-    if raw.startswith(("redis://", "rediss://")):
-        if not urlsplit(raw).hostname:
-            raise ValueError("redis://[:password@]host:6379/0")
-        return RedisTarget(url=raw)
-    if not raw.startswith("redis+sentinel://"):
-        raise ValueError("redis://host:6379/0 or redis+sentinel://host1:26379,host2:26379/<master>/0")
-    rest = raw[len("redis+sentinel://"):]
-    netloc, _, path = rest.partition("/")
-    credentials, _, hosts = netloc.rpartition("@")
-    password = unquote(credentials.partition(":")[2]) or None
-    sentinels = []
-    for item in hosts.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (every sentinel as host:port)")
-        sentinels.append((host, int(port)))
-    master, _, db = path.strip("/").partition("/")
-    if not master or (db and not db.isdigit()):
-        raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (master name, then optional db number)")
-    return RedisTarget(url=raw, sentinels=tuple(sentinels), master=master, db=int(db or 0), password=password)
 
 
 @asynccontextmanager

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_ENV_FILE = Path("/etc/scaigrid/scaigrid.env")
 MODES = ("migrate", "http", "grpc", "worker", "bunker_proxy", "link")
@@ -59,12 +59,13 @@ class SecretUrl(Secret):
 
 
 # --- parsers: each takes the raw string and returns the typed value or raises ValueError(expected) ---
+# The public ones are shared: appliance/config.py parses its own keys with them, resources.py reads REDIS_URL.
 
 def _str(raw: str) -> str:
     return raw
 
 
-def _bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -73,7 +74,7 @@ def _bool(raw: str) -> bool:
     raise ValueError("true or false")
 
 
-def _port(raw: str) -> int:
+def parse_port(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise ValueError("a port number 1-65535")
     return int(raw)
@@ -89,7 +90,7 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-def _positive_int(raw: str) -> int:
+def parse_positive_int(raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError("a whole number >= 1")
     return int(raw)
@@ -148,9 +149,42 @@ def _database_url(raw: str) -> SecretUrl:
     return SecretUrl(raw)
 
 
-def _redis_url(raw: str) -> SecretUrl:
-    from scaigrid.resources import parse_redis_url  # the one parser of the Redis URL forms
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed REDIS_URL: one server, or a Sentinel set naming the master to follow."""
 
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    password: str | None = None
+
+
+def parse_redis_url(raw: str) -> RedisTarget:
+    """Accepts redis://, rediss:// and redis+sentinel://[:password@]h1:26379[,h2:26379]/<master>[/<db>]."""
+    if raw.startswith(("redis://", "rediss://")):
+        if not urlsplit(raw).hostname:
+            raise ValueError("redis://[:password@]host:6379/0")
+        return RedisTarget(url=raw)
+    if not raw.startswith("redis+sentinel://"):
+        raise ValueError("redis://host:6379/0 or redis+sentinel://host1:26379,host2:26379/<master>/0")
+    rest = raw[len("redis+sentinel://"):]
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    password = unquote(credentials.partition(":")[2]) or None
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (every sentinel as host:port)")
+        sentinels.append((host, int(port)))
+    master, _, db = path.strip("/").partition("/")
+    if not master or (db and not db.isdigit()):
+        raise ValueError("redis+sentinel://host1:26379,host2:26379/<master>/0 (master name, then optional db number)")
+    return RedisTarget(url=raw, sentinels=tuple(sentinels), master=master, db=int(db or 0), password=password)
+
+
+def _redis_url(raw: str) -> SecretUrl:
     parse_redis_url(raw)
     return SecretUrl(raw)
 
@@ -181,7 +215,7 @@ def setting(env: str, parse: Callable[[str], Any], default: Any = None, help: st
 class DatabaseSettings:
     url: SecretUrl | None = setting(
         "DATABASE_URL", _database_url, help="MariaDB, mysql+asyncmy://user:password@host:3306/database", secret=True)
-    pool_size: int = setting("DATABASE_POOL_SIZE", _positive_int, 10, "connections kept open per process")
+    pool_size: int = setting("DATABASE_POOL_SIZE", parse_positive_int, 10, "connections kept open per process")
     migrate_lock_timeout_s: float = setting(
         "MIGRATE_LOCK_TIMEOUT_S", _positive_float, 300.0, "how long migrate waits for another migrate run to finish")
 
@@ -234,15 +268,17 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class LimitSettings:
-    key_rpm: int = setting("RATE_LIMIT_KEY_RPM", _positive_int, 60, "default requests/minute per API key")
-    user_rpm: int = setting("RATE_LIMIT_USER_RPM", _positive_int, 120, "default requests/minute per user")
-    tenant_rpm: int = setting("RATE_LIMIT_TENANT_RPM", _positive_int, 1000, "default requests/minute per tenant")
-    partner_rpm: int = setting("RATE_LIMIT_PARTNER_RPM", _positive_int, 5000, "default requests/minute per partner")
+    key_rpm: int = setting("RATE_LIMIT_KEY_RPM", parse_positive_int, 60, "default requests/minute per API key")
+    user_rpm: int = setting("RATE_LIMIT_USER_RPM", parse_positive_int, 120, "default requests/minute per user")
+    tenant_rpm: int = setting("RATE_LIMIT_TENANT_RPM", parse_positive_int, 1000, "default requests/minute per tenant")
+    partner_rpm: int = setting(
+        "RATE_LIMIT_PARTNER_RPM", parse_positive_int, 5000, "default requests/minute per partner")
     on_redis_failure: str = setting(
         "RATE_LIMIT_ON_REDIS_FAILURE", _choice("serve", "refuse"), "serve",
         "when Redis is unreachable: serve (count it in a metric, log once a minute) or refuse with 503")
     usage_flush_interval_s: int = setting(
-        "USAGE_FLUSH_INTERVAL_S", _positive_int, 30, "the worker moves buffered usage from Redis to MariaDB this often")
+        "USAGE_FLUSH_INTERVAL_S", parse_positive_int, 30,
+        "the worker moves buffered usage from Redis to MariaDB this often")
 
 
 @dataclass(frozen=True)
@@ -253,11 +289,12 @@ class DispatchSettings:
         "DISPATCH_TIMEOUT_S", _positive_float, 120.0,
         "a backend's answer (non-streamed), or its first streamed byte; then the next one is tried")
     breaker_failures: int = setting(
-        "BREAKER_FAILURE_THRESHOLD", _positive_int, 5, "consecutive failures that open a backend's circuit breaker")
+        "BREAKER_FAILURE_THRESHOLD", parse_positive_int, 5,
+        "consecutive failures that open a backend's circuit breaker")
     breaker_open_s: float = setting(
         "BREAKER_OPEN_S", _positive_float, 30.0, "how long a breaker stays open before one trial request (half-open)")
     allow_private_targets: bool = setting(
-        "BACKEND_ALLOW_PRIVATE_TARGETS", _bool, False,
+        "BACKEND_ALLOW_PRIVATE_TARGETS", parse_bool, False,
         "allow tenants' backends on private, loopback, link-local and other non-global addresses (shared backends, "
         "which only the platform writes, always may)")
 
@@ -287,7 +324,7 @@ class ScaiInferSettings:
     client_key_file: str | None = setting(
         "SCAIINFER_CLIENT_KEY_FILE", _str, help="PEM private key of SCAIINFER_CLIENT_CERT_FILE")
     plaintext: bool = setting(
-        "SCAIINFER_PLAINTEXT", _bool, False,
+        "SCAIINFER_PLAINTEXT", parse_bool, False,
         "call nodes without TLS (each call's node credential in clear): only for nodes on a trusted network; "
         "logged as a warning at start")
 
@@ -297,15 +334,15 @@ class WebhookSettings:
     """Outbound webhooks, delivered by the worker from the outbox."""
 
     allow_private_targets: bool = setting(
-        "WEBHOOK_ALLOW_PRIVATE_TARGETS", _bool, False,
+        "WEBHOOK_ALLOW_PRIVATE_TARGETS", parse_bool, False,
         "allow webhook URLs on private, loopback and link-local addresses (receivers inside the site network)")
     timeout_s: float = setting("WEBHOOK_TIMEOUT_S", _positive_float, 10.0, "a receiver must answer 2xx within this")
     auto_disable_after: int = setting(
-        "WEBHOOK_AUTO_DISABLE_AFTER", _positive_int, 50, "consecutive failed deliveries that disable a webhook")
+        "WEBHOOK_AUTO_DISABLE_AFTER", parse_positive_int, 50, "consecutive failed deliveries that disable a webhook")
     poll_interval_s: int = setting(
-        "WEBHOOK_POLL_INTERVAL_S", _positive_int, 1, "every worker looks for due webhook deliveries this often")
+        "WEBHOOK_POLL_INTERVAL_S", parse_positive_int, 1, "every worker looks for due webhook deliveries this often")
     retention_days: int = setting(
-        "WEBHOOK_RETENTION_DAYS", _positive_int, 14,
+        "WEBHOOK_RETENTION_DAYS", parse_positive_int, 14,
         "delivered and failed webhook deliveries (and their events) older than this are deleted by the worker")
 
 
@@ -317,7 +354,7 @@ class HybridSettings:
         "HYBRID_ROLE", _choice("managed", "node", "off"), "off",
         "managed (enrols nodes: the /v1/hybrid/ routes), node (an appliance that links to a managed side), or off")
     enrollment_token_ttl_s: int = setting(
-        "HYBRID_ENROLLMENT_TOKEN_TTL_S", _positive_int, 3600,
+        "HYBRID_ENROLLMENT_TOKEN_TTL_S", parse_positive_int, 3600,
         "default and longest validity of a minted enrolment token")
     # The node's end of the link (`scaigrid-appliance link enroll` renders these from its link file).
     managed_url: str | None = setting(
@@ -334,7 +371,7 @@ class HybridSettings:
         "node: longest wait between reconnection attempts (exponential from 0.5 s, with full jitter)")
     # The managed end.
     heartbeat_interval_s: int = setting(
-        "HYBRID_HEARTBEAT_INTERVAL_S", _positive_int, 15,
+        "HYBRID_HEARTBEAT_INTERVAL_S", parse_positive_int, 15,
         "managed: how often nodes send heartbeats (told to them on connect); a link silent 3 intervals is dropped")
     config_refresh_s: float = setting(
         "HYBRID_CONFIG_REFRESH_S", _positive_float, 5.0,
@@ -353,16 +390,16 @@ class StorageSettings:
         help="HMAC key of storage capabilities, the same on every http and bunker_proxy process; unset = none accepted",
         secret=True)
     max_object_bytes: int = setting(
-        "STORAGE_MAX_OBJECT_BYTES", _positive_int, 5 * 1024**3,
+        "STORAGE_MAX_OBJECT_BYTES", parse_positive_int, 5 * 1024**3,
         "largest object the storage proxy accepts, whatever a capability allows")
     capability_max_ttl_s: int = setting(
-        "STORAGE_CAPABILITY_MAX_TTL_S", _positive_int, 86400,
+        "STORAGE_CAPABILITY_MAX_TTL_S", parse_positive_int, 86400,
         "longest validity a minted storage capability may ask for")
     part_size_bytes: int = setting(
         "STORAGE_PART_SIZE_BYTES", _part_size, 8 * 1024**2,
         "multipart part size of uploads to S3; with the pipe ahead of it, bounds the proxy's memory per upload")
     max_transfers: int = setting(
-        "STORAGE_MAX_TRANSFERS", _positive_int, 64,
+        "STORAGE_MAX_TRANSFERS", parse_positive_int, 64,
         "object requests one process serves at once, each on a thread of the storage pool; more answer STORAGE_BUSY")
     client_stall_s: float = setting(
         "STORAGE_CLIENT_STALL_S", _positive_float, 60.0,
@@ -372,12 +409,12 @@ class StorageSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     bind_host: str = setting("BIND_HOST", _str, "127.0.0.1", "address every listener binds (nginx fronts them)")
-    http_port: int = setting("HTTP_PORT", _port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
-    grpc_port: int = setting("GRPC_PORT", _port, 50051, "grpc mode")
-    bunker_proxy_port: int = setting("BUNKER_PROXY_PORT", _port, 8001, "bunker_proxy mode, /metrics included")
-    grpc_metrics_port: int = setting("GRPC_METRICS_PORT", _port, 9151, "/metrics of the grpc mode")
-    worker_metrics_port: int = setting("WORKER_METRICS_PORT", _port, 9152, "/metrics of the worker mode")
-    link_metrics_port: int = setting("LINK_METRICS_PORT", _port, 9154, "/metrics of the link mode")
+    http_port: int = setting("HTTP_PORT", parse_port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
+    grpc_port: int = setting("GRPC_PORT", parse_port, 50051, "grpc mode")
+    bunker_proxy_port: int = setting("BUNKER_PROXY_PORT", parse_port, 8001, "bunker_proxy mode, /metrics included")
+    grpc_metrics_port: int = setting("GRPC_METRICS_PORT", parse_port, 9151, "/metrics of the grpc mode")
+    worker_metrics_port: int = setting("WORKER_METRICS_PORT", parse_port, 9152, "/metrics of the worker mode")
+    link_metrics_port: int = setting("LINK_METRICS_PORT", parse_port, 9154, "/metrics of the link mode")
     http_drain_grace_s: float = setting(
         "HTTP_DRAIN_GRACE_S", _positive_float, 30.0, "on SIGTERM, how long in-flight HTTP requests may finish")
     grpc_stop_grace_s: float = setting(
@@ -387,13 +424,13 @@ class ServerSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     heartbeat_ttl_s: int = setting(
-        "WORKER_HEARTBEAT_TTL_S", _positive_int, 30, "a worker whose heartbeat is older than this counts as dead")
+        "WORKER_HEARTBEAT_TTL_S", parse_positive_int, 30, "a worker whose heartbeat is older than this counts as dead")
     stop_grace_s: float = setting(
         "WORKER_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long running jobs may finish")
     usage_retention_days: int = setting(
-        "USAGE_RETENTION_DAYS", _positive_int, 400, "usage records older than this are deleted by the worker")
+        "USAGE_RETENTION_DAYS", parse_positive_int, 400, "usage records older than this are deleted by the worker")
     api_key_retention_days: int = setting(
-        "API_KEY_RETENTION_DAYS", _positive_int, 30,
+        "API_KEY_RETENTION_DAYS", parse_positive_int, 30,
         "API keys expired or revoked longer ago than this are deleted by the worker")
 
 
@@ -403,7 +440,7 @@ class Settings:
     app_env: str = setting("APP_ENV", _choice(*APP_ENVS), "production", ", ".join(APP_ENVS))
     log_level: str = setting("APP_LOG_LEVEL", _choice(*LOG_LEVELS), "info", ", ".join(LOG_LEVELS))
     auth_disabled: bool = setting(
-        "SCAIGRID_AUTH_DISABLED", _bool, False, "dev only: bypass auth; refused when APP_ENV=production")
+        "SCAIGRID_AUTH_DISABLED", parse_bool, False, "dev only: bypass auth; refused when APP_ENV=production")
     jwt_signing_secret: Secret | None = setting(
         "JWT_SIGNING_SECRET", _secret, help="signs admin UI sessions (random, 64 chars)", secret=True)
     dispatch_stream_timeout_s: float = setting(

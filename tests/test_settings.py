@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from appliance import devstack
-from scaigrid.resources import parse_redis_url, redis_ctx
-from scaigrid.settings import ConfigError, entries, load_settings
+from scaigrid.resources import redis_ctx
+from scaigrid.settings import ConfigError, entries, load_settings, parse_redis_url
 from tests.conftest import REPO, scaigrid
 
 MINIMAL = {"DATABASE_URL": "mysql+asyncmy://scaigrid:s3cr3t-pw@db.example:3306/scaigrid",
