@@ -40,10 +40,10 @@ from scaigrid.hybrid import protocol, registry
 from scaigrid.hybrid import routes as hybrid_routes
 from scaigrid.modules import Module, load_modules
 from scaigrid.modules.scaibunker import storage
+from scaigrid.nodes import routes as node_routes
+from scaigrid.nodes.registry import list_nodes
 from scaigrid.resources import database_ctx, redis_ctx, s3_ctx
 from scaigrid.routing import routes as routing_routes
-from scaigrid.rpc import routes as rpc_routes
-from scaigrid.rpc.nodes import list_nodes
 from scaigrid.settings import ConfigError, Settings
 from scaigrid.webhooks import routes as webhook_routes
 from scaigrid.worker.heartbeat import fresh_heartbeats
@@ -194,7 +194,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services
     app.cleanup_ctx.append(_schema_heads_ctx)
     for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES,
-                  webhook_routes.ROUTES, rpc_routes.ROUTES, hybrid_routes.ROUTES):
+                  webhook_routes.ROUTES, node_routes.ROUTES, hybrid_routes.ROUTES):
         app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
     app.router.add_get("/health/detailed", detailed_health)

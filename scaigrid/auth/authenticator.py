@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scaigrid import errors
 from scaigrid.auth import keys, service_tokens
 from scaigrid.auth.principal import Principal, RateLimits
-from scaigrid.auth.roles import ROLE_REACH, ROLES, grants_at_most
+from scaigrid.auth.roles import ROLE_REACH, ROLES, TENANT_ROLES, grants_at_most
 from scaigrid.auth.scaikey import ScaiKeyVerifier
 from scaigrid.auth.tenancy import Membership, create_user, load_membership
 from scaigrid.cache import InvalidationBus
@@ -39,7 +39,6 @@ NEGATIVE_TTL_S = 5.0  # an unknown key is remembered briefly, so a flood of bad 
 DEV_EMAIL = f"dev@{DEFAULT_SLUG}.local"
 DEV_ROLE = "tenant_admin"
 JIT_DEFAULT_ROLE = "tenant_user"
-TENANT_ROLES = tuple(role for role in ROLES if ROLE_REACH[role] == "tenant")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ ROLE_REACH = {
     "partner_admin": "partner", "partner_viewer": "partner",
     "tenant_admin": "tenant", "tenant_user": "tenant", "tenant_viewer": "tenant",
 }
+TENANT_ROLES = tuple(role for role in ROLES if ROLE_REACH[role] == "tenant")
 
 
 def grants_at_most(role: str, ceiling: str) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from scaigrid import errors
 from scaigrid.access import requires
 from scaigrid.appkeys import DB, PRINCIPAL, REDIS
-from scaigrid.auth import keys, tenancy, webhooks
+from scaigrid.auth import keys, scaikey_events, tenancy
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
 from scaigrid.auth.principal import Principal
 from scaigrid.auth.roles import ROLES, grants_at_most
@@ -347,5 +347,5 @@ ROUTES: list[web.RouteDef] = [
     web.get("/v1/users", list_users),
     web.post("/v1/users", create_user),
     web.patch("/v1/users/{id}", update_user),
-    web.post("/v1/webhooks/scaikey", webhooks.receive),
+    web.post("/v1/webhooks/scaikey", scaikey_events.receive),
 ]

@@ -41,8 +41,8 @@ from scaigrid.dispatch.transport import (
     upstream_body,
 )
 from scaigrid.hybrid import protocol, registry
+from scaigrid.nodes.directory import ChannelDirectory
 from scaigrid.routing.catalogue import Backend
-from scaigrid.rpc.directory import ChannelDirectory
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.settings import ConfigError, Settings
 
@@ -67,7 +67,7 @@ def relay_failure(exc: grpc.aio.AioRpcError) -> Failure:
 
 
 class LinkDirectory(ChannelDirectory):
-    """The http process's view of which grpc replica holds each node's link (scaigrid/rpc/directory.py), and a
+    """The http process's view of which grpc replica holds each node's link (scaigrid/nodes/directory.py), and a
     channel to each replica that holds one the catalogue routes to."""
 
     def __init__(self, redis: "aioredis.Redis", settings: Settings) -> None:

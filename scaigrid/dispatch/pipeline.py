@@ -33,9 +33,9 @@ from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.hybrid import HybridTransport, LinkDirectory, ManagedTransport, managed_session
 from scaigrid.dispatch.scaiinfer import NodeClient
 from scaigrid.dispatch.transport import NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
+from scaigrid.nodes.registry import NodeDirectory, channel_credentials
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
 from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
-from scaigrid.rpc.nodes import NodeDirectory, channel_credentials
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 The node's stream is turned into the same `data: {chat.completion.chunk}` frames an HTTP backend sends, so the
 pipeline relays, counts and fails over exactly as it does for HTTP. Calls go over the node directory's channel to
-the node (TLS unless SCAIINFER_PLAINTEXT: `nodes.channel_credentials`), and carry the node's call credential
-(`nodes.call_token`), which the node learnt from its heartbeats.
+the node (TLS unless SCAIINFER_PLAINTEXT: `nodes.registry.channel_credentials`), and carry the node's call credential
+(`nodes.registry.call_token`), which the node learnt from its heartbeats.
 """
 
 import json
@@ -18,9 +18,9 @@ from scaigrid.appkeys import REQUEST_ID
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.sse import DONE_FRAME
 from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS
+from scaigrid.nodes.registry import NodeDirectory, call_token
 from scaigrid.routing.catalogue import Backend
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
-from scaigrid.rpc.nodes import NodeDirectory, call_token
 from scaigrid.settings import Settings
 
 # What scaiinfer.v1 cannot carry: a request needing it goes to another backend of the model, or is refused.

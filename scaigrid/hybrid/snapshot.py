@@ -25,7 +25,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scaigrid import errors
-from scaigrid.auth.authenticator import TENANT_ROLES, TOPIC_IDENTITY
+from scaigrid.auth.authenticator import TOPIC_IDENTITY
+from scaigrid.auth.roles import TENANT_ROLES
 from scaigrid.auth.tenancy import SLUG_MAX, SLUG_PATTERN
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now

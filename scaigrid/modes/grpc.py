@@ -16,11 +16,11 @@ from scaigrid.health import check_database, check_redis
 from scaigrid.hybrid.link_server import HeldLinks, HybridLinkServicer, TunnelRelayServicer
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
+from scaigrid.nodes.servicer import HeartbeatServicer
 from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.rpc.interceptors import ServiceInterceptor
-from scaigrid.rpc.servicers import HeartbeatServicer
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)

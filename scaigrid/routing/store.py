@@ -27,8 +27,8 @@ from scaigrid.db.tables import backends, hybrid_node_tenants, hybrid_nodes, mode
 from scaigrid.dispatch.schemas import parameter_problems
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields, decimal_text
+from scaigrid.nodes.registry import NODE_ID
 from scaigrid.routing.catalogue import API_KEY_ENV_PREFIX, HYBRID, MANAGED, SCAIINFER, backend_key, backend_name
-from scaigrid.rpc.nodes import NODE_ID
 from scaigrid.settings import Settings
 from scaigrid.urls import http_url_problem
 

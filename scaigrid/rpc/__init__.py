@@ -1,1 +1,1 @@
-"""gRPC: the scaiinfer.v1 protocol (protos and the code generated from them), servicers and interceptors."""
+"""gRPC plumbing: the protocols (protos and the code generated from them, codegen.py) and the interceptors."""

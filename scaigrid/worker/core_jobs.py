@@ -1,7 +1,7 @@
 """Jobs of the core (modules declare theirs on their Module)."""
 
 from scaigrid.accounting.flush import flush_usage
-from scaigrid.rpc.nodes import sweep_node_status
+from scaigrid.nodes.registry import sweep_node_status
 from scaigrid.settings import Settings
 from scaigrid.webhooks import delivery as webhook_delivery
 from scaigrid.worker import heartbeat, housekeeping

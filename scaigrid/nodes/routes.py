@@ -6,7 +6,7 @@ from scaigrid.access import requires
 from scaigrid.appkeys import DB, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.envelope import ok
-from scaigrid.rpc.nodes import list_nodes
+from scaigrid.nodes.registry import list_nodes
 
 
 @requires("admin:access", reach="platform", scopes=(OPERATOR,))

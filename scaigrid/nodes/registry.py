@@ -26,7 +26,7 @@ from scaigrid import errors
 from scaigrid.clock import utc_now
 from scaigrid.db.tables import infra_nodes
 from scaigrid.errors import FieldError
-from scaigrid.rpc.directory import ChannelDirectory
+from scaigrid.nodes.directory import ChannelDirectory
 from scaigrid.settings import ConfigError, NodeSettings, ScaiInferSettings, Secret
 from scaigrid.worker.jobs import JobContext
 
@@ -194,7 +194,7 @@ def _read(env: str, path: str | None) -> bytes | None:
 
 
 class NodeDirectory(ChannelDirectory):
-    """The http process's view of the nodes its catalogue routes to (scaigrid/rpc/directory.py), and a channel to
+    """The http process's view of the nodes its catalogue routes to (scaigrid/nodes/directory.py), and a channel to
     each one's endpoint."""
 
     def __init__(self, engine: AsyncEngine, settings: NodeSettings, stream_timeout_s: float,

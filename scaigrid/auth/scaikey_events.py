@@ -1,4 +1,4 @@
-"""The ScaiKey webhook receiver: identity changes pushed by ScaiKey, authenticated by signature, applied once each.
+"""ScaiKey's identity events (inbound webhooks): changes pushed by ScaiKey, authenticated by signature, applied once.
 
 ScaiKey signs `"<t>.<raw body>"` with HMAC-SHA256 under SCAIKEY_WEBHOOK_SECRET and sends
 `X-ScaiKey-Signature: t=<unix>,v1=<hex>`. Only signed values are trusted: the event id and type come from the body
