@@ -286,7 +286,7 @@ class Appliance:
         return self.config.garage_enabled or bool(self.passthrough.get("S3_ENDPOINT_URL"))
 
     def proxy_read_timeout_s(self, settings: Settings) -> int:
-        return self.config.nginx_proxy_read_timeout_s or int(settings.dispatch_stream_timeout_s) + PROXY_READ_MARGIN_S
+        return self.config.nginx_proxy_read_timeout_s or int(settings.dispatch.stream_timeout_s) + PROXY_READ_MARGIN_S
 
     def needed_secrets(self) -> list[Secret]:
         return [s for s in SECRETS if self.config.garage_enabled or not s.garage_only]
@@ -356,9 +356,9 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
         return appliance, [*problems, str(exc)]
     config = appliance.config
     read_timeout_s = appliance.proxy_read_timeout_s(settings)
-    if read_timeout_s <= settings.dispatch_stream_timeout_s:
+    if read_timeout_s <= settings.dispatch.stream_timeout_s:
         problems.append(f"NGINX_PROXY_READ_TIMEOUT_S: must be above DISPATCH_STREAM_TIMEOUT_S "
-                        f"({read_timeout_s} <= {settings.dispatch_stream_timeout_s:g}), or nginx cuts streams first")
+                        f"({read_timeout_s} <= {settings.dispatch.stream_timeout_s:g}), or nginx cuts streams first")
     if config.garage_enabled and settings.s3.endpoint_url is None:
         problems.append("GARAGE_ENABLED: Garage is on but no S3 endpoint was derived")
     listeners = {

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import cache
 from scaigrid.resources import database_ctx, redis_ctx
-from scaigrid.settings import Settings, load_settings
+from scaigrid.settings import Requirement, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -18,7 +18,7 @@ class AdminError(click.ClickException):
     """A refused admin command: one line on stderr, exit 1."""
 
 
-def settings_of(ctx: click.Context, *needs: str) -> Settings:
+def settings_of(ctx: click.Context, *needs: Requirement) -> Settings:
     settings = load_settings(env_file=ctx.obj["env_file"])
     settings.require(*needs)
     return settings

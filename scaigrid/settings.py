@@ -6,13 +6,15 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_ENV_FILE = Path("/etc/scaigrid/scaigrid.env")
 MODES = ("migrate", "http", "grpc", "worker", "bunker_proxy", "link")
 APP_ENVS = ("development", "test", "staging", "production")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# What a mode (its REQUIRES) or a command can need configured: the keys of Settings.require's table.
+Requirement = Literal["database", "redis", "s3", "encryption", "service_token", "hybrid_node"]
 
 
 class ConfigError(Exception):
@@ -246,6 +248,11 @@ class ScaiKeySettings:
     client_secret: Secret | None = setting("SCAIKEY_CLIENT_SECRET", _secret, help="OAuth client secret", secret=True)
     webhook_secret: Secret | None = setting(
         "SCAIKEY_WEBHOOK_SECRET", _secret, help="HMAC secret of ScaiKey identity webhooks", secret=True)
+    issuer: str | None = setting("SCAIKEY_ISSUER", _str, help="expected `iss` of ScaiKey JWTs")
+    jwt_leeway_s: int = setting("SCAIKEY_JWT_LEEWAY_S", _non_negative_int, 30, "clock skew allowed on JWT exp/nbf")
+    jwks_min_refetch_s: float = setting(
+        "SCAIKEY_JWKS_MIN_REFETCH_S", _positive_float, 30.0,
+        "an unknown `kid` refetches the JWKS at most this often")
 
 
 @dataclass(frozen=True)
@@ -259,11 +266,6 @@ class AuthSettings:
     api_key_cache_ttl_s: float = setting(
         "API_KEY_CACHE_TTL_S", _positive_float, 60.0,
         "how long an http process trusts a cached API key (revocation is pushed at once via Redis)")
-    scaikey_issuer: str | None = setting("SCAIKEY_ISSUER", _str, help="expected `iss` of ScaiKey JWTs")
-    jwt_leeway_s: int = setting("SCAIKEY_JWT_LEEWAY_S", _non_negative_int, 30, "clock skew allowed on JWT exp/nbf")
-    jwks_min_refetch_s: float = setting(
-        "SCAIKEY_JWKS_MIN_REFETCH_S", _positive_float, 30.0,
-        "an unknown `kid` refetches the JWKS at most this often")
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,8 @@ class DispatchSettings:
     timeout_s: float = setting(
         "DISPATCH_TIMEOUT_S", _positive_float, 120.0,
         "a backend's answer (non-streamed), or its first streamed byte; then the next one is tried")
+    stream_timeout_s: float = setting(
+        "DISPATCH_STREAM_TIMEOUT_S", _positive_float, 600.0, "longest a streamed response may last")
     breaker_failures: int = setting(
         "BREAKER_FAILURE_THRESHOLD", parse_positive_int, 5,
         "consecutive failures that open a backend's circuit breaker")
@@ -443,8 +447,6 @@ class Settings:
         "SCAIGRID_AUTH_DISABLED", parse_bool, False, "dev only: bypass auth; refused when APP_ENV=production")
     jwt_signing_secret: Secret | None = setting(
         "JWT_SIGNING_SECRET", _secret, help="signs admin UI sessions (random, 64 chars)", secret=True)
-    dispatch_stream_timeout_s: float = setting(
-        "DISPATCH_STREAM_TIMEOUT_S", _positive_float, 600.0, "longest a streamed response may last")
     modules: tuple[str, ...] = setting(
         "SCAIGRID_MODULES", _module_list, ("scaibunker",), "enabled modules, comma-separated")
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -462,9 +464,9 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
-    def require(self, *names: str) -> None:
+    def require(self, *names: Requirement) -> None:
         """Fails unless every named dependency (a key of `needs`) is configured."""
-        needs: dict[str, list[tuple[str, object]]] = {
+        needs: dict[Requirement, list[tuple[str, object]]] = {
             "database": [("DATABASE_URL", self.database.url)],
             "redis": [("REDIS_URL", self.redis.url)],
             "s3": [("S3_ENDPOINT_URL", self.s3.endpoint_url), ("S3_ACCESS_KEY_ID", self.s3.access_key_id),
@@ -606,6 +608,6 @@ def _check_transport(settings: Settings) -> None:
     if settings.app_env == "production" and jwks_url is not None:
         if urlsplit(jwks_url).scheme != "https":
             raise ConfigError(f"SCAIKEY_JWKS_URL: must be https when APP_ENV=production, got {jwks_url!r}")
-        if not settings.auth.scaikey_issuer:
+        if not settings.scaikey.issuer:
             raise ConfigError("SCAIKEY_ISSUER: required when APP_ENV=production and SCAIKEY_JWKS_URL is set "
                               "(the `iss` every ScaiKey token must carry)")

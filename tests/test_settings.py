@@ -16,7 +16,7 @@ MINIMAL = {"DATABASE_URL": "mysql+asyncmy://scaigrid:s3cr3t-pw@db.example:3306/s
 
 def test_defaults_match_the_documented_ones():
     settings = load_settings({}, env_file=None)
-    assert settings.dispatch_stream_timeout_s == 600
+    assert settings.dispatch.stream_timeout_s == 600
     assert (settings.server.http_port, settings.server.grpc_port, settings.server.bunker_proxy_port) == (
         8000, 50051, 8001)
     assert settings.app_env == "production" and settings.auth_disabled is False
@@ -70,11 +70,11 @@ def test_production_needs_an_https_jwks_and_an_issuer_development_and_test_do_no
         load_settings({"SCAIKEY_JWKS_URL": "https://scaikey.example/.well-known/jwks.json"}, env_file=None)
     assert str(caught.value).startswith("SCAIKEY_ISSUER: required when APP_ENV=production and SCAIKEY_JWKS_URL is set")
     secure = {**plain, "SCAIKEY_JWKS_URL": "https://scaikey.example/.well-known/jwks.json"}
-    assert load_settings(secure, env_file=None).auth.scaikey_issuer == "https://scaikey"
+    assert load_settings(secure, env_file=None).scaikey.issuer == "https://scaikey"
     assert load_settings({}, env_file=None).scaikey.jwks_url is None  # no ScaiKey at all: nothing required
     for app_env in ("development", "test"):
         settings = load_settings({"SCAIKEY_JWKS_URL": plain["SCAIKEY_JWKS_URL"], "APP_ENV": app_env}, env_file=None)
-        assert settings.scaikey.jwks_url == plain["SCAIKEY_JWKS_URL"] and settings.auth.scaikey_issuer is None
+        assert settings.scaikey.jwks_url == plain["SCAIKEY_JWKS_URL"] and settings.scaikey.issuer is None
 
 
 def test_scaiinfer_tls_settings_go_together():

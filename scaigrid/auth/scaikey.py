@@ -88,11 +88,11 @@ class ScaiKeyVerifier:
     """Turns a ScaiKey JWT into its verified claims, or raises AUTH_TOKEN_INVALID saying why."""
 
     def __init__(self, settings: Settings) -> None:
-        self._jwks = Jwks(settings.scaikey.jwks_url, settings.auth.jwks_min_refetch_s) if settings.scaikey.jwks_url \
+        self._jwks = Jwks(settings.scaikey.jwks_url, settings.scaikey.jwks_min_refetch_s) if settings.scaikey.jwks_url \
             else None
         self._audience = settings.scaikey.audience
-        self._issuer = settings.auth.scaikey_issuer
-        self._leeway_s = settings.auth.jwt_leeway_s
+        self._issuer = settings.scaikey.issuer
+        self._leeway_s = settings.scaikey.jwt_leeway_s
 
     async def claims(self, token: str) -> dict[str, Any]:
         if self._jwks is None:

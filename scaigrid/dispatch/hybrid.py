@@ -31,7 +31,7 @@ from aiohttp import web
 
 from scaigrid.appkeys import PRINCIPAL, REQUEST_ID
 from scaigrid.auth import service_tokens
-from scaigrid.dispatch.failures import Failure
+from scaigrid.dispatch.failures import Failure, FailureKind
 from scaigrid.dispatch.transport import (
     ERROR_BODY_MAX_BYTES,
     REFUSED_STATUSES,
@@ -55,8 +55,9 @@ CHAT_PATH, EMBEDDINGS_PATH = "/oai/v1/chat/completions", "/oai/v1/embeddings"
 FORWARDED_REFUSED_STATUSES = REFUSED_STATUSES | {401, 403}
 # The relay's own status codes: UNAVAILABLE (the replica is gone) and NOT_FOUND (it no longer holds the link) fail
 # over like a refused connection; anything else is a failing backend.
-RELAY_FAILURE_KINDS = {grpc.StatusCode.UNAVAILABLE: "connect", grpc.StatusCode.NOT_FOUND: "connect",
-                       grpc.StatusCode.DEADLINE_EXCEEDED: "timeout"}
+RELAY_FAILURE_KINDS: dict[grpc.StatusCode, FailureKind] = {
+    grpc.StatusCode.UNAVAILABLE: "connect", grpc.StatusCode.NOT_FOUND: "connect",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timeout"}
 
 
 def relay_failure(exc: grpc.aio.AioRpcError) -> Failure:
@@ -71,7 +72,7 @@ class LinkDirectory(ChannelDirectory):
     channel to each replica that holds one the catalogue routes to."""
 
     def __init__(self, redis: "aioredis.Redis", settings: Settings) -> None:
-        super().__init__("link", DIRECTORY_REFRESH_S, settings.dispatch_stream_timeout_s)
+        super().__init__("link", DIRECTORY_REFRESH_S, settings.dispatch.stream_timeout_s)
         self._redis = redis
         # A link whose holder has not refreshed it for this long is gone (its key's TTL, were Redis unreachable).
         self._silent_after_s = registry.SILENT_INTERVALS * settings.hybrid.heartbeat_interval_s

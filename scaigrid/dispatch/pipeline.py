@@ -107,7 +107,7 @@ class Dispatcher:
         self.breakers = breakers
         self._accounting = accounting
         self._connect_timeout_s = settings.dispatch.connect_timeout_s
-        self._stream_timeout_s = settings.dispatch_stream_timeout_s
+        self._stream_timeout_s = settings.dispatch.stream_timeout_s
 
     # --- choosing ---
 
@@ -421,7 +421,7 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
     breakers = Breakers(settings, app[REDIS], app[BUS])
     loader = CatalogueLoader(app[DB], settings, app[BUS])
     loader.on_load(lambda catalogue: breakers.track(catalogue.backend_ids))
-    directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch_stream_timeout_s,
+    directory = NodeDirectory(app[DB], settings.nodes, settings.dispatch.stream_timeout_s,
                               channel_credentials(settings.scaiinfer))
     loader.on_load(lambda catalogue: directory.track(catalogue.node_ids))
     links = LinkDirectory(app[REDIS], settings)

@@ -15,7 +15,7 @@ import grpc
 from aiohttp import web
 
 from scaigrid.appkeys import REQUEST_ID
-from scaigrid.dispatch.failures import Failure
+from scaigrid.dispatch.failures import Failure, FailureKind
 from scaigrid.dispatch.sse import DONE_FRAME
 from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS
 from scaigrid.nodes.registry import NodeDirectory, call_token
@@ -28,7 +28,7 @@ LACKS = {TOOLS: "scaiinfer.v1 has no tool calls, and every backend of this model
          NON_TEXT: "scaiinfer.v1 carries text only, and every backend of this model is a ScaiInfer node",
          EMBEDDINGS: "scaiinfer.v1 has no embeddings call, and every backend of this model is a ScaiInfer node"}
 # Which status means what for failover and the breaker. Unlisted codes are a failing node ("status").
-FAILURE_KINDS = {
+FAILURE_KINDS: dict[grpc.StatusCode, FailureKind] = {
     grpc.StatusCode.UNAVAILABLE: "connect",
     grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limited",

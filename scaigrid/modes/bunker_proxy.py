@@ -11,9 +11,9 @@ from scaigrid.appkeys import READY_CHECKS, S3, SETTINGS
 from scaigrid.health import check_s3
 from scaigrid.modules import scaibunker
 from scaigrid.resources import s3_ctx
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 
-REQUIRES = ("s3",)
+REQUIRES: tuple[Requirement, ...] = ("s3",)
 
 async def _s3_ready(app: web.Application) -> str:
     return await check_s3(app[S3], app[SETTINGS].s3.bucket)

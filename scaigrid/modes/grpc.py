@@ -21,11 +21,11 @@ from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.rpc.interceptors import ServiceInterceptor
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 
 logger = logging.getLogger(__name__)
 
-REQUIRES = ("database", "redis")
+REQUIRES: tuple[Requirement, ...] = ("database", "redis")
 HEALTH_CHECK_INTERVAL_S = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

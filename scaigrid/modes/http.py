@@ -4,9 +4,9 @@ import uvloop
 
 from scaigrid.api.app import create_app
 from scaigrid.api.base import serve
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 
-REQUIRES = ("database", "redis", "encryption")
+REQUIRES: tuple[Requirement, ...] = ("database", "redis", "encryption")
 
 
 def run(settings: Settings) -> int:

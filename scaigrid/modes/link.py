@@ -17,11 +17,11 @@ from scaigrid.hybrid.tunnel import LOCAL_CONNECT_TIMEOUT_S
 from scaigrid.lifecycle import background, wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.resources import database_ctx, redis_ctx
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 
 logger = logging.getLogger(__name__)
 
-REQUIRES = ("hybrid_node", "database", "redis", "service_token")
+REQUIRES: tuple[Requirement, ...] = ("hybrid_node", "database", "redis", "service_token")
 LINK_STOP_MARGIN_S = 10.0  # beyond the tunnels' grace; every step of the link's close is bounded well within it
 
 

@@ -6,11 +6,11 @@ import logging
 from scaigrid.db import migrations
 from scaigrid.modules import load_modules
 from scaigrid.resources import database_ctx
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 
 logger = logging.getLogger(__name__)
 
-REQUIRES = ("database",)
+REQUIRES: tuple[Requirement, ...] = ("database",)
 
 
 async def migrate(settings: Settings) -> int:

@@ -20,14 +20,14 @@ from scaigrid.lifecycle import finish_within, wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.modules import load_modules
 from scaigrid.resources import database_ctx, redis_ctx
-from scaigrid.settings import Settings
+from scaigrid.settings import Requirement, Settings
 from scaigrid.worker import heartbeat
 from scaigrid.worker.core_jobs import core_jobs
 from scaigrid.worker.jobs import Job, JobContext
 
 logger = logging.getLogger(__name__)
 
-REQUIRES = ("database", "redis")
+REQUIRES: tuple[Requirement, ...] = ("database", "redis")
 TICK_LOCK_PREFIX = "scaigrid:job:"
 # Interval triggers count from this instant, so every worker's ticks fall on the same wall-clock times.
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
