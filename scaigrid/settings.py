@@ -216,17 +216,20 @@ def setting(env: str, parse: Callable[[str], Any], default: Any = None, help: st
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: SecretUrl | None = setting(
-        "DATABASE_URL", _database_url, help="MariaDB, mysql+asyncmy://user:password@host:3306/database", secret=True)
+        "DATABASE_URL", _database_url,
+        help="MariaDB, `mysql+asyncmy://user:password@host:3306/database`, shown with the password masked",
+        secret=True)
     pool_size: int = setting("DATABASE_POOL_SIZE", parse_positive_int, 10, "connections kept open per process")
     migrate_lock_timeout_s: float = setting(
-        "MIGRATE_LOCK_TIMEOUT_S", _positive_float, 300.0, "how long migrate waits for another migrate run to finish")
+        "MIGRATE_LOCK_TIMEOUT_S", _positive_float, 300.0,
+        "how long `migrate` waits for another migrate run to finish")
 
 
 @dataclass(frozen=True)
 class RedisSettings:
     url: SecretUrl | None = setting(
         "REDIS_URL", _redis_url,
-        help="redis://[:password@]host:6379/0, or redis+sentinel://[:password@]h1:26379,h2:26379/<master>/0",
+        help="`redis://[:password@]host:6379/0`, or a Sentinel set (below), shown with the password masked",
         secret=True)
 
 
@@ -242,56 +245,70 @@ class S3Settings:
 @dataclass(frozen=True)
 class ScaiKeySettings:
     base_url: str | None = setting("SCAIKEY_BASE_URL", _url("https", "http"), help="ScaiKey identity provider")
-    jwks_url: str | None = setting("SCAIKEY_JWKS_URL", _url("https", "http"), help="JWKS used to verify ScaiKey JWTs")
+    jwks_url: str | None = setting(
+        "SCAIKEY_JWKS_URL", _url("https", "http"),
+        help="JWKS used to verify ScaiKey JWTs; must be `https://` when `APP_ENV=production`")
     audience: str = setting("SCAIKEY_AUDIENCE", _str, "user-portal", "expected JWT audience")
     client_id: str | None = setting("SCAIKEY_CLIENT_ID", _str, help="OAuth client id of this node")
     client_secret: Secret | None = setting("SCAIKEY_CLIENT_SECRET", _secret, help="OAuth client secret", secret=True)
     webhook_secret: Secret | None = setting(
         "SCAIKEY_WEBHOOK_SECRET", _secret, help="HMAC secret of ScaiKey identity webhooks", secret=True)
-    issuer: str | None = setting("SCAIKEY_ISSUER", _str, help="expected `iss` of ScaiKey JWTs")
-    jwt_leeway_s: int = setting("SCAIKEY_JWT_LEEWAY_S", _non_negative_int, 30, "clock skew allowed on JWT exp/nbf")
+    issuer: str | None = setting(
+        "SCAIKEY_ISSUER", _str,
+        help="expected `iss` of ScaiKey JWTs; required when `APP_ENV=production` and `SCAIKEY_JWKS_URL` is set "
+        "(elsewhere unchecked when unset)")
+    jwt_leeway_s: int = setting(
+        "SCAIKEY_JWT_LEEWAY_S", _non_negative_int, 30,
+        "clock skew allowed on a JWT's `exp` and `nbf`")
     jwks_min_refetch_s: float = setting(
         "SCAIKEY_JWKS_MIN_REFETCH_S", _positive_float, 30.0,
-        "an unknown `kid` refetches the JWKS at most this often")
+        "a JWT with an unknown `kid` refetches the JWKS at most this often")
 
 
 @dataclass(frozen=True)
 class AuthSettings:
     encryption_key: Secret | None = setting(
         "SCAIGRID_ENCRYPTION_KEY", _fernet_key,
-        help="encrypts backend credentials at rest (Fernet key; `scaigrid admin generate-key`)", secret=True)
+        help="encrypts backend credentials at rest (a Fernet key: `scaigrid admin generate-key`)", secret=True)
     service_token_secret: Secret | None = setting(
-        "SERVICE_TOKEN_SECRET", _secret, help="HMAC key of service tokens for internal callers; unset = none accepted",
+        "SERVICE_TOKEN_SECRET", _secret,
+        help="HMAC key of service tokens for internal callers (ScaiInfer nodes, operator tooling, the hybrid link), "
+        "each with a scope; unset = no service token is accepted (and no ScaiInfer node can register or be "
+        "called)",
         secret=True)
     api_key_cache_ttl_s: float = setting(
         "API_KEY_CACHE_TTL_S", _positive_float, 60.0,
-        "how long an http process trusts a cached API key (revocation is pushed at once via Redis)")
+        "how long an http process trusts a cached API key; revocation is pushed at once through Redis")
 
 
 @dataclass(frozen=True)
 class LimitSettings:
-    key_rpm: int = setting("RATE_LIMIT_KEY_RPM", parse_positive_int, 60, "default requests/minute per API key")
-    user_rpm: int = setting("RATE_LIMIT_USER_RPM", parse_positive_int, 120, "default requests/minute per user")
-    tenant_rpm: int = setting("RATE_LIMIT_TENANT_RPM", parse_positive_int, 1000, "default requests/minute per tenant")
+    key_rpm: int = setting("RATE_LIMIT_KEY_RPM", parse_positive_int, 60, "default requests per minute per API key")
+    user_rpm: int = setting("RATE_LIMIT_USER_RPM", parse_positive_int, 120, "default requests per minute per user")
+    tenant_rpm: int = setting(
+        "RATE_LIMIT_TENANT_RPM", parse_positive_int, 1000,
+        "default requests per minute per tenant")
     partner_rpm: int = setting(
-        "RATE_LIMIT_PARTNER_RPM", parse_positive_int, 5000, "default requests/minute per partner")
+        "RATE_LIMIT_PARTNER_RPM", parse_positive_int, 5000, "default requests per minute per partner")
     on_redis_failure: str = setting(
         "RATE_LIMIT_ON_REDIS_FAILURE", _choice("serve", "refuse"), "serve",
-        "when Redis is unreachable: serve (count it in a metric, log once a minute) or refuse with 503")
+        "when Redis is unreachable: `serve` (count it in a metric, log once a minute) or `refuse` (503)")
     usage_flush_interval_s: int = setting(
         "USAGE_FLUSH_INTERVAL_S", parse_positive_int, 30,
-        "the worker moves buffered usage from Redis to MariaDB this often")
+        "the worker moves buffered usage records from Redis to MariaDB this often")
 
 
 @dataclass(frozen=True)
 class DispatchSettings:
     connect_timeout_s: float = setting(
-        "DISPATCH_CONNECT_TIMEOUT_S", _positive_float, 5.0, "connecting to a backend; then the next one is tried")
+        "DISPATCH_CONNECT_TIMEOUT_S", _positive_float, 5.0,
+        "connecting to a backend; then the next backend is tried")
     timeout_s: float = setting(
         "DISPATCH_TIMEOUT_S", _positive_float, 120.0,
-        "a backend's answer (non-streamed), or its first streamed byte; then the next one is tried")
+        "a backend's whole answer (not streamed) or its first streamed byte; then the next backend is tried")
     stream_timeout_s: float = setting(
-        "DISPATCH_STREAM_TIMEOUT_S", _positive_float, 600.0, "longest a streamed response may last")
+        "DISPATCH_STREAM_TIMEOUT_S", _positive_float, 600.0,
+        "longest a streamed response may last (nginx `proxy_read_timeout` must exceed it)")
     breaker_failures: int = setting(
         "BREAKER_FAILURE_THRESHOLD", parse_positive_int, 5,
         "consecutive failures that open a backend's circuit breaker")
@@ -299,8 +316,9 @@ class DispatchSettings:
         "BREAKER_OPEN_S", _positive_float, 30.0, "how long a breaker stays open before one trial request (half-open)")
     allow_private_targets: bool = setting(
         "BACKEND_ALLOW_PRIVATE_TARGETS", parse_bool, False,
-        "allow tenants' backends on private, loopback, link-local and other non-global addresses (shared backends, "
-        "which only the platform writes, always may)")
+        "allow tenants' backends on loopback, private, link-local, CGNAT and other non-global addresses (refused "
+        "when saved and at every connection otherwise); shared backends, which only the platform writes, always "
+        "may. A backend's `api_key_env` names only variables starting `SCAIGRID_BACKEND_KEY_`")
 
 
 @dataclass(frozen=True)
@@ -321,16 +339,19 @@ class ScaiInferSettings:
     """How the http processes reach ScaiInfer nodes: TLS by default, since each call carries the node's credential."""
 
     ca_file: str | None = setting(
-        "SCAIINFER_CA_FILE", _str, help="CA bundle that signs the nodes' certificates; unset = the system CAs")
+        "SCAIINFER_CA_FILE", _str,
+        help="CA bundle that signs the ScaiInfer nodes' certificates (each must name the host of the endpoint the node "
+        "announces); unset = the system CAs")
     client_cert_file: str | None = setting(
         "SCAIINFER_CLIENT_CERT_FILE", _str,
-        help="PEM certificate (chain) the gateway presents to nodes that require one; with SCAIINFER_CLIENT_KEY_FILE")
+        help="PEM certificate (chain) the gateway presents to nodes that require one; set with "
+        "`SCAIINFER_CLIENT_KEY_FILE`")
     client_key_file: str | None = setting(
-        "SCAIINFER_CLIENT_KEY_FILE", _str, help="PEM private key of SCAIINFER_CLIENT_CERT_FILE")
+        "SCAIINFER_CLIENT_KEY_FILE", _str, help="PEM private key of `SCAIINFER_CLIENT_CERT_FILE`")
     plaintext: bool = setting(
         "SCAIINFER_PLAINTEXT", parse_bool, False,
-        "call nodes without TLS (each call's node credential in clear): only for nodes on a trusted network; "
-        "logged as a warning at start")
+        "call nodes without TLS, their call credential in clear: only for nodes on a trusted network; allowed in "
+        "production, with a warning logged by each http process at start")
 
 
 @dataclass(frozen=True)
@@ -339,7 +360,8 @@ class WebhookSettings:
 
     allow_private_targets: bool = setting(
         "WEBHOOK_ALLOW_PRIVATE_TARGETS", parse_bool, False,
-        "allow webhook URLs on private, loopback and link-local addresses (receivers inside the site network)")
+        "allow webhook URLs on private, loopback and link-local addresses (receivers inside the site network, "
+        "common on an appliance)")
     timeout_s: float = setting("WEBHOOK_TIMEOUT_S", _positive_float, 10.0, "a receiver must answer 2xx within this")
     auto_disable_after: int = setting(
         "WEBHOOK_AUTO_DISABLE_AFTER", parse_positive_int, 50, "consecutive failed deliveries that disable a webhook")
@@ -356,33 +378,44 @@ class HybridSettings:
 
     role: str = setting(
         "HYBRID_ROLE", _choice("managed", "node", "off"), "off",
-        "managed (enrols nodes: the /v1/hybrid/ routes), node (an appliance that links to a managed side), or off")
+        "`managed` (enrols appliances: the `/v1/hybrid/` routes, [docs/hybrid.md](docs/hybrid.md)), `node` (an "
+        "appliance linked to a managed side), or `off`")
     enrollment_token_ttl_s: int = setting(
         "HYBRID_ENROLLMENT_TOKEN_TTL_S", parse_positive_int, 3600,
         "default and longest validity of a minted enrolment token")
     # The node's end of the link (`scaigrid-appliance link enroll` renders these from its link file).
     managed_url: str | None = setting(
-        "HYBRID_MANAGED_URL", _url("https"), help="node: the managed side's https URL (upstream `managed` backends)")
+        "HYBRID_MANAGED_URL", _url("https"),
+        help="node: the managed side's `https://` URL, where `managed` backends send requests for models the node does "
+        "not host")
     link_target: str | None = setting(
-        "HYBRID_LINK_TARGET", _str, help="node: host:port of the managed side's gRPC TLS endpoint (its GRPC_TLS_PORT)")
-    node_id: str | None = setting("HYBRID_NODE_ID", _str, help="node: the id enrolment gave this node (hn_...)")
+        "HYBRID_LINK_TARGET", _str,
+        help="node: `host:port` of the managed side's gRPC TLS endpoint (its nginx `GRPC_TLS_PORT`)")
+    node_id: str | None = setting("HYBRID_NODE_ID", _str, help="node: the id enrolment gave this node (`hn_...`)")
     node_credential: Secret | None = setting(
-        "HYBRID_NODE_CREDENTIAL", _secret, help="node: the node credential (sgn_...)", secret=True)
+        "HYBRID_NODE_CREDENTIAL", _secret,
+        help="node: the node credential (`sgn_...`); the http processes verify tunnelled callers' assertions with it "
+        "(and `HYBRID_NODE_ID`). The appliance renders these four and `HYBRID_CA_FILE` from `link enroll` "
+        "(refused in `appliance.env`)", secret=True)
     ca_file: str | None = setting(
-        "HYBRID_CA_FILE", _str, help="node: CA bundle that signs the managed side's certificate; unset = system CAs")
+        "HYBRID_CA_FILE", _str,
+        help="node: CA bundle that signs the managed side's certificate; unset = the system CAs")
     backoff_max_s: float = setting(
         "HYBRID_BACKOFF_MAX_S", _positive_float, 60.0,
-        "node: longest wait between reconnection attempts (exponential from 0.5 s, with full jitter)")
+        "node: longest wait between reconnection attempts (exponential from 0.5 s, full jitter)")
     # The managed end.
     heartbeat_interval_s: int = setting(
         "HYBRID_HEARTBEAT_INTERVAL_S", parse_positive_int, 15,
-        "managed: how often nodes send heartbeats (told to them on connect); a link silent 3 intervals is dropped")
+        "managed: how often nodes send heartbeats (told to them on connect); a link silent for 3 intervals is "
+        "dropped")
     config_refresh_s: float = setting(
         "HYBRID_CONFIG_REFRESH_S", _positive_float, 5.0,
-        "managed: how often a grpc replica recomputes the snapshot of each node it holds, pushing it when changed")
+        "managed: how often a grpc replica recomputes the config snapshot of each node it holds, pushing it when "
+        "it changed")
     relay_address: str | None = setting(
         "HYBRID_RELAY_ADDRESS", _str,
-        help="managed: host:port where other managed processes reach this grpc replica; unset = BIND_HOST:GRPC_PORT")
+        help="managed: `host:port` where the other managed processes reach this grpc replica; unset = "
+        "`BIND_HOST:GRPC_PORT`")
 
 
 @dataclass(frozen=True)
@@ -395,32 +428,39 @@ class StorageSettings:
         secret=True)
     max_object_bytes: int = setting(
         "STORAGE_MAX_OBJECT_BYTES", parse_positive_int, 5 * 1024**3,
-        "largest object the storage proxy accepts, whatever a capability allows")
+        "largest object the storage proxy accepts (5 GiB), whatever a capability allows; larger uploads get 413")
     capability_max_ttl_s: int = setting(
         "STORAGE_CAPABILITY_MAX_TTL_S", parse_positive_int, 86400,
         "longest validity a minted storage capability may ask for")
     part_size_bytes: int = setting(
         "STORAGE_PART_SIZE_BYTES", _part_size, 8 * 1024**2,
-        "multipart part size of uploads to S3; with the pipe ahead of it, bounds the proxy's memory per upload")
+        "multipart part size of uploads to S3 (5 MiB-5 GiB); an upload peaks at about six parts' worth of memory; "
+        "`STORAGE_MAX_OBJECT_BYTES` may be at most 10,000 parts")
     max_transfers: int = setting(
         "STORAGE_MAX_TRANSFERS", parse_positive_int, 64,
-        "object requests one process serves at once, each on a thread of the storage pool; more answer STORAGE_BUSY")
+        "object requests one http or bunker_proxy process serves at once, each on a thread of storage's own pool; "
+        "more answer 503 `STORAGE_BUSY`")
     client_stall_s: float = setting(
         "STORAGE_CLIENT_STALL_S", _positive_float, 60.0,
-        "an object transfer whose client sends or reads nothing for this long is ended, freeing its slot")
+        "an object transfer whose client sends or reads nothing for this long is ended, freeing its slot of the "
+        "storage pool")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    bind_host: str = setting("BIND_HOST", _str, "127.0.0.1", "address every listener binds (nginx fronts them)")
-    http_port: int = setting("HTTP_PORT", parse_port, 8000, "http mode: /v1/, /oai/v1/, /health, /metrics")
+    bind_host: str = setting(
+        "BIND_HOST", _str, "127.0.0.1",
+        "address every listener binds (on the appliance nginx fronts them; use `0.0.0.0` in containers)")
+    http_port: int = setting("HTTP_PORT", parse_port, 8000, "http mode")
     grpc_port: int = setting("GRPC_PORT", parse_port, 50051, "grpc mode")
-    bunker_proxy_port: int = setting("BUNKER_PROXY_PORT", parse_port, 8001, "bunker_proxy mode, /metrics included")
-    grpc_metrics_port: int = setting("GRPC_METRICS_PORT", parse_port, 9151, "/metrics of the grpc mode")
-    worker_metrics_port: int = setting("WORKER_METRICS_PORT", parse_port, 9152, "/metrics of the worker mode")
-    link_metrics_port: int = setting("LINK_METRICS_PORT", parse_port, 9154, "/metrics of the link mode")
+    bunker_proxy_port: int = setting(
+        "BUNKER_PROXY_PORT", parse_port, 8001, "bunker_proxy mode (its `/metrics` included)")
+    grpc_metrics_port: int = setting("GRPC_METRICS_PORT", parse_port, 9151, "`/metrics` of the grpc mode")
+    worker_metrics_port: int = setting("WORKER_METRICS_PORT", parse_port, 9152, "`/metrics` of the worker mode")
+    link_metrics_port: int = setting("LINK_METRICS_PORT", parse_port, 9154, "`/metrics` of the link mode")
     http_drain_grace_s: float = setting(
-        "HTTP_DRAIN_GRACE_S", _positive_float, 30.0, "on SIGTERM, how long in-flight HTTP requests may finish")
+        "HTTP_DRAIN_GRACE_S", _positive_float, 30.0,
+        "on SIGTERM, how long in-flight HTTP requests (streams included) may finish")
     grpc_stop_grace_s: float = setting(
         "GRPC_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long in-flight RPCs may finish")
 
@@ -444,11 +484,12 @@ class Settings:
     app_env: str = setting("APP_ENV", _choice(*APP_ENVS), "production", ", ".join(APP_ENVS))
     log_level: str = setting("APP_LOG_LEVEL", _choice(*LOG_LEVELS), "info", ", ".join(LOG_LEVELS))
     auth_disabled: bool = setting(
-        "SCAIGRID_AUTH_DISABLED", parse_bool, False, "dev only: bypass auth; refused when APP_ENV=production")
+        "SCAIGRID_AUTH_DISABLED", parse_bool, False, "dev only: bypass auth; refused when `APP_ENV=production`")
     jwt_signing_secret: Secret | None = setting(
         "JWT_SIGNING_SECRET", _secret, help="signs admin UI sessions (random, 64 chars)", secret=True)
     modules: tuple[str, ...] = setting(
-        "SCAIGRID_MODULES", _module_list, ("scaibunker",), "enabled modules, comma-separated")
+        "SCAIGRID_MODULES", _module_list, ("scaibunker",),
+        "enabled modules, comma-separated: built-in ids, or `package.module:ATTRIBUTE` for an external module")
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     s3: S3Settings = field(default_factory=S3Settings)
