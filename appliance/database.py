@@ -11,7 +11,7 @@ SQL_TIMEOUT_S = 30.0
 
 
 class ServiceError(RuntimeError):
-    """A local service failed to start, or a command against it failed (MariaDB here; devstack's servers too)."""
+    """A local service failed to start, or a command against it failed (MariaDB here; the dev stack's servers too)."""
 
 
 def run_mariadb_client(
