@@ -1,4 +1,5 @@
-# make install: Debian packages and .venv; make run: the node locally; make test: the whole suite.
+# make install: Debian packages and .venv; make run: the node locally; make test: the whole suite;
+# make lint: ruff and mypy, which need the venv alone (no Debian packages), so CI runs them first.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,23 +10,31 @@ DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
 DEBIAN_PACKAGES += packer qemu-utils
 # The boot test: mmdebstrap builds a Debian root filesystem, systemd-nspawn boots it with systemd as PID 1.
 DEBIAN_PACKAGES += mmdebstrap systemd-container
-# Debian's own python3 has no venv module until python3-venv is installed.
-DEBIAN_PACKAGES += $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
+# Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.
+VENV_PACKAGES := $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
-.PHONY: install run test test-appliance lint bench bench-storage bench-tunnel image lock clean
+# Installs those of the Debian packages given that are missing (nothing to do, no apt: the usual case).
+define apt_install
+missing=$$(for p in $(1); do \
+    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+if [ -n "$$missing" ]; then \
+    echo "installing Debian packages:" $$missing; \
+    sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+    $$sudo apt-get update -qq && \
+    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+fi
+endef
 
-install: $(VENV)/.installed
+.PHONY: install debian-packages run test test-appliance lint bench bench-storage bench-tunnel image lock clean
 
-# Reinstall whenever what the install depends on changes.
+install: debian-packages $(VENV)/.installed
+
+debian-packages:
+	@$(call apt_install,$(DEBIAN_PACKAGES))
+
+# The venv alone, all `make lint` needs; reinstalled whenever what it depends on changes.
 $(VENV)/.installed: setup.cfg constraints.txt
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages:" $$missing; \
-	    sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	    $$sudo apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	@$(call apt_install,$(VENV_PACKAGES))
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,lint,bench]'
@@ -43,7 +52,7 @@ test: install
 test-appliance: install
 	$(PY) -m pytest tests/test_appliance_boot.py
 
-lint: install
+lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench
 	$(VENV)/bin/mypy
 

@@ -1,1 +1,1 @@
-"""The ScaiGrid appliance: local stack, and later the config renderer and appliance CLI."""
+"""The ScaiGrid appliance: its config, rendered files, `scaigrid-appliance` CLI, first boot and maintenance."""

@@ -21,9 +21,11 @@ from typing import Any
 import click
 
 from appliance import config as appliance_config
-from appliance import firstboot, logs, maintenance, render
+from appliance import firstboot, logs, render
 from appliance import link as link_module
 from appliance.config import Appliance, ConfigProblems
+from appliance.maintenance import backup, restore, support_bundle, upgrade
+from appliance.maintenance.archive import MaintenanceFailed, Unhealthy
 from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy, scaigrid_argv
 from appliance.supervisor import Supervisor, SupervisorUnavailable
 
@@ -323,9 +325,9 @@ def _maintenance(work: Callable[[], object]) -> None:
     """Runs a maintenance operation, its failures mapped to the exit codes above."""
     try:
         work()
-    except maintenance.Unhealthy as exc:
+    except Unhealthy as exc:
         raise Failed(str(exc), EXIT_UNHEALTHY) from None
-    except maintenance.MaintenanceFailed as exc:
+    except MaintenanceFailed as exc:
         raise Failed(str(exc)) from None
     except SupervisorUnavailable as exc:
         raise Failed(str(exc), EXIT_NOT_RUNNING) from None
@@ -335,10 +337,10 @@ output_option = click.option("--output", type=click.Path(dir_okay=False, path_ty
                              help="the archive to write (default: under STATE_DIR, named by version and UTC time)")
 
 
-@cli.command()
+@cli.command("backup")
 @config_option
 @output_option
-def backup(config_path: Path, output: Path | None) -> None:
+def backup_command(config_path: Path, output: Path | None) -> None:
     """Back up the database, appliance.env, secrets and TLS files into one tar.gz with a manifest.
 
     \b
@@ -347,14 +349,14 @@ def backup(config_path: Path, output: Path | None) -> None:
     Example:  scaigrid-appliance backup --output /srv/backups/scaigrid-$(date +%F).tar.gz
     """
     appliance = load(config_path)
-    _maintenance(lambda: maintenance.backup(appliance, say=say, output=output))
+    _maintenance(lambda: backup.backup(appliance, say=say, output=output))
 
 
-@cli.command()
+@cli.command("restore")
 @config_option
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--yes", is_flag=True, help="do not ask before replacing the current state")
-def restore(config_path: Path, archive: Path, yes: bool) -> None:
+def restore_command(config_path: Path, archive: Path, yes: bool) -> None:
     """Restore a backup: stop, put back files and database, render, migrate, start, check health.
 
     \b
@@ -366,16 +368,16 @@ def restore(config_path: Path, archive: Path, yes: bool) -> None:
     Example:  scaigrid-appliance restore /var/lib/scaigrid/backups/scaigrid-0.1.0-20250101T020000Z.tar.gz
     """
     appliance = load(config_path)
-    _maintenance(lambda: maintenance.restore(appliance, archive, say=say,
-                                             confirm=lambda question: yes or click.confirm(question)))
+    _maintenance(lambda: restore.restore(appliance, archive, say=say,
+                                         confirm=lambda question: yes or click.confirm(question)))
 
 
 @cli.command("support-bundle")
 @config_option
 @output_option
-@click.option("-n", "--lines", default=maintenance.SUPPORT_LOG_LINES, show_default=True,
+@click.option("-n", "--lines", default=support_bundle.SUPPORT_LOG_LINES, show_default=True,
               help="lines from the end of each log")
-def support_bundle(config_path: Path, output: Path | None, lines: int) -> None:
+def support_bundle_command(config_path: Path, output: Path | None, lines: int) -> None:
     """Collect configs (secrets redacted), recent logs, versions and status into a tar.gz for support.
 
     \b
@@ -383,13 +385,13 @@ def support_bundle(config_path: Path, output: Path | None, lines: int) -> None:
     Example:  scaigrid-appliance support-bundle --output /tmp/support.tar.gz
     """
     appliance = load(config_path)
-    _maintenance(lambda: maintenance.support_bundle(appliance, say=say, output=output, log_lines=lines))
+    _maintenance(lambda: support_bundle.support_bundle(appliance, say=say, output=output, log_lines=lines))
 
 
-@cli.command()
+@cli.command("upgrade")
 @config_option
 @click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def upgrade(config_path: Path, package: Path) -> None:
+def upgrade_command(config_path: Path, package: Path) -> None:
     """Upgrade to a scaigrid wheel: stop, backup, install, migrate, start, health gate.
 
     \b
@@ -400,7 +402,7 @@ def upgrade(config_path: Path, package: Path) -> None:
     Example:  scaigrid-appliance upgrade scaigrid-0.2.0-py3-none-any.whl
     """
     appliance = load(config_path)
-    _maintenance(lambda: maintenance.upgrade(appliance, package, say=say))
+    _maintenance(lambda: upgrade.upgrade(appliance, package, say=say))
 
 
 @cli.group()

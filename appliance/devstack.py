@@ -19,19 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from appliance.database import (
+    SQL_TIMEOUT_S,
+    ServiceError,
+    database_statements,
+    run_mariadb_client,
+    sql_ident,
+    sql_str,
+)
+from appliance.files import write_private_file
+
 logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL_S = 0.1
 _PROBE_TIMEOUT_S = 2.0
-_SQL_TIMEOUT_S = 30.0
 _FAILED_START_STOP_TIMEOUT_S = 10.0
 _LOG_TAIL_LINES = 20
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 _MAX_UNIX_SOCKET_PATH_BYTES = 107
-
-
-class ServiceError(RuntimeError):
-    """A local service failed to start, or a command against it failed."""
 
 
 def free_ports(count: int) -> list[int]:
@@ -86,7 +91,7 @@ class MariaDB(_ManagedProcess):
     def execute(self, *statements: str) -> None:
         """Run SQL statements as root over TCP; raise ServiceError with the client's stderr on failure."""
         connection = ["--protocol=TCP", "--host=127.0.0.1", f"--port={self.port}", "--user=root"]
-        result = _run_mariadb_client(connection, self.root_password, statements, _SQL_TIMEOUT_S)
+        result = run_mariadb_client(connection, self.root_password, statements, SQL_TIMEOUT_S)
         if result.returncode != 0:
             raise ServiceError(f"MariaDB on port {self.port} rejected SQL: {result.stderr.strip()}")
 
@@ -96,7 +101,7 @@ class MariaDB(_ManagedProcess):
         return _mysql_url(user, password, self.port, name)
 
     def drop_database(self, name: str) -> None:
-        self.execute(f"DROP DATABASE IF EXISTS {_sql_ident(name)}")
+        self.execute(f"DROP DATABASE IF EXISTS {sql_ident(name)}")
 
 
 @dataclass
@@ -191,7 +196,7 @@ def start_mariadb(base_dir: Path, port: int | None = None, *, timeout_s: float =
 
     def answers_with_our_port() -> bool:
         # Checking the port makes sure our server answers, not another one that still owns the socket path.
-        result = _run_mariadb_client(as_root_on_socket, probe_password, ["SELECT @@port"], _PROBE_TIMEOUT_S)
+        result = run_mariadb_client(as_root_on_socket, probe_password, ["SELECT @@port"], _PROBE_TIMEOUT_S)
         if result.returncode == 0:
             return result.stdout.strip() == str(port)
         if "Access denied" in result.stderr:
@@ -284,7 +289,7 @@ def start_s3(base_dir: Path, port: int | None = None, *, timeout_s: float = 30) 
     log_path = base_dir / "s3.log"
     process = _spawn([_moto_server_executable(), "-H", "127.0.0.1", "-p", str(port)], log_path)
     server = S3Server(port=port, process=process, log_path=log_path)
-    _wait_until_ready("S3 (moto)", process, log_path, lambda: _http_answers(server.endpoint_url), deadline_s)
+    _wait_until_ready("S3 (moto)", process, log_path, lambda: http_answers(server.endpoint_url), deadline_s)
     logger.info("S3 (moto) ready at %s (log %s)", server.endpoint_url, log_path)
     return server
 
@@ -397,7 +402,7 @@ def _install_mariadb_datadir(datadir: Path, log_path: Path, deadline_s: float) -
 
 
 def _secure_fresh_mariadb(as_root_on_socket: list[str], root_password: str, log_path: Path) -> None:
-    password = _sql_str(root_password)
+    password = sql_str(root_password)
     statements = [
         f"ALTER USER 'root'@'localhost' IDENTIFIED BY {password}",
         # With --skip-name-resolve, TCP logins from 127.0.0.1 only match accounts for that literal address.
@@ -406,77 +411,11 @@ def _secure_fresh_mariadb(as_root_on_socket: list[str], root_password: str, log_
         "GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION",
         # Anonymous accounts are more specific than 'user'@'%'-style matches and make real logins fail.
         "DROP USER IF EXISTS ''@'localhost'",
-        f"DROP USER IF EXISTS ''@{_sql_str(socket.gethostname())}",
+        f"DROP USER IF EXISTS ''@{sql_str(socket.gethostname())}",
     ]
-    result = _run_mariadb_client(as_root_on_socket, None, statements, _SQL_TIMEOUT_S)
+    result = run_mariadb_client(as_root_on_socket, None, statements, SQL_TIMEOUT_S)
     if result.returncode != 0:
         raise _failure(f"setting up the fresh MariaDB failed: {result.stderr.strip()}", log_path)
-
-
-def _run_mariadb_client(
-    connection: Sequence[str], password: str | None, statements: Sequence[str], timeout_s: float
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("MYSQL_PWD", None)
-    if password is not None:
-        # The environment, not argv, so the password does not show up in `ps`.
-        env["MYSQL_PWD"] = password
-    sql = "".join(statement.strip().rstrip(";") + ";\n" for statement in statements)
-    try:
-        return subprocess.run(
-            ["mariadb", "--no-defaults", "--batch", *connection],
-            input=sql,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ServiceError(f"mariadb client did not finish within {timeout_s}s") from exc
-    except OSError as exc:
-        raise ServiceError(f"cannot run the mariadb client: {exc}") from exc
-
-
-def create_database_statement(name: str) -> str:
-    """The database as ScaiGrid needs it: utf8mb4 throughout."""
-    return f"CREATE DATABASE IF NOT EXISTS {_sql_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-
-
-def database_statements(name: str, user: str, password: str) -> list[str]:
-    """SQL creating a utf8mb4 database and a user owning it from loopback (idempotent; resets the password)."""
-    return [
-        create_database_statement(name),
-        *_user_statements(user, password, "127.0.0.1", name),
-        *_user_statements(user, password, "localhost", name),
-    ]
-
-
-def run_sql_as_root(socket_path: Path, statements: Sequence[str]) -> None:
-    """Runs SQL as MariaDB's root through its unix socket (Debian's root logs in by socket, with no password)."""
-    result = _run_mariadb_client([f"--socket={socket_path}", "--user=root"], None, statements, _SQL_TIMEOUT_S)
-    if result.returncode != 0:
-        raise ServiceError(f"MariaDB at {socket_path} rejected SQL: {result.stderr.strip()}")
-
-
-def _user_statements(user: str, password: str, host: str, database: str) -> list[str]:
-    account = f"{_sql_str(user)}@{_sql_str(host)}"
-    # In GRANT, '_' and '%' in a database name are wildcards; escape them to grant exactly this database.
-    grant_target = database.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
-    return [
-        f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {_sql_str(password)}",
-        # CREATE ... IF NOT EXISTS keeps an old password, which would make the returned URL wrong.
-        f"ALTER USER {account} IDENTIFIED BY {_sql_str(password)}",
-        f"GRANT ALL PRIVILEGES ON {_sql_ident(grant_target)}.* TO {account}",
-    ]
-
-
-def _sql_ident(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _mysql_url(user: str, password: str, port: int, database: str) -> str:
@@ -517,7 +456,7 @@ def _redis_answers(port: int, command: Sequence[str], expected: bytes) -> bool:
     return reply == expected
 
 
-def _http_answers(url: str) -> bool:
+def http_answers(url: str) -> bool:
     # No proxies: an HTTP(S)_PROXY from the environment would answer for a server that is not up yet.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -538,16 +477,3 @@ def _moto_server_executable() -> str:
     if on_path is None:
         raise ServiceError(f"moto_server is neither in {beside_python.parent} nor on PATH")
     return on_path
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Writes a file only its owner can read (0600), atomically."""
-    # Write-then-rename so an interrupted write never leaves a truncated password behind.
-    tmp_path = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
-        file.write(text + "\n")
-        file.flush()
-        os.fsync(file.fileno())  # a crash right after leaves the old file or the new one, never an empty one
-    os.replace(tmp_path, path)

@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance import devstack, render
+from appliance import render
 from appliance.config import Appliance, check_files, keys, read_secrets
+from appliance.database import ServiceError, database_statements, run_sql_as_root
+from appliance.files import write_private_file
 from appliance.programs import scaigrid_argv
 
 SELF_SIGNED_DAYS = 825  # the longest validity browsers and macOS accept for a TLS server certificate
@@ -46,7 +48,7 @@ def ensure_secrets(appliance: Appliance) -> list[str]:
     for secret in appliance.needed_secrets():
         path = appliance.config.secrets_dir / secret.file
         if not path.exists():
-            devstack.write_private_file(path, secret.make())
+            write_private_file(path, secret.make())
             created.append(secret.file)
     return created
 
@@ -80,7 +82,7 @@ def ensure_tls(appliance: Appliance) -> bool:
     config.tls_key.parent.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    devstack.write_private_file(config.tls_key, key_pem.decode().strip())
+    write_private_file(config.tls_key, key_pem.decode().strip())
     config.tls_cert.write_text(certificate.public_bytes(serialization.Encoding.PEM).decode())
     return True
 
@@ -88,8 +90,8 @@ def ensure_tls(appliance: Appliance) -> bool:
 def ensure_database(appliance: Appliance) -> None:
     config = appliance.config
     password = read_secrets(appliance)["database-password"]
-    devstack.run_sql_as_root(config.database_admin_socket,
-                             devstack.database_statements(config.database_name, config.database_user, password))
+    run_sql_as_root(config.database_admin_socket,
+                    database_statements(config.database_name, config.database_user, password))
 
 
 def scaigrid(appliance: Appliance, *args: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +106,7 @@ def ensure_admin_key(appliance: Appliance) -> bool:
     result = scaigrid(appliance, "admin", "create-key", "--role", "super_admin", "--name", "bootstrap")
     if result.returncode != 0:
         raise StepFailed(f"creating the bootstrap admin key failed: {result.stderr.strip()}")
-    devstack.write_private_file(path, result.stdout.strip())
+    write_private_file(path, result.stdout.strip())
     return True
 
 
@@ -132,7 +134,7 @@ def run(appliance: Appliance, *, create_database: Callable[[], None] | None, say
     if create_database is not None:
         try:
             create_database()
-        except devstack.ServiceError as exc:
+        except ServiceError as exc:
             raise StepFailed(str(exc)) from None
         say(f"database {appliance.config.database_name} and its user are in place")
     written = render.write(Path("/"), render.outputs(appliance), appliance.config.user)
@@ -150,4 +152,4 @@ def write_example_config(path: Path) -> None:
              "# ScaiGrid settings (README.md, \"Settings\") may be added too, e.g. DISPATCH_STREAM_TIMEOUT_S=600.", ""]
     for key in keys():
         lines += [f"# {key.help}", f"#{key.name}={key.default}", ""]
-    devstack.write_private_file(path, "\n".join(lines).rstrip())
+    write_private_file(path, "\n".join(lines).rstrip())

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from appliance import devstack
 from appliance.config import Appliance
+from appliance.files import write_private_file
 
 TIMEOUT_S = 15
 # Where the managed side's nginx takes gRPC over TLS unless told otherwise: the appliance's GRPC_TLS_PORT default.
@@ -48,7 +48,7 @@ def read(appliance: Appliance) -> Link | None:
 
 def _write(appliance: Appliance, link: Link) -> None:
     appliance.config.link_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    devstack.write_private_file(appliance.config.link_file, json.dumps(asdict(link), indent=2))
+    write_private_file(appliance.config.link_file, json.dumps(asdict(link), indent=2))
 
 
 def _base_url(url: str) -> str:

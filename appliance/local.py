@@ -16,6 +16,8 @@ from appliance import config as appliance_config
 from appliance import devstack, firstboot, logs
 from appliance.cli import program_rows
 from appliance.config import Appliance, ConfigProblems
+from appliance.database import ServiceError
+from appliance.files import write_private_file
 from appliance.programs import PROGRAMS, healthy
 from appliance.supervisor import SUPERVISORD, Supervisor, SupervisorUnavailable
 
@@ -65,7 +67,7 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
     path = var / "appliance.env"
     lines = ["# written by `make run` on every start; the appliance's own lives in /etc/scaigrid/appliance.env",
              *(f"{key}={value}" for key, value in values.items())]
-    devstack.write_private_file(path, "\n".join(lines))
+    write_private_file(path, "\n".join(lines))
     return path
 
 
@@ -194,7 +196,7 @@ def main() -> int:
     except ConfigProblems as exc:
         say("bad appliance config:\n  " + "\n  ".join(exc.problems))
         return 2
-    except (devstack.ServiceError, firstboot.StepFailed) as exc:
+    except (ServiceError, firstboot.StepFailed) as exc:
         say(f"failed: {exc}")
         return 1
     finally:

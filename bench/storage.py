@@ -76,7 +76,7 @@ def proxy_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Po
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while not devstack._http_answers(f"http://127.0.0.1:{env['BUNKER_PROXY_PORT']}/health/ready"):
+        while not devstack.http_answers(f"http://127.0.0.1:{env['BUNKER_PROXY_PORT']}/health/ready"):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"bunker_proxy did not become ready:\n{devstack.log_tail(log_path)}")
             time.sleep(0.1)

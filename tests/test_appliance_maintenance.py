@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import scaigrid
 from appliance import devstack
 from appliance.cli import cli
-from appliance.maintenance import Database, MaintenanceFailed
+from appliance.maintenance.archive import Database, MaintenanceFailed
 from tests.appliance_stack import ApplianceStack, start_stack
 
 REPO = Path(__file__).resolve().parents[1]

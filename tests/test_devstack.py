@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
-from appliance.devstack import ServiceError
+from appliance.database import ServiceError
 
 
 def _assert_gone(process: subprocess.Popen[bytes]) -> None:

@@ -5,6 +5,7 @@ same server queue up, and a run that dies releases the lock with its connection.
 local to one node, so every migrate run must target the same node (see docs/operations.md).
 """
 
+import importlib.resources
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,17 @@ class MigrateLockTimeout(Exception):
 @dataclass(frozen=True)
 class Stream:
     name: str  # "core" or the module id
-    versions: Path
+    versions_package: str  # the package holding its revisions
     version_table: str
+
+    @property
+    def versions(self) -> Path:
+        """The folder of its revisions, wherever the package is installed."""
+        folder = importlib.resources.files(self.versions_package)
+        # Alembic reads revisions from a folder: a regular package (with __init__.py), installed unzipped.
+        if not isinstance(folder, Path):
+            raise TypeError(f"{self.versions_package} is not a package folder on disk ({folder!r})")
+        return folder
 
     def config(self, connection: Connection | None = None) -> Config:
         cfg = Config()
@@ -47,7 +57,7 @@ class Stream:
         return tuple(ScriptDirectory.from_config(self.config()).get_heads())
 
 
-CORE = Stream("core", migrations.CORE_VERSIONS, "alembic_version")
+CORE = Stream("core", "migrations.core.versions", "alembic_version")
 
 
 def streams(modules: Sequence[Module]) -> list[Stream]:

@@ -3,7 +3,6 @@
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
@@ -14,7 +13,7 @@ from scaigrid.worker.jobs import Job
 @dataclass(frozen=True)
 class Module:
     id: str
-    migrations: Path | None = None  # folder of this module's Alembic revisions (version table alembic_version_mod_<id>)
+    migrations: str | None = None  # the package of its Alembic revisions (version table alembic_version_mod_<id>)
     routes: Sequence[web.RouteDef] = ()  # mounted under /v1/modules/<id>/
     jobs: Sequence[Job] = ()
     permissions: Sequence[str] = ()

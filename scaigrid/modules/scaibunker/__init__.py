@@ -1,12 +1,11 @@
 """ScaiBunker: sandbox workers' storage proxy (its object routes are also the whole of the bunker_proxy mode)."""
 
-from migrations import MODULE_VERSIONS
 from scaigrid.modules import Module
 from scaigrid.modules.scaibunker import jobs, minting, storage
 
 MODULE = Module(
     id="scaibunker",
-    migrations=MODULE_VERSIONS / "scaibunker" / "versions",
+    migrations="migrations.modules.scaibunker.versions",
     # Minting needs the database (it records each capability): the http process only. bunker_proxy mounts
     # storage.ROUTES alone.
     routes=(*minting.ROUTES, *storage.ROUTES),

@@ -1,0 +1,1 @@
+"""The core stream: the tables every ScaiGrid node has."""

@@ -1,0 +1,1 @@
+"""ScaiBunker's stream."""

@@ -1,0 +1,1 @@
+"""The broken module's Alembic revisions; Alembic skips this file."""
