@@ -28,7 +28,7 @@ from scaigrid import __version__
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth import keys
 from scaigrid.db.tables import hybrid_mirrored
-from scaigrid.hybrid import outbox, protocol, snapshot
+from scaigrid.hybrid import mirror, outbox, protocol, snapshot_schema
 from scaigrid.hybrid.assertion import Caller
 from tests.backends import (
     FakeBackend,
@@ -83,7 +83,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
         async def mirror(engine: Any) -> None:
             redis = aioredis.Redis.from_url(env["REDIS_URL"])
             try:
-                await snapshot.apply(engine, NODE_ID, 1, body, snapshot.digest(body), redis=redis)
+                await mirror.apply(engine, NODE_ID, 1, body, snapshot_schema.digest(body), redis=redis)
             finally:
                 await redis.aclose()
 
@@ -192,7 +192,7 @@ def test_hello_heartbeats_state_and_metrics(start_link, managed: FakeManaged, li
     assert hello.protocol_version == protocol.LINK_PROTOCOL_VERSION and hello.software_version == __version__
     assert sorted(hello.models) == sorted(LOCAL_MODELS)
     assert dict(hello.health) == {"database": "ok", "redis": "ok"}
-    applied = on_database(link_env, snapshot.applied) or (0, "")
+    applied = on_database(link_env, mirror.applied) or (0, "")
     assert (hello.config_version, hello.config_hash) == applied
 
     managed.wait_for(lambda: len(managed.heartbeats) >= 3, "three heartbeats")
@@ -290,8 +290,8 @@ def test_reconnects_after_a_drop_a_restart_and_silence(start_link, managed: Fake
 # --- config snapshots ---
 
 def _snapshot_body(key: str, tenant_status: str = "active") -> str:
-    return snapshot.canonical({
-        "schema": snapshot.SCHEMA,
+    return snapshot_schema.canonical({
+        "schema": snapshot_schema.SCHEMA,
         "partners": [{"id": "prt_linktest", "slug": "managed-partner", "name": "Managed partner",
                       "status": "active", "rpm_limit": None}],
         "tenants": [{"id": "ten_linktest", "partner_id": "prt_linktest", "slug": "managed-tenant",
@@ -309,13 +309,13 @@ def test_a_valid_snapshot_is_applied_and_an_invalid_one_rejected(start_link, man
                                                                 link_env: dict[str, str]):
     link = start_link()
     managed.wait_for(linked(managed), "a link")
-    version = ((on_database(link_env, snapshot.applied) or (0, ""))[0]) + 1
+    version = ((on_database(link_env, mirror.applied) or (0, ""))[0]) + 1
     managed_key = keys.generate()
     chat = json.loads(chat_body("local-chat")) | {"stream": False}
     assert http_call("POST", f"http://127.0.0.1:{site.env['HTTP_PORT']}{CHAT}", managed_key, chat)[0] == 401
 
     body = _snapshot_body(managed_key)
-    managed.push_snapshot(version, body, snapshot.digest(body))
+    managed.push_snapshot(version, body, snapshot_schema.digest(body))
     managed.wait_for(lambda: len(managed.applied) == 1, "ConfigApplied")
     assert (managed.applied[0].version, managed.applied[0].ok, managed.applied[0].error) == (version, True, "")
     # The managed side's key now works on the node's own API.
@@ -326,18 +326,18 @@ def test_a_valid_snapshot_is_applied_and_an_invalid_one_rejected(start_link, man
 
     # Damaged on its way: rejected with the reason, and the applied snapshot stays in force.
     damaged = _snapshot_body(managed_key, tenant_status="disabled")
-    managed.push_snapshot(version + 1, damaged, snapshot.digest(body))
+    managed.push_snapshot(version + 1, damaged, snapshot_schema.digest(body))
     managed.wait_for(lambda: len(managed.applied) == 2, "a second ConfigApplied")
     rejected = managed.applied[1]
     assert (rejected.version, rejected.ok) == (version + 1, False) and "sha256" in rejected.error
-    assert on_database(link_env, snapshot.applied) == (version, snapshot.digest(body))
+    assert on_database(link_env, mirror.applied) == (version, snapshot_schema.digest(body))
     assert http_call("POST", f"http://127.0.0.1:{site.env['HTTP_PORT']}{CHAT}", managed_key, chat)[0] == 200
     assert any(line["level"] == "error" for line in events(link, "config_rejected"))
 
     # The next hello reports what is applied.
     managed.drop()
     managed.wait_for(linked(managed, hellos=2), "a hello after the drop")
-    assert (managed.hellos[1].config_version, managed.hellos[1].config_hash) == (version, snapshot.digest(body))
+    assert (managed.hellos[1].config_version, managed.hellos[1].config_hash) == (version, snapshot_schema.digest(body))
     assert link.stop() == 0
 
 
