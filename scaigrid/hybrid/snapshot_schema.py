@@ -15,7 +15,7 @@ from typing import Any
 from scaigrid.auth.authenticator import TENANT_ROLES
 from scaigrid.auth.tenancy import SLUG_MAX, SLUG_PATTERN
 from scaigrid.fields import Fields
-from scaigrid.routing.store import MODALITIES, MODEL_SLUG, MODEL_STATUSES
+from scaigrid.routing.catalogue import MODALITIES, MODEL_SLUG, MODEL_STATUSES
 
 SCHEMA = 1
 
