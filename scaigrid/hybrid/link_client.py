@@ -28,6 +28,7 @@ from scaigrid.db.tables import backends, model_routes, models
 from scaigrid.health import check_database, check_redis
 from scaigrid.hybrid import mirror, outbox, protocol, snapshot_schema
 from scaigrid.hybrid.tunnel import FairSender, NodeTunnels
+from scaigrid.routing.catalogue import MANAGED
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.interceptors import ERROR_CODE_KEY
 from scaigrid.settings import Settings
@@ -99,7 +100,7 @@ async def local_models(engine: AsyncEngine) -> list[str]:
     query = (select(models.c.slug).distinct()
              .join(model_routes, model_routes.c.model_id == models.c.id)
              .join(backends, backends.c.id == model_routes.c.backend_id)
-             .where(backends.c.provider != "managed").order_by(models.c.slug))
+             .where(backends.c.provider != MANAGED).order_by(models.c.slug))
     async with engine.connect() as conn:
         return list((await conn.scalars(query)).all())
 
