@@ -10,6 +10,7 @@ import asyncio
 import json
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from scaigrid.auth import keys
 from scaigrid.db.tables import hybrid_mirrored
 from scaigrid.hybrid import mirror, outbox, protocol, snapshot_schema
 from scaigrid.hybrid.assertion import Caller
+from scaigrid.modes.link import EXIT_STOP_FORCED
 from tests.backends import (
     FakeBackend,
     apply,
@@ -80,14 +82,14 @@ def site(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
               [chat_model(slug, [(f"be-{slug}", 1, 1)]) for slug in LOCAL_MODELS])
         body = _snapshot_body(keys.generate())
 
-        async def mirror(engine: Any) -> None:
+        async def mirror_snapshot(engine: Any) -> None:
             redis = aioredis.Redis.from_url(env["REDIS_URL"])
             try:
                 await mirror.apply(engine, NODE_ID, 1, body, snapshot_schema.digest(body), redis=redis)
             finally:
                 await redis.aclose()
 
-        on_database(env, mirror)
+        on_database(env, mirror_snapshot)
         with http_process(env, directory / "http.log") as http:
             yield Site(env, http, create_key(env, "tenant_user"))
 
@@ -491,7 +493,22 @@ def test_sigterm_lets_open_tunnels_finish_within_the_grace_and_cuts_the_rest(sta
         fake.gate.clear()
     assert finishing.end.error_code == "" and sse_content(finishing.body)[1]
     assert link.stop() == 0
-    stopped = events(link, "stopped")[0]
+    [stopped] = events(link, "stopped")
     assert (stopped["finished"], stopped["cut"]) == (1, 1)
+    assert not events(link, "stop_forced")
     assert fake.requests_for("slow-30")[0].gone.wait(10)
     assert not hanging.ended  # cut with the link; the managed side ends it (LINK_LOST)
+
+
+def test_a_stop_past_its_deadline_is_forced_logged_and_exits_non_zero(start_link, managed: FakeManaged):
+    """A Redis that takes connections and never answers holds the removal of the link state for the client's socket
+    timeout (5 s): past the tunnels' grace and HYBRID_LINK_STOP_MARGIN_S (1.5 s here) the stop is cut, one line says
+    which step was cut, and the exit status tells the supervisor that the stop was not clean."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel completes connections; nobody reads them
+        link = start_link(REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", HTTP_DRAIN_GRACE_S="1",
+                          HYBRID_LINK_STOP_MARGIN_S="0.5")
+        managed.wait_for(linked(managed), "a link")
+        assert link.stop() == EXIT_STOP_FORCED != 0
+    [forced] = events(link, "stop_forced")
+    assert (forced["step"], forced["tunnels_open"]) == ("removing the link state", 0)
+    assert not events(link, "stopped")
