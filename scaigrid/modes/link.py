@@ -71,6 +71,7 @@ async def serve(settings: Settings) -> int:
     await asyncio.wait({stop, linked}, return_when=asyncio.FIRST_COMPLETED)
     if not stop.done():  # the mode ended before any signal, which it awaits: it failed to start
         stop.cancel()
+        await asyncio.wait({stop})
         linked.result()  # raises why
     # Every step of the stop is bounded on its own, yet under heavy load the loop was seen waiting, without end, on
     # something that never completed once the stop began (most likely a gRPC operation ignoring its cancellation).
