@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from scaigrid.cache import InvalidationBus
     from scaigrid.dispatch.pipeline import Dispatcher
     from scaigrid.modules import Module
-    from scaigrid.modules.scaibunker.storage import Transfers
+    from scaigrid.modules.scaibunker.transfers import Transfers
     from scaigrid.settings import Settings
 
 ReadyCheck = Callable[[web.Application], Awaitable[str]]

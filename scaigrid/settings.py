@@ -403,6 +403,11 @@ class HybridSettings:
     backoff_max_s: float = setting(
         "HYBRID_BACKOFF_MAX_S", _positive_float, 60.0,
         "node: longest wait between reconnection attempts (exponential from 0.5 s, full jitter)")
+    link_stop_margin_s: float = setting(
+        "HYBRID_LINK_STOP_MARGIN_S", _positive_float, 10.0,
+        "node: on SIGTERM, how long past the tunnels' grace (`HTTP_DRAIN_GRACE_S`) the link may take to close; then "
+        "what still runs is cut and `link` exits 1 (on an appliance keep it under 15: supervisord waits "
+        "`HTTP_DRAIN_GRACE_S` + 15 s)")
     # The managed end.
     heartbeat_interval_s: int = setting(
         "HYBRID_HEARTBEAT_INTERVAL_S", parse_positive_int, 15,

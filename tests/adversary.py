@@ -26,7 +26,7 @@ from scaigrid.settings import Secret
 OK = "ok"
 
 SCOPES = service_tokens.SCOPES
-# A managed identity is at most a tenant_user on a node (scaigrid/hybrid/snapshot.py ROLE_ON_NODE).
+# A managed identity is at most a tenant_user on a node (scaigrid/hybrid/mirror.py ROLE_ON_NODE).
 MIRRORED_ROLE = "tenant_user"
 
 

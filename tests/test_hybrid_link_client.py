@@ -10,6 +10,7 @@ import asyncio
 import json
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,8 +29,9 @@ from scaigrid import __version__
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.auth import keys
 from scaigrid.db.tables import hybrid_mirrored
-from scaigrid.hybrid import outbox, protocol, snapshot
+from scaigrid.hybrid import mirror, outbox, protocol, snapshot_schema
 from scaigrid.hybrid.assertion import Caller
+from scaigrid.modes.link import EXIT_STOP_FORCED
 from tests.backends import (
     FakeBackend,
     apply,
@@ -80,14 +82,14 @@ def site(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
               [chat_model(slug, [(f"be-{slug}", 1, 1)]) for slug in LOCAL_MODELS])
         body = _snapshot_body(keys.generate())
 
-        async def mirror(engine: Any) -> None:
+        async def mirror_snapshot(engine: Any) -> None:
             redis = aioredis.Redis.from_url(env["REDIS_URL"])
             try:
-                await snapshot.apply(engine, NODE_ID, 1, body, snapshot.digest(body), redis=redis)
+                await mirror.apply(engine, NODE_ID, 1, body, snapshot_schema.digest(body), redis=redis)
             finally:
                 await redis.aclose()
 
-        on_database(env, mirror)
+        on_database(env, mirror_snapshot)
         with http_process(env, directory / "http.log") as http:
             yield Site(env, http, create_key(env, "tenant_user"))
 
@@ -192,7 +194,7 @@ def test_hello_heartbeats_state_and_metrics(start_link, managed: FakeManaged, li
     assert hello.protocol_version == protocol.LINK_PROTOCOL_VERSION and hello.software_version == __version__
     assert sorted(hello.models) == sorted(LOCAL_MODELS)
     assert dict(hello.health) == {"database": "ok", "redis": "ok"}
-    applied = on_database(link_env, snapshot.applied) or (0, "")
+    applied = on_database(link_env, mirror.applied) or (0, "")
     assert (hello.config_version, hello.config_hash) == applied
 
     managed.wait_for(lambda: len(managed.heartbeats) >= 3, "three heartbeats")
@@ -290,8 +292,8 @@ def test_reconnects_after_a_drop_a_restart_and_silence(start_link, managed: Fake
 # --- config snapshots ---
 
 def _snapshot_body(key: str, tenant_status: str = "active") -> str:
-    return snapshot.canonical({
-        "schema": snapshot.SCHEMA,
+    return snapshot_schema.canonical({
+        "schema": snapshot_schema.SCHEMA,
         "partners": [{"id": "prt_linktest", "slug": "managed-partner", "name": "Managed partner",
                       "status": "active", "rpm_limit": None}],
         "tenants": [{"id": "ten_linktest", "partner_id": "prt_linktest", "slug": "managed-tenant",
@@ -309,13 +311,13 @@ def test_a_valid_snapshot_is_applied_and_an_invalid_one_rejected(start_link, man
                                                                 link_env: dict[str, str]):
     link = start_link()
     managed.wait_for(linked(managed), "a link")
-    version = ((on_database(link_env, snapshot.applied) or (0, ""))[0]) + 1
+    version = ((on_database(link_env, mirror.applied) or (0, ""))[0]) + 1
     managed_key = keys.generate()
     chat = json.loads(chat_body("local-chat")) | {"stream": False}
     assert http_call("POST", f"http://127.0.0.1:{site.env['HTTP_PORT']}{CHAT}", managed_key, chat)[0] == 401
 
     body = _snapshot_body(managed_key)
-    managed.push_snapshot(version, body, snapshot.digest(body))
+    managed.push_snapshot(version, body, snapshot_schema.digest(body))
     managed.wait_for(lambda: len(managed.applied) == 1, "ConfigApplied")
     assert (managed.applied[0].version, managed.applied[0].ok, managed.applied[0].error) == (version, True, "")
     # The managed side's key now works on the node's own API.
@@ -326,18 +328,18 @@ def test_a_valid_snapshot_is_applied_and_an_invalid_one_rejected(start_link, man
 
     # Damaged on its way: rejected with the reason, and the applied snapshot stays in force.
     damaged = _snapshot_body(managed_key, tenant_status="disabled")
-    managed.push_snapshot(version + 1, damaged, snapshot.digest(body))
+    managed.push_snapshot(version + 1, damaged, snapshot_schema.digest(body))
     managed.wait_for(lambda: len(managed.applied) == 2, "a second ConfigApplied")
     rejected = managed.applied[1]
     assert (rejected.version, rejected.ok) == (version + 1, False) and "sha256" in rejected.error
-    assert on_database(link_env, snapshot.applied) == (version, snapshot.digest(body))
+    assert on_database(link_env, mirror.applied) == (version, snapshot_schema.digest(body))
     assert http_call("POST", f"http://127.0.0.1:{site.env['HTTP_PORT']}{CHAT}", managed_key, chat)[0] == 200
     assert any(line["level"] == "error" for line in events(link, "config_rejected"))
 
     # The next hello reports what is applied.
     managed.drop()
     managed.wait_for(linked(managed, hellos=2), "a hello after the drop")
-    assert (managed.hellos[1].config_version, managed.hellos[1].config_hash) == (version, snapshot.digest(body))
+    assert (managed.hellos[1].config_version, managed.hellos[1].config_hash) == (version, snapshot_schema.digest(body))
     assert link.stop() == 0
 
 
@@ -491,7 +493,22 @@ def test_sigterm_lets_open_tunnels_finish_within_the_grace_and_cuts_the_rest(sta
         fake.gate.clear()
     assert finishing.end.error_code == "" and sse_content(finishing.body)[1]
     assert link.stop() == 0
-    stopped = events(link, "stopped")[0]
+    [stopped] = events(link, "stopped")
     assert (stopped["finished"], stopped["cut"]) == (1, 1)
+    assert not events(link, "stop_forced")
     assert fake.requests_for("slow-30")[0].gone.wait(10)
     assert not hanging.ended  # cut with the link; the managed side ends it (LINK_LOST)
+
+
+def test_a_stop_past_its_deadline_is_forced_logged_and_exits_non_zero(start_link, managed: FakeManaged):
+    """A Redis that takes connections and never answers holds the removal of the link state for the client's socket
+    timeout (5 s): past the tunnels' grace and HYBRID_LINK_STOP_MARGIN_S (1.5 s here) the stop is cut, one line says
+    which step was cut, and the exit status tells the supervisor that the stop was not clean."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel completes connections; nobody reads them
+        link = start_link(REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", HTTP_DRAIN_GRACE_S="1",
+                          HYBRID_LINK_STOP_MARGIN_S="0.5")
+        managed.wait_for(linked(managed), "a link")
+        assert link.stop() == EXIT_STOP_FORCED != 0
+    [forced] = events(link, "stop_forced")
+    assert (forced["step"], forced["tunnels_open"]) == ("removing the link state", 0)
+    assert not events(link, "stopped")

@@ -32,7 +32,7 @@ from scaigrid.db.tables import (
     users,
 )
 from scaigrid.errors import ScaigridError
-from scaigrid.hybrid import enrollment, outbox, snapshot
+from scaigrid.hybrid import enrollment, mirror, outbox, snapshot, snapshot_schema
 from tests.accounting_fixtures import eventually
 from tests.accounting_fixtures import usage as usage_of
 from tests.backends import http_call, models_listed
@@ -121,7 +121,7 @@ async def node_side(migrated_env: dict[str, str], mariadb: devstack.MariaDB) -> 
 
 
 async def _apply(node: NodeSide, node_id: str, snap: snapshot.Snapshot) -> None:
-    await snapshot.apply(node.engine, node_id, snap.version, snap.body_json, snap.sha256, redis=node.redis)
+    await mirror.apply(node.engine, node_id, snap.version, snap.body_json, snap.sha256, redis=node.redis)
 
 
 def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
@@ -242,7 +242,7 @@ async def test_a_node_serves_managed_keys_from_its_snapshot_and_refuses_those_ta
     await _apply(node_side, managed.node_id, second)
     _until(lambda: http_call("GET", url + "/oai/v1/models", managed.key)[0] == 401, "the removed key refused")
     assert models_listed(url, managed.second_key) == {"acme/chat"}
-    assert await snapshot.applied(node_side.engine) == (2, second.sha256)
+    assert await mirror.applied(node_side.engine) == (2, second.sha256)
 
     async with managed.engine.begin() as conn:
         await snapshot.set_allowed_tenants(conn, managed.node_id, [])
@@ -265,8 +265,8 @@ def _edited(snap: snapshot.Snapshot, edit: Callable[[dict[str, Any]], None]) -> 
     """The snapshot's next version with `edit` made to its body, correctly hashed."""
     body = json.loads(snap.body_json)
     edit(body)
-    body_json = snapshot.canonical(body)
-    return snap.version + 1, body_json, snapshot.digest(body_json)
+    body_json = snapshot_schema.canonical(body)
+    return snap.version + 1, body_json, snapshot_schema.digest(body_json)
 
 
 async def test_a_bad_snapshot_is_refused_with_its_reason_and_the_node_keeps_what_it_had(
@@ -279,7 +279,7 @@ async def test_a_bad_snapshot_is_refused_with_its_reason_and_the_node_keeps_what
         await conn.execute(insert(model_routes).values(model_id=model_id, backend_id="local-gpu"))
         local_tenant = await conn.scalar(select(tenants.c.id).where(tenants.c.slug == "default"))
     first = await snapshot.current(managed.engine, managed.node_id)
-    with caplog.at_level(logging.WARNING, logger="scaigrid.hybrid.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="scaigrid.hybrid.mirror"):
         await _apply(node_side, managed.node_id, first)
     assert "managed model acme/chat is not offered here: a local model has that slug" in caplog.messages
     before = await _node_state(node_side.engine)
@@ -306,12 +306,12 @@ async def test_a_bad_snapshot_is_refused_with_its_reason_and_the_node_keeps_what
         (_edited(first, misshapen), "users: expected a list"),
     ]
     for (version, body_json, sha256), reason in cases:
-        with pytest.raises(snapshot.SnapshotRejected) as refused:
-            await snapshot.apply(node_side.engine, managed.node_id, version, body_json, sha256,
+        with pytest.raises(snapshot_schema.SnapshotRejected) as refused:
+            await mirror.apply(node_side.engine, managed.node_id, version, body_json, sha256,
                                  redis=node_side.redis)
         assert refused.value.reason == reason
         assert await _node_state(node_side.engine) == before, reason
-    assert await snapshot.applied(node_side.engine) == (1, first.sha256)
+    assert await mirror.applied(node_side.engine) == (1, first.sha256)
 
 
 async def test_the_snapshot_takes_every_slug_the_api_takes_and_refuses_what_it_refuses(
@@ -327,7 +327,7 @@ async def test_the_snapshot_takes_every_slug_the_api_takes_and_refuses_what_it_r
     async with managed.engine.begin() as conn:
         await snapshot.set_allowed_tenants(conn, managed.node_id, [managed.allowed, made.data["id"]])
     taken = await snapshot.current(managed.engine, managed.node_id)
-    assert edge in {row["slug"] for row in snapshot.parse(taken.body_json, taken.sha256)["tenants"]}
+    assert edge in {row["slug"] for row in snapshot_schema.parse(taken.body_json, taken.sha256)["tenants"]}
 
     for slug in ("acme-eu\n", "acme-eu\r", "Acme", "-acme", "acme-", edge + "b", "ac me", "acme\u2028"):
         refused = call(url, "POST", "/v1/tenants", admin, {"slug": slug, "name": "X",
@@ -338,8 +338,8 @@ async def test_the_snapshot_takes_every_slug_the_api_takes_and_refuses_what_it_r
             body["tenants"][0]["slug"] = slug
 
         _, body_json, sha256 = _edited(taken, slugged)
-        with pytest.raises(snapshot.SnapshotRejected) as rejected:
-            snapshot.parse(body_json, sha256)
+        with pytest.raises(snapshot_schema.SnapshotRejected) as rejected:
+            snapshot_schema.parse(body_json, sha256)
         assert rejected.value.reason.startswith("tenants[0].slug: "), (slug, rejected.value.reason)
 
 
@@ -358,18 +358,18 @@ async def test_forgetting_the_mirror_switches_it_off_and_a_new_enrolment_starts_
     slugs = {model["slug"] for model in json.loads(fresh.body_json)["managed_models"]}
     assert fresh.version == 1 and "acme/chat" in slugs
     await _apply(node_side, new_node_id, fresh)
-    assert await snapshot.applied(node_side.engine) == (1, fresh.sha256)
+    assert await mirror.applied(node_side.engine) == (1, fresh.sha256)
     async with node_side.engine.begin() as conn:
         assert await outbox.enqueue(conn, [usage_of({"partner_id": managed.partner_id,
                                                      "tenant_id": managed.allowed})]) == 1
         local_tenant = await conn.scalar(select(tenants.c.id).where(tenants.c.slug == "default"))
 
-    forgotten = await snapshot.forget(node_side.engine, node_side.redis)
+    forgotten = await mirror.forget(node_side.engine, node_side.redis)
 
-    assert forgotten == snapshot.Forgotten(
+    assert forgotten == mirror.Forgotten(
         node_id=new_node_id, version=1, switched_off={"partner": 1, "tenant": 1, "user": 1, "api_key": 2},
         models_deleted=len(slugs), backends_disabled=len(slugs), outbox_left=1)
-    assert await snapshot.applied(node_side.engine) is None
+    assert await mirror.applied(node_side.engine) is None
     async with node_side.engine.connect() as conn:
         keys_on = (await conn.scalars(select(api_keys.c.id).where(api_keys.c.revoked_at.is_(None)))).all()
         statuses = {table.name: set((await conn.scalars(select(table.c.status))).all())
@@ -381,7 +381,7 @@ async def test_forgetting_the_mirror_switches_it_off_and_a_new_enrolment_starts_
     assert managed.key_id not in keys_on and slugs.isdisjoint(offered) and managed_backends == {"disabled"}
     assert all("disabled" in found for found in statuses.values()) and local_status == "active"  # the node's own
     assert await outbox.depth(node_side.engine) == 1  # kept for a later enrolment
-    again = await snapshot.forget(node_side.engine, node_side.redis)
+    again = await mirror.forget(node_side.engine, node_side.redis)
     assert (again.node_id, again.switched_off, again.models_deleted) == (None, dict.fromkeys(again.switched_off, 0), 0)
 
     await _apply(node_side, new_node_id, fresh)  # taken again: forget dropped the applied version

@@ -23,7 +23,7 @@ from scaigrid.access import Access, access_of
 from scaigrid.api.app import create_app
 from scaigrid.auth import keys
 from scaigrid.db.tables import new_id
-from scaigrid.hybrid import snapshot
+from scaigrid.hybrid import mirror, snapshot_schema
 from scaigrid.settings import Secret, load_settings
 from tests.adversary import (
     CALLERS,
@@ -162,7 +162,7 @@ async def _mirror(env: dict[str, str]) -> tuple[dict[str, Any], str]:
     partner_id, tenant_id, user_id = new_id("prt"), new_id("ten"), new_id("usr")
     tenant = {"id": tenant_id, "partner_id": partner_id, "slug": "adv-managed", "name": "Managed",
               "status": "active", "rpm_limit": None}
-    body = {"schema": snapshot.SCHEMA, "managed_models": [],
+    body = {"schema": snapshot_schema.SCHEMA, "managed_models": [],
             "partners": [{"id": partner_id, "slug": "adv-managed-p", "name": "Managed", "status": "active",
                           "rpm_limit": None}],
             "tenants": [tenant],
@@ -171,11 +171,11 @@ async def _mirror(env: dict[str, str]) -> tuple[dict[str, Any], str]:
             "api_keys": [{"id": new_id("key"), "tenant_id": tenant_id, "user_id": user_id, "name": "ada",
                           "key_hash": hashlib.sha256(key.encode()).hexdigest(), "key_prefix": key[:12],
                           "role": "tenant_admin", "rpm_limit": None, "expires_at": None, "revoked_at": None}]}
-    body_json = snapshot.canonical(body)
+    body_json = snapshot_schema.canonical(body)
     engine = create_async_engine(env["DATABASE_URL"])
     redis = Redis.from_url(env["REDIS_URL"])
     try:
-        await snapshot.apply(engine, "hn_" + secrets.token_hex(16), 1, body_json, snapshot.digest(body_json),
+        await mirror.apply(engine, "hn_" + secrets.token_hex(16), 1, body_json, snapshot_schema.digest(body_json),
                              redis=redis)
     finally:
         await redis.aclose()

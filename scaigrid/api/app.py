@@ -39,7 +39,7 @@ from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
 from scaigrid.hybrid import protocol, registry
 from scaigrid.hybrid import routes as hybrid_routes
 from scaigrid.modules import Module, load_modules
-from scaigrid.modules.scaibunker import storage
+from scaigrid.modules.scaibunker import transfers
 from scaigrid.nodes import routes as node_routes
 from scaigrid.nodes.registry import list_nodes
 from scaigrid.resources import database_ctx, redis_ctx, s3_ctx
@@ -188,7 +188,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resource_ctx(REDIS, redis_ctx))
     if settings.s3.endpoint_url is not None:  # for the storage routes; without it they answer STORAGE_NOT_CONFIGURED
         app.cleanup_ctx.append(resource_ctx(S3, s3_ctx))
-        app.cleanup_ctx.append(storage.transfers_ctx)  # their own threads, apart from the DNS resolver's
+        app.cleanup_ctx.append(transfers.transfers_ctx)  # their own threads, apart from the DNS resolver's
     app.cleanup_ctx.append(bus_ctx(REDIS))
     app.cleanup_ctx.append(_gateway_ctx)
     app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services

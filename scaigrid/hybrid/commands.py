@@ -7,7 +7,7 @@ import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.commands import AdminError, settings_of, with_database
-from scaigrid.hybrid import enrollment, snapshot
+from scaigrid.hybrid import enrollment, mirror
 from scaigrid.resources import database_ctx, redis_ctx
 
 
@@ -51,9 +51,9 @@ def hybrid_forget(ctx: click.Context) -> None:
     if settings.hybrid.role == "managed":
         raise AdminError("HYBRID_ROLE is `managed`: a managed side mirrors nothing")
 
-    async def work() -> snapshot.Forgotten:
+    async def work() -> mirror.Forgotten:
         async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
-            return await snapshot.forget(engine, redis)
+            return await mirror.forget(engine, redis)
 
     done = asyncio.run(work())
     applied = (f"config snapshot {done.version} of node {done.node_id}" if done.node_id is not None

@@ -26,8 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scaigrid import __version__
 from scaigrid.db.tables import backends, model_routes, models
 from scaigrid.health import check_database, check_redis
-from scaigrid.hybrid import outbox, protocol, snapshot
+from scaigrid.hybrid import mirror, outbox, protocol, snapshot_schema
 from scaigrid.hybrid.tunnel import FairSender, NodeTunnels
+from scaigrid.routing.catalogue import MANAGED
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.interceptors import ERROR_CODE_KEY
 from scaigrid.settings import Settings
@@ -99,7 +100,7 @@ async def local_models(engine: AsyncEngine) -> list[str]:
     query = (select(models.c.slug).distinct()
              .join(model_routes, model_routes.c.model_id == models.c.id)
              .join(backends, backends.c.id == model_routes.c.backend_id)
-             .where(backends.c.provider != "managed").order_by(models.c.slug))
+             .where(backends.c.provider != MANAGED).order_by(models.c.slug))
     async with engine.connect() as conn:
         return list((await conn.scalars(query)).all())
 
@@ -180,7 +181,7 @@ class LinkClient:
         slugs: list[str] = []
         if database == "ok":
             try:
-                applied = await snapshot.applied(self._engine)
+                applied = await mirror.applied(self._engine)
                 self.config = applied if applied is not None else (0, "")
                 slugs = await local_models(self._engine)
             except Exception as exc:  # a hello with what is known beats no link: health says what is wrong
@@ -319,9 +320,9 @@ class LinkClient:
             while not snapshots.empty():  # only the newest matters
                 pushed = snapshots.get_nowait()
             try:
-                await snapshot.apply(self._engine, self._node_id, pushed.version, pushed.body_json, pushed.sha256,
-                                     redis=self._redis)
-            except snapshot.SnapshotRejected as exc:
+                await mirror.apply(self._engine, self._node_id, pushed.version, pushed.body_json, pushed.sha256,
+                                   redis=self._redis)
+            except snapshot_schema.SnapshotRejected as exc:
                 logger.error("config snapshot %d rejected, keeping version %d: %s", pushed.version, self.config[0],
                              exc, extra={"event": "config_rejected", "version": pushed.version})
                 sender.send(link_pb2.NodeMessage(config_applied=link_pb2.ConfigApplied(
@@ -394,7 +395,7 @@ class LinkClient:
             self._changed.clear()
             try:
                 self.outbox_depth = await outbox.depth(self._engine)
-                self.config = await snapshot.applied(self._engine) or (0, "")
+                self.config = await mirror.applied(self._engine) or (0, "")
             except Exception as exc:  # the last known values stay; the database's health is reported elsewhere
                 logger.debug("outbox and config unknown: %s", exc, extra={"event": "state_unknown"})
             state = self.state()

@@ -37,7 +37,7 @@ from scaigrid.webhooks import outbox as webhook_outbox
 
 logger = logging.getLogger(__name__)
 
-MANAGED_BACKEND_PREFIX = "managed-"  # snapshot.managed_backend_id: served, and accounted, by the managed side
+MANAGED_BACKEND_PREFIX = "managed-"  # mirror.managed_backend_id: served, and accounted, by the managed side
 MIRRORED_TENANT = "tenant"  # hybrid_mirrored's kind for a tenant the config snapshot made
 
 

@@ -10,6 +10,7 @@ from scaigrid.api.base import base_app, resource_ctx, serve
 from scaigrid.appkeys import READY_CHECKS, S3, SETTINGS
 from scaigrid.health import check_s3
 from scaigrid.modules import scaibunker
+from scaigrid.modules.scaibunker import transfers
 from scaigrid.resources import s3_ctx
 from scaigrid.settings import Requirement, Settings
 
@@ -22,10 +23,10 @@ async def _s3_ready(app: web.Application) -> str:
 def create_proxy_app(settings: Settings) -> web.Application:
     app = base_app(settings)
     app.cleanup_ctx.append(resource_ctx(S3, s3_ctx))
-    app.cleanup_ctx.append(scaibunker.storage.transfers_ctx)
+    app.cleanup_ctx.append(transfers.transfers_ctx)
     app[READY_CHECKS]["s3"] = _s3_ready
     # Object routes only: capabilities are minted (and recorded) by the http process.
-    mount_module(app, dataclasses.replace(scaibunker.MODULE, routes=scaibunker.storage.ROUTES))
+    mount_module(app, dataclasses.replace(scaibunker.MODULE, routes=scaibunker.routes.ROUTES))
     return app
 
 

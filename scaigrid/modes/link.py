@@ -6,9 +6,9 @@ scheduled job must never delay a heartbeat.
 
 import asyncio
 import logging
-import os
-import threading
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -22,17 +22,20 @@ from scaigrid.settings import Requirement, Settings
 logger = logging.getLogger(__name__)
 
 REQUIRES: tuple[Requirement, ...] = ("hybrid_node", "database", "redis", "service_token")
-LINK_STOP_MARGIN_S = 10.0  # beyond the tunnels' grace; every step of the link's close is bounded well within it
+EXIT_STOP_FORCED = 1  # the stop overran its deadline: what was still running was cut
+CUT_WAIT_S = 1.0  # how long a forced stop waits for the cut step to end (supervisord waits 15 s past the grace)
 
 
-def _leave() -> None:
-    """Ends a stop that did not finish in time; nothing of ours is lost (usage stays in the outbox)."""
-    logger.error("the link did not close within %g s of the tunnels' grace; leaving without it", LINK_STOP_MARGIN_S,
-                 extra={"event": "stop_forced"})
-    os._exit(0)
+@dataclass
+class Progress:
+    """Where the link mode is, for the line a forced stop logs."""
+
+    step: str = "starting"
+    client: LinkClient | None = None
 
 
-async def serve(settings: Settings) -> int:
+async def _link(settings: Settings, stop: Awaitable[str], progress: Progress) -> tuple[int, int]:
+    """Holds the link until `stop`, then drains its tunnels and closes it: (tunnels finished, tunnels cut)."""
     server = settings.server
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(database_ctx(settings))
@@ -41,27 +44,60 @@ async def serve(settings: Settings) -> int:
         # No total timeout: a tunnelled stream lasts as long as the node's own dispatch settings allow.
         http = await stack.enter_async_context(aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=LOCAL_CONNECT_TIMEOUT_S)))
-        client = LinkClient(settings, engine, redis, http)
+        client = progress.client = LinkClient(settings, engine, redis, http)
         async with background(client.publish_state(), "link-state"):
             link = asyncio.create_task(client.run(), name="link")
             logger.info("linking node %s to %s", settings.hybrid.node_id, settings.hybrid.link_target,
                         extra={"event": "started", "target": settings.hybrid.link_target})
-            await wait_for_stop_signal()
-            # Rarely (seen under heavy load, cause not found) the loop ends up waiting on something that never
-            # completes once the stop began; a thread, not the loop, bounds the stop so the process always leaves.
-            watchdog = threading.Timer(server.http_drain_grace_s + LINK_STOP_MARGIN_S, _leave)
-            watchdog.daemon = True
-            watchdog.start()
+            progress.step = "linked"
+            await stop
             # Tunnels are HTTP requests of this node: they get the http process's drain grace.
+            progress.step = "draining the tunnels"
             finished, cut = await client.drain(server.http_drain_grace_s)
+            progress.step = "closing the link"
             link.cancel()
             await asyncio.gather(link, return_exceptions=True)
+            progress.step = "stopping the state publisher"
+        progress.step = "removing the link state"
         await client.forget_state()
-    watchdog.cancel()
+        progress.step = "closing the database, Redis and metrics"
+    return finished, cut
+
+
+async def serve(settings: Settings) -> int:
+    stop = asyncio.ensure_future(wait_for_stop_signal())
+    progress = Progress()
+    linked = asyncio.create_task(_link(settings, stop, progress), name="link-mode")
+    await asyncio.wait({stop, linked}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.done():  # the mode ended before any signal, which it awaits: it failed to start
+        stop.cancel()
+        await asyncio.wait({stop})
+        linked.result()  # raises why
+    # Every step of the stop is bounded on its own, yet under heavy load the loop was seen waiting, without end, on
+    # something that never completed once the stop began (most likely a gRPC operation ignoring its cancellation).
+    # asyncio.wait, not wait_for: on its timeout wait_for would wait for the stuck step to take its cancellation.
+    margin_s = settings.hybrid.link_stop_margin_s
+    done, _ = await asyncio.wait({linked}, timeout=settings.server.http_drain_grace_s + margin_s)
+    if not done:
+        tunnels = progress.client.state().tunnels_in_flight if progress.client else 0
+        logger.error("stop forced: %s did not end within %g s of the tunnels' grace; cut it (%d tunnel(s) open)",
+                     progress.step, margin_s, tunnels,
+                     extra={"event": "stop_forced", "step": progress.step, "tunnels_open": tunnels})
+        # A step that takes its cancellation still closes what the mode opened; one that does not is left behind.
+        linked.cancel()
+        await asyncio.wait({linked}, timeout=CUT_WAIT_S)
+        return EXIT_STOP_FORCED
+    finished, cut = linked.result()
     logger.info("stopped: %d tunnel(s) finished, %d cut; link closed", finished, cut,
                 extra={"event": "stopped", "finished": finished, "cut": cut})
     return 0
 
 
 def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+    # Not asyncio.run: after a forced stop its teardown would wait, again without end, for the stuck step to take
+    # its cancellation. Closing the loop leaves it behind, and the process exits.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(serve(settings))
+    finally:
+        loop.close()

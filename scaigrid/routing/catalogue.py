@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -34,8 +35,15 @@ OFFERED_STATUSES = frozenset({"active", "deprecated"})  # a deprecated model sti
 SCAIINFER = "scaiinfer"  # the provider whose backends are ScaiInfer nodes, reached over gRPC
 HYBRID = "hybrid"  # managed side: a linked node's model, reached through the tunnel on its link
 MANAGED = "managed"  # node side: a model of the managed gateway (HYBRID_MANAGED_URL), reached over HTTPS
+PROVIDERS = ("openai", "custom", SCAIINFER, HYBRID, MANAGED)
+BACKEND_STATUSES = ("active", "disabled")
+MODALITIES = ("chat", "embedding", "image", "audio")
+MODEL_STATUSES = ("active", "deprecated")
+BACKEND_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SEGMENT = r"[a-z0-9][a-z0-9._:-]*"
+MODEL_SLUG = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 MANAGED_API_ROOT = "/oai/v1"  # under HYBRID_MANAGED_URL
-OWNER_SEPARATOR = "@"  # never in a backend's name (routing.store.BACKEND_ID)
+OWNER_SEPARATOR = "@"  # never in a backend's name (BACKEND_ID)
 
 
 def backend_key(name: str, tenant_id: str | None) -> str:

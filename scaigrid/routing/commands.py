@@ -10,11 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.commands import AdminError, announce, settings_of, with_database
 from scaigrid.errors import ScaigridError
-from scaigrid.routing import store
+from scaigrid.routing import schema, store
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
 from scaigrid.settings import Settings
 
-Spec = TypeVar("Spec", store.BackendSpec, store.ModelSpec)
+Spec = TypeVar("Spec", schema.BackendSpec, schema.ModelSpec)
 
 
 class _Refused(Exception):
@@ -55,8 +55,8 @@ def _parse_all(document: dict[str, Any], table: str, kind: str, key: str, parse:
     return parsed
 
 
-async def _write(engine: AsyncEngine, settings: Settings, backends: list[tuple[str, store.BackendSpec]],
-                 models: list[tuple[str, store.ModelSpec]]) -> list[str]:
+async def _write(engine: AsyncEngine, settings: Settings, backends: list[tuple[str, schema.BackendSpec]],
+                 models: list[tuple[str, schema.ModelSpec]]) -> list[str]:
     """Upserts everything in one transaction (backends first, so routes find them); any problem rolls all back."""
     outcomes, problems = [], []
     async with engine.begin() as conn:
@@ -97,8 +97,8 @@ def apply(ctx: click.Context, path: Path) -> None:
         raise AdminError(f"{path}: not valid TOML: {exc}") from None
     problems = [f"{path}: unknown table {name!r} (expected [[backends]] and [[models]])"
                 for name in document if name not in ("backends", "models")]
-    backends = _parse_all(document, "backends", "backend", "id", store.parse_backend, problems)
-    models = _parse_all(document, "models", "model", "slug", store.parse_model, problems)
+    backends = _parse_all(document, "backends", "backend", "id", schema.parse_backend, problems)
+    models = _parse_all(document, "models", "model", "slug", schema.parse_model, problems)
     if any(spec.api_key is not None for _, spec in backends):
         settings.require("encryption")
     outcomes: list[str] = []
