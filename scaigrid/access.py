@@ -19,12 +19,14 @@ class Access:
     metered: bool = False  # inference: budgets are checked before it runs
     reach: str = "tenant"  # the least reach a caller needs (tenant, partner or platform), besides the permission
     scopes: tuple[str, ...] = ()  # service-token scopes accepted; () = no service token
+    query: tuple[str, ...] = ()  # the query parameters the handler reads; any other is refused, never ignored
 
 
-def requires(permission: str, *, metered: bool = False, reach: str = "tenant",
-             scopes: tuple[str, ...] = ()) -> Callable[[F], F]:
+def requires(permission: str, *, metered: bool = False, reach: str = "tenant", scopes: tuple[str, ...] = (),
+             query: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Marks a handler as needing an authenticated caller holding `permission`, reaching at least `reach`; a service
-    token is accepted only with one of `scopes`."""
+    token is accepted only with one of `scopes`; a query parameter not in `query` is a 422, since a filter silently
+    ignored answers with unfiltered data."""
     if reach not in REACHES:
         raise ValueError(f"reach is one of {', '.join(REACHES)}")
     if not set(scopes) <= set(SCOPES):
@@ -34,7 +36,7 @@ def requires(permission: str, *, metered: bool = False, reach: str = "tenant",
         raise ValueError("a metered route accepts no service token")
 
     def mark(handler: F) -> F:
-        setattr(handler, _ATTR, Access(permission, metered, reach, scopes))
+        setattr(handler, _ATTR, Access(permission, metered, reach, scopes, query))
         return handler
 
     return mark

@@ -18,6 +18,7 @@ from scaigrid.errors import FieldError
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
+PAGE = ("limit", "cursor")  # the query parameters of every `page`
 
 
 def ok(data: Any, status: int = 200) -> web.Response:

@@ -279,6 +279,41 @@ def test_route_answers_each_caller_as_the_trust_model_says(node: Node, row: Row)
     assert not mismatches, f"{row.id}:\n  " + "\n  ".join(mismatches)
 
 
+UNKNOWN_PARAMETER = "colour"  # no route reads it
+
+
+def _allowed_caller(row: Row, access: Access) -> Caller | None:
+    """A caller the table lets through on this route, if any."""
+    return next((c for c in CALLERS if any(200 <= status < 300 for status in expected(row, access, c).statuses)
+                 and not expected(row, access, c).statuses & {401, 403}), None)
+
+
+# Every authenticated route, with a caller the table admits there (public routes authenticate themselves).
+ADMITTED = [(row, caller) for row in TABLE if (access := _access(row)).permission is not None
+            and (caller := _allowed_caller(row, access)) is not None]
+
+
+@pytest.mark.parametrize(("row", "caller"), ADMITTED, ids=[row.id for row, _ in ADMITTED])
+def test_an_unknown_query_parameter_is_refused_not_ignored(node: Node, row: Row, caller: Caller):
+    """A filter the route does not know would otherwise answer with unfiltered data: 422 naming it, for a caller the
+    route admits, before the handler runs (so a refused DELETE deletes nothing)."""
+    target = node.targets[caller.target]
+    path = row.url(node, target)
+    path += ("&" if "?" in path else "?") + f"{UNKNOWN_PARAMETER}=red"
+    answer = send(node.url, row.method, path, token=node.tokens[caller.name],
+                  body=row.body(node, target) if row.body else None)
+    invalid = 400 if path.startswith("/oai/") else 422  # the OpenAI surface answers as OpenAI does
+    assert answer.status == invalid, f"{row.id} as {caller.name}: {answer.status} {redacted(answer.raw[:300])}"
+    assert row.method == "HEAD" or UNKNOWN_PARAMETER in answer.raw.decode(), answer.raw[:300]
+    assert envelope_problem(row.method, path, answer) is None
+
+
+def test_every_authenticated_route_is_tried_with_an_unknown_parameter():
+    authenticated = [row for row in TABLE if _access(row).permission is not None]
+    assert len(ADMITTED) == len(authenticated), sorted(
+        {row.id for row in authenticated} - {row.id for row, _ in ADMITTED})
+
+
 def test_service_scopes_are_declared_least_privilege():
     """A node's token heartbeats (gRPC) and nothing else; a relay token opens tunnels (gRPC); no service token runs
     inference on its own, since inference is limited and accounted to a tenant."""

@@ -40,7 +40,7 @@ from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
-from scaigrid.envelope import listing, ok, page
+from scaigrid.envelope import PAGE, listing, ok, page
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields, decimal_text, naive_utc
 
@@ -56,6 +56,11 @@ SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
 
 
 # --- usage ---
+
+USAGE_COLUMN_FILTERS = {"model": usage_records.c.model, "user_id": usage_records.c.user_id,
+                        "tenant_id": usage_records.c.tenant_id}
+USAGE_FILTERS = ("start", "end", *USAGE_COLUMN_FILTERS)  # the query parameters of /usage and /usage/summary
+
 
 def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
     """The caller's visible usage (own, tenant's, partner's or all), narrowed by the query parameters."""
@@ -76,8 +81,7 @@ def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
         query = query.where(usage_records.c.created_at >= start)
     if end is not None:
         query = query.where(usage_records.c.created_at < end)
-    for name, column in (("model", usage_records.c.model), ("user_id", usage_records.c.user_id),
-                         ("tenant_id", usage_records.c.tenant_id)):
+    for name, column in USAGE_COLUMN_FILTERS.items():
         if name in params:
             query = query.where(column == params[name])
     return query
@@ -98,7 +102,7 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"])}
 
 
-@requires("accounting:view_own", scopes=(OPERATOR,))
+@requires("accounting:view_own", scopes=(OPERATOR,), query=(*USAGE_FILTERS, *PAGE))
 async def list_usage(request: web.Request) -> web.Response:
     """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
     query = _usage_query(request, request[PRINCIPAL], select(usage_records))
@@ -106,7 +110,7 @@ async def list_usage(request: web.Request) -> web.Response:
                          default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
 
 
-@requires("accounting:view_own", scopes=(OPERATOR,))
+@requires("accounting:view_own", scopes=(OPERATOR,), query=("group_by", *USAGE_FILTERS))
 async def usage_summary(request: web.Request) -> web.Response:
     """Sums per model, user, backend or tenant (?group_by=, default model), under the same filters as /usage."""
     group_by = request.query.get("group_by", "model")
@@ -265,7 +269,7 @@ async def _require_budget_setter(conn: AsyncConnection, principal: Principal, ro
     await _scope_owner(conn, principal, row["scope"], row["scope_id"])
 
 
-@requires("accounting:manage_budgets", scopes=(OPERATOR,))
+@requires("accounting:manage_budgets", scopes=(OPERATOR,), query=PAGE)
 async def list_budgets(request: web.Request) -> web.Response:
     """The budgets of everything the caller reaches, newest first, each with its current period's usage."""
     query = visible_to(request[PRINCIPAL], select(budgets), budgets.c.tenant_id, budgets.c.partner_id)

@@ -9,6 +9,7 @@ from scaigrid import errors
 from scaigrid.access import route_access
 from scaigrid.appkeys import ACCOUNTING, AUTHENTICATOR, PRINCIPAL, RATE_STATE, REQUEST_ID, TUNNELLED
 from scaigrid.auth.roles import REACHES
+from scaigrid.errors import FieldError
 from scaigrid.hybrid.assertion import ASSERTION_HEADER
 from scaigrid.logs import tenant_id_var, user_id_var
 
@@ -45,6 +46,10 @@ async def gateway_middleware(request: web.Request, handler: Callable[[web.Reques
     principal.require(access.permission)
     if REACHES.index(principal.reach) < REACHES.index(access.reach):
         raise errors.not_permitted(f"this route needs {access.reach} reach, beyond this caller's {principal.reach}")
+    if unknown := [name for name in request.query if name not in access.query]:
+        takes = ", ".join(access.query) or "none"
+        raise errors.validation_error([FieldError(name, f"unknown query parameter (this route takes {takes})")
+                                       for name in dict.fromkeys(unknown)], "unknown query parameters")
     return await handler(request)
 
 

@@ -23,7 +23,7 @@ from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import api_keys, partners, tenants, users
-from scaigrid.envelope import listing, ok
+from scaigrid.envelope import PAGE, listing, ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields
 
@@ -64,7 +64,7 @@ def _key_json(row: Any) -> dict[str, Any]:
             "created_at": iso(row["created_at"])}
 
 
-@requires("api_keys:manage", scopes=(OPERATOR,))
+@requires("api_keys:manage", scopes=(OPERATOR,), query=(*PAGE, "user_id", "tenant_id"))
 async def list_api_keys(request: web.Request) -> web.Response:
     """Own keys; with users:manage, every key of the tenants in reach whose role and user's role do not outrank
     the caller."""
@@ -158,7 +158,7 @@ PARTNER_COLUMNS = (partners.c.id, partners.c.slug, partners.c.name, partners.c.s
                    partners.c.created_at)
 
 
-@requires("admin:access", scopes=(OPERATOR,))
+@requires("admin:access", scopes=(OPERATOR,), query=PAGE)
 async def list_partners(request: web.Request) -> web.Response:
     """Every partner for the platform; a partner admin sees its own."""
     principal = request[PRINCIPAL]
@@ -206,7 +206,7 @@ async def _tenant_in_reach(conn: AsyncConnection, principal: Principal, tenant_i
     return dict(row)
 
 
-@requires("admin:access", scopes=(OPERATOR,))
+@requires("admin:access", scopes=(OPERATOR,), query=(*PAGE, "partner_id"))
 async def list_tenants(request: web.Request) -> web.Response:
     """The tenants in the caller's reach (a tenant admin: its own)."""
     query = tenancy.visible_to(request[PRINCIPAL], select(*TENANT_COLUMNS), tenants.c.id, tenants.c.partner_id)
@@ -279,7 +279,7 @@ def _user_json(row: Any) -> dict[str, Any]:
             "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
 
 
-@requires("users:manage", scopes=(OPERATOR,))
+@requires("users:manage", scopes=(OPERATOR,), query=(*PAGE, "tenant_id"))
 async def list_users(request: web.Request) -> web.Response:
     query = tenancy.visible_to(
         request[PRINCIPAL], select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),

@@ -169,7 +169,7 @@ async def oai_get_model(request: web.Request) -> web.Response:
 
 # --- GET /v1/backends/{id}/health ---
 
-@requires("routing:view", scopes=(OPERATOR,))
+@requires("routing:view", scopes=(OPERATOR,), query=("tenant",))
 async def backend_health(request: web.Request) -> web.Response:
     """The backend's circuit breaker as all http processes share it, and this process's requests in flight."""
     name = request.match_info["id"]

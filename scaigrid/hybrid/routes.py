@@ -19,7 +19,7 @@ from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_from_unix
 from scaigrid.db.tables import hybrid_nodes
-from scaigrid.envelope import listing, ok
+from scaigrid.envelope import PAGE, listing, ok
 from scaigrid.fields import Fields, json_object
 from scaigrid.hybrid import enrollment, registry, snapshot
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
@@ -65,7 +65,7 @@ def _link_state(holder: registry.LinkHolder | None) -> dict[str, Any]:
             "outbox_depth": holder.outbox_depth}
 
 
-@requires("admin:access", reach="platform", scopes=(OPERATOR,))
+@requires("admin:access", reach="platform", scopes=(OPERATOR,), query=PAGE)
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node ever enrolled, revoked ones included, newest first, with its link as the registry has it."""
     _managed(request)

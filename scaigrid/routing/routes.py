@@ -14,7 +14,7 @@ from scaigrid.appkeys import DB, PRINCIPAL, REDIS, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.db.tables import backends
-from scaigrid.envelope import listing, ok
+from scaigrid.envelope import PAGE, listing, ok
 from scaigrid.fields import json_object
 from scaigrid.routing import store
 from scaigrid.routing.catalogue import TOPIC_CATALOGUE
@@ -39,7 +39,7 @@ async def _change(request: web.Request, work: Callable[[AsyncConnection], Awaita
 
 # --- backends ---
 
-@requires("routing:view", scopes=(OPERATOR,))
+@requires("routing:view", scopes=(OPERATOR,), query=PAGE)
 async def list_backends(request: web.Request) -> web.Response:
     """Shared backends and those of the tenants the caller reaches, newest first."""
     actor = request[PRINCIPAL]
@@ -58,20 +58,20 @@ async def create_backend(request: web.Request) -> web.Response:
     return ok(backend, status=201)
 
 
-@requires("routing:view", scopes=(OPERATOR,))
+@requires("routing:view", scopes=(OPERATOR,), query=("tenant",))
 async def get_backend(request: web.Request) -> web.Response:
     async with request.app[DB].connect() as conn:
         return ok(await store.get_backend(conn, request[PRINCIPAL], request.match_info["id"], _tenant(request)))
 
 
-@requires("routing:manage", scopes=(OPERATOR,))
+@requires("routing:manage", scopes=(OPERATOR,), query=("tenant",))
 async def update_backend(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_backend(
         conn, request.app[SETTINGS], request[PRINCIPAL], request.match_info["id"], body, _tenant(request))))
 
 
-@requires("routing:manage", scopes=(OPERATOR,))
+@requires("routing:manage", scopes=(OPERATOR,), query=("tenant",))
 async def delete_backend(request: web.Request) -> web.Response:
     backend_id = request.match_info["id"]
     await _change(request, lambda conn: store.delete_backend(conn, request[PRINCIPAL], backend_id, _tenant(request)))
@@ -90,14 +90,14 @@ async def create_model(request: web.Request) -> web.Response:
     return ok(model, status=201)
 
 
-@requires("models:manage", scopes=(OPERATOR,))
+@requires("models:manage", scopes=(OPERATOR,), query=("tenant",))
 async def update_model(request: web.Request) -> web.Response:
     body = await json_object(request)
     return ok(await _change(request, lambda conn: store.update_model(
         conn, request[PRINCIPAL], request.match_info["slug"], body, _tenant(request))))
 
 
-@requires("models:manage", scopes=(OPERATOR,))
+@requires("models:manage", scopes=(OPERATOR,), query=("tenant",))
 async def delete_model(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     await _change(request, lambda conn: store.delete_model(conn, request[PRINCIPAL], slug, _tenant(request)))
@@ -106,7 +106,7 @@ async def delete_model(request: web.Request) -> web.Response:
 
 # --- routing policies: /v1/routing/{slug}, since slugs contain "/" and would swallow a /routes suffix ---
 
-@requires("routing:view", scopes=(OPERATOR,))
+@requires("routing:view", scopes=(OPERATOR,), query=("tenant",))
 async def get_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     async with request.app[DB].connect() as conn:
@@ -114,7 +114,7 @@ async def get_routes(request: web.Request) -> web.Response:
     return ok({"model": slug, "routes": routes})
 
 
-@requires("routing:manage", scopes=(OPERATOR,))
+@requires("routing:manage", scopes=(OPERATOR,), query=("tenant",))
 async def set_routes(request: web.Request) -> web.Response:
     slug = request.match_info["slug"]
     body = await json_object(request)

@@ -20,7 +20,7 @@ from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant, visible_to
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
-from scaigrid.envelope import listing, ok
+from scaigrid.envelope import PAGE, listing, ok
 from scaigrid.fields import Fields
 from scaigrid.webhooks import delivery, outbox, targets
 
@@ -72,7 +72,7 @@ async def _webhook_row(conn: AsyncConnection, principal: Principal, webhook_id: 
     return row
 
 
-@requires("webhooks:manage", scopes=(OPERATOR,))
+@requires("webhooks:manage", scopes=(OPERATOR,), query=(*PAGE, "tenant_id", "status"))
 async def list_webhooks(request: web.Request) -> web.Response:
     """The webhooks of the tenants in the caller's reach, newest first; ?tenant_id= and ?status= narrow it."""
     query = visible_to(request[PRINCIPAL], select(webhooks), webhooks.c.tenant_id, webhooks.c.partner_id)
@@ -193,7 +193,7 @@ def _delivery_json(row: Any) -> dict[str, Any]:
             "created_at": iso(row["created_at"])}
 
 
-@requires("webhooks:manage", scopes=(OPERATOR,))
+@requires("webhooks:manage", scopes=(OPERATOR,), query=(*PAGE, "status"))
 async def list_deliveries(request: web.Request) -> web.Response:
     """The webhook's deliveries, newest first; ?status= (pending, paused, delivered, failed) narrows it."""
     async with request.app[DB].connect() as conn:
