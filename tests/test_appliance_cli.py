@@ -27,6 +27,7 @@ from appliance.cli import program_rows
 from appliance.config import keys as appliance_keys
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack, start_stack
+from tests.support.waiting import eventually
 
 CLI = Path(sys.prefix) / "bin" / "scaigrid-appliance"
 PROGRAMS = ["http", "grpc", "worker", "bunker_proxy", "nginx", "events"]
@@ -46,16 +47,17 @@ def rows(stack: ApplianceStack) -> dict[str, dict[str, Any]]:
 
 def wait_for(stack: ApplianceStack, condition: Callable[[dict[str, dict[str, Any]]], bool]
              ) -> dict[str, dict[str, Any]]:
-    """Polls the programs' status rows (as `status --json` has them) until condition holds; fails showing the last."""
-    deadline = time.monotonic() + RECOVERY_S
-    while True:
+    """The programs' status rows (as `status --json` has them) once condition holds; a failure shows them."""
+    def programs() -> dict[str, dict[str, Any]]:
         # In this process: a poll need not pay for starting the command each time; the outcome is checked with it.
-        programs = {row["name"]: row for row in program_rows(stack.appliance)}
-        if condition(programs):
-            return programs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never got there: {json.dumps(programs, indent=1)}")
-        time.sleep(0.5)
+        return {row["name"]: row for row in program_rows(stack.appliance)}
+
+    def reached() -> dict[str, dict[str, Any]]:
+        found = programs()
+        return found if condition(found) else {}
+
+    return eventually(reached, "the programs' status", RECOVERY_S, interval_s=0.5,
+                      context=lambda: json.dumps(programs(), indent=1))
 
 
 def all_healthy(programs: dict[str, dict[str, Any]]) -> bool:

@@ -20,8 +20,8 @@ from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.db.tables import api_keys
 from scaigrid.settings import Secret, load_settings
-from tests.conftest import scaigrid, start_http
 from tests.identity import call, tenant, user_with_key
+from tests.support.processes import scaigrid, start_http
 
 
 def test_every_route_declares_who_may_call_it():

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from appliance import devstack
-from tests.conftest import Node, create_key, scaigrid, start_http
 from tests.identity import call, tenant, user_with_key, users_with_keys
+from tests.support.env import Node, create_key
+from tests.support.processes import scaigrid, start_http
 
 # Any authenticated route counts; this one is open to every role.
 PROBE = "/v1/accounting/usage?limit=1"

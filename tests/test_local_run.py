@@ -11,7 +11,7 @@ import urllib.request
 
 from appliance import devstack
 from tests.appliance_stack import PORT_KEYS
-from tests.conftest import REPO
+from tests.support.processes import REPO
 
 
 def test_make_run_serves_https_with_a_bootstrap_key_and_ctrl_c_stops_it(tmp_path):

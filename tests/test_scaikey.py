@@ -11,9 +11,10 @@ import pytest
 from jose import jwt
 
 from appliance import devstack
-from tests.conftest import Node, create_key, start_http
 from tests.identity import call, tenant, user_with_key
 from tests.scaikey import AUDIENCE, ISSUER, ScaiKey, make_key
+from tests.support.env import Node, create_key
+from tests.support.processes import start_http
 
 MIN_REFETCH_S = 2
 LEEWAY_S = 30

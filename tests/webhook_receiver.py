@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.waiting import eventually
 from tests.threaded_server import ThreadedServer
 
 
@@ -81,8 +82,4 @@ class Receiver(ThreadedServer):
             return [arrival for arrival in self.arrivals if arrival.name == name]
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not reached in {timeout_s} s; arrived: {self.arrivals}")
-            time.sleep(0.05)
+        eventually(condition, what, timeout_s, context=lambda: f"arrived: {self.arrivals}")
