@@ -113,7 +113,7 @@ class FakeBackend(ThreadedServer):
         if behaviour == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="application/json")
         if match := re.fullmatch(r"slow-([\d.]+)", behaviour):
-            await asyncio.sleep(float(match[1]))
+            await asyncio.sleep(float(match[1]))  # a slow backend is the behaviour asked for, not an ordering wait
         return None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -150,7 +150,7 @@ class FakeBackend(ThreadedServer):
         await response.write(_sse(_chunk(model, {"role": "assistant", "content": ""})))
         for index in range(chunks):
             if index and interval_s:
-                await asyncio.sleep(interval_s)
+                await asyncio.sleep(interval_s)  # the pace asked for between chunks, not an ordering wait
             if index == 1 and behaviour.startswith("gated"):
                 await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
             await response.write(_sse(_chunk(model, {"content": f"tok{index} "})))

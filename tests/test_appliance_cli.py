@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,13 +212,16 @@ def test_logs_follow_prints_new_lines_until_interrupted(appliance_stack: Applian
     reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout or ()], daemon=True)
     reader.start()
     try:
-        seen = []
-        deadline = time.monotonic() + 30
-        # Requests until one shows up: the follower may still be starting when the first is logged.
-        while not any(marker in line for line in seen) and time.monotonic() < deadline:
+        seen: list[str] = []
+
+        def followed() -> bool:
             appliance_stack.get(f"/health?follow={marker}")
             with contextlib.suppress(queue.Empty):
                 seen.append(lines.get(timeout=1))
+            return any(marker in line for line in seen)
+
+        # Requests until one shows up: the follower may still be starting when the first is logged.
+        eventually(followed, "the follower printing a request", 30, interval_s=0, context=lambda: repr(seen))
         assert any(f"GET /health?follow={marker}" in line for line in seen), seen
     finally:
         follower.send_signal(signal.SIGINT)  # Ctrl-C, as the help says

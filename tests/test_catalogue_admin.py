@@ -1,7 +1,6 @@
 """The /v1/ catalogue admin API: backends, models and routing policies, with permissions and tenancy."""
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -103,11 +102,9 @@ def test_values_the_catalogue_could_not_load_are_refused(node: Node) -> None:
     assert sql(node.env, "SELECT COUNT(*) FROM backends")[0][0] == 0
     assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("good"))[0] == 201
     assert call(node.url, "POST", "/v1/models", node.admin_key, model("acme/after", "good"))[0] == 201
-    deadline = time.monotonic() + 5
-    while "acme/after" not in {
-            m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]}:
-        assert time.monotonic() < deadline, "the catalogue was not reloaded"
-        time.sleep(0.05)
+    eventually(lambda: "acme/after" in {
+        m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]},
+        "the catalogue reloaded with acme/after", 5)
 
 
 def nested(levels: int) -> dict[str, Any]:

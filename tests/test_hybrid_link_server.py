@@ -171,7 +171,7 @@ class NodeLink:
                 seq += 1
                 await self.send(heartbeat=link_pb2.Heartbeat(seq=seq, outbox_depth=self.outbox_depth,
                                                              config_version=self.config_version))
-                await asyncio.sleep(INTERVAL_S / 2)
+                await asyncio.sleep(INTERVAL_S / 2)  # a node's heartbeat pace, not an ordering wait
         self._beating = asyncio.create_task(beat())
 
     async def expect(self, kind: str) -> link_pb2.ManagedMessage:

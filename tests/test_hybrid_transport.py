@@ -157,6 +157,7 @@ class Relay(link_pb2_grpc.TunnelRelayServicer):
             return
         if behaviour == "held":
             deadline = time.monotonic() + HELD_S
+            # A node holding its stream open until the gateway cancels it, the behaviour under test; not a test's wait.
             while context.is_active() and time.monotonic() < deadline:
                 time.sleep(0.02)
             return

@@ -198,7 +198,8 @@ def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fa
     # The backend recovers, slowly: while its trial runs on B, A sends it nothing.
     fake.behaviours["flaky-model"] = "slow-1.5"
     opened_until = datetime.fromisoformat(pair.health("flaky")[1]["data"]["opened_until"]).timestamp()
-    time.sleep(max(0.0, opened_until - time.time()) + 1)  # the times shown are whole seconds
+    # Waits out the breaker's open window, the behaviour under test; plus 1 s as the times shown are whole seconds.
+    time.sleep(max(0.0, opened_until - time.time()) + 1)
     trial, outcome = _trial_in_background(pair, process=1)
     eventually(lambda: pair.health("flaky")[1]["data"]["state"] == "half_open", "half-open")
     status, reply = pair.chat("r/flaky", process=0)

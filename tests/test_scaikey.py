@@ -124,7 +124,7 @@ def test_key_rotation_refetches_the_jwks_sparingly(sk_node, scaikey, acme):
     assert scaikey.fetches == 1
 
     new_key = scaikey.rotate("k2")
-    time.sleep(MIN_REFETCH_S)
+    time.sleep(MIN_REFETCH_S)  # waits out the JWKS refetch interval, the behaviour under test
     assert call(sk_node.url, "GET", "/v1/api-keys", scaikey.token("sk-alice", key=new_key)).status == 200
     assert scaikey.fetches == 2
     for _ in range(5):

@@ -74,7 +74,7 @@ class Receiver(ThreadedServer):
         if behaviour == "hang":
             await asyncio.get_running_loop().run_in_executor(None, self.release.wait)
         if match := re.fullmatch(r"slow-(\d+)", behaviour):
-            await asyncio.sleep(int(match[1]) / 1000)
+            await asyncio.sleep(int(match[1]) / 1000)  # a slow receiver is the behaviour asked for
         return web.json_response({"received": True})
 
     def arrived(self, name: str) -> list[Arrival]:
