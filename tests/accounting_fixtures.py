@@ -4,10 +4,11 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -20,7 +21,10 @@ from scaigrid.cache import InvalidationBus
 from scaigrid.db.tables import usage_records
 from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.settings import load_settings
-from tests.conftest import ModeProcess
+from tests.support.processes import ModeProcess
+from tests.support.waiting import eventually_async
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,6 +34,19 @@ class Ledger:
     accounting: Accounting
     engine: AsyncEngine
     redis: Redis
+    bus: InvalidationBus
+    heard: Counter[str] = field(default_factory=Counter)  # announcements on the invalidation bus, by topic
+
+    async def announced(self, topic: str, change: Callable[[], T]) -> T:
+        """Makes a change (an API call) and returns its outcome once its announcement on `topic` has reached this
+        process: counted by a handler registered after Accounting's, so its caches have dropped what changed."""
+        if topic not in self.heard:
+            self.heard[topic] = 0
+            self.bus.on(topic, lambda _key: self.heard.update([topic]))
+        seen = self.heard[topic]
+        outcome = change()
+        await eventually_async(lambda: self.heard[topic] > seen, f"the {topic} change announced")
+        return outcome
 
     async def stored(self) -> tuple[int, Decimal, int]:
         """(rows, total cost, total tokens) in usage_records."""
@@ -51,7 +68,7 @@ async def ledger_for(env: dict[str, str]) -> AsyncIterator[Ledger]:
         listening = asyncio.create_task(bus.listen(redis))
         await asyncio.wait_for(bus.subscribed.wait(), 5)
         try:
-            yield Ledger(Accounting(settings, engine, redis, bus), engine, redis)
+            yield Ledger(Accounting(settings, engine, redis, bus), engine, redis, bus)
         finally:
             listening.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -73,17 +90,6 @@ def usage(owner: dict[str, Any], *, cost: str = "0.000123456789", tokens_in: int
         partner_id=owner["partner_id"], tenant_id=owner["tenant_id"], user_id=owner.get("user_id"),
         api_key_id=None, model=model, backend_id=backend_id, protocol="native", status="ok",
         tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=12, cost=Decimal(cost))
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float = 30, what: str = "condition",
-                     interval_s: float = 0.01) -> None:
-    """Polls; over HTTP, poll slowly enough to stay within the key's rate limit (60 a minute by default)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await condition():
-            return
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s} s"
-        await asyncio.sleep(interval_s)
 
 
 def start_worker(start_mode: Callable[..., ModeProcess], env: dict[str, str], flush_interval_s: int = 1

@@ -25,7 +25,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -40,21 +39,15 @@ import redis as sync_redis
 from aiohttp import web
 
 from appliance import devstack
-from tests.conftest import REPO, ModeProcess, command_env, create_key, http_ok, node_env, s3_client, scaigrid
+from tests.support.env import create_key, node_env, s3_client
+from tests.support.http import http_ok
+from tests.support.processes import REPO, ModeProcess, command_env, scaigrid
 from tests.threaded_server import ThreadedServer
 
 PROMPT_TOKENS = 11
 CREATED = 1_700_000_000
 EMBEDDING_DIMENSIONS = 4
 REFUSAL_TEXT = "the internal host 10.9.8.7 says: bad request"  # what a backend's 400 says ("refuse")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout_s} s")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -120,7 +113,7 @@ class FakeBackend(ThreadedServer):
         if behaviour == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="application/json")
         if match := re.fullmatch(r"slow-([\d.]+)", behaviour):
-            await asyncio.sleep(float(match[1]))
+            await asyncio.sleep(float(match[1]))  # a slow backend is the behaviour asked for, not an ordering wait
         return None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -157,7 +150,7 @@ class FakeBackend(ThreadedServer):
         await response.write(_sse(_chunk(model, {"role": "assistant", "content": ""})))
         for index in range(chunks):
             if index and interval_s:
-                await asyncio.sleep(interval_s)
+                await asyncio.sleep(interval_s)  # the pace asked for between chunks, not an ordering wait
             if index == 1 and behaviour.startswith("gated"):
                 await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
             await response.write(_sse(_chunk(model, {"content": f"tok{index} "})))

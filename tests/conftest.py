@@ -1,33 +1,19 @@
 """Layered fixtures: session-wide real services, a fresh database/Redis/bucket per test, and mode subprocesses."""
 
 import gc
-import json
 import secrets
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 import redis as sync_redis
-from cryptography.fernet import Fernet
-from minio import Minio
 
 from appliance import devstack
-from appliance.local import child_env
 from scaigrid.settings import Settings, load_settings
 from tests.appliance_stack import ApplianceStack
-
-REPO = Path(__file__).resolve().parents[1]
-PORT_SETTINGS = ("HTTP_PORT", "GRPC_PORT", "BUNKER_PROXY_PORT", "GRPC_METRICS_PORT", "WORKER_METRICS_PORT",
-                 "LINK_METRICS_PORT")
-
+from tests.support.database import Template, template_from
+from tests.support.env import Node, create_key, node_env, s3_client
+from tests.support.processes import ModeProcess, scaigrid, start_http, start_mode_process
 
 # --- session: one real server of each kind ---
 
@@ -83,102 +69,15 @@ def s3_bucket(s3_server: devstack.S3Server) -> str:
     return bucket
 
 
-def s3_client(server: devstack.S3Server) -> Minio:
-    return Minio(f"127.0.0.1:{server.port}", access_key=server.access_key_id,
-                 secret_key=server.secret_access_key, secure=False)
-
-
 @pytest.fixture
 def env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_bucket: str) -> dict[str, str]:
     """Complete settings for a node on this test's database, Redis and bucket, with free ports."""
     return node_env(database_url, redis_url, s3_server, s3_bucket)
 
 
-def node_env(database_url: str, redis_url: str, s3_server: devstack.S3Server, s3_bucket: str) -> dict[str, str]:
-    """Complete settings for a node on that database, Redis and bucket, with free ports (for any fixture scope)."""
-    return {
-        "APP_ENV": "test",
-        "APP_LOG_LEVEL": "debug",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "S3_ACCESS_KEY_ID": s3_server.access_key_id,
-        "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        "S3_BUCKET": s3_bucket,
-        **dict(zip(PORT_SETTINGS, map(str, devstack.free_ports(len(PORT_SETTINGS))), strict=True)),
-        "JWT_SIGNING_SECRET": secrets.token_hex(32),
-        "SCAIGRID_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "SERVICE_TOKEN_SECRET": secrets.token_hex(32),
-    }
-
-
 @pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
     return load_settings(env, env_file=None)
-
-
-# --- subprocesses: the `scaigrid` command as an operator runs it ---
-
-def command_env(env: dict[str, str]) -> dict[str, str]:
-    """The test's settings on top of a minimal environment (no stray SCAIGRID_* or DATABASE_URL from the host)."""
-    # Warnings are errors in the processes under test too, as in pytest itself.
-    return {**child_env(), "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "error", **env}
-
-
-def scaigrid(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m scaigrid ARGS` to completion."""
-    return subprocess.run([sys.executable, "-m", "scaigrid", *args], env=command_env(env), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout_s, check=False)
-
-
-@dataclass
-class ModeProcess:
-    """A `scaigrid run --mode MODE` subprocess whose stdout (JSON log lines) goes to a file."""
-
-    mode: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    signalled: bool = field(default=False)
-
-    def log_lines(self) -> list[dict[str, object]]:
-        lines = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                lines.append({"raw": raw})
-        return lines
-
-    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 30, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.mode} exited with {self.process.returncode} before {what}:\n{self.tail()}")
-            try:
-                if condition():
-                    return
-            except (OSError, urllib.error.URLError, grpc.RpcError):  # not up yet
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{self.mode}: {what} not reached in {timeout_s} s:\n{self.tail()}")
-
-    def send(self, sig: int = signal.SIGTERM) -> None:
-        self.signalled = True
-        self.process.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        """Sends `sig` (once: a second SIGTERM means "stop now") and returns the exit status."""
-        if self.process.poll() is None and not self.signalled:
-            self.send(sig)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"{self.mode} did not exit within {timeout_s} s of {sig}:\n{self.tail()}") from None
-
-    def tail(self) -> str:
-        return devstack.log_tail(self.log_path)
 
 
 @pytest.fixture
@@ -187,11 +86,7 @@ def start_mode(tmp_path: Path) -> Iterator[Callable[..., ModeProcess]]:
     started: list[ModeProcess] = []
 
     def start(mode: str, env: dict[str, str]) -> ModeProcess:
-        log_path = tmp_path / f"{mode}-{len(started)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "scaigrid", "run", "--mode", mode],
-                                       env=command_env(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        started.append(ModeProcess(mode, process, log_path))
+        started.append(start_mode_process(mode, env, tmp_path / f"{mode}-{len(started)}.log"))
         return started[-1]
 
     yield start
@@ -201,57 +96,27 @@ def start_mode(tmp_path: Path) -> Iterator[Callable[..., ModeProcess]]:
             proc.process.wait()
 
 
-def http_get(url: str, timeout_s: float = 5) -> tuple[int, dict[str, str], bytes]:
-    """GET returning (status, headers, body) for any status, errors included."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
-
-def http_ok(url: str) -> bool:
-    return http_get(url, timeout_s=2)[0] == 200
-
-
 # --- a running node: migrated database, an http process, an operator's key ---
 
+@pytest.fixture(scope="session")
+def database_template(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server
+                      ) -> Iterator[Template]:
+    """A database `scaigrid migrate` brought to head, once per session (per xdist worker), for migrated_env to copy."""
+    def migrate(database_url: str) -> None:
+        result = scaigrid("migrate", env=node_env(database_url, redis_server.url, s3_server, "unused"))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    template = template_from(mariadb, migrate)
+    yield template
+    mariadb.drop_database(template.name)
+
+
 @pytest.fixture
-def migrated_env(env: dict[str, str]) -> dict[str, str]:
-    """`env` on a database that `scaigrid migrate` has brought to head (default partner and tenant exist)."""
-    result = scaigrid("migrate", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
+def migrated_env(env: dict[str, str], database_template: Template) -> dict[str, str]:
+    """`env` on a database at head, as `scaigrid migrate` leaves it (default partner and tenant exist): a copy of the
+    session's migrated template. Tests of migrate itself use `env`, whose database is empty."""
+    database_template.copy_into(env["DATABASE_URL"])
     return env
-
-
-def create_key(env: dict[str, str], role: str, tenant: str = "default") -> str:
-    """An API key made the way an operator makes one: `scaigrid admin create-key`."""
-    result = scaigrid("admin", "create-key", "--role", role, "--tenant", tenant, env=env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-@dataclass
-class Node:
-    """One http process of a migrated node, and a super_admin key for it."""
-
-    env: dict[str, str]
-    process: ModeProcess
-    admin_key: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.env['HTTP_PORT']}"
-
-    def key(self, role: str, tenant: str = "default") -> str:
-        return create_key(self.env, role, tenant)
-
-
-def start_http(start_mode: Callable[..., ModeProcess], env: dict[str, str]) -> ModeProcess:
-    """An http mode process, returned once /health/ready says ready."""
-    process = start_mode("http", env)
-    process.wait_for(lambda: http_ok(f"http://127.0.0.1:{env['HTTP_PORT']}/health/ready"), what="readiness")
-    return process
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import datetime
 import ipaddress
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from appliance import devstack
 from scaigrid.hybrid import assertion, protocol
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.interceptors import ERROR_CODE_KEY
+from tests.support.waiting import eventually
 
 NODE_ID = "hn_fake"
 MANAGED_VERSION = "0.1.0"
@@ -168,11 +168,7 @@ class FakeManaged(link_pb2_grpc.HybridLinkServicer):
     # --- scripting ---
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"fake managed side: {what} not reached in {timeout_s} s")
-            time.sleep(0.05)
+        eventually(condition, f"fake managed side: {what}", timeout_s)
 
     def push(self, message: Any) -> None:
         """Sends a ManagedMessage down the current link."""

@@ -5,14 +5,14 @@ enrolled with `scaigrid-appliance link enroll` to replica A, its link going thro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
 import signal
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from appliance import devstack
 from tests.appliance_stack import ApplianceStack, start_stack
 from tests.backends import GATEWAY_SETTINGS, FakeBackend
+from tests.support.waiting import eventually
 
 # Short cadences, so that a link loss, a config change or a usage record shows within a second or two.
 MANAGED_SETTINGS = {**GATEWAY_SETTINGS, "HYBRID_ROLE": "managed", "HYBRID_HEARTBEAT_INTERVAL_S": "1",
@@ -62,22 +63,10 @@ def data(stack: ApplianceStack, method: str, path: str, key: str, body: Any = No
     return api(stack, method, path, key, body, expect)[1]["data"]
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = LINK_TIMEOUT_S,
-               interval_s: float = 0.2) -> Any:
-    """Polls until the condition gives something true and returns it; errors count as "not yet" (a program
-    restarting, a change not yet seen by every process) and the last one is shown on timeout."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition()
-        except (OSError, urllib.error.URLError, ValueError, Refused, openai.APIError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not reached in {timeout_s} s (last: {last!r})")
+# eventually() as these tests wait: within the link's bound, gently (every poll goes through nginx), with errors
+# counting as "not yet" (a program restarting, a change not yet seen by every process).
+link_eventually = functools.partial(eventually, timeout_s=LINK_TIMEOUT_S, interval_s=0.2, ignoring=(
+    OSError, urllib.error.URLError, ValueError, Refused, openai.APIError))
 
 
 def client(stack: ApplianceStack, key: str) -> openai.OpenAI:
@@ -173,7 +162,7 @@ class Hybrid:
         return run_sql(self.mariadb, self.node.config.database_name, statement, **params)
 
     def wait_linked(self, what: str = "the node's link connected") -> None:
-        wait_until(lambda: link_state(self.node)["connected"] is True, what)
+        link_eventually(lambda: link_state(self.node)["connected"] is True, what)
 
     def managed_tenant(self, slug: str) -> Tenant:
         """A tenant on the managed side with a tenant_user and its key, made by the managed admin."""

@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import Node
+from tests.support.env import Node
 
 
 @dataclass

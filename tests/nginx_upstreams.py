@@ -43,7 +43,7 @@ class ScheduledStream(ThreadedServer):
         await response.prepare(request)
         await response.write(_frame(model, {"role": "assistant", "content": ""}))
         for index, gap_s in enumerate((0.0, *self.gaps_s)):
-            await asyncio.sleep(gap_s)
+            await asyncio.sleep(gap_s)  # the gaps between chunks are what the test measures through nginx
             self.sent_at.append(time.monotonic())
             await response.write(_frame(model, {"content": f"tok{index} "}))
         await response.write(_frame(model, {}, "stop"))

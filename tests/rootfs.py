@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.waiting import eventually
+
 REPO = Path(__file__).resolve().parents[1]
 PROVISION = REPO / "appliance" / "provision.sh"
 CONSTRAINTS = REPO / "constraints.txt"
@@ -228,14 +230,14 @@ class Machine:
     def wait_until_booted(self, timeout_s: float) -> str:
         """Waits for systemd to finish the boot transaction; returns its state (running, degraded, ...)."""
         deadline_s = time.monotonic() + timeout_s
-        while True:
+
+        def state() -> str:
             # Until systemd is up, systemctl fails at once: "offline", or nothing when its bus is not there yet.
             result = self.run("systemctl", "is-system-running", "--wait", check=False,
                               timeout_s=max(deadline_s - time.monotonic(), 1))
-            state = result.stdout.strip()
-            if state not in ("", "offline") or time.monotonic() > deadline_s:
-                return state
-            time.sleep(0.1)
+            return "" if result.stdout.strip() == "offline" else result.stdout.strip()
+
+        return eventually(state, f"systemd in {self.name} through its boot", timeout_s, interval_s=0.1)
 
 
 
@@ -258,13 +260,13 @@ def booted(root: Path, name: str, console_log: Path, *, timeout_s: float = 30) -
         process = subprocess.Popen(enter(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         leader_fd = None
         try:
-            deadline_s = started_at_s + timeout_s
-            leader = None
-            while leader is None:
-                if process.poll() is not None or time.monotonic() > deadline_s:
-                    raise RootfsError(f"nspawn did not start systemd in {root}:\n{console_log.read_text()[-4000:]}")
-                time.sleep(0.05)
-                leader = _child_named(process.pid, "systemd")
+            def leader_started() -> int | None:
+                if process.poll() is not None:
+                    raise RootfsError(f"nspawn exited in {root}:\n{console_log.read_text()[-4000:]}")
+                return _child_named(process.pid, "systemd")
+
+            leader = eventually(leader_started, f"nspawn starting systemd in {root}", timeout_s, interval_s=0.05,
+                                context=lambda: console_log.read_text()[-4000:])
             leader_fd = os.pidfd_open(leader)  # signals reach this process even after its pid is reused
             yield Machine(name, leader, started_at_s)
         finally:

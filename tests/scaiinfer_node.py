@@ -65,11 +65,11 @@ class Inference(scaiinfer_pb2_grpc.InferenceServiceServicer):
         if behaviour == "fail":
             await context.abort(grpc.StatusCode[arg], f"failing on purpose with {arg}")
         if behaviour == "slow":
-            await asyncio.sleep(float(arg))
+            await asyncio.sleep(float(arg))  # a slow node is the behaviour asked for, not an ordering wait
         count = int(arg) if behaviour in ("cut", "short") else 3
         for index in range(count):
             yield scaiinfer_pb2.InferenceChunk(delta=f"tok{index} ")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # tokens paced as a real node streams them, not an ordering wait
         if behaviour == "cut":
             await context.abort(grpc.StatusCode.INTERNAL, "the model crashed mid-stream")
         if behaviour == "short":

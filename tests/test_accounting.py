@@ -13,8 +13,9 @@ from scaigrid.accounting import usage as usage_codec
 from scaigrid.accounting.service import Accounting
 from scaigrid.cache import InvalidationBus
 from scaigrid.settings import load_settings
-from tests.accounting_fixtures import Ledger, eventually, ledger_fixture, start_worker, usage  # noqa: F401
+from tests.accounting_fixtures import Ledger, ledger_fixture, start_worker, usage  # noqa: F401
 from tests.identity import call, tenant, users_with_keys
+from tests.support.waiting import eventually_async
 
 
 def owner_of(node, key: str) -> dict[str, str]:
@@ -50,7 +51,7 @@ async def test_usage_flows_to_the_api_and_each_caller_sees_only_its_share(node, 
         assert reply.status == 200, reply.body
         return list(reply.data["items"])
 
-    await eventually(lambda: ledger.has_rows(5), what="usage flushed")
+    await eventually_async(lambda: ledger.has_rows(5), "usage flushed")
     assert len(listed(node.admin_key)) == 5
     ids = {name: {r.request_id for r in records if r.user_id == owners[name]["user_id"]} for name in owners}
     assert {item["request_id"] for item in listed(alice)} == ids["alice"]  # view_own: the caller's own
@@ -136,14 +137,14 @@ async def test_a_worker_killed_mid_flush_loses_and_doubles_nothing(migrated_env,
         return (await ledger.stored())[0] > 0
 
     worker = start_worker(start_mode, migrated_env)
-    await eventually(flushing, what="the flush started")
+    await eventually_async(flushing, "the flush started")
     worker.process.kill()  # SIGKILL: no cleanup, no lock release, possibly between commit and trim
     worker.process.wait()
     assert (await ledger.stored())[0] < count, "the flush finished before the kill; nothing was tested"
     assert not await drained()
 
     start_worker(start_mode, migrated_env)  # waits out the dead worker's lock (5 s at most)
-    await eventually(drained, timeout_s=40, what="the buffer drained")
+    await eventually_async(drained, "the buffer drained", timeout_s=40)
     expected_cost = sum((r.cost for r in records), Decimal(0))
     expected_tokens = sum(r.tokens_in + r.tokens_out for r in records)
     assert await ledger.stored() == (count, expected_cost, expected_tokens)
@@ -152,7 +153,7 @@ async def test_a_worker_killed_mid_flush_loses_and_doubles_nothing(migrated_env,
     # an entry that is no usage record is put aside instead of blocking the buffer.
     await ledger.redis.rpush(usage_codec.BUFFER_KEY, *(usage_codec.encode(r) for r in records[:3]), "{garbage")
     await ledger.accounting.record(usage(owner, cost="1"))
-    await eventually(drained, what="the replay flushed")
+    await eventually_async(drained, "the replay flushed")
     assert await ledger.stored() == (count + 1, expected_cost + 1, expected_tokens + 30)
     assert await ledger.redis.lrange(flush.UNDECODABLE_KEY, 0, -1) == [b"{garbage"]
 

@@ -9,7 +9,7 @@ from cryptography.fernet import Fernet
 
 from scaigrid.cache import CHANNEL
 from tests.catalogue_fixtures import add_tenant, sql
-from tests.conftest import REPO, scaigrid
+from tests.support.processes import REPO, scaigrid
 
 SECRET = "sk-test-0123456789abcdef"
 ROTATED = "sk-rotated-key-000000000000"

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
@@ -11,6 +12,7 @@ from scaigrid import errors
 from scaigrid.api.base import base_app
 from scaigrid.appkeys import DRAIN
 from scaigrid.settings import load_settings
+from tests.support.waiting import eventually_async
 
 
 async def boom(request: web.Request) -> web.Response:
@@ -22,8 +24,20 @@ async def limited(request: web.Request) -> web.Response:
                                details=[errors.FieldError("model", "too many")])
 
 
+@dataclass
+class Gate:
+    """Holds /slow requests in flight until the test releases them."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+GATE = web.AppKey("gate", Gate)
+
+
 async def slow(request: web.Request) -> web.Response:
-    await asyncio.sleep(0.5)
+    request.app[GATE].entered.set()
+    await request.app[GATE].release.wait()
     return web.json_response({"done": True})
 
 
@@ -33,6 +47,7 @@ async def client():
     app.router.add_get("/boom", boom)
     app.router.add_get("/limited", limited)
     app.router.add_get("/slow", slow)
+    app[GATE] = Gate()
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -68,14 +83,17 @@ async def test_request_ids_are_unique(client):
 
 
 async def test_drain_waits_for_in_flight_and_refuses_new(client):
+    gate = client.server.app[GATE]
     in_flight = asyncio.create_task(client.get("/slow"))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(gate.entered.wait(), 10)
     drain = client.server.app[DRAIN]
     draining = asyncio.create_task(drain.drain(grace_s=5))
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: drain.draining, "draining started")
     refused = await client.get("/slow")
     assert refused.status == 503 and (await refused.json())["error"]["code"] == "SERVICE_DRAINING"
     assert (await client.get("/health/ready")).status == 503
     assert (await client.get("/health")).status == 200
+    assert not draining.done()  # the held request is still in flight
+    gate.release.set()
     assert await draining == (1, 0)
     assert (await (await in_flight).json()) == {"done": True}

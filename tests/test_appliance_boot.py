@@ -7,13 +7,14 @@ boot brought up, then restart, a killed program, and stop, each leaving the appl
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import rootfs
+from tests.support.waiting import eventually
 
 # The first test builds the root filesystem when provision.sh, its packages or constraints.txt changed (about
 # 3 minutes; a cached one takes about 20 s to bring up to date) and the first test on the booted machine waits for
@@ -28,6 +29,7 @@ UNITS = ("scaigrid.target", "scaigrid-firstboot.service", "scaigrid-migrate.serv
 PROGRAMS = {"http", "grpc", "worker", "nginx", "events"}
 BOOT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 120
+POLL_S = 0.5  # each poll runs a command in the container
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +52,15 @@ def machine(provisioned: rootfs.Provisioned, work_dir: Path, request: pytest.Fix
     with rootfs.booted(provisioned.root, "scaigrid-boot-test", console) as booted:
         state = booted.wait_until_booted(BOOT_TIMEOUT_S)
         assert state in ("running", "degraded"), f"boot ended {state!r}:\n{console.read_text()[-4000:]}"
-        wait_for(lambda: ready_through_nginx(booted), "/health/ready through nginx")
+        eventually(lambda: ready_through_nginx(booted), "/health/ready through nginx", READY_TIMEOUT_S,
+                   interval_s=POLL_S)
         boot_to_ready_s = time.monotonic() - booted.started_at_s
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():  # shown on every run, not only when a test fails
             print(f"\nappliance boot-to-ready (nspawn start to /health/ready through nginx): {boot_to_ready_s:.1f} s")
         # supervisord calls a program RUNNING only after its startsecs, which may end after the API answers ready.
-        wait_for(lambda: healthy(booted), "every program RUNNING and ready")
+        eventually(lambda: healthy(booted), "every program RUNNING and ready", READY_TIMEOUT_S, interval_s=POLL_S)
         yield booted
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = READY_TIMEOUT_S) -> Any:
-    deadline_s = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline_s, f"gave up waiting for {what} after {timeout_s:g} s"
-        time.sleep(0.5)
-    return result
 
 
 def ready_through_nginx(machine: rootfs.Machine) -> bool:
@@ -186,7 +181,8 @@ def test_restart_migrates_again_and_brings_every_program_back(machine: rootfs.Ma
     migrate_before = unit(machine, "scaigrid-migrate.service")["InvocationID"]
     log_offset = log_size(machine, SUPERVISORD_LOG)
     machine.run("systemctl", "restart", "scaigrid-appliance.service", timeout_s=READY_TIMEOUT_S)
-    wait_for(lambda: healthy(machine), "every program RUNNING and ready after the restart")
+    eventually(lambda: healthy(machine), "every program RUNNING and ready after the restart", READY_TIMEOUT_S,
+               interval_s=POLL_S)
     after = unit(machine, "scaigrid-appliance.service")
     assert after["SubState"] == "running" and after["MainPID"] != before["MainPID"]
     assert unit(machine, "scaigrid-migrate.service")["InvocationID"] != migrate_before
@@ -202,7 +198,8 @@ def test_a_killed_program_is_restarted_by_supervisord(machine: rootfs.Machine) -
     pid = programs(machine)["http"]["pid"]
     log_offset = log_size(machine, SUPERVISORD_LOG)
     machine.run("kill", "-KILL", str(pid))
-    wait_for(lambda: healthy(machine) and programs(machine)["http"]["pid"] != pid, "http restarted")
+    eventually(lambda: healthy(machine) and programs(machine)["http"]["pid"] != pid, "http restarted", READY_TIMEOUT_S,
+               interval_s=POLL_S)
     log = log_since(machine, SUPERVISORD_LOG, log_offset)
     assert "exited: http (terminated by SIGKILL; not expected)" in log, log
     assert programs(machine)["http"]["fatal_count"] == 0

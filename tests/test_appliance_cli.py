@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from appliance.cli import program_rows
 from appliance.config import keys as appliance_keys
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack, start_stack
+from tests.support.waiting import eventually
 
 CLI = Path(sys.prefix) / "bin" / "scaigrid-appliance"
 PROGRAMS = ["http", "grpc", "worker", "bunker_proxy", "nginx", "events"]
@@ -46,16 +46,17 @@ def rows(stack: ApplianceStack) -> dict[str, dict[str, Any]]:
 
 def wait_for(stack: ApplianceStack, condition: Callable[[dict[str, dict[str, Any]]], bool]
              ) -> dict[str, dict[str, Any]]:
-    """Polls the programs' status rows (as `status --json` has them) until condition holds; fails showing the last."""
-    deadline = time.monotonic() + RECOVERY_S
-    while True:
+    """The programs' status rows (as `status --json` has them) once condition holds; a failure shows them."""
+    def programs() -> dict[str, dict[str, Any]]:
         # In this process: a poll need not pay for starting the command each time; the outcome is checked with it.
-        programs = {row["name"]: row for row in program_rows(stack.appliance)}
-        if condition(programs):
-            return programs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never got there: {json.dumps(programs, indent=1)}")
-        time.sleep(0.5)
+        return {row["name"]: row for row in program_rows(stack.appliance)}
+
+    def reached() -> dict[str, dict[str, Any]]:
+        found = programs()
+        return found if condition(found) else {}
+
+    return eventually(reached, "the programs' status", RECOVERY_S, interval_s=0.5,
+                      context=lambda: json.dumps(programs(), indent=1))
 
 
 def all_healthy(programs: dict[str, dict[str, Any]]) -> bool:
@@ -211,13 +212,16 @@ def test_logs_follow_prints_new_lines_until_interrupted(appliance_stack: Applian
     reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout or ()], daemon=True)
     reader.start()
     try:
-        seen = []
-        deadline = time.monotonic() + 30
-        # Requests until one shows up: the follower may still be starting when the first is logged.
-        while not any(marker in line for line in seen) and time.monotonic() < deadline:
+        seen: list[str] = []
+
+        def followed() -> bool:
             appliance_stack.get(f"/health?follow={marker}")
             with contextlib.suppress(queue.Empty):
                 seen.append(lines.get(timeout=1))
+            return any(marker in line for line in seen)
+
+        # Requests until one shows up: the follower may still be starting when the first is logged.
+        eventually(followed, "the follower printing a request", 30, interval_s=0, context=lambda: repr(seen))
         assert any(f"GET /health?follow={marker}" in line for line in seen), seen
     finally:
         follower.send_signal(signal.SIGINT)  # Ctrl-C, as the help says

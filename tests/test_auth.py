@@ -20,8 +20,9 @@ from scaigrid.auth import service_tokens
 from scaigrid.auth.service_tokens import HYBRID_LINK, HYBRID_RELAY, OPERATOR, SCAIINFER_NODE
 from scaigrid.db.tables import api_keys
 from scaigrid.settings import Secret, load_settings
-from tests.conftest import scaigrid, start_http
-from tests.identity import call, tenant, user_with_key
+from tests.identity import Reply, call, tenant, user_with_key
+from tests.support.processes import scaigrid, start_http
+from tests.support.waiting import eventually
 
 
 def test_every_route_declares_who_may_call_it():
@@ -73,10 +74,14 @@ def test_an_expired_key_is_refused(node):
     key = call(node.url, "POST", "/v1/api-keys", node.admin_key, {"name": "short", "expires_at": expires_at}
                ).data["key"]
     assert call(node.url, "GET", "/v1/api-keys", key).status == 200  # cached from here on
-    deadline = time.monotonic() + 10
-    while (reply := call(node.url, "GET", "/v1/api-keys", key)).status == 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    reply = eventually(lambda: refused(node.url, key), "the key refused once it expired", 10, interval_s=0.2)
     assert (reply.status, reply.code) == (401, "AUTH_TOKEN_INVALID") and "expired" in reply.body["error"]["message"]
+
+
+def refused(url: str, key: str) -> Reply | None:
+    """The reply to a call with `key`, if it was refused."""
+    reply = call(url, "GET", "/v1/api-keys", key)
+    return reply if reply.status != 200 else None
 
 
 def test_key_creation_is_validated(node):
@@ -130,9 +135,9 @@ def test_revocation_reaches_every_http_process_within_a_second(node, start_mode)
         assert call(url, "GET", "/v1/api-keys", key).status == 200
     assert call(node.url, "DELETE", f"/v1/api-keys/{created.data['id']}", node.admin_key).status == 200
     revoked_at = time.monotonic()
-    while (status := call(other_url, "GET", "/v1/api-keys", key).status) == 200 and time.monotonic() - revoked_at < 5:
-        time.sleep(0.02)
-    assert status == 401
+    reply = eventually(lambda: refused(other_url, key), "the revoked key refused by the other process", 5,
+                       interval_s=0.02)
+    assert reply.status == 401
     assert time.monotonic() - revoked_at < 1.0
 
 

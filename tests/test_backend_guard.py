@@ -18,10 +18,10 @@ from tests.backends import (  # noqa: F401
     models_listed,
     shared_env,
     two_http_processes,
-    wait_until,
 )
 from tests.catalogue_fixtures import call, sql
-from tests.conftest import create_key
+from tests.support.env import create_key
+from tests.support.waiting import eventually
 
 PUBLIC_URL = "http://93.184.216.34/v1"  # a global address: passes the guard (never called: no model routes to it)
 
@@ -45,7 +45,7 @@ class Guarded:
 
     def served(self, model: str) -> None:
         for url in (self.strict, self.allowing):
-            wait_until(lambda url=url: model in models_listed(url, self.user), f"{model} served at {url}")
+            eventually(lambda url=url: model in models_listed(url, self.user), f"{model} served at {url}")
 
     def health(self, backend_id: str, key: str) -> dict[str, Any]:
         status, reply = call(self.strict, "GET", f"/v1/backends/{backend_id}/health", key)

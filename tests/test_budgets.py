@@ -1,9 +1,7 @@
 """Budgets: the admin API with its reach rules, the counters `record` keeps and `admit` checks (block, notify,
 throttle, soft limit), counters completed from MariaDB by the worker, and a chat refused once the budget is spent."""
 
-import asyncio
 import logging
-import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -13,14 +11,17 @@ import redis as sync_redis
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import REGISTRY
 
+from scaigrid.accounting.budgets import TOPIC_BUDGETS
 from scaigrid.accounting.records import RateState
 from scaigrid.appkeys import RATE_STATE
 from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.errors import ScaigridError
-from tests.accounting_fixtures import Ledger, eventually, ledger_fixture, start_worker, usage  # noqa: F401
+from tests.accounting_fixtures import Ledger, ledger_fixture, start_worker, usage  # noqa: F401
 from tests.backends import FakeBackend, apply, backend, chat_model
-from tests.conftest import create_key, start_http
 from tests.identity import call, tenant, user_with_key, users_with_keys
+from tests.support.env import create_key
+from tests.support.processes import ModeProcess, start_http
+from tests.support.waiting import eventually_async
 
 MONTHLY_COST = {"scope": "tenant", "period": "monthly", "limit_type": "cost", "limit_value": "100.50"}
 
@@ -129,10 +130,12 @@ async def test_budgets_block_notify_and_throttle(node, ledger: Ledger, caplog: p
     principal = principal_of(owner)
     assert (await admit(ledger, principal))[1] is None  # loads the budgets (none) before any exists
 
-    created = call(node.url, "POST", "/v1/accounting/budgets", node.admin_key, {
-        "scope": "tenant", "scope_id": acme["id"], "period": "daily", "limit_type": "requests", "limit_value": "5"})
+    budget = {"scope": "tenant", "scope_id": acme["id"], "period": "daily", "limit_type": "requests",
+              "limit_value": "5"}
+    # Each change is announced; the in-process cache drops its definitions before the next admission.
+    created = await ledger.announced(
+        TOPIC_BUDGETS, lambda: call(node.url, "POST", "/v1/accounting/budgets", node.admin_key, budget))
     budget_path = f"/v1/accounting/budgets/{created.data['id']}"
-    await asyncio.sleep(0.05)  # the creation is announced; the in-process cache drops its definitions
     soft_before, hard_before = thresholds("soft", "block"), thresholds("hard", "block")
     caplog.set_level(logging.WARNING, "scaigrid.accounting")
     for _ in range(4):
@@ -153,24 +156,22 @@ async def test_budgets_block_notify_and_throttle(node, ledger: Ledger, caplog: p
     assert call(node.url, "GET", budget_path, node.admin_key).data["current"]["used"] == "8"
 
     # notify: served; the crossing is reported again because the limit changed.
-    assert call(node.url, "PUT", budget_path, node.admin_key, {"hard_action": "notify", "limit_value": "7"}).status \
-        == 200
-    await asyncio.sleep(0.05)
+    assert (await ledger.announced(TOPIC_BUDGETS, lambda: call(node.url, "PUT", budget_path, node.admin_key, {
+        "hard_action": "notify", "limit_value": "7"}))).status == 200
     assert (await admit(ledger, principal))[1] is None
     await ledger.accounting.record(usage(owner))
     assert budget_events(caplog)[-1] == "budget_hard_limit" and "still served" in caplog.records[-1].getMessage()
 
     # throttle: served, under a tenth of the usual rate limits (this key has used 7 of its 6 now).
-    call(node.url, "PUT", budget_path, node.admin_key, {"hard_action": "throttle"})
-    await asyncio.sleep(0.05)
+    await ledger.announced(TOPIC_BUDGETS, lambda: call(node.url, "PUT", budget_path, node.admin_key,
+                                                      {"hard_action": "throttle"}))
     state, throttled = await admit(ledger, principal)
     assert throttled is not None and throttled.code == "RATE_LIMITED"
     assert (state.limit, state.remaining) == (6, 0)
     assert (await admit(ledger, principal, metered=False))[0].limit == 60  # not metered: not throttled
 
     # Once deleted, it limits nothing.
-    call(node.url, "DELETE", budget_path, node.admin_key)
-    await asyncio.sleep(0.05)
+    await ledger.announced(TOPIC_BUDGETS, lambda: call(node.url, "DELETE", budget_path, node.admin_key))
     state, refusal = await admit(ledger, principal)
     assert refusal is None and state.limit == 60
 
@@ -180,26 +181,36 @@ async def test_counters_are_completed_from_mariadb(node, start_mode, ledger: Led
     owner = {"partner_id": acme["partner_id"], "tenant_id": acme["id"], "user_id": None}
     for _ in range(3):
         await ledger.accounting.record(usage(owner, cost="1.25"))
-    start_worker(start_mode, node.env)
-    await eventually(lambda: ledger.has_rows(3), what="usage flushed")
+    worker = start_worker(start_mode, node.env)
+    await eventually_async(lambda: ledger.has_rows(3), "usage flushed")
 
     # A budget created now still counts the month's usage so far, once the worker has added it.
     created = call(node.url, "POST", "/v1/accounting/budgets", node.admin_key,
                    {**MONTHLY_COST, "scope_id": acme["id"], "limit_value": "10"})
     path = f"/v1/accounting/budgets/{created.data['id']}"
     assert created.data["current"]["used"] == "0"
-    await eventually(lambda: _used(node, path, "3.75"), what="counter seeded", interval_s=0.25)
+    await eventually_async(lambda: _used(node, path, "3.75"), "counter seeded", interval_s=0.25)
     await ledger.accounting.record(usage(owner, cost="0.000000000001"))
     assert call(node.url, "GET", path, node.admin_key).data["current"]["used"] == "3.750000000001"
 
     # Redis loses everything: the counter restarts empty, then gets all of MariaDB's share back.
-    await eventually(lambda: ledger.has_rows(4), what="usage flushed")
+    await eventually_async(lambda: ledger.has_rows(4), "usage flushed")
     await ledger.redis.flushall()
     await ledger.accounting.record(usage(owner, cost="2"))
-    await eventually(lambda: _used(node, path, "5.750000000001"), what="counter rebuilt", interval_s=0.25)
-    await eventually(lambda: ledger.has_rows(5), what="usage flushed")
-    await asyncio.sleep(1.5)  # more flushes: nothing is counted twice
+    await eventually_async(lambda: _used(node, path, "5.750000000001"), "counter rebuilt", interval_s=0.25)
+    await eventually_async(lambda: ledger.has_rows(5), "usage flushed")
+    runs = flush_runs(worker)
+    await eventually_async(lambda: flush_runs(worker) >= runs + 2, "two more flushes")  # nothing is counted twice
     assert call(node.url, "GET", path, node.admin_key).data["current"]["used"] == "5.750000000001"
+
+
+def flush_runs(worker: ModeProcess) -> int:
+    """How many usage flushes the worker has logged (its log level is debug)."""
+    return sum(line.get("event") == "job_ran" and line.get("job") == "usage_flush" for line in worker.log_lines())
+
+
+def flushed_records(worker: ModeProcess) -> int:
+    return sum(int(str(line["count"])) for line in worker.log_lines() if line.get("event") == "usage_flushed")
 
 
 async def _used(node: Any, path: str, expected: str) -> bool:
@@ -211,8 +222,8 @@ def test_a_spent_budget_refuses_chat_with_budget_exceeded(migrated_env, start_mo
     try:
         apply(migrated_env, tmp_path / "catalogue.toml", [backend("plain", fake, "ok")], [
             chat_model("acme/chat", [("plain", 1, 1)], price_input_per_mtok="2.5", price_output_per_mtok="10")])
-        http = start_http(start_mode, migrated_env)
-        start_worker(start_mode, migrated_env)
+        start_http(start_mode, migrated_env)
+        worker = start_worker(start_mode, migrated_env)
         url = f"http://127.0.0.1:{migrated_env['HTTP_PORT']}"
         admin = create_key(migrated_env, "super_admin")
         key = create_key(migrated_env, "tenant_user")
@@ -227,11 +238,7 @@ def test_a_spent_budget_refuses_chat_with_budget_exceeded(migrated_env, start_mo
         assert (refused.status, refused.code) == (429, "BUDGET_EXCEEDED")
         assert len(fake.received) == 2  # the refused one never reached the backend
 
-        def flushed() -> bool:
-            time.sleep(0.5)  # the key has a rate limit too
-            return len(call(url, "GET", "/v1/accounting/usage", key).data["items"]) == 2
-
-        http.wait_for(flushed, what="usage flushed")
+        worker.wait_for(lambda: flushed_records(worker) == 2, what="both records flushed")
         [latest, _] = call(url, "GET", "/v1/accounting/usage", key).data["items"]
         tokens_in, tokens_out = latest["tokens_in"], latest["tokens_out"]
         assert latest["model"] == "acme/chat" and latest["backend_id"] == "plain" and tokens_in > 0

@@ -1,7 +1,6 @@
 """The /v1/ catalogue admin API: backends, models and routing policies, with permissions and tenancy."""
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -9,9 +8,9 @@ import redis as sync_redis
 from cryptography.fernet import Fernet
 
 from scaigrid.cache import CHANNEL
-from tests.backends import wait_until
 from tests.catalogue_fixtures import add_tenant, call, sql
-from tests.conftest import Node
+from tests.support.env import Node
+from tests.support.waiting import eventually
 
 SECRET = "sk-upstream-secret-0123456789"
 
@@ -103,11 +102,9 @@ def test_values_the_catalogue_could_not_load_are_refused(node: Node) -> None:
     assert sql(node.env, "SELECT COUNT(*) FROM backends")[0][0] == 0
     assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("good"))[0] == 201
     assert call(node.url, "POST", "/v1/models", node.admin_key, model("acme/after", "good"))[0] == 201
-    deadline = time.monotonic() + 5
-    while "acme/after" not in {
-            m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]}:
-        assert time.monotonic() < deadline, "the catalogue was not reloaded"
-        time.sleep(0.05)
+    eventually(lambda: "acme/after" in {
+        m["slug"] for m in call(node.url, "GET", "/v1/models", node.admin_key)[1]["data"]["items"]},
+        "the catalogue reloaded with acme/after", 5)
 
 
 def nested(levels: int) -> dict[str, Any]:
@@ -330,12 +327,12 @@ def test_names_are_unique_per_tenant_so_they_neither_block_nor_reveal_across_par
         return names[0] if names else None
 
     users = {tenant: node.key("tenant_user", tenant) for tenant in ("default", "acme", "globex")}
-    wait_until(lambda: [offered(t) for t in users] == ["platform", "acme", "globex"], "each tenant's own model")
+    eventually(lambda: [offered(t) for t in users] == ["platform", "acme", "globex"], "each tenant's own model")
     status, reply = call(node.url, "GET", "/v1/models/shared/name", users["acme"])
     assert (status, reply["data"]["owned_by"]) == (200, "acme")
     assert error_of(call(node.url, "DELETE", "/v1/models/shared/name?tenant=acme", partner_admins["acme"])) == (
         200, "ok")
-    wait_until(lambda: [offered(t) for t in users] == ["platform", "platform", "globex"], "the platform's again")
+    eventually(lambda: [offered(t) for t in users] == ["platform", "platform", "globex"], "the platform's again")
 
 
 def test_every_change_is_announced(node: Node) -> None:

@@ -3,7 +3,8 @@
 from datetime import UTC, datetime, timedelta
 
 from tests.catalogue_fixtures import sql
-from tests.conftest import create_key, scaigrid
+from tests.support.env import create_key
+from tests.support.processes import scaigrid
 
 
 def _ago(days: float) -> datetime:

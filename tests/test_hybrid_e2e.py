@@ -29,10 +29,10 @@ from tests.hybrid_stacks import (
     frozen,
     hybrid_stacks,
     kill_program,
+    link_eventually,
     link_state,
     restarted,
     stream_text,
-    wait_until,
 )
 
 APPLIANCE_CLI = Path(sys.prefix) / "bin" / "scaigrid-appliance"
@@ -52,7 +52,7 @@ def acme(hybrid: Hybrid) -> Tenant:
     """A managed tenant allowed on the node, once its key works there."""
     tenant = hybrid.managed_tenant("acme")
     hybrid.allow_tenants(tenant.id)
-    wait_until(lambda: api(hybrid.node, "GET", "/oai/v1/models", tenant.key)[0] == 200, "acme's key on the node")
+    link_eventually(lambda: api(hybrid.node, "GET", "/oai/v1/models", tenant.key)[0] == 200, "acme's key on the node")
     return tenant
 
 
@@ -145,16 +145,16 @@ def test_a_tenant_allowed_on_the_node_reaches_it_with_its_managed_key_and_leaves
     version = link_state(hybrid.node)["config_version"]
 
     hybrid.allow_tenants(acme.id, beta_id)
-    wait_until(lambda: api(hybrid.node, "GET", "/oai/v1/models", beta_key)[0] == 200, "beta's key on the node")
+    link_eventually(lambda: api(hybrid.node, "GET", "/oai/v1/models", beta_key)[0] == 200, "beta's key on the node")
     with client(hybrid.node, beta_key) as sdk:
         models = {model.id for model in sdk.models.list()}
     assert {"site/chat", "cloud/chat"} <= models  # its own model, and the managed one through the snapshot
-    assert wait_until(lambda: link_state(hybrid.node)["config_version"] > version, "the applied version reported")
+    assert link_eventually(lambda: link_state(hybrid.node)["config_version"] > version, "the applied version reported")
     assert data(hybrid.a, "GET", f"/v1/hybrid/nodes/{hybrid.node_id}/tenants", hybrid.a.admin_key)["tenant_ids"] \
         == sorted([acme.id, beta_id])
 
     hybrid.allow_tenants(acme.id)
-    wait_until(lambda: api(hybrid.node, "GET", "/oai/v1/models", beta_key)[0] == 401, "beta's key gone again")
+    link_eventually(lambda: api(hybrid.node, "GET", "/oai/v1/models", beta_key)[0] == 401, "beta's key gone again")
     assert api(hybrid.node, "GET", "/oai/v1/models", acme.key)[0] == 200
 
 
@@ -186,7 +186,7 @@ def test_a_tunnelled_stream_asked_of_the_other_replica_comes_from_the_node_and_a
     tunnel_route(hybrid, "onprem/chat", "site/chat")
     tunnel_route(hybrid, "onprem/gated", "site/gated")
 
-    assert wait_until(lambda: stream_text(hybrid.b, acme.key, "onprem/chat"), "the tunnel serving") == STREAM_TEXT
+    assert link_eventually(lambda: stream_text(hybrid.b, acme.key, "onprem/chat"), "the tunnel serving") == STREAM_TEXT
     seen = hybrid.node_fake.requests_for("paced-5-20")
     assert seen and seen[-1].authorization is None  # the node's own backend, called by the node's pipeline
     assert not hybrid.managed_fake.received
@@ -204,13 +204,13 @@ def test_a_tunnelled_stream_asked_of_the_other_replica_comes_from_the_node_and_a
 def test_the_node_rides_out_a_crash_an_outage_and_a_silence_of_the_managed_side(hybrid: Hybrid, acme: Tenant):
     reconnects = metric(hybrid.node, "scaigrid_link_reconnects_total")
     pid = kill_program(hybrid.a, "grpc")
-    wait_until(lambda: restarted(hybrid.a, "grpc", pid), "supervisord restarting A's grpc")
-    wait_until(lambda: metric(hybrid.node, "scaigrid_link_reconnects_total") > reconnects, "the link noticing")
+    link_eventually(lambda: restarted(hybrid.a, "grpc", pid), "supervisord restarting A's grpc")
+    link_eventually(lambda: metric(hybrid.node, "scaigrid_link_reconnects_total") > reconnects, "the link noticing")
     hybrid.wait_linked("the link back after the crash")
 
     hybrid.a.supervisor.stop("grpc")
     try:
-        wait_until(lambda: link_state(hybrid.node)["connected"] is False, "the link down")
+        link_eventually(lambda: link_state(hybrid.node)["connected"] is False, "the link down")
         # Local service goes on: ready, the local model served to a managed key from the last-known-good config.
         assert hybrid.node.get("/health/ready")[0] == 200
         assert stream_text(hybrid.node, acme.key, "site/chat") == STREAM_TEXT
@@ -222,7 +222,7 @@ def test_the_node_rides_out_a_crash_an_outage_and_a_silence_of_the_managed_side(
     hybrid.wait_linked("the link back after the outage")
 
     with frozen(hybrid.a, "nginx"):  # the link's packets vanish: only the silence of heartbeats tells
-        wait_until(lambda: link_state(hybrid.node)["connected"] is False, "the silent link dropped")
+        link_eventually(lambda: link_state(hybrid.node)["connected"] is False, "the silent link dropped")
         assert stream_text(hybrid.node, acme.key, "site/chat") == STREAM_TEXT
     hybrid.wait_linked("the link back after the silence")
 
@@ -254,15 +254,16 @@ def test_usage_on_the_node_reaches_the_managed_side_exactly_once_despite_kills_a
     hybrid.a.supervisor.stop("grpc")
     try:
         serve(4)
-        wait_until(lambda: restarted(hybrid.node, "link", link_pid) and restarted(hybrid.node, "worker", worker_pid),
-                   "supervisord restarting the node's link and worker")
+        link_eventually(lambda: restarted(hybrid.node, "link", link_pid)
+                        and restarted(hybrid.node, "worker", worker_pid),
+                        "supervisord restarting the node's link and worker")
         # The node's own books are complete while the managed side is away: usage waits in the outbox.
-        wait_until(lambda: len(usage(hybrid, "node", ids)) == len(ids), "the node's usage flushed")
-        assert wait_until(lambda: link_state(hybrid.node)["outbox_depth"], "usage waiting in the outbox") > 0
+        link_eventually(lambda: len(usage(hybrid, "node", ids)) == len(ids), "the node's usage flushed")
+        assert link_eventually(lambda: link_state(hybrid.node)["outbox_depth"], "usage waiting in the outbox") > 0
     finally:
         hybrid.a.supervisor.start("grpc")
     hybrid.wait_linked()
-    wait_until(lambda: link_state(hybrid.node)["outbox_depth"] == 0, "the outbox drained")
+    link_eventually(lambda: link_state(hybrid.node)["outbox_depth"] == 0, "the outbox drained")
 
     on_node = usage(hybrid, "node", ids)
     assert len(on_node) == len(ids) == len(set(ids)) == 12
@@ -296,6 +297,6 @@ def test_unenrolling_takes_the_managed_mirror_away_with_the_link(hybrid: Hybrid,
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "forgot the managed mirror (config snapshot" in result.stdout
-    wait_until(lambda: api(hybrid.node, "GET", "/oai/v1/models", acme.key)[0] == 401, "acme's key refused")
+    link_eventually(lambda: api(hybrid.node, "GET", "/oai/v1/models", acme.key)[0] == 401, "acme's key refused")
     _, as_json = status_json(hybrid.node)
     assert as_json["link"] is None and "link" not in [row["name"] for row in as_json["programs"]]

@@ -18,8 +18,9 @@ import pytest
 from appliance import devstack
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack, start_stack
-from tests.conftest import REPO, Node, scaigrid
 from tests.hybrid_stacks import run_sql
+from tests.support.env import Node
+from tests.support.processes import REPO, scaigrid
 
 APPLIANCE_CLI = REPO / ".venv" / "bin" / "scaigrid-appliance"
 

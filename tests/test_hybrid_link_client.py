@@ -42,8 +42,10 @@ from tests.backends import (
     http_process,
     shared_env,
 )
-from tests.conftest import ModeProcess, create_key, http_get, scaigrid
 from tests.fake_managed import NODE_ID, FakeManaged, make_certificates
+from tests.support.env import create_key
+from tests.support.http import http_get
+from tests.support.processes import ModeProcess, scaigrid
 
 CREDENTIAL = "sgn_" + secrets.token_urlsafe(32)
 CHAT = "/oai/v1/chat/completions"

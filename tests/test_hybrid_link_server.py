@@ -34,8 +34,11 @@ from scaigrid.hybrid import assertion, protocol, registry
 from scaigrid.rpc.generated.scaigrid.hybrid.v1 import link_pb2, link_pb2_grpc
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
 from scaigrid.settings import Secret
-from tests.backends import http_process, mode_process, shared_env, wait_until
-from tests.conftest import ModeProcess, create_key, http_get
+from tests.backends import http_process, mode_process, shared_env
+from tests.support.env import create_key
+from tests.support.http import http_get
+from tests.support.processes import ModeProcess
+from tests.support.waiting import eventually, eventually_async
 
 INTERVAL_S = 1  # the heartbeat interval the managed side hands out: a silent link is dropped after 3 s
 MANAGED_SETTINGS = {"HYBRID_ROLE": "managed", "HYBRID_HEARTBEAT_INTERVAL_S": str(INTERVAL_S),
@@ -168,7 +171,7 @@ class NodeLink:
                 seq += 1
                 await self.send(heartbeat=link_pb2.Heartbeat(seq=seq, outbox_depth=self.outbox_depth,
                                                              config_version=self.config_version))
-                await asyncio.sleep(INTERVAL_S / 2)
+                await asyncio.sleep(INTERVAL_S / 2)  # a node's heartbeat pace, not an ordering wait
         self._beating = asyncio.create_task(beat())
 
     async def expect(self, kind: str) -> link_pb2.ManagedMessage:
@@ -279,7 +282,7 @@ async def test_a_linked_node_is_welcomed_acked_and_listed_with_its_link_state(ma
         async def depth_listed() -> bool:
             return bool(managed.listed(node_id)["link"]["outbox_depth"] == 7)
 
-        await _until(depth_listed, "the depth a heartbeat reported is listed")
+        await eventually_async(depth_listed, "the depth a heartbeat reported is listed")
         item = managed.listed(node_id)
         assert item["software_version"] == scaigrid.__version__  # hybrid_nodes, updated from the Hello
         assert item["link"]["connected"] is True and item["link"]["software_version"] == scaigrid.__version__
@@ -289,7 +292,7 @@ async def test_a_linked_node_is_welcomed_acked_and_listed_with_its_link_state(ma
         assert node_id in await registry.holders(redis)
         assert managed.metric("scaigrid_hybrid_links") >= 1
     async with redis_client(managed) as redis:
-        await _until(lambda: _gone(redis, node_id), "the registry entry is released")
+        await eventually_async(lambda: _gone(redis, node_id), "the registry entry is released")
     assert managed.listed(node_id)["link"]["connected"] is False
     events = [(line.get("event"), line.get("node_id")) for line in managed.grpc.log_lines()]
     assert ("hybrid_link_connected", node_id) in events and ("hybrid_link_disconnected", node_id) in events
@@ -322,7 +325,7 @@ async def test_the_config_snapshot_follows_welcome_and_every_change_and_what_the
         assert second.version == first.version + 1 and tenant["id"] in second.body_json
         await node.send(config_applied=link_pb2.ConfigApplied(version=second.version, ok=False,
                                                               error="references: tenant without partner"))
-        await _until(lambda: _logged(managed, "hybrid_config_rejected", node_id), "the rejection is logged")
+        await eventually_async(lambda: _logged(managed, "hybrid_config_rejected", node_id), "the rejection is logged")
         assert managed.listed(node_id)["link"]["config_version"] == first.version
     [rejected] = [line for line in managed.grpc.log_lines()
                   if line.get("event") == "hybrid_config_rejected" and line.get("node_id") == node_id]
@@ -346,7 +349,7 @@ def _routed_to(managed: Managed, node_id: str, node_model: str, **model: Any) ->
                                                        "routes": [{"backend": f"tun-{suffix}"}], **model})
     assert status == 201, answer
     # The http process reloads its catalogue when the change is announced, a moment after it answered.
-    wait_until(lambda: managed.api("GET", f"/v1/models/{slug}")[0] == 200, f"{slug} in the catalogue")
+    eventually(lambda: managed.api("GET", f"/v1/models/{slug}")[0] == 200, f"{slug} in the catalogue")
     return slug
 
 
@@ -559,7 +562,7 @@ async def test_a_tunnel_is_relayed_with_credit_and_a_stalled_one_holds_up_nothin
 
         stalled.cancel()
         assert (await node.expect("tunnel_cancel")).tunnel_cancel.tunnel_id == "req_stalled"
-    await _until(lambda: _zero(managed, "scaigrid_hybrid_tunnel_streams"), "no tunnel open")
+    await eventually_async(lambda: _zero(managed, "scaigrid_hybrid_tunnel_streams"), "no tunnel open")
 
 
 async def test_a_link_that_drops_ends_its_open_tunnels_with_link_lost(managed: Managed) -> None:
@@ -653,14 +656,6 @@ async def test_a_newer_link_replaces_the_older_one_across_replicas_and_sigterm_e
 
 
 # --- helpers ---
-
-async def _until(condition: Any, what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.1)
-
 
 async def _gone(redis: "aioredis.Redis", node_id: str) -> bool:
     return await registry.holder(redis, node_id) is None

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +32,12 @@ from scaigrid.db.tables import (
 )
 from scaigrid.errors import ScaigridError
 from scaigrid.hybrid import enrollment, mirror, outbox, snapshot, snapshot_schema
-from tests.accounting_fixtures import eventually
 from tests.accounting_fixtures import usage as usage_of
 from tests.backends import http_call, models_listed
-from tests.conftest import PORT_SETTINGS, ModeProcess, create_key, scaigrid, start_http
 from tests.identity import call
+from tests.support.env import PORT_SETTINGS, create_key
+from tests.support.processes import ModeProcess, scaigrid, start_http
+from tests.support.waiting import eventually, eventually_async
 
 
 @dataclass
@@ -124,14 +124,6 @@ async def _apply(node: NodeSide, node_id: str, snap: snapshot.Snapshot) -> None:
     await mirror.apply(node.engine, node_id, snap.version, snap.body_json, snap.sha256, redis=node.redis)
 
 
-def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
-    """Polls slowly: every poll is a request counted against the key's rate limit."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s} s"
-        time.sleep(0.3)
-
-
 async def _lock_waited(root: AsyncEngine) -> bool:
     async with root.connect() as conn:
         return bool(await conn.scalar(text("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS")))
@@ -174,7 +166,7 @@ async def test_a_snapshot_holds_only_the_nodes_tenants_and_its_version_moves_onl
         await holder.execute(select(hybrid_node_snapshots).where(
             hybrid_node_snapshots.c.node_id == managed.node_id).with_for_update())
         waiting = asyncio.create_task(snapshot.current(managed.engine, managed.node_id))
-        await eventually(lambda: _lock_waited(root), what="current() waiting for the lock")
+        await eventually_async(lambda: _lock_waited(root), "current() waiting for the lock")
         async with managed.engine.begin() as conn:
             await conn.execute(update(tenants).where(tenants.c.id == managed.allowed).values(name="Acme Europa"))
     await root.dispose()
@@ -240,14 +232,17 @@ async def test_a_node_serves_managed_keys_from_its_snapshot_and_refuses_those_ta
         await conn.execute(delete(api_keys).where(api_keys.c.id == managed.key_id))
     second = await snapshot.current(managed.engine, managed.node_id)
     await _apply(node_side, managed.node_id, second)
-    _until(lambda: http_call("GET", url + "/oai/v1/models", managed.key)[0] == 401, "the removed key refused")
+    # Slowly: every poll is a request counted against the key's rate limit.
+    eventually(lambda: http_call("GET", url + "/oai/v1/models", managed.key)[0] == 401, "the removed key refused",
+               interval_s=0.3)
     assert models_listed(url, managed.second_key) == {"acme/chat"}
     assert await mirror.applied(node_side.engine) == (2, second.sha256)
 
     async with managed.engine.begin() as conn:
         await snapshot.set_allowed_tenants(conn, managed.node_id, [])
     await _apply(node_side, managed.node_id, await snapshot.current(managed.engine, managed.node_id))
-    _until(lambda: http_call("GET", url + "/oai/v1/models", managed.second_key)[0] == 401, "the tenant switched off")
+    eventually(lambda: http_call("GET", url + "/oai/v1/models", managed.second_key)[0] == 401,
+               "the tenant switched off", interval_s=0.3)
     async with node_side.engine.connect() as conn:
         status = await conn.scalar(select(tenants.c.status).where(tenants.c.id == managed.allowed))
         offered = (await conn.scalars(select(models.c.slug))).all()

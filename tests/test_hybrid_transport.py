@@ -42,10 +42,11 @@ from tests.backends import (
     http_call,
     http_process,
     shared_env,
-    wait_until,
 )
-from tests.conftest import ModeProcess, create_key, start_http
 from tests.fake_managed import make_certificates
+from tests.support.env import create_key
+from tests.support.processes import ModeProcess, start_http
+from tests.support.waiting import eventually
 from tests.test_inference import buffered_usage
 
 NODE = "hn_" + "0" * 31 + "1"
@@ -156,6 +157,7 @@ class Relay(link_pb2_grpc.TunnelRelayServicer):
             return
         if behaviour == "held":
             deadline = time.monotonic() + HELD_S
+            # A node holding its stream open until the gateway cancels it, the behaviour under test; not a test's wait.
             while context.is_active() and time.monotonic() < deadline:
                 time.sleep(0.02)
             return
@@ -348,7 +350,7 @@ def test_a_tunnelled_stream_arrives_intact_and_the_relay_gets_what_the_node_need
     assert (scheme, identity.name, identity.scope) == ("Bearer", "hybrid-relay", HYBRID_RELAY)
 
     # The managed side accounts for the request under the id it gave the tunnel, with the node's token counts.
-    wait_until(lambda: request_id in buffered_usage(gateway.gateway), "the usage record")
+    eventually(lambda: request_id in buffered_usage(gateway.gateway), "the usage record")
     record = buffered_usage(gateway.gateway)[request_id]
     assert (record.backend_id, record.status, record.error_code, record.tokens_in, record.tokens_out) == (
         "tun-ok", "ok", None, RELAY_PROMPT_TOKENS, 3)
@@ -412,7 +414,7 @@ def test_a_client_that_goes_away_cancels_the_relay_call(gateway: Managed) -> Non
     first = next(iter(stream))
     assert first.choices[0].delta.content == "from "
     stream.close()
-    wait_until(lambda: bool(gateway.relay.opened) and gateway.relay.opened[0].cancelled.is_set(),
+    eventually(lambda: bool(gateway.relay.opened) and gateway.relay.opened[0].cancelled.is_set(),
                "the relay seeing the call cancelled", timeout_s=HELD_S / 2)
 
 
@@ -440,7 +442,7 @@ def test_a_tunnelled_request_keeps_the_managed_request_id_and_a_forged_token_doe
                                                         "X-Scaigrid-Tunnel-Id": tunnel_id,
                                                         ASSERTION_HEADER: gateway.assertion(tunnel_id)})
     assert (status, headers["X-Request-ID"]) == (200, tunnel_id)
-    wait_until(lambda: tunnel_id in buffered_usage(gateway.gateway), "the usage record under the tunnel id")
+    eventually(lambda: tunnel_id in buffered_usage(gateway.gateway), "the usage record under the tunnel id")
 
     forged = service_tokens.mint(Secret(secrets.token_hex(32)), protocol.LINK_SERVICE_NAME, 60, scope=HYBRID_LINK)
     # Another scope is not the link's, even under the link's name: only scope hybrid-link marks a tunnel.
@@ -498,7 +500,7 @@ def test_a_tunnelled_caller_is_only_who_a_valid_assertion_names(gateway: Managed
     assert tunnel_id not in buffered_usage(gateway.gateway)
     # A tenant_admin on the managed side is no more than the mirrored key's role here.
     assert tunnelled(other_id, gateway.assertion(other_id, role="tenant_admin"))[0] == 200
-    wait_until(lambda: other_id in buffered_usage(gateway.gateway), "the usage record")
+    eventually(lambda: other_id in buffered_usage(gateway.gateway), "the usage record")
     assert buffered_usage(gateway.gateway)[other_id].api_key_id == gateway.caller["api_key_id"]
 
 
@@ -530,7 +532,7 @@ def test_a_node_shows_its_link_program_state_and_stays_ok_without_it(
         assert status == 200, body
         return dict(json.loads(body))
 
-    wait_until(lambda: bool(health()["workers"]), "the worker's heartbeat", timeout_s=30)
+    eventually(lambda: bool(health()["workers"]), "the worker's heartbeat", timeout_s=30)
     reply = health()
     assert (reply["status"], reply["link"]) == ("ok", {"status": "link program not running"})
 

@@ -27,9 +27,10 @@ from tests.backends import (  # noqa: F401
     gateway_fixture,
     serving,
     shared_env,
-    wait_until,
 )
-from tests.conftest import create_key, http_get
+from tests.support.env import create_key
+from tests.support.http import http_get
+from tests.support.waiting import eventually
 
 STREAM_TIMEOUT_S = 3
 
@@ -174,7 +175,7 @@ async def test_a_client_that_disconnects_cancels_the_upstream_request(
     await asyncio.to_thread(seen.gone.wait, 10)
     assert seen.gone.is_set()
     # Recorded as an error, with the chunks it did get counted (this backend's usage chunk never came).
-    await asyncio.to_thread(wait_until, lambda: request_id in buffered_usage(gateway), "the cut stream's record")
+    await asyncio.to_thread(eventually, lambda: request_id in buffered_usage(gateway), "the cut stream's record")
     record = buffered_usage(gateway)[request_id]
     assert record.status == "error" and record.tokens_out >= 1
 
@@ -312,7 +313,7 @@ async def test_metrics_and_usage_records_account_for_each_request(
     async with session.post("/oai/v1/chat/completions", json={"model": "acme/slow", "messages": USER}) as response:
         failed_id = response.headers["X-Request-ID"]
     # Recorded once the client has its answer: wait for them.
-    await asyncio.to_thread(wait_until, lambda: {stream_id, quiet_id, failed_id} <= set(buffered_usage(gateway)),
+    await asyncio.to_thread(eventually, lambda: {stream_id, quiet_id, failed_id} <= set(buffered_usage(gateway)),
                             "three usage records")
     records = buffered_usage(gateway)
     streamed = records[stream_id]
@@ -344,7 +345,7 @@ async def test_a_backend_reporting_impossible_usage_cannot_stall_accounting(
     async with session.post("/v1/inference/chat", json={"model": "acme/liar", "messages": USER}) as response:
         assert response.status == 200
         request_id = response.headers["X-Request-ID"]
-    await asyncio.to_thread(wait_until, lambda: request_id in buffered_usage(gateway), "the usage record")
+    await asyncio.to_thread(eventually, lambda: request_id in buffered_usage(gateway), "the usage record")
     record = buffered_usage(gateway)[request_id]
     assert (record.tokens_in, record.tokens_out) == (2**31 - 1, 0)
     assert record.cost == Decimal(3 * (2**31 - 1)) / 1_000_000

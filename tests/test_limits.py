@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from appliance import devstack
-from tests.conftest import Node, create_key, scaigrid, start_http
 from tests.identity import call, tenant, user_with_key, users_with_keys
+from tests.support.env import Node, create_key
+from tests.support.processes import scaigrid, start_http
+from tests.support.waiting import eventually
 
 # Any authenticated route counts; this one is open to every role.
 PROBE = "/v1/accounting/usage?limit=1"
@@ -31,14 +33,15 @@ def probe(url: str, key: str) -> tuple[int, dict[str, str], dict[str, Any]]:
 def applied(url: str, key: str, limit: str) -> int:
     """Probes until the process applies `limit` (a change is announced, not awaited); returns the admitted probes."""
     admitted = 0
-    deadline = time.monotonic() + 2
-    while True:
+
+    def applying() -> str | None:
+        nonlocal admitted
         status, headers, _ = probe(url, key)
         admitted += status == 200
-        if headers["X-Scaigrid-Ratelimit-Limit"] == limit:
-            return admitted
-        assert time.monotonic() < deadline, f"{url} still applies {headers['X-Scaigrid-Ratelimit-Limit']}, not {limit}"
-        time.sleep(0.01)
+        return None if headers["X-Scaigrid-Ratelimit-Limit"] != limit else limit
+
+    eventually(applying, f"{url} applying the limit {limit}", 2, interval_s=0.01)
+    return admitted
 
 
 def key_id(node: Node, key: str) -> str:

@@ -6,12 +6,12 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 
 from appliance import devstack
 from tests.appliance_stack import PORT_KEYS
-from tests.conftest import REPO
+from tests.support.processes import REPO
+from tests.support.waiting import eventually
 
 
 def test_make_run_serves_https_with_a_bootstrap_key_and_ctrl_c_stops_it(tmp_path):
@@ -23,11 +23,11 @@ def test_make_run_serves_https_with_a_bootstrap_key_and_ctrl_c_stops_it(tmp_path
                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                env={"PATH": os.environ["PATH"], **ports})
     try:
-        deadline = time.monotonic() + 100
-        while "Ctrl-C stops everything" not in output.read_text():
+        def ready() -> bool:
             assert run.poll() is None, output.read_text()
-            assert time.monotonic() < deadline, output.read_text()
-            time.sleep(0.2)
+            return "Ctrl-C stops everything" in output.read_text()
+
+        eventually(ready, "make run ready", 100, interval_s=0.2, context=output.read_text)
         text = output.read_text()
         url = f"https://127.0.0.1:{ports['HTTPS_PORT']}"
         assert url in text

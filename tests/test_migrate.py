@@ -2,16 +2,19 @@
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
-import time
 
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from appliance import devstack
 from scaigrid.db import migrations
 from scaigrid.modules import load_modules
-from tests.conftest import REPO, command_env, scaigrid
+from tests.support.database import Template
+from tests.support.processes import REPO, command_env, scaigrid
+from tests.support.waiting import eventually
 
 CORE_HEAD = migrations.CORE.heads()[0]
 
@@ -34,6 +37,28 @@ async def _scalar(url: str, sql: str) -> object:
         await engine.dispose()
 
 
+async def _contents(url: str) -> dict[str, object]:
+    """Each table's (and view's) SHOW CREATE TABLE and rows, without the ids and times a migrate run picks itself."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            tables = sorted((await conn.execute(text("SHOW FULL TABLES"))).tuples())
+            contents: dict[str, object] = {"tables": tables}
+            for table, _ in tables:
+                contents[f"ddl {table}"] = (await conn.execute(text(f"SHOW CREATE TABLE `{table}`"))).one()[1]
+                rows = (await conn.execute(text(f"SELECT * FROM `{table}`"))).mappings()
+                contents[f"rows {table}"] = sorted(repr(sorted(
+                    (column, value) for column, value in row.items()
+                    if column != "id" and not column.endswith(("_id", "_at")))) for row in rows)
+            contents["triggers"] = (await conn.execute(text(
+                "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"))).all()
+            contents["routines"] = (await conn.execute(text(
+                "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE()"))).all()
+            return contents
+    finally:
+        await engine.dispose()
+
+
 CORE_TABLES = {"partners", "tenants", "users", "api_keys", "alembic_version"}
 BUNKER_TABLES = {"mod_scaibunker_storage_audit", "mod_scaibunker_capabilities", "alembic_version_mod_scaibunker"}
 
@@ -48,6 +73,22 @@ def test_migrate_on_empty_database_creates_core_module_and_default_tenant(env):
     assert asyncio.run(_scalar(env["DATABASE_URL"],
                                "SELECT COUNT(*) FROM tenants t JOIN partners p ON p.id = t.partner_id "
                                "WHERE t.slug = 'default' AND p.slug = 'default'")) == 1
+
+
+def test_a_copy_of_the_session_template_is_what_migrate_makes(env, mariadb: devstack.MariaDB,
+                                                              database_template: Template):
+    """migrated_env copies the template instead of migrating: the copy must hold exactly what migrate makes."""
+    assert scaigrid("migrate", env=env).returncode == 0
+    name = "c_" + secrets.token_hex(6)
+    copy_url = mariadb.create_database(name, name, secrets.token_hex(12))
+    try:
+        database_template.copy_into(copy_url)
+        copied, migrated = asyncio.run(_contents(copy_url)), asyncio.run(_contents(env["DATABASE_URL"]))
+    finally:
+        mariadb.drop_database(name)
+    assert copied == migrated
+    assert len(copied["tables"]) > 10 and "FOREIGN KEY" in str(copied["ddl tenants"])
+    assert copied["rows tenants"] and copied["rows alembic_version"]
 
 
 def test_rerun_is_a_no_op(env):
@@ -109,11 +150,17 @@ class LockHolder:
         self.client.stdout.close()
 
 
+# The sessions (of this test's user: the migrate runs) waiting in migrate's GET_LOCK; not this query's own.
+LOCK_WAITERS = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                "WHERE ID <> CONNECTION_ID() AND INFO LIKE 'SELECT GET\\_LOCK(%'")
+
+
 def test_two_concurrent_migrate_runs_are_serialised(env, mariadb):
     with LockHolder(mariadb, env["DATABASE_URL"]):
         runs = [subprocess.Popen([sys.executable, "-m", "scaigrid", "migrate"], env=command_env(env), cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-        time.sleep(3)
+        eventually(lambda: asyncio.run(_scalar(env["DATABASE_URL"], LOCK_WAITERS)) == 2,
+                   "both runs waiting for the migrate lock", interval_s=0.1)
         assert [run.poll() for run in runs] == [None, None]
         assert "partners" not in asyncio.run(_tables(env["DATABASE_URL"]))  # nobody got past the lock
     outputs = [run.communicate(timeout=60)[0] for run in runs]

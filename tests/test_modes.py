@@ -8,21 +8,14 @@ import urllib.request
 from http.client import IncompleteRead
 
 import grpc
-import pytest
 import redis as sync_redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from appliance import devstack
-from tests.conftest import http_get, http_ok, scaigrid
 from tests.modules import probe
-
-
-@pytest.fixture
-def migrated_env(env):
-    result = scaigrid("migrate", env=env)
-    assert result.returncode == 0, result.stdout
-    return env
+from tests.support.http import http_get, http_ok
+from tests.support.processes import scaigrid
 
 
 def metrics_text(port: int) -> str:
@@ -89,14 +82,17 @@ def test_http_drains_an_in_flight_stream_before_exiting(start_mode, migrated_env
     http.wait_for(lambda: http_ok(base + "/health/ready"), what="ready")
 
     received: list[bytes] = []
+    streaming = threading.Event()
 
     def stream() -> None:
         with urllib.request.urlopen(base + "/v1/modules/probe/slow?seconds=3", timeout=30) as response:
-            received.extend(response.read().splitlines())
+            first = response.read(1)
+            streaming.set()
+            received.extend((first + response.read()).splitlines())
 
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.5)
+    assert streaming.wait(10), "the stream's first byte never came"
     http.send(signal.SIGTERM)
     http.wait_for(lambda: http_get(base + "/health/ready")[0] == 503, what="readiness 503 while draining")
     status, _, body = http_get(base + "/v1/modules/probe/slow?seconds=1")
@@ -116,16 +112,20 @@ def test_http_cuts_a_stream_that_outlives_the_grace(start_mode, migrated_env):
     http = start_mode("http", env)
     http.wait_for(lambda: http_ok(base + "/health"), what="live")
     outcome: list[object] = []
+    streaming = threading.Event()
 
     def stream() -> None:
         try:
-            outcome.append(http_get(base + "/v1/modules/probe/slow?seconds=30", timeout_s=30))
+            with urllib.request.urlopen(base + "/v1/modules/probe/slow?seconds=30", timeout=30) as response:
+                response.read(1)
+                streaming.set()
+                outcome.append(response.read())
         except Exception as exc:  # the cut shows as an incomplete read
             outcome.append(exc)
 
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.5)
+    assert streaming.wait(10), f"the stream's first byte never came: {outcome}"
     started = time.monotonic()
     assert http.stop() == 0
     assert time.monotonic() - started < 15  # bounded by the grace, not by the 30 s stream

@@ -26,8 +26,9 @@ from appliance.config import Appliance
 from appliance.local import child_env
 from appliance.programs import NGINX
 from tests.appliance_stack import PORT_KEYS, ApplianceStack, devstack_client, start_stack
-from tests.backends import catalogue_toml, wait_until
+from tests.backends import catalogue_toml
 from tests.nginx_upstreams import EchoSocket, ScheduledStream
+from tests.support.waiting import eventually
 
 MiB = 1024 * 1024
 LIMIT_BYTES = 10 * MiB  # STORAGE_MAX_OBJECT_BYTES of this module's stack: small, so uploading past it is cheap
@@ -263,7 +264,7 @@ def stream_key(stack: ApplianceStack, scheduled: ScheduledStream, tmp_path_facto
         status, _, body = request(stack, "GET", "/oai/v1/models", key=key)
         return status == 200 and STREAM_MODEL in {item["id"] for item in json.loads(body)["data"]}
 
-    wait_until(listed, "the http process serving the applied catalogue")
+    eventually(listed, "the http process serving the applied catalogue")
     return key
 
 
@@ -316,7 +317,7 @@ def nginx_alone(tmp_path_factory: pytest.TempPathFactory, echo: EchoSocket) -> I
             return probe.connect_ex(("127.0.0.1", appliance.config.https_port)) == 0
 
     try:
-        wait_until(listening, "nginx listening")
+        eventually(listening, "nginx listening")
         yield appliance
     finally:
         process.send_signal(signal.SIGTERM)

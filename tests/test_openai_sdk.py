@@ -8,7 +8,7 @@ import pytest
 from appliance import devstack
 from tests.backends import FakeBackend, Gateway, backend, chat_model, fake_fixture, gateway_fixture, serving, shared_env  # noqa: F401
 from tests.catalogue_fixtures import add_tenant
-from tests.conftest import create_key
+from tests.support.env import create_key
 
 
 @pytest.fixture(scope="module")

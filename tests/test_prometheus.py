@@ -15,7 +15,8 @@ import yaml
 from appliance import devstack
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack
-from tests.backends import FakeBackend, catalogue_toml, wait_until
+from tests.backends import FakeBackend, catalogue_toml
+from tests.support.waiting import eventually
 
 PROMETHEUS = "/usr/bin/prometheus"
 MODEL = "scraped-chat"
@@ -67,7 +68,7 @@ def prometheus(appliance_stack: ApplianceStack, tmp_path_factory: pytest.TempPat
             stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: answers(f"{url}/-/ready") or process.poll() is not None, "prometheus ready", 60)
+        eventually(lambda: answers(f"{url}/-/ready") or process.poll() is not None, "prometheus ready", 60)
         assert process.poll() is None, devstack.log_tail(directory / "prometheus.log")
         yield url
     finally:
@@ -104,7 +105,7 @@ def test_prometheus_scrapes_every_program_through_nginx(appliance_stack: Applian
                                         [{"slug": MODEL, "modality": "chat", "routes": [{"backend": "fake"}]}]))
     scaigrid_cli(appliance_stack, "admin", "apply", str(catalogue))
     key = scaigrid_cli(appliance_stack, "admin", "create-key", "--role", "tenant_user")
-    wait_until(lambda: chat(appliance_stack, key) == 200, "a chat completion through nginx", 30)
+    eventually(lambda: chat(appliance_stack, key) == 200, "a chat completion through nginx", 30)
     programs = [row["name"] for row in json.loads(appliance_stack.cli("status", "--json").stdout)["programs"]]
     scraped_programs = [name for name in programs if name != "nginx"]  # nginx is the way in, not a target
 
@@ -115,7 +116,7 @@ def test_prometheus_scrapes_every_program_through_nginx(appliance_stack: Applian
                 and len(query(prometheus, RUNNING_BY_PROGRAM)) == len(programs))
 
     try:
-        wait_until(scraped, "every target scraped", SCRAPED_TIMEOUT_S)
+        eventually(scraped, "every target scraped", SCRAPED_TIMEOUT_S)
     except AssertionError:
         print(json.dumps(api(prometheus, "targets")["activeTargets"], indent=1))  # each target's lastError
         raise

@@ -3,8 +3,8 @@ outrank the caller, tenants and partners are changed only from above, and a budg
 
 from typing import Any
 
-from tests.conftest import Node
 from tests.identity import Reply, call, tenant, user_with_key, users_with_keys
+from tests.support.env import Node
 
 MONTHLY_COST = {"scope": "tenant", "period": "monthly", "limit_type": "cost", "limit_value": "100"}
 

@@ -26,10 +26,11 @@ from tests.backends import (  # noqa: F401
     models_listed,
     shared_env,
     two_http_processes,
-    wait_until,
 )
 from tests.catalogue_fixtures import add_tenant
-from tests.conftest import create_key, http_get
+from tests.support.env import create_key
+from tests.support.http import http_get
+from tests.support.waiting import eventually
 
 BREAKER_OPEN_S = 2
 
@@ -190,16 +191,17 @@ def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fa
     assert 'scaigrid_backend_health{backend_id="flaky"} 0.0' in metrics
 
     # After BREAKER_OPEN_S one trial goes through; it fails, so the breaker opens again.
-    wait_until(lambda: pair.chat("r/flaky", process=1)[0] == 502, "a failed trial", timeout_s=BREAKER_OPEN_S + 5)
+    eventually(lambda: pair.chat("r/flaky", process=1)[0] == 502, "a failed trial", timeout_s=BREAKER_OPEN_S + 5)
     assert len(fake.requests_for("flaky-model")) == 3
     assert pair.health("flaky")[1]["data"]["state"] == "open"
 
     # The backend recovers, slowly: while its trial runs on B, A sends it nothing.
     fake.behaviours["flaky-model"] = "slow-1.5"
     opened_until = datetime.fromisoformat(pair.health("flaky")[1]["data"]["opened_until"]).timestamp()
-    time.sleep(max(0.0, opened_until - time.time()) + 1)  # the times shown are whole seconds
+    # Waits out the breaker's open window, the behaviour under test; plus 1 s as the times shown are whole seconds.
+    time.sleep(max(0.0, opened_until - time.time()) + 1)
     trial, outcome = _trial_in_background(pair, process=1)
-    wait_until(lambda: pair.health("flaky")[1]["data"]["state"] == "half_open", "half-open")
+    eventually(lambda: pair.health("flaky")[1]["data"]["state"] == "half_open", "half-open")
     status, reply = pair.chat("r/flaky", process=0)
     assert (status, reply["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
     trial.join(10)
@@ -207,7 +209,7 @@ def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fa
     assert len(fake.requests_for("flaky-model")) == 4
     status, health = pair.health("flaky", process=0)
     assert (health["data"]["state"], health["data"]["consecutive_failures"]) == ("closed", 0)
-    wait_until(lambda: pair.chat("r/flaky", process=0)[0] == 200, "closed on A too")
+    eventually(lambda: pair.chat("r/flaky", process=0)[0] == 200, "closed on A too")
     metrics = http_get(pair.urls[0] + "/metrics")[2].decode()
     assert 'scaigrid_circuit_breaker_state{backend_id="flaky"} 0.0' in metrics
 
@@ -244,6 +246,6 @@ def test_every_process_follows_an_applied_catalogue_change(pair: Pair, fake: Fak
     apply(pair.env, tmp_path / "more.toml", [backend("late", fake, "late-model")],
           [chat_model("r/late", [("late", 1, 1)])])
     for url in pair.urls:
-        wait_until(lambda url=url: "r/late" in models_listed(url, pair.user), f"r/late listed at {url}")
+        eventually(lambda url=url: "r/late" in models_listed(url, pair.user), f"r/late listed at {url}")
     assert pair.chat("r/late", process=1)[0] == 200
     assert [r.body["model"] for r in fake.received] == ["late-model"]

@@ -41,9 +41,10 @@ from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     http_process,
     serving,
     shared_env,
-    wait_until,
 )
-from tests.conftest import REPO, ModeProcess, command_env, create_key, scaigrid
+from tests.support.env import create_key
+from tests.support.processes import REPO, ModeProcess, command_env, scaigrid
+from tests.support.waiting import eventually
 from tests.test_inference import buffered_usage
 from tests.tls import TestCA
 
@@ -234,7 +235,7 @@ def test_heartbeats_register_the_node_and_it_is_listed_for_platform_operators(cl
     assert (node["capacity"], node["load"], node["version"]) == (8, 1, "test-node 1.0")
     assert node["heartbeat_age_s"] < 1.5
     first = node["last_heartbeat_at"]
-    wait_until(lambda: cluster.listed()["node-a"]["last_heartbeat_at"] != first, "a later heartbeat stored")
+    eventually(lambda: cluster.listed()["node-a"]["last_heartbeat_at"] != first, "a later heartbeat stored")
 
     # Nodes are shared infrastructure: a tenant admin (who holds admin:access for its tenant) may not list them.
     status, _, body = http_call("GET", cluster.gateway.url + "/v1/infra/nodes", create_key(cluster.env, "tenant_admin"))
@@ -251,17 +252,17 @@ def test_heartbeats_register_the_node_and_it_is_listed_for_platform_operators(cl
 async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_skipped(cluster: Cluster) -> None:
     with cluster.node("node-c", "ok") as node_c:
         await asyncio.to_thread(serving_node, node_c)
-        await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 200,
+        await asyncio.to_thread(eventually, lambda: chat(cluster, "local/node-c")[0] == 200,
                                 "node-c reachable through the gateway")
         node_c.process.send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no answer
         try:
-            await asyncio.to_thread(wait_until, lambda: cluster.listed()["node-c"]["health"] == "warning",
+            await asyncio.to_thread(eventually, lambda: cluster.listed()["node-c"]["health"] == "warning",
                                     "node-c warning", 5)
-            await asyncio.to_thread(wait_until, lambda: cluster.listed()["node-c"]["health"] == "stale",
+            await asyncio.to_thread(eventually, lambda: cluster.listed()["node-c"]["health"] == "stale",
                                     "node-c stale", 6)
             # Once the directory has seen it stale, it is not called at all: MODEL_UNAVAILABLE, not a timeout,
             # and its breaker counts nothing.
-            await asyncio.to_thread(wait_until, lambda: chat(cluster, "local/node-c")[0] == 503, "node-c skipped", 5)
+            await asyncio.to_thread(eventually, lambda: chat(cluster, "local/node-c")[0] == 503, "node-c skipped", 5)
             status, _, body = chat(cluster, "local/node-c")
             assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
             assert cluster.breaker("c-ok")["consecutive_failures"] == 0
@@ -284,14 +285,14 @@ async def test_a_node_that_stops_heartbeating_turns_warning_then_stale_and_is_sk
 def test_a_node_that_restarts_on_another_port_is_called_there(cluster: Cluster) -> None:
     with cluster.node("node-m", "ok") as first:
         serving_node(first)
-        wait_until(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable through the gateway")
+        eventually(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable through the gateway")
         first_endpoint = cluster.listed()["node-m"]["endpoint"]
     # Gone (killed): once stale it is skipped, so no request tries the dead endpoint meanwhile.
-    wait_until(lambda: cluster.listed()["node-m"]["health"] == "stale", "node-m stale", 6)
+    eventually(lambda: cluster.listed()["node-m"]["health"] == "stale", "node-m stale", 6)
     with cluster.node("node-m", "ok") as second:
         serving_node(second)
         assert cluster.listed()["node-m"]["endpoint"] != first_endpoint
-        wait_until(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable on its new port")
+        eventually(lambda: chat(cluster, "local/moving")[0] == 200, "node-m reachable on its new port")
         status, headers, body = chat(cluster, "local/moving", stream=True)
         assert status == 200 and sse_events(body)[-1] == (None, "[DONE]")
     assert headers["X-Request-ID"] in cluster.node_request_ids()
@@ -445,7 +446,7 @@ def test_a_node_without_tls_or_with_a_certificate_of_another_ca_is_never_sent_a_
     with cluster.node(node_id, "ok", tls=tls) as node:
         serving_node(node)
         # Until the gateway's directory has read the node's heartbeat, the model has no usable backend (503).
-        wait_until(lambda: chat(cluster, model)[0] != 503, f"{node_id} known to the gateway")
+        eventually(lambda: chat(cluster, model)[0] != 503, f"{node_id} known to the gateway")
         status, _, body = chat(cluster, model)
     # The handshake fails before any request is written: the call and its node credential never leave the gateway.
     assert (status, json.loads(body)["error"]["code"]) == (502, "BACKEND_ERROR"), body
@@ -460,7 +461,7 @@ def test_plaintext_to_nodes_takes_the_explicit_opt_in_and_says_so_in_the_log(clu
     body = {"model": "local/plaintext-opt-in", "messages": USER}
     with (cluster.node("node-q", "ok", tls="plaintext") as node, http_process(env, tmp_path / "http.log") as http):
         serving_node(node)
-        wait_until(lambda: http_call("POST", url, cluster.gateway.key, body)[0] == 200, "node-q called in plaintext")
+        eventually(lambda: http_call("POST", url, cluster.gateway.key, body)[0] == 200, "node-q called in plaintext")
     assert [call["client_cn"] for call in cluster.node_calls() if call["node"] == "node-q"] == [None]
     warnings = [line for line in http.log_path.read_text().splitlines() if '"scaiinfer_plaintext"' in line]
     assert len(warnings) == 1 and "in clear" in warnings[0]
@@ -492,7 +493,7 @@ def test_streamed_and_whole_answers_from_a_node_natively_with_usage_from_the_nod
     assert calls[whole_id]["model"] == "ok" and calls[whole_id]["authorized"] is True
     assert calls[whole_id]["max_tokens"] == 50 and calls[whole_id]["messages"] == [["user", "three words here"]]
 
-    wait_until(lambda: {streamed_id, whole_id} <= set(buffered_usage(cluster.gateway)), "usage records")
+    eventually(lambda: {streamed_id, whole_id} <= set(buffered_usage(cluster.gateway)), "usage records")
     records = buffered_usage(cluster.gateway)
     for request_id in (streamed_id, whole_id):
         record = records[request_id]

@@ -11,9 +11,10 @@ import pytest
 from jose import jwt
 
 from appliance import devstack
-from tests.conftest import Node, create_key, start_http
 from tests.identity import call, tenant, user_with_key
 from tests.scaikey import AUDIENCE, ISSUER, ScaiKey, make_key
+from tests.support.env import Node, create_key
+from tests.support.processes import start_http
 
 MIN_REFETCH_S = 2
 LEEWAY_S = 30
@@ -123,7 +124,7 @@ def test_key_rotation_refetches_the_jwks_sparingly(sk_node, scaikey, acme):
     assert scaikey.fetches == 1
 
     new_key = scaikey.rotate("k2")
-    time.sleep(MIN_REFETCH_S)
+    time.sleep(MIN_REFETCH_S)  # waits out the JWKS refetch interval, the behaviour under test
     assert call(sk_node.url, "GET", "/v1/api-keys", scaikey.token("sk-alice", key=new_key)).status == 200
     assert scaikey.fetches == 2
     for _ in range(5):

@@ -8,7 +8,7 @@ import pytest
 from appliance import devstack
 from scaigrid.resources import redis_ctx
 from scaigrid.settings import ConfigError, entries, load_settings, parse_redis_url
-from tests.conftest import REPO, scaigrid
+from tests.support.processes import REPO, scaigrid
 
 MINIMAL = {"DATABASE_URL": "mysql+asyncmy://scaigrid:s3cr3t-pw@db.example:3306/scaigrid",
            "REDIS_URL": "redis://:r3dis-pw@redis.example:6379/0"}

@@ -28,15 +28,18 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from appliance import devstack
 from scaigrid.auth import service_tokens
+from scaigrid.clock import utc_now
 from scaigrid.modules.scaibunker import capabilities
 from scaigrid.modules.scaibunker.tables import capabilities as capability_rows
 from scaigrid.modules.scaibunker.tables import metadata as module_metadata
 from scaigrid.modules.scaibunker.tables import storage_audit
 from scaigrid.settings import Secret
-from tests.accounting_fixtures import eventually
 from tests.backends import shared_env
-from tests.conftest import REPO, ModeProcess, command_env, create_key, http_get, http_ok, s3_client, scaigrid
 from tests.identity import call, tenant
+from tests.support.env import create_key, s3_client
+from tests.support.http import http_get, http_ok
+from tests.support.processes import REPO, ModeProcess, command_env, scaigrid
+from tests.support.waiting import eventually_async
 
 MiB = 1024 * 1024
 LIMIT_BYTES = 12 * MiB  # STORAGE_MAX_OBJECT_BYTES of this module's node
@@ -387,12 +390,15 @@ async def test_writes_are_audited_and_expired_capabilities_purged(storage):
                                                storage_audit.c.size_bytes).where(
                 storage_audit.c.object_key.like("%/audit/one")).order_by(storage_audit.c.action.desc()))).all()
             assert [(a, s) for a, _, s in audit] == [("put", 5), ("delete", None)]
-            assert (await conn.scalar(select(capability_rows.c.id).where(capability_rows.c.id == short["id"])))
+            expires_at = await conn.scalar(select(capability_rows.c.expires_at).where(
+                capability_rows.c.id == short["id"]))
+            assert expires_at is not None
         # The proxy has no database: its writes are in its log.
         puts = [line for line in storage.proxy.log_lines() if line.get("event") == "storage_put"]
         assert any(str(line.get("object_key", "")).endswith("/audit/two") and line["size_bytes"] == 2 for line in puts)
 
-        await asyncio.sleep(1.1)
+        # Its one-second TTL has to run out: the purge compares expires_at with the clock, as here.
+        await eventually_async(lambda: utc_now() > expires_at, "the short capability expired", interval_s=0.1)
         result = scaigrid("job", "run", "scaibunker_capabilities_purge", env=storage.env)
         assert result.returncode == 0, result.stdout + result.stderr
         async with engine.connect() as conn:
@@ -582,7 +588,7 @@ async def test_a_stalled_upload_is_cut_and_frees_its_slot(storage, start_mode):
         async def slot_free() -> bool:
             return await head_status() != 503
 
-        await eventually(slot_free, timeout_s=30, what="the stalled upload's slot freed", interval_s=0.2)
+        await eventually_async(slot_free, "the stalled upload's slot freed", timeout_s=30, interval_s=0.2)
         assert await head_status() == 404  # nothing of the stalled upload was stored
         never.set()
         with contextlib.suppress(aiohttp.ClientError):
@@ -654,13 +660,10 @@ async def test_a_download_stalled_in_s3_frees_its_thread_when_the_client_leaves(
                 # The first chunk arrives; the proxy's thread then waits in its read of the second, which stalls.
                 # Leaving with the body unread closes the connection.
                 assert response.status == 200 and len(await response.content.readexactly(8 * MiB)) == 8 * MiB
-            deadline = time.monotonic() + 20
-            while True:
+            async def served() -> int | None:
                 async with session.head(f"{base}{STORAGE}/objects/stall/other", headers=auth) as response:
-                    if response.status != 503:
-                        break
-                assert time.monotonic() < deadline, "the stalled download kept the only thread"
-                await asyncio.sleep(0.1)
+                    return None if response.status == 503 else response.status
+
             # Served while S3 still stalls (it does for 60 s): the thread is free, and the proxy was never blocked.
-            assert response.status == 404 and time.monotonic() < deadline
+            assert await eventually_async(served, "the stalled download's thread freed", 20, interval_s=0.1) == 404
         assert proxy.stop() == 0

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from tests.conftest import Node, create_key, start_http
 from tests.identity import call, tenant, user_with_key, webhook
+from tests.support.env import Node, create_key
+from tests.support.processes import start_http
 
 WEBHOOK_SECRET = "whsec_" + secrets.token_hex(16)
 

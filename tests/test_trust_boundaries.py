@@ -54,9 +54,9 @@ from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     fake_fixture,
     http_process,
     shared_env,
-    wait_until,
 )
-from tests.conftest import create_key
+from tests.support.env import create_key
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -229,7 +229,7 @@ def eventually_served(world: Node, t: Target) -> None:
     def served() -> bool:
         answer = send(world.url, "GET", "/oai/v1/models", token=t.setter_key)
         return answer.status == 200 and {t.chat_model, t.embed_model} <= {m["id"] for m in answer.body["data"]}
-    wait_until(served, f"{t.slug}'s models served", timeout_s=30)
+    eventually(served, f"{t.slug}'s models served", timeout_s=30)
 
 
 # --- the table ---

@@ -26,10 +26,12 @@ from scaigrid.db.tables import webhook_deliveries, webhook_events, webhooks
 from scaigrid.resources import database_ctx
 from scaigrid.settings import Secret, Settings, load_settings
 from scaigrid.webhooks import delivery, outbox
-from tests.accounting_fixtures import eventually, ledger_for, start_worker, usage
+from tests.accounting_fixtures import ledger_for, start_worker, usage
 from tests.backends import GATEWAY_SETTINGS, FakeBackend, backend, chat_model, http_call, serving
-from tests.conftest import ModeProcess, Node, create_key, start_http
 from tests.identity import Reply, call, tenant, user_with_key
+from tests.support.env import Node, create_key
+from tests.support.processes import ModeProcess, start_http
+from tests.support.waiting import eventually_async
 from tests.webhook_receiver import Receiver
 
 ALLOW_PRIVATE = {"WEBHOOK_ALLOW_PRIVATE_TARGETS": "true", **GATEWAY_SETTINGS}
@@ -484,7 +486,7 @@ async def test_budget_events_are_emitted_once(hooks_node: Node, receiver: Receiv
         async def both_stored() -> bool:
             return await stored_types() == ["budget.hard_limit_reached", "budget.soft_limit_reached"]
 
-        await eventually(both_stored, what="budget events stored")
+        await eventually_async(both_stored, "budget events stored")
         clock = Clock(utc_now() + timedelta(seconds=1))
         assert await delivery.deliver_due(ledger.engine, settings, session, clock) == 2
     arrivals = receiver.arrived("money")

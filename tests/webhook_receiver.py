@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.waiting import eventually
 from tests.threaded_server import ThreadedServer
 
 
@@ -73,7 +74,7 @@ class Receiver(ThreadedServer):
         if behaviour == "hang":
             await asyncio.get_running_loop().run_in_executor(None, self.release.wait)
         if match := re.fullmatch(r"slow-(\d+)", behaviour):
-            await asyncio.sleep(int(match[1]) / 1000)
+            await asyncio.sleep(int(match[1]) / 1000)  # a slow receiver is the behaviour asked for
         return web.json_response({"received": True})
 
     def arrived(self, name: str) -> list[Arrival]:
@@ -81,8 +82,4 @@ class Receiver(ThreadedServer):
             return [arrival for arrival in self.arrivals if arrival.name == name]
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not reached in {timeout_s} s; arrived: {self.arrivals}")
-            time.sleep(0.05)
+        eventually(condition, what, timeout_s, context=lambda: f"arrived: {self.arrivals}")

@@ -25,7 +25,7 @@ async def slow_stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     for i in range(int(seconds / 0.2)):
         await response.write(f"data: {i}\n\n".encode())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the stream's pace is what this route offers, not an ordering wait
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

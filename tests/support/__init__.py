@@ -1,0 +1,1 @@
+"""Helpers the tests share: waiting for events, `scaigrid` subprocesses, HTTP, node settings, databases."""
