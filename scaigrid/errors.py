@@ -147,6 +147,11 @@ def storage_object_too_large(limit_bytes: int) -> ScaigridError:
                          "STORAGE_OBJECT_TOO_LARGE", 413)
 
 
+def request_too_large(limit_bytes: int) -> ScaigridError:
+    """The code nginx answers with too (its @request_too_large), so a client sees one error whoever refused."""
+    return ScaigridError(f"the request body exceeds the limit of {limit_bytes} bytes", "REQUEST_TOO_LARGE", 413)
+
+
 def storage_range_not_satisfiable() -> ScaigridError:
     return ScaigridError("the requested range lies outside the object", "STORAGE_RANGE_NOT_SATISFIABLE", 416)
 

@@ -13,6 +13,8 @@ The `model` a request names selects the behaviour (or `FakeBackend.behaviours[mo
   slow-S             sleeps S seconds, then answers like ok
   garbage            HTTP 200 whose body is not JSON
   liar               answers like ok, with a usage no real call has (2**40 tokens in, -5 out)
+The media routes (images, audio transcriptions and speech) answer in OpenAI's formats; a transcription's form is
+recorded as its fields, with `file` as {filename, content_type, size}.
 Every request is recorded (path, body, Authorization) with an event set when its client went away.
 """
 
@@ -36,7 +38,7 @@ from typing import Any
 import openai
 import pytest
 import redis as sync_redis
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from appliance import devstack
 from tests.support.env import create_key, node_env, s3_client
@@ -47,6 +49,10 @@ from tests.threaded_server import ThreadedServer
 PROMPT_TOKENS = 11
 CREATED = 1_700_000_000
 EMBEDDING_DIMENSIONS = 4
+TRANSCRIPT = "hello from the audio"
+AUDIO_SECONDS = 3  # what a transcription says the audio lasted (usage.seconds, duration, the last cue)
+SPEECH_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                        "wav": "audio/wav", "pcm": "audio/pcm"}
 REFUSAL_TEXT = "the internal host 10.9.8.7 says: bad request"  # what a backend's 400 says ("refuse")
 
 
@@ -86,7 +92,10 @@ class FakeBackend(ThreadedServer):
         self.gate.set()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/chat/completions", self._chat), web.post("/v1/embeddings", self._embeddings)]
+        return [web.post("/v1/chat/completions", self._chat), web.post("/v1/embeddings", self._embeddings),
+                web.post("/v1/images/generations", self._images),
+                web.post("/v1/audio/transcriptions", self._transcriptions),
+                web.post("/v1/audio/speech", self._speech)]
 
     def requests_for(self, model: str) -> list[Received]:
         return [r for r in self.received if r.body.get("model") == model]
@@ -189,6 +198,82 @@ class FakeBackend(ThreadedServer):
                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         finally:
             received.finished.set()
+
+
+    async def _images(self, request: web.Request) -> web.StreamResponse:
+        received, behaviour = await self._record(request)
+        try:
+            if (refusal := await self._refusal(behaviour)) is not None:
+                return refusal
+            body = received.body
+            data: list[dict[str, Any]] = []
+            for index in range(int(body.get("n") or 1)):
+                if body.get("response_format") == "b64_json":
+                    data.append({"b64_json": base64.b64encode(image_bytes(index)).decode(),
+                                 "revised_prompt": "revised: " + body["prompt"]})
+                else:
+                    data.append({"url": f"https://images.example/{index}.png"})
+            return web.json_response({"created": CREATED, "data": data})
+        finally:
+            received.finished.set()
+
+    async def _transcriptions(self, request: web.Request) -> web.StreamResponse:
+        fields: dict[str, Any] = {}
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, BodyPartReader)
+            if part.filename is not None:
+                content = await part.read()
+                fields[str(part.name)] = {"filename": part.filename, "size": len(content),
+                                          "content_type": part.headers.get("Content-Type")}
+            else:
+                fields[str(part.name)] = await part.text()
+        received = Received(request.path, fields, request.headers.get("Authorization"))
+        self.received.append(received)
+        behaviour = self.behaviours.get(str(fields.get("model")), str(fields.get("model")))
+        try:
+            if (refusal := await self._refusal(behaviour)) is not None:
+                return refusal
+            fmt = fields.get("response_format") or "json"
+            if fmt == "text":
+                return web.Response(text=TRANSCRIPT + "\n", content_type="text/plain")
+            if fmt in ("srt", "vtt"):
+                comma = "," if fmt == "srt" else "."
+                cue = f"00:00:00{comma}000 --> 00:00:0{AUDIO_SECONDS}{comma}000\n{TRANSCRIPT}\n\n"
+                return web.Response(text=("1\n" + cue) if fmt == "srt" else "WEBVTT\n\n" + cue,
+                                    content_type="text/plain")
+            if fmt == "verbose_json":
+                return web.json_response({"task": "transcribe", "language": fields.get("language") or "english",
+                                          "duration": float(AUDIO_SECONDS), "text": TRANSCRIPT, "segments": []})
+            return web.json_response({"text": TRANSCRIPT, "usage": {"type": "duration", "seconds": AUDIO_SECONDS}})
+        finally:
+            received.finished.set()
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        received, behaviour = await self._record(request)
+        try:
+            if (refusal := await self._refusal(behaviour)) is not None:
+                return refusal
+            audio = speech_bytes(received.body["input"])
+            fmt = received.body.get("response_format") or "mp3"
+            response = web.StreamResponse(headers={"Content-Type": SPEECH_CONTENT_TYPES[fmt]})
+            await response.prepare(request)
+            for start in range(0, len(audio), 1024):  # in pieces, as a real backend streams its audio
+                await response.write(audio[start:start + 1024])
+            await response.write_eof()
+            return response
+        finally:
+            received.finished.set()
+
+
+def image_bytes(index: int) -> bytes:
+    """The bytes of the fake image number `index` (a b64_json answer carries them)."""
+    return b"\x89PNG\r\n\x1a\n" + bytes([index]) * 16
+
+
+def speech_bytes(text: str) -> bytes:
+    """The fake audio a speech request for `text` answers with: more than one piece of 1024 bytes."""
+    return b"ID3" + text.encode() * (4096 // max(1, len(text.encode())) + 1)
 
 
 # --- the catalogue, the way an operator writes it ---

@@ -151,6 +151,10 @@ models = Table(
     Column("max_output_tokens", Integer),
     Column("price_input_per_mtok", PRICE, nullable=False, server_default="0"),
     Column("price_output_per_mtok", PRICE, nullable=False, server_default="0"),
+    # Image and audio models are priced per unit besides (or instead of) tokens (core_0017, dispatch/media.py).
+    Column("price_per_image", PRICE, nullable=False, server_default="0"),
+    Column("price_per_audio_second", PRICE, nullable=False, server_default="0"),
+    Column("price_per_mchar", PRICE, nullable=False, server_default="0"),  # per million characters of speech input
     Column("default_params", JSON),
     Column("status", String(16), nullable=False, server_default="active"),  # active | deprecated
     *_timestamps(),

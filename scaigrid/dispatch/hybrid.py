@@ -34,6 +34,7 @@ from scaigrid.auth import service_tokens
 from scaigrid.dispatch.failures import Failure, FailureKind
 from scaigrid.dispatch.transport import (
     ERROR_BODY_MAX_BYTES,
+    MEDIA,
     REFUSED_STATUSES,
     HttpTransport,
     check_event_stream,
@@ -150,9 +151,10 @@ class TunnelStream:
 
 
 class HybridTransport:
-    """Backends of provider `hybrid`: the node's own pipeline serves whatever a request needs."""
+    """Backends of provider `hybrid`: the node's own pipeline serves whatever a chat or embeddings request needs."""
 
-    lacks: Mapping[str, str] = {}
+    lacks: Mapping[str, str] = {MEDIA: "the hybrid link carries chat and embeddings only, and every backend of this "
+                                       "model is a linked node"}
 
     def __init__(self, settings: Settings, directory: LinkDirectory) -> None:
         self.directory = directory
@@ -222,6 +224,8 @@ class ManagedTransport(HttpTransport):
 
     refused_statuses = FORWARDED_REFUSED_STATUSES
     answers_client = True
+    lacks: Mapping[str, str] = {MEDIA: "this node relays chat and embeddings to the managed gateway, not images or "
+                                       "audio, and every backend of this model is the managed gateway"}
 
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         super().__init__(session)

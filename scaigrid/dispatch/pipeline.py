@@ -18,6 +18,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
@@ -32,7 +33,7 @@ from scaigrid.dispatch import metrics, sse
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.hybrid import HybridTransport, LinkDirectory, ManagedTransport, managed_session
 from scaigrid.dispatch.scaiinfer import NodeClient
-from scaigrid.dispatch.transport import NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
+from scaigrid.dispatch.transport import MEDIA, NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
 from scaigrid.nodes.registry import NodeDirectory, channel_credentials
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
 from scaigrid.routing.catalogue import HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
@@ -51,7 +52,7 @@ class Exchange:
     """One inference request on its way through the dispatcher."""
 
     __slots__ = ("answered", "backend", "created_unix", "model", "principal", "protocol", "request", "started",
-                 "status", "tokens_in", "tokens_out", "upstream_s")
+                 "status", "tokens_in", "tokens_out", "unit_cost", "upstream_s")
 
     def __init__(self, request: web.Request, principal: Principal, model: Model, protocol: str,
                  started: float) -> None:
@@ -67,6 +68,7 @@ class Exchange:
         self.tokens_in = 0
         self.tokens_out = 0
         self.upstream_s = 0.0  # time spent waiting on backends
+        self.unit_cost = Decimal(0)  # images, audio seconds, characters at the model's per-unit prices (dispatch/media)
 
 
 def _client_error(exc: Exception) -> Failure:
@@ -264,6 +266,32 @@ class Dispatcher:
         await self._succeeded(backend)
         return sse.rename_model(body, sse.model_field(exchange.model.slug))
 
+    # --- images and audio (dispatch/media.py) ---
+
+    async def relay(self, exchange: Exchange, attempt: Callable[[HttpTransport, Backend], Awaitable[T]]) -> T:
+        """`attempt` with one backend after another, as chat is: failover, breakers, in-flight count and the backend's
+        timeout (up to the answer's start); only backends that speak the OpenAI protocol over HTTP are chosen."""
+        async def one(backend: Backend) -> T:
+            transport = self._transport(backend)
+            assert isinstance(transport, HttpTransport)  # the others lack MEDIA, so are never chosen
+            inflight = metrics.backend_inflight(backend.id)
+            inflight.inc()
+            waited_from = time.perf_counter()
+            try:
+                async with asyncio.timeout(backend.timeout_s):
+                    result = await attempt(transport, backend)
+            except aiohttp.ClientError as exc:
+                raise _client_error(exc) from None
+            except TimeoutError:
+                raise Failure("timeout", f"no answer within {backend.timeout_s:g} s") from None
+            finally:
+                inflight.dec()
+                exchange.upstream_s += time.perf_counter() - waited_from
+            await self._succeeded(backend)
+            return result
+
+        return await self._failover(exchange, frozenset((MEDIA,)), one)
+
     # --- streamed chat completions ---
 
     async def stream(self, exchange: Exchange, payload: dict[str, Any], forward_usage: bool) -> web.StreamResponse:
@@ -407,7 +435,7 @@ class Dispatcher:
             api_key_id=principal.api_key_id, model=model, backend_id=backend_id, protocol=exchange.protocol,
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
-            cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out),
+            cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out) + exchange.unit_cost,
             error_code=None if exchange.status == "ok" else exchange.status, tunnelled=exchange.request[TUNNELLED])
         self._accounting.submit(usage)
 

@@ -1,6 +1,8 @@
 """Inference routes: native /v1/inference/* and /v1/models, OpenAI-compatible /oai/v1/*, backend health."""
 
 import asyncio
+import json
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -9,7 +11,7 @@ from scaigrid import errors
 from scaigrid.access import requires
 from scaigrid.appkeys import DB, DISPATCHER, PRINCIPAL, STARTED
 from scaigrid.auth.service_tokens import OPERATOR
-from scaigrid.dispatch import schemas
+from scaigrid.dispatch import media, schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import NATIVE, OAI, Exchange
 from scaigrid.envelope import ok
@@ -20,7 +22,9 @@ from scaigrid.routing.catalogue import Model
 
 # Which route serves which modality, and where a client should go instead.
 _ROUTE_FOR = {"chat": "/v1/inference/chat (or /oai/v1/chat/completions)",
-              "embedding": "/v1/inference/embed (or /oai/v1/embeddings)"}
+              "embedding": "/v1/inference/embed (or /oai/v1/embeddings)",
+              "image": "/v1/inference/images/generate (or /oai/v1/images/generations)",
+              "audio": "/v1/inference/audio/transcribe|synthesize (or /oai/v1/audio/transcriptions|speech)"}
 
 
 def chat_payload(model: Model, body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
@@ -119,6 +123,113 @@ async def oai_embeddings(request: web.Request) -> web.StreamResponse:
     return await _embed(request, OAI)
 
 
+@requires("models:use", metered=True)
+async def native_generate(request: web.Request) -> web.StreamResponse:
+    """A text completion from a prompt: served as a chat completion of one user message, answered in the
+    text_completion shape (choices[].text)."""
+    started = request[STARTED]
+    body = await json_object(request)
+    schemas.generate(body)
+    model = _model_for(request, body["model"], "chat")
+    chat = {name: value for name, value in body.items() if name != "prompt"}
+    payload, _, _ = chat_payload(model, {**chat, "messages": [{"role": "user", "content": body["prompt"]}]})
+    payload.pop("stream", None)  # a default_params stream would ask for SSE this route does not answer with
+    payload.pop("stream_options", None)
+    exchange = Exchange(request, request[PRINCIPAL], model, NATIVE, started)
+
+    async def serve() -> web.StreamResponse:
+        answer = json.loads(await request.app[DISPATCHER].call(exchange, payload, False))
+        choices = [choice if isinstance(choice, dict) else {} for choice in answer["choices"]]
+        return ok({"id": answer.get("id"), "object": "text_completion", "created": answer.get("created"),
+                   "model": model.slug, "usage": answer.get("usage"), "choices": [
+                       {"index": choice.get("index", index), "finish_reason": choice.get("finish_reason"),
+                        "text": (choice.get("message") or {}).get("content") or ""}
+                       for index, choice in enumerate(choices)]})
+
+    return await _served(request, exchange, serve())
+
+
+# --- images and audio (dispatch/media.py) ---
+
+async def _served(request: web.Request, exchange: Exchange, serve: Awaitable[web.StreamResponse]
+                  ) -> web.StreamResponse:
+    """`serve`'s answer; every outcome, a client that went away included, counted and accounted (as _run)."""
+    try:
+        return await serve
+    except asyncio.CancelledError:
+        if not exchange.answered:
+            exchange.status = "CLIENT_CLOSED"
+        raise
+    except Exception as exc:
+        exchange.status = exc.code if isinstance(exc, errors.ScaigridError) else "INTERNAL_ERROR"
+        raise
+    finally:
+        request.app[DISPATCHER].finish(exchange)
+
+
+async def _images(request: web.Request, protocol: str) -> web.StreamResponse:
+    started = request[STARTED]
+    body = await json_object(request)
+    schemas.image(body)
+    model = _model_for(request, body["model"], "image")
+    exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
+
+    async def serve() -> web.StreamResponse:
+        answer = await media.generate_images(exchange, body)
+        return web.Response(body=answer if protocol == OAI else b'{"status":"ok","data":' + answer + b"}",
+                            content_type="application/json")
+
+    return await _served(request, exchange, serve())
+
+
+async def _transcribe(request: web.Request, protocol: str) -> web.StreamResponse:
+    started = request[STARTED]
+    async with media.read_upload(request) as upload:
+        schemas.transcription(upload.fields, upload.path is not None)
+        model = _model_for(request, upload.fields["model"], "audio")
+        exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
+        return await _served(request, exchange, media.transcribe(exchange, upload))
+
+
+async def _synthesize(request: web.Request, protocol: str) -> web.StreamResponse:
+    started = request[STARTED]
+    body = await json_object(request)
+    schemas.speech(body)
+    model = _model_for(request, body["model"], "audio")
+    exchange = Exchange(request, request[PRINCIPAL], model, protocol, started)
+    return await _served(request, exchange, media.synthesize(exchange, body))
+
+
+@requires("models:use", metered=True)
+async def native_images(request: web.Request) -> web.StreamResponse:
+    return await _images(request, NATIVE)
+
+
+@requires("models:use", metered=True)
+async def oai_images(request: web.Request) -> web.StreamResponse:
+    return await _images(request, OAI)
+
+
+@requires("models:use", metered=True)
+async def native_transcribe(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, NATIVE)
+
+
+@requires("models:use", metered=True)
+async def oai_transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, OAI)
+
+
+@requires("models:use", metered=True)
+async def native_synthesize(request: web.Request) -> web.StreamResponse:
+    return await _synthesize(request, NATIVE)
+
+
+@requires("models:use", metered=True)
+async def oai_speech(request: web.Request) -> web.StreamResponse:
+    return await _synthesize(request, OAI)
+
+
 # --- the model list, both shapes ---
 
 def native_model(model: Model) -> dict[str, Any]:
@@ -127,6 +238,9 @@ def native_model(model: Model) -> dict[str, Any]:
         "context_window": model.context_window, "max_output_tokens": model.max_output_tokens,
         "price_input_per_mtok": decimal_text(model.price_input_per_mtok),
         "price_output_per_mtok": decimal_text(model.price_output_per_mtok),
+        "price_per_image": decimal_text(model.price_per_image),
+        "price_per_audio_second": decimal_text(model.price_per_audio_second),
+        "price_per_mchar": decimal_text(model.price_per_mchar),
         "default_params": dict(model.default_params), "status": model.status, "owned_by": model.owned_by,
         "created": model.created_unix,
     }
@@ -189,10 +303,18 @@ async def backend_health(request: web.Request) -> web.Response:
 ROUTES: list[web.RouteDef] = [
     web.post("/v1/inference/chat", native_chat),
     web.post("/v1/inference/embed", native_embed),
+    web.post("/v1/inference/embeddings", native_embed),  # the name the public docs also use
+    web.post("/v1/inference/generate", native_generate),
+    web.post("/v1/inference/images/generate", native_images),
+    web.post("/v1/inference/audio/transcribe", native_transcribe),
+    web.post("/v1/inference/audio/synthesize", native_synthesize),
     web.get("/v1/models", list_models),
     web.get("/v1/models/{slug:.+}", get_model),
     web.post("/oai/v1/chat/completions", oai_chat),
     web.post("/oai/v1/embeddings", oai_embeddings),
+    web.post("/oai/v1/images/generations", oai_images),
+    web.post("/oai/v1/audio/transcriptions", oai_transcriptions),
+    web.post("/oai/v1/audio/speech", oai_speech),
     web.get("/oai/v1/models", oai_list_models),
     web.get("/oai/v1/models/{slug:.+}", oai_get_model),
     web.get("/v1/backends/{id}/health", backend_health),

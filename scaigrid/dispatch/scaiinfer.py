@@ -17,7 +17,7 @@ from aiohttp import web
 from scaigrid.appkeys import REQUEST_ID
 from scaigrid.dispatch.failures import Failure, FailureKind
 from scaigrid.dispatch.sse import DONE_FRAME
-from scaigrid.dispatch.transport import EMBEDDINGS, NON_TEXT, TOOLS
+from scaigrid.dispatch.transport import EMBEDDINGS, MEDIA, NON_TEXT, TOOLS
 from scaigrid.nodes.registry import NodeDirectory, call_token
 from scaigrid.routing.catalogue import Backend
 from scaigrid.rpc.generated.scaiinfer.v1 import scaiinfer_pb2, scaiinfer_pb2_grpc
@@ -26,7 +26,8 @@ from scaigrid.settings import Settings
 # What scaiinfer.v1 cannot carry: a request needing it goes to another backend of the model, or is refused.
 LACKS = {TOOLS: "scaiinfer.v1 has no tool calls, and every backend of this model is a ScaiInfer node",
          NON_TEXT: "scaiinfer.v1 carries text only, and every backend of this model is a ScaiInfer node",
-         EMBEDDINGS: "scaiinfer.v1 has no embeddings call, and every backend of this model is a ScaiInfer node"}
+         EMBEDDINGS: "scaiinfer.v1 has no embeddings call, and every backend of this model is a ScaiInfer node",
+         MEDIA: "scaiinfer.v1 has no image or audio call, and every backend of this model is a ScaiInfer node"}
 # Which status means what for failover and the breaker. Unlisted codes are a failing node ("status").
 FAILURE_KINDS: dict[grpc.StatusCode, FailureKind] = {
     grpc.StatusCode.UNAVAILABLE: "connect",

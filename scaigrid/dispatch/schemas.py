@@ -157,3 +157,89 @@ def embed(body: dict[str, Any]) -> None:
     problems.extend(parameter_problems(body))
     if problems:
         raise errors.validation_error(problems)
+
+
+# --- images and audio (dispatch/media.py): OpenAI's bodies ---
+
+IMAGE_RESPONSE_FORMATS = ("url", "b64_json")
+MAX_IMAGES = 10  # n, as OpenAI allows
+MAX_PROMPT_CHARS = 32_000
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_SPEECH_CHARS = 4096
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+def _text(body: dict[str, Any], name: str, max_chars: int, problems: list[FieldError], *, required: bool) -> None:
+    value = body.get(name)
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value or len(value) > max_chars:
+        problems.append(FieldError(name, ("required: " if value is None else "") + f"a string of 1 to {max_chars} "
+                                   "characters"))
+
+
+def _choice(body: dict[str, Any], name: str, choices: tuple[str, ...], problems: list[FieldError]) -> None:
+    value = body.get(name)
+    if value is not None and value not in choices:
+        problems.append(FieldError(name, "one of: " + ", ".join(choices)))
+
+
+def image(body: dict[str, Any]) -> None:
+    """Checks an image generation body (POST /oai/v1/images/generations, /v1/inference/images/generate)."""
+    problems: list[FieldError] = []
+    _model(body, problems)
+    _text(body, "prompt", MAX_PROMPT_CHARS, problems, required=True)
+    _whole(body, "n", 1, MAX_IMAGES, problems)
+    _choice(body, "response_format", IMAGE_RESPONSE_FORMATS, problems)
+    for name in ("size", "quality", "style"):  # each model has its own values: the backend judges them
+        _typed(body, name, str, "a string, such as 1024x1024, standard or vivid", problems)
+    if problems:
+        raise errors.validation_error(problems)
+
+
+def speech(body: dict[str, Any]) -> None:
+    """Checks a text-to-speech body (POST /oai/v1/audio/speech, /v1/inference/audio/synthesize)."""
+    problems: list[FieldError] = []
+    _model(body, problems)
+    _text(body, "input", MAX_SPEECH_CHARS, problems, required=True)
+    _text(body, "voice", 64, problems, required=True)
+    _choice(body, "response_format", SPEECH_FORMATS, problems)
+    _range(body, "speed", 0.25, 4, problems)
+    if problems:
+        raise errors.validation_error(problems)
+
+
+def transcription(fields: dict[str, str], has_file: bool) -> None:
+    """Checks the form fields of a transcription (multipart: every value is text)."""
+    problems: list[FieldError] = []
+    if not has_file:
+        problems.append(FieldError("file", "required: the audio file, as a multipart file part"))
+    _model(fields, problems)
+    _choice(fields, "response_format", TRANSCRIPTION_FORMATS, problems)
+    _text(fields, "language", 16, problems, required=False)
+    temperature = fields.get("temperature")
+    if temperature is not None:
+        try:
+            value = float(temperature)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 1:
+            problems.append(FieldError("temperature", "a number from 0 to 1"))
+    if fields.get("stream") not in (None, "false"):
+        problems.append(FieldError("stream", "streamed transcriptions are not relayed by this node"))
+    if problems:
+        raise errors.validation_error(problems)
+
+
+GENERATE_FIELDS = ("model", "prompt", "max_tokens", "temperature", "stop", "seed")
+
+
+def generate(body: dict[str, Any]) -> None:
+    """Checks a text generation body (POST /v1/inference/generate): only its documented fields."""
+    problems = [FieldError(name, f"unknown field; the fields are: {', '.join(GENERATE_FIELDS)}")
+                for name in body if name not in GENERATE_FIELDS]
+    _model(body, problems)
+    _text(body, "prompt", 10_000_000, problems, required=True)
+    problems.extend(parameter_problems(body))
+    if problems:
+        raise errors.validation_error(problems)

@@ -14,14 +14,16 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from scaigrid.dispatch.failures import Failure
 from scaigrid.routing.catalogue import Backend
 
 # What a request may need that not every transport carries; a backend lacking one is passed over for the request.
 TOOLS, NON_TEXT, EMBEDDINGS = "tools", "non-text content", "embeddings"
+MEDIA = "images and audio"  # the OpenAI media calls (dispatch/media.py): only HttpTransport.send serves them
 # Where a client's request asks for each need, for the 422 when no backend of the model has it.
-NEED_FIELDS = {TOOLS: "tools", NON_TEXT: "messages", EMBEDDINGS: "model"}
+NEED_FIELDS = {TOOLS: "tools", NON_TEXT: "messages", EMBEDDINGS: "model", MEDIA: "model"}
 DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a usable Retry-After still cools the backend down this long
 MAX_RETRY_AFTER_S = 3600.0
 ERROR_BODY_MAX_BYTES = 4096
@@ -193,6 +195,23 @@ class HttpTransport:
             if response.status != 200:
                 raise await self._status_failure(response)
             return await response.read()
+
+    async def send(self, backend: Backend, path: str, data: Any, content_type: str | None,
+                   request: web.Request) -> aiohttp.ClientResponse:
+        """POSTs `data` to `path` under the backend's API root (images, audio: dispatch/media.py); the response, open,
+        once it is a 200. `content_type` None: the payload's own (a multipart body names its boundary)."""
+        headers = {name: value for name, value in self.headers(backend, request).items()
+                   if name.lower() != "content-type"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        response = await self._session_for(backend).post(URL(backend.base_url + path), data=data, headers=headers,
+                                                         allow_redirects=False)
+        if response.status != 200:
+            try:
+                raise await self._status_failure(response)
+            finally:
+                response.close()
+        return response
 
     async def _status_failure(self, response: aiohttp.ClientResponse) -> Failure:
         body = await response.content.read(ERROR_BODY_MAX_BYTES)

@@ -116,6 +116,10 @@ class Model:
     created_unix: int
     # Routes to active backends, grouped by priority, lowest number first.
     groups: tuple[tuple[Route, ...], ...]
+    # Per unit, for image and audio models (dispatch/media.py); a request pays its tokens and its units.
+    price_per_image: Decimal = Decimal(0)
+    price_per_audio_second: Decimal = Decimal(0)
+    price_per_mchar: Decimal = Decimal(0)  # per million characters of text turned into speech
 
     def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
         """Exact price of a call: tokens times the price per million tokens."""
@@ -232,7 +236,9 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
             display_name=row.display_name, modality=row.modality, context_window=row.context_window,
             max_output_tokens=row.max_output_tokens, price_input_per_mtok=row.price_input_per_mtok,
             price_output_per_mtok=row.price_output_per_mtok, default_params=row.default_params or {},
-            status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups))
+            status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups,
+            price_per_image=row.price_per_image, price_per_audio_second=row.price_per_audio_second,
+            price_per_mchar=row.price_per_mchar))
     return Catalogue(loaded, by_id.values())
 
 

@@ -44,7 +44,9 @@ API_KEY = re.compile(r"[\x21-\x7e]+")
 BACKEND_FIELDS = ("id", "provider", "base_url", "model", "api_key", "api_key_env", "cost_input_per_mtok",
                   "cost_output_per_mtok", "timeout_s", "tenant", "status")
 MODEL_FIELDS = ("slug", "display_name", "modality", "context_window", "max_output_tokens", "price_input_per_mtok",
-                "price_output_per_mtok", "default_params", "status", "tenant", "routes")
+                "price_output_per_mtok", "price_per_image", "price_per_audio_second", "price_per_mchar",
+                "default_params", "status", "tenant", "routes")
+UNIT_PRICES = ("price_per_image", "price_per_audio_second", "price_per_mchar")  # decimal strings, like the others
 ROUTE_FIELDS = ("backend", "weight", "priority")
 
 
@@ -79,6 +81,9 @@ class ModelSpec:
     max_output_tokens: int | None
     price_input_per_mtok: Decimal
     price_output_per_mtok: Decimal
+    price_per_image: Decimal
+    price_per_audio_second: Decimal
+    price_per_mchar: Decimal
     default_params: dict[str, Any] | None
     status: str
     tenant: str | None
@@ -176,6 +181,9 @@ def parse_model(body: Any) -> ModelSpec:
         max_output_tokens=f.integer("max_output_tokens"),
         price_input_per_mtok=f.money("price_input_per_mtok"),
         price_output_per_mtok=f.money("price_output_per_mtok"),
+        price_per_image=f.money("price_per_image"),
+        price_per_audio_second=f.money("price_per_audio_second"),
+        price_per_mchar=f.money("price_per_mchar"),
         default_params=f.mapping("default_params"),
         status=f.string("status", choices=MODEL_STATUSES) or "active",
         tenant=f.string("tenant", max_length=64),

@@ -26,6 +26,7 @@ from scaigrid.fields import decimal_text
 from scaigrid.routing.catalogue import BACKEND_ID, HYBRID, backend_key, backend_name
 from scaigrid.routing.schema import (
     MODEL_FIELDS,
+    UNIT_PRICES,
     BackendSpec,
     ModelSpec,
     RouteSpec,
@@ -345,6 +346,7 @@ def model_view(row: Row[Any], routes: Sequence[RouteSpec]) -> dict[str, Any]:
         "context_window": row.context_window, "max_output_tokens": row.max_output_tokens,
         "price_input_per_mtok": decimal_text(row.price_input_per_mtok),
         "price_output_per_mtok": decimal_text(row.price_output_per_mtok),
+        **{name: decimal_text(getattr(row, name)) for name in UNIT_PRICES},
         "default_params": row.default_params, "status": row.status, "tenant": row.tenant_slug,
         "routes": _route_views(routes),
     }
@@ -370,6 +372,7 @@ async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> 
         "tenant_id": tenant_id, "display_name": spec.display_name, "modality": spec.modality,
         "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
         "price_input_per_mtok": spec.price_input_per_mtok, "price_output_per_mtok": spec.price_output_per_mtok,
+        **{name: getattr(spec, name) for name in UNIT_PRICES},
         "default_params": spec.default_params, "status": spec.status,
     }
     model_id = existing.id if existing is not None else new_id("mdl")
@@ -407,7 +410,8 @@ async def update_model(conn: AsyncConnection, actor: Actor, slug: str, body: Map
     _same_owner(body, existing.tenant_slug, "model")
     current = {name: getattr(existing, name) for name in MODEL_FIELDS if name not in ("tenant", "routes")}
     current.update(tenant=existing.tenant_slug, price_input_per_mtok=str(existing.price_input_per_mtok),
-                   price_output_per_mtok=str(existing.price_output_per_mtok))
+                   price_output_per_mtok=str(existing.price_output_per_mtok),
+                   **{name: str(getattr(existing, name)) for name in UNIT_PRICES})
     await upsert_model(conn, actor, parse_model({**current, **body}))
     return await _model_view_of(conn, existing.id)
 

@@ -1,0 +1,28 @@
+"""Models: prices per image, per audio second and per million characters, for image and audio models.
+
+Revision ID: core_0017
+Revises: core_0009 (issue 15 assigns core_0016; the lead rechains)
+Create Date: 2027-01-15
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "core_0017"
+down_revision = "core_0009"
+branch_labels = None
+depends_on = None
+
+PRICE = sa.Numeric(18, 6)
+COLUMNS = ("price_per_image", "price_per_audio_second", "price_per_mchar")
+
+
+def upgrade() -> None:
+    # Expand only: existing models cost 0 per unit, as they did before the columns existed.
+    for name in COLUMNS:
+        op.add_column("models", sa.Column(name, PRICE, nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    for name in reversed(COLUMNS):
+        op.drop_column("models", name)
