@@ -95,6 +95,8 @@ class Target:
     backend_id: str = ""
     chat_model: str = ""
     embed_model: str = ""
+    image_model: str = ""
+    audio_model: str = ""  # transcription and speech alike
     webhook_id: str = ""
     budget_id: str = ""
     setter_key: str = ""  # a tenant_admin of this tenant: it sets the tenant's own budgets
@@ -167,6 +169,32 @@ def _embed(world: World, t: Target) -> dict[str, Any]:
     return {"model": t.embed_model, "input": "hi"}
 
 
+class Form(dict[str, str]):
+    """A multipart/form-data body for `send`: each item a text field, but `file`, sent as a file part (audio.wav).
+    Fuzzing sees a dict like any other body, and sends it as JSON: a form route answers that with a 422."""
+
+
+def _form_bytes(form: Form) -> tuple[bytes, str]:
+    boundary = "adversary" + secrets.token_hex(8)
+    parts = []
+    for name, value in form.items():
+        filename = '; filename="audio.wav"\r\nContent-Type: audio/wav' if name == "file" else ""
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n\r\n{value}\r\n')
+    return "".join([*parts, f"--{boundary}--\r\n"]).encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _transcription(world: World, t: Target) -> Form:
+    return Form(model=t.audio_model, file="RIFF-not-really-audio")
+
+
+def _image(world: World, t: Target) -> dict[str, Any]:
+    return {"model": t.image_model, "prompt": "hi"}
+
+
+def _speech(world: World, t: Target) -> dict[str, Any]:
+    return {"model": t.audio_model, "voice": "alloy", "input": "hi"}
+
+
 ROWS: tuple[Row, ...] = (
     Row("GET", "/health", _static("/health"), public=PUBLIC_OK),
     Row("GET", "/health/ready", _static("/health/ready"), public=PUBLIC_OK),
@@ -222,11 +250,27 @@ ROWS: tuple[Row, ...] = (
     Row("POST", "/v1/inference/chat", _static("/v1/inference/chat"), target=True, tenant_surface=True, body=_chat),
     Row("POST", "/v1/inference/embed", _static("/v1/inference/embed"), target=True, tenant_surface=True,
         body=_embed),
+    Row("POST", "/v1/inference/embeddings", _static("/v1/inference/embeddings"), target=True, tenant_surface=True,
+        body=_embed),
+    Row("POST", "/v1/inference/generate", _static("/v1/inference/generate"), target=True, tenant_surface=True,
+        body=lambda w, t: {"model": t.chat_model, "prompt": "hi"}),
+    Row("POST", "/v1/inference/images/generate", _static("/v1/inference/images/generate"), target=True,
+        tenant_surface=True, body=_image),
+    Row("POST", "/v1/inference/audio/transcribe", _static("/v1/inference/audio/transcribe"), target=True,
+        tenant_surface=True, body=_transcription),
+    Row("POST", "/v1/inference/audio/synthesize", _static("/v1/inference/audio/synthesize"), target=True,
+        tenant_surface=True, body=_speech),
     Row("GET", "/v1/models", _static("/v1/models")),
     Row("GET", "/v1/models/{slug}", lambda w, t: f"/v1/models/{t.chat_model}", target=True, tenant_surface=True),
     Row("POST", "/oai/v1/chat/completions", _static("/oai/v1/chat/completions"), target=True, tenant_surface=True,
         body=_chat),
     Row("POST", "/oai/v1/embeddings", _static("/oai/v1/embeddings"), target=True, tenant_surface=True, body=_embed),
+    Row("POST", "/oai/v1/images/generations", _static("/oai/v1/images/generations"), target=True,
+        tenant_surface=True, body=_image),
+    Row("POST", "/oai/v1/audio/transcriptions", _static("/oai/v1/audio/transcriptions"), target=True,
+        tenant_surface=True, body=_transcription),
+    Row("POST", "/oai/v1/audio/speech", _static("/oai/v1/audio/speech"), target=True, tenant_surface=True,
+        body=_speech),
     Row("GET", "/oai/v1/models", _static("/oai/v1/models")),
     Row("GET", "/oai/v1/models/{slug}", lambda w, t: f"/oai/v1/models/{t.chat_model}", target=True,
         tenant_surface=True),
@@ -435,6 +479,9 @@ def send(url: str, method: str, path: str, *, token: str | None = None, body: An
     sent = dict(headers or {})
     if token is not None:
         sent.setdefault("Authorization", f"Bearer {token}")
+    if isinstance(body, Form):
+        raw, content_type = _form_bytes(body)
+        sent.setdefault("Content-Type", content_type)
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     if data is not None:
         sent.setdefault("Content-Type", "application/json")

@@ -136,7 +136,8 @@ class Node(World):
         t.user_id, _ = self.user(t.tenant_id, "tenant_user")
         t.key_id = self.fresh("key", t)
         t.backend_id = self.fresh("backend", t)
-        for attr, modality in (("chat_model", "chat"), ("embed_model", "embedding")):
+        for attr, modality in (("chat_model", "chat"), ("embed_model", "embedding"), ("image_model", "image"),
+                               ("audio_model", "audio")):
             setattr(t, attr, self.admin("POST", "/v1/models", {
                 "slug": f"{t.slug}/{modality}", "modality": modality, "tenant": t.slug,
                 "routes": [{"backend": SHARED_BACKEND, "weight": 1, "priority": 1}]})["slug"])
@@ -228,7 +229,8 @@ def _populate(world: Node, env: dict[str, str]) -> None:
 def eventually_served(world: Node, t: Target) -> None:
     def served() -> bool:
         answer = send(world.url, "GET", "/oai/v1/models", token=t.setter_key)
-        return answer.status == 200 and {t.chat_model, t.embed_model} <= {m["id"] for m in answer.body["data"]}
+        return answer.status == 200 and {t.chat_model, t.embed_model, t.image_model, t.audio_model} <= {
+            m["id"] for m in answer.body["data"]}
     eventually(served, f"{t.slug}'s models served", timeout_s=30)
 
 
@@ -395,9 +397,16 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "POST /oai/v1/chat/completions": {"max_tokens": 16, "temperature": 1, "stream": False, "n": 1,
                                       "stream_options": {"include_usage": True}},
     "POST /v1/inference/embed": {"dimensions": 4},
+    "POST /v1/inference/generate": {"max_tokens": 16, "temperature": 1, "stop": ["x"], "seed": 1},
+    "POST /v1/inference/images/generate": {"n": 1, "size": "256x256", "quality": "standard", "style": "vivid",
+                                           "response_format": "url"},
+    "POST /oai/v1/images/generations": {"n": 1, "size": "256x256", "response_format": "b64_json"},
+    "POST /v1/inference/audio/synthesize": {"response_format": "wav", "speed": 1},
+    "POST /oai/v1/audio/speech": {"response_format": "mp3", "speed": 1},
     "POST /oai/v1/embeddings": {"dimensions": 4, "encoding_format": "float"},
     "POST /v1/models": {"display_name": "M", "context_window": 8192, "max_output_tokens": 1024,
-                        "price_input_per_mtok": "0.5", "default_params": {"temperature": 1}, "status": "active"},
+                        "price_input_per_mtok": "0.5", "price_per_image": "0.04",
+                        "default_params": {"temperature": 1}, "status": "active"},
     "PUT /v1/models/{slug}": {"default_params": {"temperature": 1}, "context_window": 8192},
     "POST /v1/backends": {"api_key": "k", "timeout_s": 30, "cost_input_per_mtok": "1"},
     "PUT /v1/backends/{id}": {"api_key": "k", "base_url": MAKE_BELIEVE_URL},
