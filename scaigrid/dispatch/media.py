@@ -127,9 +127,11 @@ async def read_upload(request: web.Request) -> AsyncIterator[Upload]:
                     upload.content_type = part.headers.get("Content-Type", upload.content_type)
                     await _spool(part, upload)
                     continue
-                value = await part.read_chunk(MAX_FIELD_BYTES + 1)
-                if len(value) > MAX_FIELD_BYTES or await part.read_chunk(1):
-                    raise errors.validation_error([FieldError(part.name, f"at most {MAX_FIELD_BYTES} bytes")])
+                value = bytearray()
+                while chunk := await part.read_chunk(CHUNK_BYTES):
+                    value += chunk
+                    if len(value) > MAX_FIELD_BYTES:
+                        raise errors.validation_error([FieldError(part.name, f"at most {MAX_FIELD_BYTES} bytes")])
                 upload.fields[part.name] = value.decode()
         except (ValueError, AssertionError, aiohttp.ClientError) as exc:  # aiohttp's parser asserts on some forms
             raise errors.validation_error([FieldError("body", f"not a readable form ({type(exc).__name__})")],
