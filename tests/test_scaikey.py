@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from collections.abc import Iterator
 
@@ -11,10 +12,12 @@ import pytest
 from jose import jwt
 
 from appliance import devstack
-from tests.identity import call, tenant, user_with_key
+from tests.accounting_fixtures import start_worker
+from tests.identity import call, tenant, user_with_key, webhook
 from tests.scaikey import AUDIENCE, ISSUER, ScaiKey, make_key
 from tests.support.env import Node, create_key
 from tests.support.processes import start_http
+from tests.webhook_receiver import Receiver
 
 MIN_REFETCH_S = 2
 LEEWAY_S = 30
@@ -166,3 +169,57 @@ def test_an_unreachable_jwks_is_a_503_not_a_bad_token(migrated_env, start_mode, 
     start_http(start_mode, env)
     reply = call(f"http://127.0.0.1:{env['HTTP_PORT']}", "GET", "/v1/api-keys", scaikey.token("sk-alice"))
     assert (reply.status, reply.code) == (503, "IDENTITY_PROVIDER_UNAVAILABLE")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+def test_scaikey_user_events_reach_the_tenants_webhooks(migrated_env, start_mode, receiver):
+    """user.created / user.updated from ScaiKey's receiver become scaikey.user.* events, once per ScaiKey event."""
+    secret = secrets.token_hex(16)
+    env = {**migrated_env, "SCAIKEY_WEBHOOK_SECRET": secret, "WEBHOOK_ALLOW_PRIVATE_TARGETS": "true"}
+    node = Node(env, start_http(start_mode, env), create_key(env, "super_admin"))
+    acme = tenant(node.url, node.admin_key, "acme", scaikey_id="sk-acme")
+    globex = tenant(node.url, node.admin_key, "globex", scaikey_id="sk-globex")
+    hooks = {}
+    for team in (acme, globex):
+        reply = call(node.url, "POST", "/v1/webhooks", node.admin_key, {
+            "url": receiver.url(team["slug"]), "tenant_id": team["id"],
+            "events": ["scaikey.user.created", "scaikey.user.updated"]})
+        assert reply.status == 201, reply.body
+        receiver.secrets[team["slug"]] = reply.data["secret"]
+        hooks[team["slug"]] = reply.data["id"]
+    start_worker(start_mode, env)
+
+    def scaikey_sends(event_type: str, data: dict[str, object], event_id: str) -> dict[str, object]:
+        body, headers = webhook(secret, event_type, "sk-u1", data, event_id=event_id, tenant_id="sk-acme")
+        reply = call(node.url, "POST", "/v1/webhooks/scaikey", headers=headers, raw=body)
+        assert reply.status == 200, reply.body
+        return dict(reply.data)
+
+    assert scaikey_sends("user.created", {"email": "u1@acme.test", "role": "tenant_admin", "name": "U One"},
+                         "sk-evt-1")["applied"] is True
+    assert scaikey_sends("user.updated", {"display_name": "U 1", "status": "SUSPENDED"}, "sk-evt-2")["applied"]
+    assert scaikey_sends("user.created", {"email": "u1@acme.test"}, "sk-evt-1")["duplicate"] is True  # replayed
+
+    def delivered() -> bool:
+        items = call(node.url, "GET", f"/v1/webhooks/{hooks['acme']}/deliveries", node.admin_key).data["items"]
+        return [item["status"] for item in items] == ["success", "success"]
+
+    receiver.wait_for(delivered, "both user events delivered")
+    [user] = [u for u in call(node.url, "GET", f"/v1/users?tenant_id={acme['id']}", node.admin_key).data["items"]
+              if u["scaikey_id"] == "sk-u1"]
+    arrivals = sorted(receiver.arrived("acme"), key=lambda a: str(a.event["event_type"]))  # sent concurrently
+    assert [a.event["event_type"] for a in arrivals] == ["scaikey.user.created", "scaikey.user.updated"]
+    assert all(a.signature_valid and a.event["tenant_id"] == acme["id"] for a in arrivals)
+    assert all(a.event["partner_id"] == acme["partner_id"] for a in arrivals)
+    assert [a.event["payload"] for a in arrivals] == [
+        {"user_id": user["id"], "email": "u1@acme.test", "display_name": "U One", "role": "tenant_admin",
+         "status": "active", "tenant_id": acme["id"], "scaikey_id": "sk-u1"},
+        {"user_id": user["id"], "email": "u1@acme.test", "display_name": "U 1", "role": "tenant_admin",
+         "status": "suspended", "tenant_id": acme["id"], "scaikey_id": "sk-u1"}]
+    assert receiver.arrived("globex") == []  # another tenant's webhooks hear nothing of it

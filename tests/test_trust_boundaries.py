@@ -123,7 +123,7 @@ class Node(World):
         if kind == "budget":
             return str(self.admin("POST", "/v1/accounting/budgets", _budget(t.tenant_id), token=t.setter_key)["id"])
         if kind == "webhook":
-            return str(self.admin("POST", "/v1/webhooks", _webhook(t.tenant_id))["id"])
+            return str(self.admin("POST", "/v1/webhooks", _webhook(t.tenant_id, self.url))["id"])
         if kind == "node":
             token = self.admin("POST", "/v1/hybrid/enrollment-tokens", {"name": "fresh", "ttl_s": 60})["token"]
             return str(_ok(send(self.url, "POST", "/v1/hybrid/enroll", body={
@@ -152,8 +152,9 @@ def _budget(tenant_id: str) -> dict[str, Any]:
             "limit_value": "1000", "hard_action": "notify"}
 
 
-def _webhook(tenant_id: str) -> dict[str, Any]:
-    return {"url": "https://8.8.8.8/adversary", "events": ["request.completed"], "tenant_id": tenant_id}
+def _webhook(tenant_id: str, node_url: str) -> dict[str, Any]:
+    """A webhook whose test event goes to the node itself (404 at once): on loopback, and always answering."""
+    return {"url": f"{node_url}/adversary-webhook", "events": ["request.completed"], "tenant_id": tenant_id}
 
 
 async def _mirror(env: dict[str, str]) -> tuple[dict[str, Any], str]:
@@ -189,8 +190,9 @@ def node(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
          s3_server: devstack.S3Server, fake: FakeBackend) -> Iterator[Node]:
     logs = tmp_path_factory.mktemp("trust")
     with shared_env(mariadb, redis_server, s3_server) as env:
+        # Private webhook targets allowed: POST /v1/webhooks/{id}/test really sends, and must send to loopback only.
         env.update(HYBRID_ROLE="managed", SCAIKEY_WEBHOOK_SECRET=secrets.token_hex(16),
-                   STORAGE_CAPABILITY_SECRET=secrets.token_hex(32))
+                   STORAGE_CAPABILITY_SECRET=secrets.token_hex(32), WEBHOOK_ALLOW_PRIVATE_TARGETS="true")
         # The one backend that answers, on loopback, is the operator's (shared): every tenant model routes to it.
         apply(env, logs / "catalogue.toml", [backend(SHARED_BACKEND, fake, "ok")], [])
         with http_process(env, logs / "http.log"):
@@ -410,7 +412,7 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "PUT /v1/models/{slug}": {"default_params": {"temperature": 1}, "context_window": 8192},
     "POST /v1/backends": {"api_key": "k", "timeout_s": 30, "cost_input_per_mtok": "1"},
     "PUT /v1/backends/{id}": {"api_key": "k", "base_url": MAKE_BELIEVE_URL},
-    "POST /v1/webhooks": {"description": "d", "max_retries": 3},
+    "POST /v1/webhooks": {"description": "d", "max_retries": 3, "secret": "0f" * 32, "status": "inactive"},
     "POST /v1/accounting/budgets": {"soft_limit_pct": 0.5},
     "POST /v1/tenants": {"scaikey_id": "sk"},
 }

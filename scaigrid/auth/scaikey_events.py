@@ -27,11 +27,13 @@ from scaigrid.auth import tenancy
 from scaigrid.auth.authenticator import TOPIC_IDENTITY
 from scaigrid.auth.roles import ROLES
 from scaigrid.cache import announce
+from scaigrid.clock import utc_now
 from scaigrid.db.defaults import DEFAULT_SLUG
 from scaigrid.db.tables import partners, scaikey_events, tenants, users
 from scaigrid.envelope import ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import Fields, load_object
+from scaigrid.webhooks import outbox
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,14 @@ async def apply(conn: AsyncConnection, event: Event) -> bool:
     return await _set_status(conn, table, event.resource_id, status)
 
 
+async def _emit_user_event(conn: AsyncConnection, event: Event) -> None:
+    """scaikey.user.created|updated, in the transaction that applied the ScaiKey event (stored once with it)."""
+    user = (await conn.execute(select(users, tenants.c.partner_id).join(tenants, tenants.c.id == users.c.tenant_id)
+                               .where(users.c.scaikey_id == event.resource_id))).mappings().one()
+    await outbox.emit_scaikey_user(conn, event.event_id, "scaikey." + event.event_type, user, user["partner_id"],
+                                   utc_now())
+
+
 @public  # authenticated by its signature, not by a bearer token
 async def receive(request: web.Request) -> web.Response:
     """POST /v1/webhooks/scaikey: verify, record the event id, apply, announce."""
@@ -245,6 +255,8 @@ async def receive(request: web.Request) -> web.Response:
             logger.info("ScaiKey event %s already applied", event.event_id, extra={"event": "scaikey_duplicate"})
             return ok({"event_id": event.event_id, "applied": False, "duplicate": True})
         applied = await apply(conn, event)
+        if applied and event.event_type in ("user.created", "user.updated"):
+            await _emit_user_event(conn, event)
     if applied:
         await announce(request.app[REDIS], TOPIC_IDENTITY)
     logger.info("ScaiKey event %s %s: %s", event.event_type, event.event_id, "applied" if applied else "ignored",

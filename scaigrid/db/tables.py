@@ -242,7 +242,7 @@ webhooks = Table(
     Column("events", JSON, nullable=False),
     Column("secret_encrypted", Text, nullable=False),  # Fernet; the signing key must be readable
     Column("description", String(255)),
-    Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
+    Column("status", String(16), nullable=False, server_default="active"),  # active | inactive | disabled (auto)
     Column("max_retries", Integer, nullable=False, server_default="5"),
     Column("consecutive_failures", Integer, nullable=False, server_default="0"),
     Column("disabled_reason", String(255)),

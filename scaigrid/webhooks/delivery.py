@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -215,6 +215,34 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
     """The client deliveries go through; unless private targets are allowed, its resolver refuses them."""
     resolver = None if settings.webhooks.allow_private_targets else netguard.GuardedResolver()
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, limit=CLAIM_BATCH))
+
+
+async def send_test(engine: AsyncEngine, settings: Settings, hook: Any, event: outbox.Event) -> tuple[Outcome, int]:
+    """POST /v1/webhooks/{id}/test: the event is stored with its delivery already leased to this caller, sent at once
+    (same guard, signature and timeout as the worker's) and recorded as final, with how long it took in ms.
+
+    The caller sees the outcome, so a failed test is not retried and counts toward neither `max_retries` nor
+    auto-disable. Should this process die mid-test, the lease runs out and the worker sends it (at-least-once).
+    """
+    delivery = outbox.delivery_id(hook["id"], event.id)
+    async with engine.begin() as conn:
+        await outbox.store(conn, [(event, hook["id"])])
+        await conn.execute(update(d).where(d.c.id == delivery).values(
+            attempts=1, lease_until=utc_now() + timedelta(seconds=lease_s(settings))))
+    claimed = Claimed(delivery, 1, hook["id"], hook["url"], hook["secret_encrypted"],
+                      outbox.body_of(asdict(event)))
+    async with new_session(settings) as session:
+        started_s = time.monotonic()
+        outcome = await send(session, settings, claimed)
+        duration_ms = round((time.monotonic() - started_s) * 1000)
+    now = utc_now()
+    async with engine.begin() as conn:
+        await conn.execute(update(d).where(d.c.id == delivery, d.c.attempts == 1, d.c.status == "pending").values(
+            status="delivered" if outcome.delivered else "failed", lease_until=None, last_attempt_at=now,
+            last_status_code=outcome.status_code, last_error=None if outcome.error is None else outcome.error[:255],
+            delivered_at=now if outcome.delivered else None))
+    DELIVERIES.labels("delivered" if outcome.delivered else "failed").inc()
+    return outcome, duration_ms
 
 
 async def deliver_due(engine: AsyncEngine, settings: Settings, session: aiohttp.ClientSession,

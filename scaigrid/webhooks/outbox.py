@@ -29,8 +29,11 @@ REQUEST_FAILED = "request.failed"
 BUDGET_SOFT = "budget.soft_limit_reached"
 BUDGET_HARD = "budget.hard_limit_reached"
 AUTO_DISABLED = "webhook.auto_disabled"
+SCAIKEY_USER_CREATED = "scaikey.user.created"
+SCAIKEY_USER_UPDATED = "scaikey.user.updated"
 TEST = "webhook.test"  # sent by POST /v1/webhooks/{id}/test only, never subscribed to
-EVENT_TYPES = (REQUEST_COMPLETED, REQUEST_FAILED, BUDGET_SOFT, BUDGET_HARD, AUTO_DISABLED)
+EVENT_TYPES = (REQUEST_COMPLETED, REQUEST_FAILED, BUDGET_SOFT, BUDGET_HARD, AUTO_DISABLED, SCAIKEY_USER_CREATED,
+               SCAIKEY_USER_UPDATED)
 SOURCE = "scaigrid"
 
 
@@ -134,6 +137,17 @@ async def emit_budget(engine: AsyncEngine, budget: Budget, threshold: str, perio
         await emit(conn, [Event(
             derived_id("evt", "budget", budget.id, period.label, threshold, str(budget.limit_value), tenant_id),
             event_type, budget.partner_id, tenant_id, payload, at) for tenant_id in tenant_ids])
+
+
+async def emit_scaikey_user(conn: AsyncConnection, scaikey_event_id: str, event_type: str, user: Any,
+                            partner_id: str, at: datetime) -> None:
+    """scaikey.user.created|updated to the webhooks of the user's tenant; the id follows from ScaiKey's event id, so
+    one ScaiKey event is one event here (ScaiKey's redelivery of it is refused before this runs anyway)."""
+    payload = {"user_id": user["id"], "email": user["email"], "display_name": user["display_name"],
+               "role": user["role"], "status": user["status"], "tenant_id": user["tenant_id"],
+               "scaikey_id": user["scaikey_id"]}
+    await emit(conn, [Event(derived_id("evt", "scaikey", scaikey_event_id), event_type, partner_id, user["tenant_id"],
+                            payload, at)])
 
 
 async def emit_auto_disabled(conn: AsyncConnection, hook: Any, reason: str, at: datetime) -> None:

@@ -1,11 +1,15 @@
 """/v1/webhooks: a tenant's subscriptions, a test event, and the record of deliveries.
 
-The signing secret is generated here, stored Fernet-encrypted (the worker must read it to sign) and shown
-in the answer that creates (or rotates) it only. Webhooks of tenants out of the caller's reach answer 404.
+The signing secret is the client's own or generated here, stored Fernet-encrypted (the worker must read it to sign)
+and shown in the answer that creates (or rotates) it only. Webhooks of tenants out of the caller's reach answer 404.
+A user sets `active` or `inactive`; the node alone sets `disabled` (after WEBHOOK_AUTO_DISABLE_AFTER failures).
 """
 
 import logging
+import re
 import secrets
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -21,14 +25,23 @@ from scaigrid.auth.tenancy import target_tenant, visible_to
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import new_id, webhook_deliveries, webhook_events, webhooks
 from scaigrid.envelope import PAGE, listing, ok
-from scaigrid.fields import Fields
+from scaigrid.errors import FieldError
+from scaigrid.fields import Fields, naive_utc
 from scaigrid.webhooks import delivery, outbox, targets
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RETRIES = 5
 MAX_RETRIES_LIMIT = 20
-STATUSES = ("active", "disabled")
+USER_STATUSES = ("active", "inactive")  # what a user sets
+STATUSES = (*USER_STATUSES, "disabled")  # and what the node sets on its own
+STATUS_ALIASES = {"disabled": "inactive"}  # the node's earlier name for a user's switch, still accepted in bodies
+SECRET_MIN, SECRET_MAX = 32, 256  # characters of a client-chosen secret: enough entropy for an HMAC key
+SECRET_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: one byte each, as the receiver reads it
+# A delivery's documented status -> the node's stored ones (paused: pending while its webhook is not active).
+DELIVERY_FILTERS = {"success": ("delivered",), "failed": ("failed",), "pending": ("pending", "paused"),
+                    "delivered": ("delivered",), "paused": ("paused",)}  # the last two: the node's own names
+DELIVERY_STATUS = {"delivered": "success", "failed": "failed", "pending": "pending", "paused": "pending"}
 
 
 class WebhookBody(Fields):
@@ -43,6 +56,19 @@ class WebhookBody(Fields):
         else:
             return sorted(set(value))
         return None
+
+    def status(self, name: str) -> str | None:
+        value = self.string(name, choices=(*USER_STATUSES, *STATUS_ALIASES))
+        return None if value is None else STATUS_ALIASES.get(value, value)
+
+    def secret(self, name: str) -> str | None:
+        """A client-chosen signing secret; its value is never put into a message."""
+        hint = f"{SECRET_MIN}-{SECRET_MAX} printable ASCII characters without spaces, e.g. 64 hex digits"
+        value = self.string(name, max_length=SECRET_MAX, pattern=SECRET_PATTERN, hint=hint)
+        if value is not None and len(value) < SECRET_MIN:
+            self.fail(name, hint)
+            return None
+        return value
 
     async def url(self, name: str, *, required: bool, allow_private: bool) -> str | None:
         value = self.string(name, required=required, max_length=2048)
@@ -72,9 +98,15 @@ async def _webhook_row(conn: AsyncConnection, principal: Principal, webhook_id: 
     return row
 
 
+def _check_choice(params: Mapping[str, str], name: str, choices: Sequence[str]) -> None:
+    if name in params and params[name] not in choices:
+        raise errors.validation_error([FieldError(name, "one of: " + ", ".join(choices))], "invalid query parameters")
+
+
 @requires("webhooks:manage", scopes=(OPERATOR,), query=(*PAGE, "tenant_id", "status"))
 async def list_webhooks(request: web.Request) -> web.Response:
     """The webhooks of the tenants in the caller's reach, newest first; ?tenant_id= and ?status= narrow it."""
+    _check_choice(request.query, "status", STATUSES)
     query = visible_to(request[PRINCIPAL], select(webhooks), webhooks.c.tenant_id, webhooks.c.partner_id)
     return await listing(request, query, webhooks.c.created_at, webhooks.c.id, _webhook_json,
                          filters=(webhooks.c.tenant_id, webhooks.c.status))
@@ -82,7 +114,8 @@ async def list_webhooks(request: web.Request) -> web.Response:
 
 @requires("webhooks:manage", scopes=(OPERATOR,))
 async def create_webhook(request: web.Request) -> web.Response:
-    """A webhook of the caller's tenant (or of tenant_id, in reach); `secret` is in this answer only."""
+    """A webhook of the caller's tenant (or of tenant_id, in reach); `secret` (given or generated) is in this answer
+    only."""
     principal = request[PRINCIPAL]
     settings = request.app[SETTINGS]
     body = await WebhookBody.of(request)
@@ -90,11 +123,11 @@ async def create_webhook(request: web.Request) -> web.Response:
     events = body.events("events", required=True)
     description = body.string("description", multiline=True)
     max_retries = body.integer("max_retries", minimum=0, maximum=MAX_RETRIES_LIMIT)
-    status = body.string("status", choices=STATUSES) or "active"
+    status = body.status("status") or "active"
+    secret = body.secret("secret") or _new_secret()
     wanted_tenant_id = body.string("tenant_id", max_length=40)
     body.done()
     assert url is not None and events is not None  # done() raised otherwise
-    secret = _new_secret()
     webhook_id = new_id("whk")
     async with request.app[DB].begin() as conn:
         tenant_id, partner_id = await target_tenant(conn, principal, wanted_tenant_id)
@@ -118,7 +151,7 @@ async def get_webhook(request: web.Request) -> web.Response:
 
 @requires("webhooks:manage", scopes=(OPERATOR,))
 async def update_webhook(request: web.Request) -> web.Response:
-    """Changes url, events, description, max_retries or status; enabling again resets the failure count."""
+    """Changes url, events, description, max_retries, secret or status; enabling again resets the failure count."""
     principal = request[PRINCIPAL]
     settings = request.app[SETTINGS]
     body = await WebhookBody.of(request)
@@ -126,11 +159,14 @@ async def update_webhook(request: web.Request) -> web.Response:
         "url": await body.url("url", required=False, allow_private=settings.webhooks.allow_private_targets),
         "events": body.events("events"),
         "max_retries": body.integer("max_retries", minimum=0, maximum=MAX_RETRIES_LIMIT),
-        "status": body.string("status", choices=STATUSES),
+        "status": body.status("status"),
     }
     description = body.string("description", multiline=True)
+    secret = body.secret("secret")
     body.done()
     values = {name: value for name, value in changes.items() if value is not None}
+    if secret is not None:
+        values["secret_encrypted"] = crypto.encrypt(settings, secret)
     if body.has("description"):  # null clears it
         values["description"] = description
     now = utc_now()
@@ -141,8 +177,8 @@ async def update_webhook(request: web.Request) -> web.Response:
             if status == "active":  # a fresh start: the failures that disabled it are behind it
                 values.update(consecutive_failures=0, disabled_reason=None)
                 await delivery.resume(conn, row["id"], now)
-            else:
-                values["disabled_reason"] = "disabled by a user"
+            else:  # inactive: the user's choice, so no reason of the node's stays shown
+                values["disabled_reason"] = None
                 await delivery.pause(conn, row["id"])
         await conn.execute(update(webhooks).where(webhooks.c.id == row["id"]).values(**values, updated_at=now))
         row = await _webhook_row(conn, principal, row["id"])
@@ -174,34 +210,51 @@ async def rotate_secret(request: web.Request) -> web.Response:
 
 @requires("webhooks:manage", scopes=(OPERATOR,))
 async def test_webhook(request: web.Request) -> web.Response:
-    """Queues a `webhook.test` event to this webhook alone (disabled or not); the worker sends it within seconds."""
-    now = utc_now()
-    async with request.app[DB].begin() as conn:
+    """Sends a `webhook.test` event to this webhook alone (whatever its status) and answers how that went: 200
+    whatever the receiver did, since the test ran; a receiver's failure is in `status_code` and `error`."""
+    async with request.app[DB].connect() as conn:
         row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
-        event = outbox.Event(new_id("evt"), outbox.TEST, row["partner_id"], row["tenant_id"],
-                             {"webhook_id": row["id"], "message": "a test event, sent on request"}, now)
-        await outbox.store(conn, [(event, row["id"])])
-    return ok({"event_id": event.id, "delivery_id": outbox.delivery_id(row["id"], event.id)}, status=202)
+    event = outbox.Event(new_id("evt"), outbox.TEST, row["partner_id"], row["tenant_id"],
+                         {"webhook_id": row["id"], "message": "a test event, sent on request"}, utc_now())
+    outcome, duration_ms = await delivery.send_test(request.app[DB], request.app[SETTINGS], row, event)
+    return ok({"delivery_id": outbox.delivery_id(row["id"], event.id), "event_id": event.id,
+               "status_code": outcome.status_code, "duration_ms": duration_ms, "error": outcome.error})
 
 
 def _delivery_json(row: Any) -> dict[str, Any]:
-    return {"id": row["id"], "event_id": row["event_id"], "event_type": row["event_type"], "status": row["status"],
-            "attempts": row["attempts"],
+    return {"id": row["id"], "event_id": row["event_id"], "event_type": row["event_type"],
+            "status": DELIVERY_STATUS[row["status"]], "paused": row["status"] == "paused", "attempts": row["attempts"],
             "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
             "last_attempt_at": iso(row["last_attempt_at"]), "last_status_code": row["last_status_code"],
             "last_error": row["last_error"], "delivered_at": iso(row["delivered_at"]),
             "created_at": iso(row["created_at"])}
 
 
-@requires("webhooks:manage", scopes=(OPERATOR,), query=(*PAGE, "status"))
+def _since(params: Mapping[str, str]) -> datetime | None:
+    if "since" not in params:
+        return None
+    try:
+        return naive_utc(datetime.fromisoformat(params["since"]))
+    except (ValueError, OverflowError):
+        raise errors.validation_error([FieldError("since", "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z")],
+                                      "invalid query parameters") from None
+
+
+@requires("webhooks:manage", scopes=(OPERATOR,), query=(*PAGE, "status", "since"))
 async def list_deliveries(request: web.Request) -> web.Response:
-    """The webhook's deliveries, newest first; ?status= (pending, paused, delivered, failed) narrows it."""
+    """The webhook's deliveries, newest first; ?status= (success, failed, pending) and ?since= (ISO 8601) narrow it."""
+    _check_choice(request.query, "status", tuple(DELIVERY_FILTERS))
+    since = _since(request.query)
     async with request.app[DB].connect() as conn:
         row = await _webhook_row(conn, request[PRINCIPAL], request.match_info["id"])
     d = webhook_deliveries
     query = select(d, webhook_events.c.event_type).join(webhook_events, webhook_events.c.id == d.c.event_id).where(
         d.c.webhook_id == row["id"])
-    return await listing(request, query, d.c.created_at, d.c.id, _delivery_json, filters=(d.c.status,))
+    if "status" in request.query:
+        query = query.where(d.c.status.in_(DELIVERY_FILTERS[request.query["status"]]))
+    if since is not None:
+        query = query.where(d.c.created_at >= since)
+    return await listing(request, query, d.c.created_at, d.c.id, _delivery_json)
 
 
 ROUTES: list[web.RouteDef] = [
