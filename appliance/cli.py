@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -43,9 +44,25 @@ class Failed(click.ClickException):
         click.echo(f"scaigrid-appliance: {self.message}", err=True)
 
 
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="SCAIGRID_APPLIANCE_CONFIG",
-    default=appliance_config.DEFAULT_CONFIG, show_default=True, help="the appliance config (KEY=VALUE lines)")
+CONFIG_ENVVAR = "SCAIGRID_APPLIANCE_CONFIG"
+CONFIG_HELP = (f"the appliance config (KEY=VALUE lines); before or after the command; default ${CONFIG_ENVVAR}, else "
+               f"{appliance_config.DEFAULT_CONFIG}")
+
+
+def _config_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path:
+    """--config after the subcommand, else before it (the group's), else $SCAIGRID_APPLIANCE_CONFIG, else the
+    default: `scaigrid-appliance --config F status` and `scaigrid-appliance status --config F` are one command."""
+    if value is not None:
+        return value
+    given = ctx.find_root().params.get("config_path")
+    if given is not None:
+        return Path(given)
+    from_env = os.environ.get(CONFIG_ENVVAR)
+    return Path(from_env) if from_env else appliance_config.DEFAULT_CONFIG
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                             callback=_config_path, help=CONFIG_HELP)
 
 
 def load(path: Path) -> Appliance:
@@ -81,7 +98,8 @@ def supervisor_of(appliance: Appliance) -> Supervisor:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="scaigrid", prog_name="scaigrid-appliance")
-def cli() -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=CONFIG_HELP)
+def cli(config_path: Path | None) -> None:
     """Operate the ScaiGrid appliance: configure, render, run, inspect, back up, upgrade.
 
     \b

@@ -56,6 +56,19 @@ def _hostname(raw: str) -> str:
 _PATH_UNSAFE = re.compile(r"""[\s;{}'"%$#\\]""")
 
 
+def _optional_hostname(raw: str) -> str | None:
+    return _hostname(raw) if raw else None
+
+
+def _optional_ip(raw: str) -> str | None:
+    if not raw:
+        return None
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError("an IP address such as 127.0.0.1") from None
+
+
 def _absolute_path(raw: str) -> Path:
     path = Path(raw)
     if not path.is_absolute() or _PATH_UNSAFE.search(raw):
@@ -90,6 +103,9 @@ def key(name: str, parse: Callable[[str], Any], default: str, help: str) -> Any:
 class ApplianceConfig:
     hostname: str = key("APPLIANCE_HOSTNAME", _hostname, "localhost",
                         "DNS name clients use: nginx server_name and the self-signed certificate's name")
+    openai_hostname: str | None = key(
+        "OPENAI_HOSTNAME", _optional_hostname, "",
+        "DNS name of an extra nginx server whose /v1/ is the OpenAI-compatible API (/oai/v1/); empty: none")
     user: str = key("APPLIANCE_USER", _name, "scaigrid", "unprivileged user every program but nginx's master runs as")
     config_dir: Path = key("APPLIANCE_CONFIG_DIR", _absolute_path, "/etc/scaigrid",
                            "rendered configs, secrets/ and tls/")
@@ -109,6 +125,9 @@ class ApplianceConfig:
                                      "PEM certificate (chain); empty: CONFIG_DIR/tls/server.crt, self-signed by init")
     tls_key_file: Path | None = key("TLS_KEY_FILE", _optional_path, "",
                                     "PEM private key; empty: CONFIG_DIR/tls/server.key, made by init")
+    nginx_listen_address: str | None = key(
+        "NGINX_LISTEN_ADDRESS", _optional_ip, "",
+        "the one address nginx listens on (e.g. 127.0.0.1, as under `make run`); empty: every interface")
     metrics_allow_networks: tuple[str, ...] = key(
         "METRICS_ALLOW_NETWORKS", _networks, "",
         "networks (CIDR, comma-separated) allowed to scrape /metrics through nginx, besides loopback")
@@ -355,6 +374,8 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
     except ConfigError as exc:
         return appliance, [*problems, str(exc)]
     config = appliance.config
+    if config.openai_hostname is not None and config.openai_hostname.lower() == config.hostname.lower():
+        problems.append("OPENAI_HOSTNAME: must differ from APPLIANCE_HOSTNAME (its /v1/ is another API)")
     read_timeout_s = appliance.proxy_read_timeout_s(settings)
     if read_timeout_s <= settings.dispatch.stream_timeout_s:
         problems.append(f"NGINX_PROXY_READ_TIMEOUT_S: must be above DISPATCH_STREAM_TIMEOUT_S "

@@ -141,6 +141,18 @@ class S3Server(_ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
 
+@dataclass
+class DemoServer(_ManagedProcess):
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """The OpenAI API root, as a backend's base_url."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
 def start_mariadb(base_dir: Path, port: int | None = None, *, timeout_s: float = 60) -> MariaDB:
     """Start mariadbd on base_dir/data, initialising it on first use; reuse it (and its root password) later."""
     started_s = time.monotonic()
@@ -292,6 +304,38 @@ def start_s3(base_dir: Path, port: int | None = None, *, timeout_s: float = 30) 
     _wait_until_ready("S3 (moto)", process, log_path, lambda: http_answers(server.endpoint_url), deadline_s)
     logger.info("S3 (moto) ready at %s (log %s)", server.endpoint_url, log_path)
     return server
+
+
+def start_demo(base_dir: Path, port: int | None = None, *, timeout_s: float = 30) -> DemoServer:
+    """Start `make run`'s demo model server (appliance/demo.py)."""
+    deadline_s = time.monotonic() + timeout_s
+    base_dir = _prepare_dir(base_dir)
+    port = _pick_port(port)
+    log_path = base_dir / "demo.log"
+    process = _spawn([sys.executable, "-m", "appliance.demo", "--port", str(port)], log_path)
+    server = DemoServer(port=port, process=process, log_path=log_path)
+    _wait_until_ready("demo model", process, log_path, lambda: http_answers(server.url + "/models"), deadline_s)
+    logger.info("demo model ready at %s (log %s)", server.url, log_path)
+    return server
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive TCP ports on 127.0.0.1 that were free a moment ago (see free_ports)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        first = secrets.choice(range(10000, low - count))
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def _prepare_dir(base_dir: Path) -> Path:

@@ -61,10 +61,11 @@ def ensure_tls(appliance: Appliance) -> bool:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, config.hostname)])
     alt_names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    try:
-        alt_names.append(x509.IPAddress(ipaddress.ip_address(config.hostname)))
-    except ValueError:
-        alt_names.append(x509.DNSName(config.hostname))
+    for host in filter(None, (config.hostname, config.openai_hostname)):
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()

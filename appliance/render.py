@@ -67,8 +67,10 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         proxy_read_timeout_s=appliance.proxy_read_timeout_s(ctx.settings),
         shutdown_timeout_s=int(ctx.settings.server.http_drain_grace_s) + NGINX_SHUTDOWN_MARGIN_S,
         https_suffix="" if config.https_port == 443 else f":{config.https_port}",
-        # An IPv6 listener fails where the kernel has no IPv6 (some containers): render it only where there is one.
-        ipv6=Path("/proc/net/if_inet6").exists(),
+        listen_address=_listen_prefix(config.nginx_listen_address),
+        # An IPv6 listener fails where the kernel has no IPv6 (some containers): render it only where there is one,
+        # and only when nginx listens on every interface.
+        ipv6=config.nginx_listen_address is None and Path("/proc/net/if_inet6").exists(),
     )
     env_lines = [f"# {header(appliance)}", "# Holds secrets: 0600, readable by the service user alone.",
                  *(f"{key}={value}" for key, value in settings_env.items())]
@@ -91,6 +93,13 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
                             _TEMPLATES.get_template("garage.toml.j2").render(**common, secrets=secret_values),
                             private=True))
     return files
+
+
+def _listen_prefix(address: str | None) -> str:
+    """What precedes the port in nginx's `listen`: nothing (every interface), `ADDR:` or `[ADDR6]:`."""
+    if address is None:
+        return ""
+    return f"[{address}]:" if ":" in address else f"{address}:"
 
 
 def _group_of(user: str) -> str:

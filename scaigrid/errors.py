@@ -76,9 +76,8 @@ def model_access_denied(message: str) -> ScaigridError:
     return ScaigridError(message, "MODEL_ACCESS_DENIED", 403)
 
 
-def model_unavailable(slug: str) -> ScaigridError:
-    return ScaigridError(f"no backend of {slug!r} is available (all unhealthy or circuit breakers open)",
-                         "MODEL_UNAVAILABLE", 503, retry_after_s=5)
+def model_unavailable(slug: str, why: str = "all unhealthy or circuit breakers open") -> ScaigridError:
+    return ScaigridError(f"no backend of {slug!r} is available ({why})", "MODEL_UNAVAILABLE", 503, retry_after_s=5)
 
 
 def backend_not_found(backend_id: str) -> ScaigridError:

@@ -306,6 +306,18 @@ def test_systemd_stop_drains_every_program_and_then_status_says_not_running(brea
 
 # --- the command itself ---
 
+def test_config_is_taken_before_or_after_the_command(tmp_path):
+    """`scaigrid-appliance --config F status` (as `make run` prints it) and `status --config F` are one command."""
+    given, other = tmp_path / "given.env", tmp_path / "other.env"
+    runner = CliRunner(env={"SCAIGRID_APPLIANCE_CONFIG": str(other)})
+    for argv in (["--config", str(given), "check-config"], ["check-config", "--config", str(given)],
+                 ["--config", str(other), "check-config", "--config", str(given)]):
+        result = runner.invoke(cli_group, argv, prog_name="scaigrid-appliance")
+        assert result.exit_code == 2 and f"{given} has 1 problem(s)" in result.output, (argv, result.output)
+    result = runner.invoke(cli_group, ["check-config"], prog_name="scaigrid-appliance")
+    assert f"{other} has 1 problem(s)" in result.output  # neither: $SCAIGRID_APPLIANCE_CONFIG
+
+
 def test_every_command_has_help_with_an_example():
     runner = CliRunner()
     for name, command in cli_group.commands.items():

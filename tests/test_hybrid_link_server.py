@@ -270,6 +270,18 @@ async def test_a_node_on_another_major_version_is_refused_naming_both_versions(m
     assert f"the node runs 99.0.0, the managed side {scaigrid.__version__}" in str(refused.details())
 
 
+async def test_a_server_not_managed_refuses_a_link_with_hybrid_not_managed(
+        mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_server: devstack.S3Server, tmp_path: Path) -> None:
+    """A node pointed at a ScaiGrid whose HYBRID_ROLE is not `managed` is told so, not "Method not found"."""
+    with shared_env(mariadb, redis_server, s3_server) as env, grpc_process(env, tmp_path / "grpc.log"):
+        async with channel_to(f"127.0.0.1:{env['GRPC_PORT']}") as channel:
+            node = NodeLink(channel, "sgn_" + "x" * 43)
+            await node.offer(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
+            refused = await node.ended()
+    assert (refused.code(), error_code(refused)) == (grpc.StatusCode.NOT_FOUND, "HYBRID_NOT_MANAGED")
+    assert "HYBRID_ROLE=managed" in str(refused.details())
+
+
 # --- a link's life ---
 
 async def test_a_linked_node_is_welcomed_acked_and_listed_with_its_link_state(managed: Managed) -> None:

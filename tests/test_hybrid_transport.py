@@ -37,6 +37,7 @@ from tests.backends import (
     CREATED,
     FakeBackend,
     Gateway,
+    Received,
     apply,
     chat_model,
     http_call,
@@ -62,6 +63,14 @@ class ManagedSide(FakeBackend):
     """The managed gateway as a node sees it: the OpenAI API under /oai/v1/, over TLS."""
 
     name = "managed-side"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node_request_ids: list[str | None] = []
+
+    async def _record(self, request: web.Request) -> tuple[Received, str]:
+        self.node_request_ids.append(request.headers.get(protocol.NODE_REQUEST_ID_HEADER))
+        return await super()._record(request)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/oai/v1/chat/completions", self._chat), web.post("/oai/v1/embeddings", self._embeddings)]
@@ -322,6 +331,19 @@ def test_a_managed_backend_reaches_the_managed_side_over_tls_with_the_clients_ow
     assert {r.body["model"] for r in received} == {"ok"}
 
 
+def test_the_request_id_travels_up_and_the_managed_side_records_and_returns_it(gateway: Managed) -> None:
+    """The node names its request id to the managed side, which logs it beside its own and echoes it."""
+    status, headers, _ = gateway.chat("up/chat")
+    assert status == 200 and gateway.upstream.node_request_ids[-1] == headers["X-Request-ID"]
+    # The managed side is a ScaiGrid http process like this node's: it keeps its own id, and records the node's.
+    node_id = "req_" + secrets.token_hex(12)
+    status, headers, _ = gateway.chat("up/chat", **{protocol.NODE_REQUEST_ID_HEADER: node_id})
+    assert status == 200 and headers[protocol.NODE_REQUEST_ID_HEADER] == node_id
+    assert headers["X-Request-ID"] != node_id
+    eventually(lambda: any(line.get("node_request_id") == node_id and line.get("request_id") == headers["X-Request-ID"]
+                           for line in gateway.process.log_lines()), "the request logged under both ids")
+
+
 # --- hybrid: the tunnel ---
 
 def test_a_tunnelled_stream_arrives_intact_and_the_relay_gets_what_the_node_needs(gateway: Managed) -> None:
@@ -427,7 +449,9 @@ def test_a_caller_whose_tenant_the_node_does_not_serve_is_never_sent_there(gatew
 
 def test_a_node_whose_link_no_replica_holds_is_model_unavailable(gateway: Managed) -> None:
     status, _, body = gateway.chat("node/unlinked")
-    assert (status, json.loads(body)["error"]["code"]) == (503, "MODEL_UNAVAILABLE")
+    error = json.loads(body)["error"]
+    assert (status, error["code"]) == (503, "MODEL_UNAVAILABLE")
+    assert f"the link to node {UNLINKED} is down" in error["message"]  # the operator is told which link
     assert gateway.relay.opened == []
 
 

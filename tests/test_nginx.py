@@ -13,9 +13,13 @@ import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
+import httpcore2
+import httpx2
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -39,6 +43,8 @@ STRANGER = "127.0.0.3"  # loopback too, yet neither 127.0.0.1 nor a configured n
 # The stream test: 90 s in all, its longest quiet gap 70 s; both beyond nginx's default 60 s proxy_read_timeout.
 STREAM_GAPS_S = (5.0, 5.0, 70.0, 5.0, 5.0)
 STREAM_MODEL = "nginx/scheduled"
+# OPENAI_HOSTNAME of this module's stack: a name no resolver knows; the SDK's transport below connects it to loopback.
+OPENAI_HOST = "openai.scaigrid.test"
 
 
 # --- the rendered config, checked by nginx itself ---
@@ -115,7 +121,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, r
     """The whole appliance, with a small storage limit and one scrape network besides loopback."""
     running = start_stack(tmp_path_factory.mktemp("nginx"), mariadb, redis_server, s3_server,
                           STORAGE_MAX_OBJECT_BYTES=str(LIMIT_BYTES), STORAGE_PART_SIZE_BYTES=str(PART_BYTES),
-                          METRICS_ALLOW_NETWORKS=f"{SCRAPER}/32")
+                          METRICS_ALLOW_NETWORKS=f"{SCRAPER}/32", OPENAI_HOSTNAME=OPENAI_HOST)
     running.extra["s3"] = devstack_client(s3_server)
     yield running
     running.stop()
@@ -239,6 +245,67 @@ def test_grpc_over_tls_reaches_the_grpc_process_and_long_streams_are_not_capped(
         replies = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(messages, timeout=30))
     assert len(replies) == 24
     assert all("grpc.health.v1.Health" in {s.name for s in r.list_services_response.service} for r in replies)
+
+
+# --- OPENAI_HOSTNAME: the OpenAI API at /v1/, for SDKs given base_url https://<that host>/v1 ---
+
+class LoopbackBackend(httpcore2.SyncBackend):
+    """Connects every host name to 127.0.0.1, as if DNS said so. The URL keeps its host, so the TLS handshake's SNI,
+    the certificate check and the Host header all name it: what nginx routes on is what a real client sends."""
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+        return super().connect_tcp("127.0.0.1", port, timeout, local_address, socket_options)
+
+
+def loopback_client(context: ssl.SSLContext) -> httpx2.Client:
+    """An httpx client for the OpenAI SDK whose connections all go to loopback (see LoopbackBackend)."""
+    transport = httpx2.HTTPTransport(verify=context)
+    # httpx's transport takes no network backend: its connection pool is swapped for one that has ours.
+    transport._pool = httpcore2.ConnectionPool(ssl_context=context, network_backend=LoopbackBackend())
+    return httpx2.Client(transport=transport)
+
+
+@pytest.fixture(scope="module")
+def demo_model(stack: ApplianceStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """make run's demo model (appliance/demo.py) in the stack's catalogue; its slug."""
+    demo = devstack.start_demo(tmp_path_factory.mktemp("demo"))
+    catalogue = tmp_path_factory.mktemp("demo-catalogue") / "catalogue.toml"
+    catalogue.write_text(catalogue_toml([{"id": "demo", "provider": "custom", "base_url": demo.url, "model": "echo"}],
+                                        [{"slug": "demo/echo", "modality": "chat", "routes": [{"backend": "demo"}]}]))
+    scaigrid_cli(stack, "admin", "apply", str(catalogue))
+    yield "demo/echo"
+    demo.stop()
+
+
+def test_the_openai_host_serves_the_openai_api_at_v1_to_the_openai_sdk(stack, demo_model):
+    with loopback_client(stack.tls_context()) as http_client:
+        client = openai.OpenAI(base_url=f"https://{OPENAI_HOST}:{stack.config.https_port}/v1",
+                               api_key=stack.admin_key, http_client=http_client, max_retries=0)
+        eventually(lambda: demo_model in {model.id for model in client.models.list()}, "the demo model listed")
+        stream = client.chat.completions.create(model=demo_model, stream=True,
+                                                messages=[{"role": "user", "content": "one two three"}])
+        assert [chunk.choices[0].delta.content for chunk in stream if chunk.choices and
+                chunk.choices[0].delta.content] == ["one ", "two ", "three"]
+        completion = client.chat.completions.create(model=demo_model, messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == "hi" and completion.model == demo_model
+        # The gateway's errors come in OpenAI's shape, so the SDK raises what its users catch.
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="no/such-model", messages=[{"role": "user", "content": "hi"}])
+        assert missing.value.code == "MODEL_NOT_FOUND"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=client.base_url, api_key="sgk_wrong", http_client=http_client,
+                          max_retries=0).models.list()
+        # That host has nothing else: the native API and metrics stay on the main host.
+        response = http_client.get(f"https://{OPENAI_HOST}:{stack.config.https_port}/metrics")
+        assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
+        response = http_client.get(f"https://{OPENAI_HOST}:{stack.config.https_port}/oai/v1/models")
+        assert response.status_code == 404
+    # The main host keeps its native /v1/ and its /oai/v1/.
+    status, _, body = request(stack, "GET", "/v1/models", key=stack.admin_key)
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    status, _, body = request(stack, "GET", "/oai/v1/models", key=stack.admin_key)
+    assert status == 200 and json.loads(body)["object"] == "list"
 
 
 # --- a long stream, relayed as it is written ---

@@ -145,9 +145,10 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
     HTTP_DURATION.labels(route).observe(elapsed_s)
     # Probes and scrapes arrive every few seconds; at info level they would drown the log.
     level = logging.DEBUG if request.path in DRAIN_EXEMPT else logging.INFO
+    node_request_id = protocol.node_request_id(request.headers)
     logger.log(level, "%s %s %d", request.method, request.path, response.status, extra={
         "event": "request", "method": request.method, "path": request.path, "status": response.status,
-        "duration_ms": round(elapsed_s * 1000, 1)})
+        "duration_ms": round(elapsed_s * 1000, 1), **({"node_request_id": node_request_id} if node_request_id else {})})
     return response
 
 
@@ -155,6 +156,8 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
     """Every response carries the request id, streams included (this runs as each one is prepared)."""
     if REQUEST_ID in request:
         response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    if node_request_id := protocol.node_request_id(request.headers):
+        response.headers[protocol.NODE_REQUEST_ID_HEADER] = node_request_id
 
 
 async def health(request: web.Request) -> web.Response:

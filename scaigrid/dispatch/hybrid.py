@@ -182,7 +182,8 @@ class HybridTransport:
         assert backend.node_id is not None
         link = self.directory.holder(backend.node_id, time.time())
         if link is None:
-            raise Failure("connect", f"no replica holds the link of node {backend.node_id}", public="node not linked")
+            raise Failure("connect", f"no replica holds the link of node {backend.node_id}",
+                          public=f"the link to node {backend.node_id} is down")
         principal = request[PRINCIPAL]
         # Who the caller is, never their credential: the relay signs it into an assertion only this node verifies.
         caller = link_pb2.Caller(tenant_id=principal.tenant_id, partner_id=principal.partner_id,
@@ -235,7 +236,8 @@ class ManagedTransport(HttpTransport):
         return self._configured
 
     def headers(self, backend: Backend, request: web.Request) -> Mapping[str, str]:
-        return {**backend.headers, "Authorization": request.headers.get("Authorization", "")}
+        return {**backend.headers, "Authorization": request.headers.get("Authorization", ""),
+                protocol.NODE_REQUEST_ID_HEADER: request[REQUEST_ID]}
 
 
 @contextlib.asynccontextmanager

@@ -167,6 +167,12 @@ class Dispatcher:
             if cooling:
                 return errors.backend_rate_limited(
                     max(1, math.ceil(min(cooling) - now_s)), f"the backends of {model.slug!r} are rate limited")
+            # Say which hybrid link is down, rather than leave the operator to guess among breakers and health.
+            unlinked = sorted({route.backend.node_id or "" for group in model.groups for route in group
+                               if route.backend.provider == HYBRID
+                               and not self._transport(route.backend).available(route.backend, now_s)})
+            if unlinked:
+                return errors.model_unavailable(model.slug, f"the link to node {', '.join(unlinked)} is down")
             return errors.model_unavailable(model.slug)
         if failure.kind == "timeout":
             return errors.backend_timeout(f"the backend of {model.slug!r} did not answer in time")

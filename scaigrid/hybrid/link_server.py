@@ -361,6 +361,17 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
                 return
 
 
+class NotManagedLinkServicer(link_pb2_grpc.HybridLinkServicer):
+    """HybridLink.Connect where HYBRID_ROLE is not `managed`: a node pointed here is told so by name
+    (HYBRID_NOT_MANAGED, as the /v1/hybrid/ routes answer), not with gRPC's bare "Method not found"."""
+
+    @node_credential
+    async def Connect(self, requests: AsyncIterator[link_pb2.NodeMessage],
+                      context: Any) -> AsyncIterator[link_pb2.ManagedMessage]:
+        raise errors.hybrid_not_managed()
+        yield  # an async generator, as the streaming method must be
+
+
 class TunnelRelayServicer(link_pb2_grpc.TunnelRelayServicer):
     """TunnelRelay.Open: one request down the link of a node this replica holds, its frames streamed back."""
 

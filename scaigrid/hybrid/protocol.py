@@ -31,6 +31,16 @@ NODE_STATE_KEY = "scaigrid:hybrid:node:state"
 # record has one id on both sides; only the node's link process, holding a service token, can set it.
 TUNNEL_HEADER, TUNNEL_ID_HEADER = "X-Scaigrid-Tunnel", "X-Scaigrid-Tunnel-Id"
 REQUEST_ID_PATTERN = re.compile(r"req_[0-9a-f]{24}")  # every request id has this form (the request middleware gives it)
+# An upstream request (a node's `managed` backend) names the node's request id. The managed side cannot take it as its
+# own (any API-key holder could send it, and request ids key the usage records): it logs it beside its own id
+# (`node_request_id`) and echoes it, so one request is found on both sides by either id.
+NODE_REQUEST_ID_HEADER = "X-Scaigrid-Node-Request-Id"
+
+
+def node_request_id(headers: Mapping[str, str]) -> str | None:
+    """The node's request id an upstream request names, when it has a request id's form."""
+    value = headers.get(NODE_REQUEST_ID_HEADER, "")
+    return value if REQUEST_ID_PATTERN.fullmatch(value) else None
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.\d+)?(?:[-+.].*)?")
 

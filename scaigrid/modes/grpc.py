@@ -13,7 +13,7 @@ from prometheus_client import Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid.health import check_database, check_redis
-from scaigrid.hybrid.link_server import HeldLinks, HybridLinkServicer, TunnelRelayServicer
+from scaigrid.hybrid.link_server import HeldLinks, HybridLinkServicer, NotManagedLinkServicer, TunnelRelayServicer
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
 from scaigrid.nodes.servicer import HeartbeatServicer
@@ -72,6 +72,8 @@ async def serve(settings: Settings) -> int:
             link_pb2_grpc.add_HybridLinkServicer_to_server(HybridLinkServicer(held), server)
             link_pb2_grpc.add_TunnelRelayServicer_to_server(TunnelRelayServicer(held), server)
             services += [link_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("HybridLink", "TunnelRelay")]
+        else:
+            link_pb2_grpc.add_HybridLinkServicer_to_server(NotManagedLinkServicer(), server)
         reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
         address = f"{server_settings.bind_host}:{server_settings.grpc_port}"
         server.add_insecure_port(address)
