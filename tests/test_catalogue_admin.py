@@ -43,7 +43,7 @@ def test_backends_are_managed_and_their_key_is_never_shown(node: Node) -> None:
     assert reply["data"] == {
         "id": "vllm-a", "provider": "custom", "base_url": "http://127.0.0.1:9/v1", "model": "llama",
         "has_api_key": True, "api_key_env": None, "cost_input_per_mtok": "0.1", "cost_output_per_mtok": "0",
-        "timeout_s": 30.0, "tenant": None, "status": "active"}
+        "timeout_s": 30.0, "tenant": None, "status": "active", "deployment": None, "api_version": None}
     status, listing = call(node.url, "GET", "/v1/backends", admin)
     assert status == 200 and [b["id"] for b in listing["data"]["items"]] == ["vllm-a"]
     assert listing["data"]["pagination"] == {"has_more": False, "next_cursor": None}
@@ -76,7 +76,7 @@ def test_backends_are_managed_and_their_key_is_never_shown(node: Node) -> None:
 
 def test_bad_bodies_are_refused_field_by_field(node: Node) -> None:
     status, reply = call(node.url, "POST", "/v1/backends", node.admin_key, {
-        "id": "-x", "provider": "azure", "base_url": "localhost:8000", "cost_input_per_mtok": 0.5, "colour": "red"})
+        "id": "-x", "provider": "bedrock", "base_url": "localhost:8000", "cost_input_per_mtok": 0.5, "colour": "red"})
     assert status == 422 and reply["error"]["code"] == "VALIDATION_ERROR"
     fields = {d["field"]: d["message"] for d in reply["error"]["details"]}
     assert set(fields) == {"id", "provider", "base_url", "model", "cost_input_per_mtok", "colour"}

@@ -125,7 +125,7 @@ backends = Table(
     # so that names are unique per owner (core_0008). The API shows the name as `id`.
     Column("id", String(128), primary_key=True),
     Column("tenant_id", String(40), ForeignKey("tenants.id")),  # NULL = shared by every tenant
-    Column("provider", String(16), nullable=False),  # openai | custom
+    Column("provider", String(16), nullable=False),  # routing.catalogue.PROVIDERS
     Column("base_url", String(1024), nullable=False),
     Column("model", String(255), nullable=False),  # the upstream's own model name
     Column("api_key_encrypted", Text),  # Fernet token under SCAIGRID_ENCRYPTION_KEY
@@ -134,6 +134,9 @@ backends = Table(
     Column("cost_output_per_mtok", PRICE, nullable=False, server_default="0"),
     Column("timeout_s", Double),  # NULL = DISPATCH_TIMEOUT_S; DOUBLE: MariaDB FLOAT would round it
     Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
+    # provider azure: the deployment its URLs name; anthropic and azure: the API version they send (core_0016)
+    Column("deployment", String(64)),
+    Column("api_version", String(32)),
     *_timestamps(),
     **TABLE_ARGS,
 )

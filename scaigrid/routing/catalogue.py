@@ -35,7 +35,12 @@ OFFERED_STATUSES = frozenset({"active", "deprecated"})  # a deprecated model sti
 SCAIINFER = "scaiinfer"  # the provider whose backends are ScaiInfer nodes, reached over gRPC
 HYBRID = "hybrid"  # managed side: a linked node's model, reached through the tunnel on its link
 MANAGED = "managed"  # node side: a model of the managed gateway (HYBRID_MANAGED_URL), reached over HTTPS
-PROVIDERS = ("openai", "custom", SCAIINFER, HYBRID, MANAGED)
+ANTHROPIC = "anthropic"  # Anthropic's Messages API, translated to and from OpenAI's (dispatch/anthropic.py)
+AZURE = "azure"  # Azure OpenAI: OpenAI's protocol at a deployment's URL, with an api-version and an api-key header
+PROVIDERS = ("openai", "custom", ANTHROPIC, AZURE, SCAIINFER, HYBRID, MANAGED)
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+# What a backend stores when it gives no api_version: the versions the translation and the stand-ins follow.
+DEFAULT_API_VERSIONS = {ANTHROPIC: "2023-06-01", AZURE: "2024-10-21"}
 BACKEND_STATUSES = ("active", "disabled")
 MODALITIES = ("chat", "embedding", "image", "audio")
 MODEL_STATUSES = ("active", "deprecated")
@@ -181,14 +186,32 @@ def _credential(settings: Settings, row: Any) -> str | None:
     return None
 
 
-def _backend(settings: Settings, row: Any, node_tenants: Mapping[str, frozenset[str]]) -> Backend:
+def _endpoints(row: Any, root: str, key: str | None) -> tuple[URL, URL, dict[str, str]]:
+    """(chat URL, embeddings URL, headers) of a backend: where each provider wants its requests and its key."""
     headers = {"Content-Type": "application/json"}
-    key = _credential(settings, row)
+    version = row.api_version or DEFAULT_API_VERSIONS.get(row.provider, "")
+    if row.provider == ANTHROPIC:
+        if key:
+            headers["x-api-key"] = key
+        headers["anthropic-version"] = version
+        return URL(root + "/v1/messages"), URL(root + "/v1/messages"), headers  # Anthropic has no embeddings
+    if row.provider == AZURE:
+        if key:
+            headers["api-key"] = key
+        deployment = f"{root}/openai/deployments/{row.deployment}"
+        query = {"api-version": version}
+        return (URL(deployment + "/chat/completions").with_query(query),
+                URL(deployment + "/embeddings").with_query(query), headers)
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    return URL(root + "/chat/completions"), URL(root + "/embeddings"), headers
+
+
+def _backend(settings: Settings, row: Any, node_tenants: Mapping[str, frozenset[str]]) -> Backend:
     root = row.base_url.rstrip("/")
     if row.provider == MANAGED:  # unset: the transport says such a backend is unavailable
         root = (settings.hybrid.managed_url or "").rstrip("/") + MANAGED_API_ROOT
+    chat_url, embeddings_url, headers = _endpoints(row, root, _credential(settings, row))
     node_id, _, node_model = row.model.partition("/") if row.provider in (SCAIINFER, HYBRID) else (None, "", "")
     # Shared backends are the platform's own (an on-prem vLLM on 10.x is normal); a tenant's stays on global addresses.
     guarded = row.tenant_id is not None and bool(row.base_url) and not settings.dispatch.allow_private_targets
@@ -196,7 +219,7 @@ def _backend(settings: Settings, row: Any, node_tenants: Mapping[str, frozenset[
         id=row.id, tenant_id=row.tenant_id, partner_id=row.partner_id, provider=row.provider, base_url=root,
         model=row.model, timeout_s=row.timeout_s or settings.dispatch.timeout_s, status=row.status,
         cost_input_per_mtok=row.cost_input_per_mtok, cost_output_per_mtok=row.cost_output_per_mtok,
-        chat_url=URL(root + "/chat/completions"), embeddings_url=URL(root + "/embeddings"), headers=headers,
+        chat_url=chat_url, embeddings_url=embeddings_url, headers=headers,
         node_id=node_id, node_model=node_model, guarded=guarded,
         refused=netguard.literal_refusal(root) if guarded else None,
         node_tenant_ids=node_tenants.get(node_id or "", frozenset()) if row.provider == HYBRID else frozenset())

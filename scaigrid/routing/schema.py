@@ -13,9 +13,13 @@ from scaigrid.dispatch.schemas import parameter_problems
 from scaigrid.fields import Fields
 from scaigrid.nodes.registry import NODE_ID
 from scaigrid.routing.catalogue import (
+    ANTHROPIC,
+    ANTHROPIC_BASE_URL,
     API_KEY_ENV_PREFIX,
+    AZURE,
     BACKEND_ID,
     BACKEND_STATUSES,
+    DEFAULT_API_VERSIONS,
     HYBRID,
     MANAGED,
     MODALITIES,
@@ -40,9 +44,12 @@ _KEYLESS = {
 }
 # A key is sent as `Authorization: Bearer <key>`: visible ASCII only, or every request to the backend would fail.
 API_KEY = re.compile(r"[\x21-\x7e]+")
+# An Azure deployment's name (a path segment of its URLs), and the API versions Azure and Anthropic date.
+DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?")
 
 BACKEND_FIELDS = ("id", "provider", "base_url", "model", "api_key", "api_key_env", "cost_input_per_mtok",
-                  "cost_output_per_mtok", "timeout_s", "tenant", "status")
+                  "cost_output_per_mtok", "timeout_s", "tenant", "status", "deployment", "api_version")
 MODEL_FIELDS = ("slug", "display_name", "modality", "context_window", "max_output_tokens", "price_input_per_mtok",
                 "price_output_per_mtok", "price_per_image", "price_per_audio_second", "price_per_mchar",
                 "default_params", "status", "tenant", "routes")
@@ -70,6 +77,8 @@ class BackendSpec:
     timeout_s: float | None
     tenant: str | None  # slug; None = shared by every tenant
     status: str
+    deployment: str | None = None  # azure only
+    api_version: str | None = None  # azure and anthropic only; their DEFAULT_API_VERSIONS when not given
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,8 @@ class ModelSpec:
     routes: tuple[RouteSpec, ...] | None  # None = leave the model's routes as they are
 
 
-def _base_url(fields: Fields) -> str | None:
-    url = fields.string("base_url", required=True, max_length=1024)
+def _base_url(fields: Fields, default: str | None = None) -> str | None:
+    url = fields.string("base_url", required=default is None, max_length=1024) or default
     if url is None:
         return None
     # A URL that would not load into the catalogue, or with a query or fragment the request paths cannot follow.
@@ -112,7 +121,7 @@ def parse_backend(body: Any) -> BackendSpec:
     spec = BackendSpec(
         id=f.string("id", required=True, max_length=64, pattern=BACKEND_ID) or "",
         provider=provider,
-        base_url="" if keyless else _base_url(f) or "",
+        base_url="" if keyless else _base_url(f, ANTHROPIC_BASE_URL if provider == ANTHROPIC else None) or "",
         model=f.string("model", required=True) or "",
         api_key=f.string("api_key", max_length=4096, pattern=API_KEY, hint="visible ASCII characters, no spaces"),
         api_key_env=f.string("api_key_env", max_length=128, pattern=ENV_NAME),
@@ -121,6 +130,11 @@ def parse_backend(body: Any) -> BackendSpec:
         timeout_s=f.seconds("timeout_s"),
         tenant=f.string("tenant", max_length=64),
         status=f.string("status", choices=BACKEND_STATUSES) or "active",
+        deployment=f.string("deployment", required=provider == AZURE, max_length=64, pattern=DEPLOYMENT,
+                            hint="the Azure deployment's name: letters, digits, '.', '_' or '-'"),
+        api_version=f.string("api_version", max_length=32, pattern=API_VERSION,
+                             hint="a dated version such as 2024-10-21 (azure) or 2023-06-01 (anthropic)")
+        or DEFAULT_API_VERSIONS.get(provider),
     )
     if spec.api_key is not None and spec.api_key_env is not None:
         f.fail("api_key_env", "give api_key or api_key_env, not both")
@@ -135,6 +149,9 @@ def parse_backend(body: Any) -> BackendSpec:
         for name in ("base_url", "api_key", "api_key_env"):
             if f.body.get(name):
                 f.fail(name, f"a {provider} backend has none: {keyless}")
+    for name, providers in (("deployment", (AZURE,)), ("api_version", (AZURE, ANTHROPIC))):
+        if f.body.get(name) is not None and provider and provider not in providers:
+            f.fail(name, f"only a {' or '.join(providers)} backend has one")
     f.done()
     return spec
 

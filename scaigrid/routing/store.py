@@ -153,6 +153,7 @@ def backend_view(row: Mapping[str, Any], actor: Actor) -> dict[str, Any]:
         "cost_input_per_mtok": decimal_text(row["cost_input_per_mtok"]),
         "cost_output_per_mtok": decimal_text(row["cost_output_per_mtok"]),
         "timeout_s": row["timeout_s"], "tenant": row["tenant_slug"], "status": row["status"],
+        "deployment": row["deployment"], "api_version": row["api_version"],
     }
 
 
@@ -214,7 +215,8 @@ async def upsert_backend(conn: AsyncConnection, settings: Settings, actor: Actor
         "tenant_id": tenant_id, "provider": spec.provider, "base_url": spec.base_url, "model": spec.model,
         "api_key_encrypted": _stored_key(settings, existing, spec.api_key), "api_key_env": spec.api_key_env,
         "cost_input_per_mtok": spec.cost_input_per_mtok, "cost_output_per_mtok": spec.cost_output_per_mtok,
-        "timeout_s": spec.timeout_s, "status": spec.status,
+        "timeout_s": spec.timeout_s, "status": spec.status, "deployment": spec.deployment,
+        "api_version": spec.api_version,
     }
     if existing is None:
         await conn.execute(insert(backends).values(id=key, **values))
@@ -250,7 +252,7 @@ async def update_backend(conn: AsyncConnection, settings: Settings, actor: Actor
         raise errors.validation_error([FieldError("id", "a backend's id cannot change; create a new backend")])
     _same_owner(body, existing.tenant_slug, "backend")
     current: dict[str, Any] = {column: getattr(existing, column) for column in (
-        "provider", "base_url", "model", "api_key_env", "timeout_s", "status")}
+        "provider", "base_url", "model", "api_key_env", "timeout_s", "status", "deployment", "api_version")}
     current.update(id=name, tenant=existing.tenant_slug, cost_input_per_mtok=str(existing.cost_input_per_mtok),
                    cost_output_per_mtok=str(existing.cost_output_per_mtok))
     if "api_key" not in body and "api_key_env" not in body and existing.api_key_encrypted is not None:
