@@ -21,6 +21,7 @@ from scaigrid.dispatch.transport import (
     DEFAULT_RETRY_AFTER_S,
     EMBEDDINGS,
     ERROR_BODY_MAX_BYTES,
+    MEDIA,
     HttpTransport,
     check_event_stream,
     status_failure,
@@ -31,7 +32,8 @@ from scaigrid.routing.catalogue import Backend
 DEFAULT_MAX_TOKENS = 4096
 MAX_TEMPERATURE = 1.0  # Anthropic's range is 0-1 where OpenAI's is 0-2: a higher value is sent as 1
 OVERLOADED_STATUS = 529
-LACKS = {EMBEDDINGS: "Anthropic has no embeddings API, and every backend of this model is an anthropic backend"}
+LACKS = {EMBEDDINGS: "Anthropic has no embeddings API, and every backend of this model is an anthropic backend",
+         MEDIA: "Anthropic has no image or audio API, and every backend of this model is an anthropic backend"}
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
                   "tool_use": "tool_calls", "refusal": "content_filter"}
 # Error types in a stream that mean "try later", as a 429 or 529 does before it.

@@ -34,10 +34,18 @@ from scaigrid.dispatch.anthropic import AnthropicTransport
 from scaigrid.dispatch.failures import Failure
 from scaigrid.dispatch.hybrid import HybridTransport, LinkDirectory, ManagedTransport, managed_session
 from scaigrid.dispatch.scaiinfer import NodeClient
-from scaigrid.dispatch.transport import MEDIA, NEED_FIELDS, HttpTransport, Transport, Upstream, request_needs
+from scaigrid.dispatch.transport import (
+    MEDIA,
+    NEED_FIELDS,
+    AzureTransport,
+    HttpTransport,
+    Transport,
+    Upstream,
+    request_needs,
+)
 from scaigrid.nodes.registry import NodeDirectory, channel_credentials
 from scaigrid.routing.breaker import COOLING, TRIAL, USABLE, Breakers
-from scaigrid.routing.catalogue import ANTHROPIC, HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
+from scaigrid.routing.catalogue import ANTHROPIC, AZURE, HYBRID, MANAGED, SCAIINFER, Backend, CatalogueLoader, Model
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -474,7 +482,8 @@ async def dispatch_ctx(app: web.Application) -> AsyncIterator[None]:
                 links.running()):
         http = HttpTransport(session, guarded)
         app[DISPATCHER] = Dispatcher(settings, loader, breakers, app[ACCOUNTING], http, {
-            ANTHROPIC: AnthropicTransport(session, guarded), SCAIINFER: NodeClient(settings, directory),
+            ANTHROPIC: AnthropicTransport(session, guarded), AZURE: AzureTransport(session, guarded),
+            SCAIINFER: NodeClient(settings, directory),
             HYBRID: HybridTransport(settings, links),
             MANAGED: ManagedTransport(managed, settings)})
         try:

@@ -217,3 +217,11 @@ class HttpTransport:
         body = await response.content.read(ERROR_BODY_MAX_BYTES)
         return status_failure(response.status, response.headers.get("Retry-After"), body, self.refused_statuses,
                               for_client=self.answers_client)
+
+
+class AzureTransport(HttpTransport):
+    """Azure OpenAI: the OpenAI protocol at deployment URLs (routing/catalogue.py builds them); chat and embeddings
+    only, since `send` posts images and audio under the backend's API root, where Azure has no such routes."""
+
+    lacks: Mapping[str, str] = {MEDIA: "images and audio are not relayed to azure backends, and every backend of "
+                                       "this model is an azure backend"}

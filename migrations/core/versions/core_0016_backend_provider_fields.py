@@ -12,7 +12,7 @@ from alembic import op
 
 revision = "core_0016"
 # core_0010..core_0015 are other parts of issue 15, merged separately: rechain onto the newest of them.
-down_revision = "core_0009"
+down_revision = "core_0012"
 branch_labels = None
 depends_on = None
 

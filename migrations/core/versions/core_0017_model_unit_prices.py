@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "core_0017"
-down_revision = "core_0012"
+down_revision = "core_0016"
 branch_labels = None
 depends_on = None
 
