@@ -77,6 +77,7 @@ def test_an_operator_token_is_a_service_and_other_scopes_and_strangers_are_refus
     profile = me(node, operator(node))
     assert profile["auth_type"] == "service" and profile["service"] == {"name": "ops-script", "scope": OPERATOR}
     assert (profile["id"], profile["tenant"], profile["partner"], profile["api_key"]) == (None, None, None, None)
+    assert set(profile) == set(me(node, node.admin_key))  # the same fields for every kind of caller
     assert profile["reach"] == "platform" and set(PERMISSIONS) <= set(profile["permissions"])
     for path in ME_PATHS:
         node_token = call(node.url, "GET", path, operator(node, SCAIINFER_NODE))

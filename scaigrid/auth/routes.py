@@ -173,8 +173,8 @@ async def me(request: web.Request) -> web.Response:
     profile: dict[str, Any] = {
         "id": None, "email": None, "display_name": None, "status": "active", "role": principal.role,
         "reach": principal.reach, "permissions": sorted({p for p in declared if principal.can(p)}),
-        "tenant_id": None, "tenant": None, "partner": None, "auth_type": principal.kind, "api_key": None,
-        "service": None}
+        "tenant_id": None, "scaikey_id": None, "created_at": None, "tenant": None, "partner": None,
+        "auth_type": principal.kind, "api_key": None, "service": None}
     if principal.user_id is None:
         profile["service"] = {"name": principal.name, "scope": principal.scope}
         return ok(profile)
@@ -185,7 +185,9 @@ async def me(request: web.Request) -> web.Response:
                    partners.c.name.label("partner_name"))
             .select_from(users.join(tenants, tenants.c.id == users.c.tenant_id)
                          .join(partners, partners.c.id == tenants.c.partner_id))
-            .where(users.c.id == principal.user_id))).mappings().one()
+            .where(users.c.id == principal.user_id))).mappings().first()
+        if row is None:  # a mirrored user a config snapshot removed a moment ago
+            raise errors.auth_token_invalid("this credential's user no longer exists")
         key = None if principal.api_key_id is None else (await conn.execute(
             select(*KEY_COLUMNS).where(api_keys.c.id == principal.api_key_id))).mappings().first()
     # The role is the credential's (a key's may be below its user's): the one its permissions come from.
