@@ -24,9 +24,9 @@ class Access:
 
 def requires(permission: str, *, metered: bool = False, reach: str = "tenant", scopes: tuple[str, ...] = (),
              query: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Marks a handler as needing an authenticated caller holding `permission`, reaching at least `reach`; a service
-    token is accepted only with one of `scopes`; a query parameter not in `query` is a 422, since a filter silently
-    ignored answers with unfiltered data."""
+    """Marks a handler as needing an authenticated caller holding `permission` (roles.AUTHENTICATED: every role),
+    reaching at least `reach`; a service token is accepted only with one of `scopes`; a query parameter not in
+    `query` is a 422, since a filter silently ignored answers with unfiltered data."""
     if reach not in REACHES:
         raise ValueError(f"reach is one of {', '.join(REACHES)}")
     if not set(scopes) <= set(SCOPES):

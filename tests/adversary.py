@@ -129,7 +129,7 @@ class Row:
     tenant_surface: bool = False
     hidden: frozenset[int] = frozenset({404})
     other_person: tuple[str, int] | None = None
-    fresh: str | None = None  # key | backend | model | budget | webhook | node
+    fresh: str | None = None  # key | user | backend | model | budget | webhook | node
 
     @property
     def id(self) -> str:
@@ -201,9 +201,12 @@ ROWS: tuple[Row, ...] = (
     Row("GET", "/metrics", _static("/metrics"), public=PUBLIC_OK),
     Row("GET", "/health/detailed", _static("/health/detailed"), platform=True),
     # --- identity ---
+    # Any authenticated caller sees itself (operator tokens too); the other service scopes serve one method each.
+    Row("GET", "/v1/me", _static("/v1/me")),
+    Row("GET", "/v1/auth/me", _static("/v1/auth/me")),
     Row("GET", "/v1/api-keys", _static("/v1/api-keys")),
     Row("POST", "/v1/api-keys", _static("/v1/api-keys"), target=True, success=201,
-        body=lambda w, t: {"name": "adversary", "user_id": t.user_id, "role": "tenant_user"},
+        body=lambda w, t: {"name": "adversary", "assigned_user_id": t.user_id, "role": "tenant_user"},
         other_person=("users:manage", 403)),
     Row("DELETE", "/v1/api-keys/{id}", lambda w, t: f"/v1/api-keys/{w.fresh('key', t)}", target=True, fresh="key",
         other_person=("users:manage", 404)),
@@ -219,8 +222,10 @@ ROWS: tuple[Row, ...] = (
     Row("GET", "/v1/users", _static("/v1/users")),
     Row("POST", "/v1/users", _static("/v1/users"), target=True, success=201,
         body=lambda w, t: {"email": f"{w.unique('adv')}@example.com", "role": "tenant_user", "tenant_id": t.tenant_id}),
+    Row("GET", "/v1/users/{id}", lambda w, t: f"/v1/users/{t.user_id}", target=True),
     Row("PATCH", "/v1/users/{id}", lambda w, t: f"/v1/users/{t.user_id}", target=True,
         body=lambda w, t: {"display_name": "Target"}),
+    Row("DELETE", "/v1/users/{id}", lambda w, t: f"/v1/users/{w.fresh('user', t)}", target=True, fresh="user"),
     Row("POST", "/v1/webhooks/scaikey", _static("/v1/webhooks/scaikey"), public=SELF_AUTHENTICATED,
         body=lambda w, t: {"event_id": "evt_x", "event_type": "user.created"}),
     # --- catalogue ---
@@ -434,12 +439,17 @@ RANK_CASES: tuple[RankCase, ...] = (
              {"name": "stolen", "user_id": "{victim}", "role": "tenant_admin"}),
     RankCase("tenant_admin keys a partner_admin", "tenant_admin", "POST", "/v1/api-keys", "partner_admin",
              {"name": "stolen", "user_id": "{victim}", "role": "tenant_admin"}),
+    RankCase("tenant_admin keys the tenant's super_admin by the documented name", "tenant_admin", "POST",
+             "/v1/api-keys", "super_admin", {"name": "stolen", "assigned_user_id": "{victim}"}),
     RankCase("tenant_admin revokes a low key of the super_admin", "tenant_admin", "DELETE",
              "/v1/api-keys/{victim_key}", "super_admin"),
     RankCase("tenant_admin lists the super_admin's keys", "tenant_admin", "GET", "/v1/api-keys?user_id={victim}",
              "super_admin", expect=frozenset({200})),  # the answer must list none of them: checked by the test
     RankCase("tenant_admin changes the super_admin", "tenant_admin", "PATCH", "/v1/users/{victim}", "super_admin",
              {"display_name": "owned"}),
+    RankCase("tenant_admin deletes the super_admin", "tenant_admin", "DELETE", "/v1/users/{victim}", "super_admin"),
+    RankCase("partner_admin deletes the super_admin", "partner_admin", "DELETE", "/v1/users/{victim}",
+             "super_admin"),
     RankCase("tenant_admin changes a partner_admin", "tenant_admin", "PATCH", "/v1/users/{victim}", "partner_admin",
              {"display_name": "owned"}),
     RankCase("partner_admin changes the super_admin", "partner_admin", "PATCH", "/v1/users/{victim}", "super_admin",

@@ -113,6 +113,8 @@ class Node(World):
         """A new object of that kind in t's tenant, for a case that deletes it."""
         if kind == "key":
             return str(self.admin("POST", "/v1/api-keys", {"name": "fresh", "user_id": t.user_id})["id"])
+        if kind == "user":
+            return self.user(t.tenant_id, "tenant_user")[0]
         if kind == "backend":
             return str(self.admin("POST", "/v1/backends", {
                 "id": self.unique("adv-b"), "provider": "custom", "base_url": MAKE_BELIEVE_URL,

@@ -24,6 +24,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "tenant_viewer": _TENANT_VIEWER,
 }
 ROLES = tuple(ROLE_PERMISSIONS)
+# Not a permission but what a route needs when any authenticated caller may call it (GET /v1/me): every role holds
+# it, so it never appears in a permission list.
+AUTHENTICATED = "authenticated"
 # A module's own permissions (Module.permissions, e.g. scaibunker:images:manage) are held by every role holding
 # this one: whoever may manage modules may manage what they do. mount_module refuses a route needing any other.
 MODULE_PERMISSIONS_HOLDER = "modules:manage"
@@ -46,5 +49,7 @@ def grants_at_most(role: str, ceiling: str) -> bool:
 
 def role_can(role: str, permission: str) -> bool:
     """A core permission if the role lists it; a module's permission if the role holds modules:manage."""
+    if permission == AUTHENTICATED:
+        return True
     held = ROLE_PERMISSIONS[role]
     return permission in held if permission in PERMISSIONS else MODULE_PERMISSIONS_HOLDER in held

@@ -1,4 +1,5 @@
-"""Identity routes: API keys, tenancy administration (partners, tenants, users), the ScaiKey webhook receiver.
+"""Identity routes: the caller's own profile, API keys, tenancy administration (partners, tenants, users), the ScaiKey
+webhook receiver.
 
 Reach decides what a caller sees: another tenant's (partner's) records answer 404, never 403, so that their
 existence is not revealed. Among what it reaches, a caller manages only what is no more powerful than itself.
@@ -14,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
 from scaigrid.access import requires
-from scaigrid.appkeys import DB, PRINCIPAL, REDIS
+from scaigrid.appkeys import DB, MODULES, PRINCIPAL, REDIS
 from scaigrid.auth import keys, scaikey_events, tenancy
 from scaigrid.auth.authenticator import TOPIC_API_KEY, TOPIC_IDENTITY
 from scaigrid.auth.principal import Principal
-from scaigrid.auth.roles import ROLES, grants_at_most
+from scaigrid.auth.roles import AUTHENTICATED, PERMISSIONS, ROLES, grants_at_most
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 SLUG_HINT = "lower-case letters, digits and dashes, 1-64 characters, not starting or ending with a dash"
 SETTABLE_STATUSES = ("active", "suspended")
+USER_STATUSES = (*SETTABLE_STATUSES, "deleted")  # deleted: by DELETE /v1/users/{id} or ScaiKey; kept for usage ids
 
 
 def _roles_within(principal: Principal) -> list[str]:
@@ -58,19 +60,23 @@ KEY_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.key_prefix, api_keys.c
 
 
 def _key_json(row: Any) -> dict[str, Any]:
+    # assigned_user_id is the documented name; user_id the node's own, kept for its existing clients.
     return {"id": row["id"], "name": row["name"], "prefix": row["key_prefix"], "role": row["role"],
-            "user_id": row["user_id"], "tenant_id": row["tenant_id"], "expires_at": iso(row["expires_at"]),
+            "assigned_user_id": row["user_id"], "user_id": row["user_id"], "tenant_id": row["tenant_id"],
+            "expires_at": iso(row["expires_at"]),
             "revoked_at": iso(row["revoked_at"]), "last_used_at": iso(row["last_used_at"]),
             "created_at": iso(row["created_at"])}
 
 
 @requires("api_keys:manage", scopes=(OPERATOR,), query=(*PAGE, "user_id", "tenant_id"))
 async def list_api_keys(request: web.Request) -> web.Response:
-    """Own keys; with users:manage, every key of the tenants in reach whose role and user's role do not outrank
-    the caller."""
+    """The caller's own keys; naming a user or tenant (?user_id=, ?tenant_id=) with users:manage, the keys of the
+    tenants in reach whose role and user's role do not outrank the caller. Own by default, as the public API lists
+    them: a script counting "my keys" must not count its tenant's."""
     principal = request[PRINCIPAL]
     query = select(*KEY_COLUMNS).select_from(api_keys.join(tenants, tenants.c.id == api_keys.c.tenant_id))
-    if principal.can("users:manage"):
+    others = "user_id" in request.query or "tenant_id" in request.query
+    if others and principal.can("users:manage"):
         within = _roles_within(principal)
         holder = select(users.c.id).where(users.c.id == api_keys.c.user_id, users.c.role.in_(within))
         query = tenancy.visible_to(principal, query, api_keys.c.tenant_id, tenants.c.partner_id).where(
@@ -98,8 +104,13 @@ async def create_api_key(request: web.Request) -> web.Response:
     name = body.string("name", required=True)
     role = body.string("role", choices=ROLES)
     expires_at = body.timestamp("expires_at", future=True)
-    user_id = body.string("user_id", max_length=40) or principal.user_id
-    _require_id(body, "user_id", user_id, "user")
+    assigned = body.string("assigned_user_id", max_length=40)
+    alias = body.string("user_id", max_length=40)  # the node's older name for assigned_user_id
+    if assigned and alias and assigned != alias:
+        body.fail("user_id", "differs from assigned_user_id, which it is another name for: give one")
+    user_field = "user_id" if alias and not assigned else "assigned_user_id"
+    user_id = assigned or alias or principal.user_id
+    _require_id(body, user_field, user_id, "user")
     body.done()
     assert name is not None and user_id is not None
     async with request.app[DB].begin() as conn:
@@ -115,7 +126,7 @@ async def create_api_key(request: web.Request) -> web.Response:
         if not grants_at_most(role, user.role):
             raise errors.validation_error([FieldError("role", f"exceeds the user's role ({user.role})")])
         if user.status != "active":
-            raise errors.validation_error([FieldError("user_id", f"the user is {user.status}")])
+            raise errors.validation_error([FieldError(user_field, f"the user is {user.status}")])
         key_id, key = await keys.create_api_key(conn, tenant_id=user.tenant_id, user_id=user_id, name=name,
                                                 role=role, expires_at=expires_at)
         row = (await conn.execute(select(*KEY_COLUMNS).where(api_keys.c.id == key_id))).mappings().one()
@@ -145,6 +156,44 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     await announce(request.app[REDIS], TOPIC_API_KEY, row["key_hash"])
     logger.info("API key %s revoked", key_id, extra={"event": "api_key_revoked", "key_id": key_id})
     return ok(_key_json({**row, "revoked_at": revoked_at}))
+
+
+# --- the caller ---
+
+def _named(row: Any, prefix: str) -> dict[str, Any]:
+    return {"id": row[f"{prefix}_id"], "slug": row[f"{prefix}_slug"], "name": row[f"{prefix}_name"]}
+
+
+@requires(AUTHENTICATED, scopes=(OPERATOR,))
+async def me(request: web.Request) -> web.Response:
+    """Who the credential is (SDKs call this to check a key): the user, tenant and partner, the role it acts with and
+    what that permits, the key it used; a service token has no user, tenant or key, only its name and scope."""
+    principal = request[PRINCIPAL]
+    declared = (*PERMISSIONS, *(p for module in request.app[MODULES] for p in module.permissions))
+    profile: dict[str, Any] = {
+        "id": None, "email": None, "display_name": None, "status": "active", "role": principal.role,
+        "reach": principal.reach, "permissions": sorted({p for p in declared if principal.can(p)}),
+        "tenant_id": None, "scaikey_id": None, "created_at": None, "tenant": None, "partner": None,
+        "auth_type": principal.kind, "api_key": None, "service": None}
+    if principal.user_id is None:
+        profile["service"] = {"name": principal.name, "scope": principal.scope}
+        return ok(profile)
+    async with request.app[DB].connect() as conn:
+        row = (await conn.execute(
+            select(*USER_COLUMNS, tenants.c.slug.label("tenant_slug"), tenants.c.name.label("tenant_name"),
+                   partners.c.id.label("partner_id"), partners.c.slug.label("partner_slug"),
+                   partners.c.name.label("partner_name"))
+            .select_from(users.join(tenants, tenants.c.id == users.c.tenant_id)
+                         .join(partners, partners.c.id == tenants.c.partner_id))
+            .where(users.c.id == principal.user_id))).mappings().first()
+        if row is None:  # a mirrored user a config snapshot removed a moment ago
+            raise errors.auth_token_invalid("this credential's user no longer exists")
+        key = None if principal.api_key_id is None else (await conn.execute(
+            select(*KEY_COLUMNS).where(api_keys.c.id == principal.api_key_id))).mappings().first()
+    # The role is the credential's (a key's may be below its user's): the one its permissions come from.
+    profile.update({**_user_json(row), "role": principal.role, "tenant": _named(row, "tenant"),
+                    "partner": _named(row, "partner"), "api_key": None if key is None else _key_json(key)})
+    return ok(profile)
 
 
 # --- partners ---
@@ -279,12 +328,26 @@ def _user_json(row: Any) -> dict[str, Any]:
             "scaikey_id": row["scaikey_id"], "created_at": iso(row["created_at"])}
 
 
-@requires("users:manage", scopes=(OPERATOR,), query=(*PAGE, "tenant_id"))
+@requires("users:manage", scopes=(OPERATOR,), query=(*PAGE, "tenant_id", "status"))
 async def list_users(request: web.Request) -> web.Response:
+    """The users of the tenants in reach; ?status= one of USER_STATUSES, by default all but the deleted."""
+    status = request.query.get("status")
+    if status is not None and status not in USER_STATUSES:
+        raise errors.validation_error([FieldError("status", "one of: " + ", ".join(USER_STATUSES))],
+                                      "invalid query parameters")
     query = tenancy.visible_to(
         request[PRINCIPAL], select(*USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id),
         users.c.tenant_id, tenants.c.partner_id)
-    return await listing(request, query, users.c.created_at, users.c.id, _user_json, filters=(users.c.tenant_id,))
+    query = query.where(users.c.status != "deleted") if status is None else query
+    return await listing(request, query, users.c.created_at, users.c.id, _user_json,
+                         filters=(users.c.tenant_id, users.c.status))
+
+
+@requires("users:manage", scopes=(OPERATOR,))
+async def get_user(request: web.Request) -> web.Response:
+    async with request.app[DB].connect() as conn:
+        user = await _user_in_reach(conn, request[PRINCIPAL], request.match_info["id"])
+    return ok(_user_json(user._mapping))
 
 
 @requires("users:manage", scopes=(OPERATOR,))
@@ -334,7 +397,27 @@ async def update_user(request: web.Request) -> web.Response:
     return ok(_user_json({**user._mapping, **changes}))
 
 
+@requires("users:manage", scopes=(OPERATOR,))
+async def delete_user(request: web.Request) -> web.Response:
+    """Soft: the user is kept, with the status deleted (usage records keep naming it), and every key of theirs is
+    revoked at once on every process. Deleting again is harmless."""
+    principal = request[PRINCIPAL]
+    user_id = request.match_info["id"]
+    async with request.app[DB].begin() as conn:
+        user = await _user_in_reach(conn, principal, user_id)
+        tenancy.require_rank(principal, user.role)
+        await conn.execute(update(users).where(users.c.id == user_id).values(status="deleted"))
+        revoked = (await conn.execute(update(api_keys).where(
+            api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=utc_now()))).rowcount
+    await announce(request.app[REDIS], TOPIC_IDENTITY)  # forgets every cached key and user, so none of theirs works
+    logger.info("user %s deleted, %d keys revoked", user_id, revoked,
+                extra={"event": "user_deleted", "user_id": user_id, "keys_revoked": revoked})
+    return ok(_user_json({**user._mapping, "status": "deleted"}))
+
+
 ROUTES: list[web.RouteDef] = [
+    web.get("/v1/me", me),
+    web.get("/v1/auth/me", me),
     web.get("/v1/api-keys", list_api_keys),
     web.post("/v1/api-keys", create_api_key),
     web.delete("/v1/api-keys/{id}", revoke_api_key),
@@ -346,6 +429,8 @@ ROUTES: list[web.RouteDef] = [
     web.patch("/v1/tenants/{id}", update_tenant),
     web.get("/v1/users", list_users),
     web.post("/v1/users", create_user),
+    web.get("/v1/users/{id}", get_user),
     web.patch("/v1/users/{id}", update_user),
+    web.delete("/v1/users/{id}", delete_user),
     web.post("/v1/webhooks/scaikey", scaikey_events.receive),
 ]
