@@ -298,6 +298,8 @@ class AccountingBody(Fields):
         documented = [name for name in LIMIT_FIELDS.values() if self.has(name)]
         former = [name for name in ("limit_type", "limit_value") if self.has(name)]
         if documented and former:
+            for name in documented:
+                self._raw(name, False)  # read, so that it is not also reported as unknown
             for name in former:
                 self._raw(name, False)
                 self.fail(name, "give cost_limit, token_limit, request_limit or the former limit_type + limit_value, "
