@@ -444,6 +444,10 @@ class Dispatcher:
         if exchange.tokens_out:
             metrics.tokens(model, "out", tenant_id).inc(exchange.tokens_out)
         principal = exchange.principal
+        backend = exchange.backend
+        backend_cost = Decimal(0) if backend is None else (
+            exchange.tokens_in * backend.cost_input_per_mtok + exchange.tokens_out * backend.cost_output_per_mtok
+        ) / 1_000_000
         usage = UsageRecord(
             request_id=exchange.request[REQUEST_ID], created_at_unix=exchange.created_unix,
             partner_id=principal.partner_id, tenant_id=tenant_id, user_id=principal.user_id,
@@ -451,6 +455,7 @@ class Dispatcher:
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
             cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out) + exchange.unit_cost,
+            backend_cost=backend_cost,
             error_code=None if exchange.status == "ok" else exchange.status, tunnelled=exchange.request[TUNNELLED])
         self._accounting.submit(usage)
 
