@@ -116,6 +116,8 @@ class Model:
     created_unix: int
     # Routes to active backends, grouped by priority, lowest number first.
     groups: tuple[tuple[Route, ...], ...]
+    description: str | None = None
+    route_count: int = 0  # every route, to disabled backends too (the groups hold only active ones)
 
     def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
         """Exact price of a call: tokens times the price per million tokens."""
@@ -217,7 +219,9 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
     frozen = {node_id: frozenset(tenant_ids) for node_id, tenant_ids in node_tenants.items()}
     by_id = {row.id: _backend(settings, row, frozen) for row in backend_rows}
     routes_of: dict[str, list[Route]] = {}
+    route_counts: dict[str, int] = {}
     for row in route_rows:
+        route_counts[row.model_id] = route_counts.get(row.model_id, 0) + 1
         backend = by_id.get(row.backend_id)
         if backend is not None and backend.status == "active":
             routes_of.setdefault(row.model_id, []).append(Route(backend, row.weight, row.priority))
@@ -232,7 +236,8 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
             display_name=row.display_name, modality=row.modality, context_window=row.context_window,
             max_output_tokens=row.max_output_tokens, price_input_per_mtok=row.price_input_per_mtok,
             price_output_per_mtok=row.price_output_per_mtok, default_params=row.default_params or {},
-            status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups))
+            status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups,
+            description=row.description, route_count=route_counts.get(row.id, 0)))
     return Catalogue(loaded, by_id.values())
 
 
