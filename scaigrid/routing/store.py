@@ -375,8 +375,7 @@ async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> 
         models.c.slug == spec.slug, _owned_by(models.c.tenant_id, tenant_id)))).first()
     values = {
         "tenant_id": tenant_id, "display_name": spec.display_name, "description": spec.description,
-        "modality": spec.modality,
-        "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
+        "modality": spec.modality, "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
         "price_input_per_mtok": spec.price_input_per_mtok, "price_output_per_mtok": spec.price_output_per_mtok,
         "default_params": spec.default_params, "status": spec.status,
     }
