@@ -149,6 +149,7 @@ models = Table(
     # The owner as a value a unique key compares ('' = the platform): NULLs are never equal in one (core_0008).
     Column("owner_scope", String(40), Computed("COALESCE(tenant_id, '')", persisted=True)),
     Column("display_name", String(255)),
+    Column("description", Text),  # core_0011
     Column("modality", String(16), nullable=False),  # chat | embedding | image | audio
     Column("context_window", Integer),
     Column("max_output_tokens", Integer),

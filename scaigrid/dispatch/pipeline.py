@@ -129,6 +129,14 @@ class Dispatcher:
         transport = self._transport(backend)
         return transport.available(backend, now_s) and not (needs and needs & transport.lacks.keys())
 
+    def takes_requests(self, backend: Backend, tenant_id: str, now_s: float) -> bool:
+        """Whether a request of this tenant could be sent to the backend now, as `_choose` and `_failover` judge it
+        (for the health of GET /v1/models): its transport reaches it, its breaker is closed or due a trial, it is not
+        cooling down, and a linked node serves the tenant."""
+        if backend.provider == HYBRID and tenant_id not in backend.node_tenant_ids:
+            return False
+        return self._serves(backend, frozenset(), now_s) and self.breakers.check(backend.id, now_s) in (USABLE, TRIAL)
+
     async def _choose(self, model: Model, tried: set[str] | None, needs: frozenset[str]) -> Backend | None:
         """The lowest priority group with a usable backend, weighted inside it; None when none is left.
 
