@@ -89,6 +89,12 @@ def backend_in_use(backend_id: str, model_slugs: list[str]) -> ScaigridError:
                          "remove it from their routes first", "BACKEND_IN_USE", 409)
 
 
+def model_has_backends(slug: str, backend_names: list[str]) -> ScaigridError:
+    # Named after the documented PROVIDER_HAS_BACKENDS: the mappings go first, so that none goes by accident.
+    return ScaigridError(f"model {slug!r} still routes to backend(s) {', '.join(backend_names)}; remove its routes "
+                         f'first (PUT /v1/routing/{slug} with {{"routes": []}})', "MODEL_HAS_BACKENDS", 409)
+
+
 def rate_limited(retry_after_s: int, message: str) -> ScaigridError:
     return ScaigridError(message, "RATE_LIMITED", 429, retry_after_s=retry_after_s)
 

@@ -82,14 +82,15 @@ async def ledger_fixture(migrated_env: dict[str, str]) -> AsyncIterator[Ledger]:
 
 
 def usage(owner: dict[str, Any], *, cost: str = "0.000123456789", tokens_in: int = 10, tokens_out: int = 20,
-          model: str = "acme/chat", backend_id: str | None = "mock-1", created_at_unix: float | None = None
-          ) -> UsageRecord:
+          model: str = "acme/chat", backend_id: str | None = "mock-1", created_at_unix: float | None = None,
+          backend_cost: str = "0") -> UsageRecord:
     """One usage record of `owner` ({partner_id, tenant_id, user_id}), as dispatch hands it to `record`."""
     return UsageRecord(
         request_id="req_" + secrets.token_hex(12), created_at_unix=created_at_unix or time.time(),
         partner_id=owner["partner_id"], tenant_id=owner["tenant_id"], user_id=owner.get("user_id"),
         api_key_id=None, model=model, backend_id=backend_id, protocol="native", status="ok",
-        tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=12, cost=Decimal(cost))
+        tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=12, cost=Decimal(cost),
+        backend_cost=Decimal(backend_cost))
 
 
 def start_worker(start_mode: Callable[..., ModeProcess], env: dict[str, str], flush_interval_s: int = 1

@@ -282,6 +282,7 @@ ROWS: tuple[Row, ...] = (
     # --- accounting ---
     Row("GET", "/v1/accounting/usage", _static("/v1/accounting/usage")),
     Row("GET", "/v1/accounting/usage/summary", _static("/v1/accounting/usage/summary")),
+    Row("GET", "/v1/accounting/export", _static("/v1/accounting/export?format=json")),
     Row("GET", "/v1/accounting/budgets", _static("/v1/accounting/budgets")),
     Row("POST", "/v1/accounting/budgets", _static("/v1/accounting/budgets"), target=True, success=201,
         body=lambda w, t: {"scope": "tenant", "scope_id": t.tenant_id, "period": "monthly", "limit_type": "cost",

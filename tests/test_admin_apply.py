@@ -343,3 +343,25 @@ def test_the_documented_example_applies(migrated_env: dict[str, str]) -> None:
     assert result.stdout.splitlines() == [
         "backend vllm-a: created", "backend openai-b: created", "backend node-eu-01-llama: created",
         "model scailabs/poolnoodle-omni: created"]
+
+
+def test_the_documented_names_apply_and_the_former_ones_are_the_same_item(migrated_env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    documented = CATALOGUE.replace("price_input_per_mtok", "input_price_per_mtok").replace(
+        "price_output_per_mtok", "output_price_per_mtok").replace(
+        'display_name = "Poolnoodle Omni"',
+        'display_name = "Poolnoodle Omni"\ndescription = """Multilingual chat.\n"""')
+    code, out, err = apply(migrated_env, tmp_path, documented)
+    assert code == 0, err
+    assert sql(migrated_env, "SELECT price_input_per_mtok, price_output_per_mtok, description FROM models")[0] == (
+        2.5, 10, "Multilingual chat.\n")
+    # The same prices under the former names (with the description) change nothing.
+    code, out, err = apply(migrated_env, tmp_path, CATALOGUE.replace(
+        'display_name = "Poolnoodle Omni"', 'display_name = "Poolnoodle Omni"\ndescription = "Multilingual chat.\\n"'))
+    assert code == 0 and out.splitlines()[-1] == "model scailabs/poolnoodle-omni: unchanged", (out, err)
+    # Both names with two prices: refused, naming the item and the field; nothing written.
+    code, out, err = apply(migrated_env, tmp_path, documented.replace(
+        'output_price_per_mtok = "10.00"', 'output_price_per_mtok = "10.00"\nprice_output_per_mtok = "12"'))
+    assert code == 1 and err.splitlines()[0].startswith(
+        "model scailabs/poolnoodle-omni: price_output_per_mtok: the former name of output_price_per_mtok"), err
+    assert sql(migrated_env, "SELECT price_output_per_mtok FROM models")[0][0] == 10

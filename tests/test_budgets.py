@@ -41,8 +41,13 @@ def test_budgets_are_managed_within_reach_and_validated(node):
         "scope": "tenant", "scope_id": acme["id"], "tenant_id": acme["id"], "partner_id": acme["partner_id"],
         "limit_value": "100.5", "hard_action": "block", "soft_limit_pct": "0.8"}
     assert budget["id"].startswith("bud_")
-    assert budget["current"] == {"period": datetime.now(UTC).strftime("%Y-%m"),
-                                 "period_start": datetime.now(UTC).strftime("%Y-%m-01T00:00:00Z"), "used": "0"}
+    assert {key: budget[key] for key in ("cost_limit", "token_limit", "request_limit", "limit_type")} == {
+        "cost_limit": "100.5", "token_limit": None, "request_limit": None, "limit_type": "cost"}
+    now = datetime.now(UTC)
+    assert budget["current"] == {
+        "period": now.strftime("%Y-%m"), "period_start": now.strftime("%Y-%m-01T00:00:00Z"),
+        "period_end": f"{now.year + now.month // 12}-{now.month % 12 + 1:02d}-01T00:00:00Z", "used": "0",
+        "cost": "0", "tokens": 0, "requests": 0, "state": "ok", "enforcement": "none"}
     per_user = call(node.url, "POST", "/v1/accounting/budgets", admin, {
         "scope": "user", "scope_id": alice_id, "period": "daily", "limit_type": "tokens", "limit_value": 5000,
         "hard_action": "notify", "soft_limit_pct": 0.5})
@@ -89,11 +94,78 @@ def test_budgets_are_managed_within_reach_and_validated(node):
     assert changed.status == 200, changed.body
     assert (changed.data["limit_type"], changed.data["limit_value"], changed.data["hard_action"],
             changed.data["period"]) == ("requests", "250", "throttle", "monthly")
+    assert (changed.data["cost_limit"], changed.data["request_limit"]) == (None, 250)  # one limit, in place of all
     assert call(node.url, "PUT", path, other_admin, {"limit_value": "1"}).code == "NOT_FOUND"
     assert call(node.url, "GET", path, admin).data["limit_value"] == "250"
     assert call(node.url, "DELETE", path, other_admin).code == "NOT_FOUND"
     assert call(node.url, "DELETE", path, admin).data == {"id": budget["id"], "deleted": True}
     assert call(node.url, "GET", path, admin).code == "NOT_FOUND"
+
+
+async def test_documented_budgets_hold_several_limits_each_enforced(node, ledger: Ledger):
+    acme = tenant(node.url, node.admin_key, "acme")
+    user_id, _ = user_with_key(node.url, node.admin_key, acme["id"], "tenant_user")
+    owner = {"partner_id": acme["partner_id"], "tenant_id": acme["id"], "user_id": user_id}
+    principal = principal_of(owner)
+    documented = {"scope": "tenant", "scope_id": acme["id"], "period": "daily", "token_limit": 100,
+                  "request_limit": "5", "hard_action": "block"}
+
+    def problems(method: str, path: str, body: dict[str, Any]) -> dict[str, str]:
+        reply = call(node.url, method, path, node.admin_key, body)
+        assert (reply.status, reply.code) == (422, "VALIDATION_ERROR"), reply.body
+        return {detail["field"]: detail["message"] for detail in reply.body["error"]["details"]}
+
+    refused = problems("POST", "/v1/accounting/budgets", {**documented, "scope": "group", "scope_id": "grp_1"})
+    assert list(refused) == ["scope"] and "not mirrored" in refused["scope"]
+    assert list(problems("POST", "/v1/accounting/budgets", {"scope": "tenant", "period": "daily"})) == ["cost_limit"]
+    assert set(problems("POST", "/v1/accounting/budgets", {**documented, "limit_type": "tokens",
+                                                           "limit_value": "5"})) == {"limit_type", "limit_value"}
+    assert set(problems("POST", "/v1/accounting/budgets", {
+        **documented, "token_limit": "1.5", "cost_limit": "-1", "soft_limit_pct": 1.01})) == {
+        "token_limit", "cost_limit", "soft_limit_pct"}
+    assert list(problems("POST", "/v1/accounting/budgets", {
+        **documented, "token_limit": None, "request_limit": None})) == ["token_limit"]
+
+    created = await ledger.announced(TOPIC_BUDGETS, lambda: call(
+        node.url, "POST", "/v1/accounting/budgets", node.admin_key, documented))
+    assert created.status == 201, created.body
+    path = f"/v1/accounting/budgets/{created.data['id']}"
+    assert {key: created.data[key] for key in ("cost_limit", "token_limit", "request_limit", "hard_action",
+                                               "soft_limit_pct", "limit_type", "limit_value")} == {
+        "cost_limit": None, "token_limit": 100, "request_limit": 5, "hard_action": "block", "soft_limit_pct": "0.8",
+        "limit_type": "tokens", "limit_value": "100"}
+
+    def current() -> dict[str, Any]:
+        return dict(call(node.url, "GET", path, node.admin_key).data["current"])
+
+    for _ in range(3):
+        await ledger.accounting.record(usage(owner, tokens_in=10, tokens_out=20))
+    assert (await admit(ledger, principal))[1] is None
+    assert {key: current()[key] for key in ("tokens", "requests", "state", "enforcement")} == {
+        "tokens": 90, "requests": 3, "state": "soft_limit", "enforcement": "none"}
+    await ledger.accounting.record(usage(owner, tokens_in=10, tokens_out=20))
+    refusal = (await admit(ledger, principal))[1]
+    assert refusal is not None and refusal.code == "BUDGET_EXCEEDED" and "tokens limit" in refusal.message
+    assert {key: current()[key] for key in ("tokens", "requests", "used", "state", "enforcement")} == {
+        "tokens": 120, "requests": 4, "used": "120", "state": "exceeded", "enforcement": "blocked"}
+
+    # Without the token limit the request limit still holds: 4 of 5 made, one more, then none.
+    lifted = await ledger.announced(TOPIC_BUDGETS, lambda: call(
+        node.url, "PUT", path, node.admin_key, {"token_limit": None}))
+    assert (lifted.data["token_limit"], lifted.data["request_limit"], lifted.data["limit_type"]) == (
+        None, 5, "requests")
+    assert (await admit(ledger, principal))[1] is None
+    await ledger.accounting.record(usage(owner))
+    refusal = (await admit(ledger, principal))[1]
+    assert refusal is not None and refusal.code == "BUDGET_EXCEEDED" and "requests limit" in refusal.message
+    assert list(problems("PUT", path, {"request_limit": None})) == ["request_limit"]  # a budget keeps one limit
+    # The node's former shape sets one limit in place of all.
+    former = await ledger.announced(TOPIC_BUDGETS, lambda: call(
+        node.url, "PUT", path, node.admin_key, {"limit_type": "cost", "limit_value": "10", "soft_limit_pct": 0}))
+    assert {key: former.data[key] for key in ("cost_limit", "token_limit", "request_limit", "soft_limit_pct")} == {
+        "cost_limit": "10", "token_limit": None, "request_limit": None, "soft_limit_pct": "0"}
+    assert (await admit(ledger, principal))[1] is None
+    assert current()["state"] == "soft_limit"  # a soft limit of 0: any use at all
 
 
 def principal_of(owner: dict[str, str], key_rpm: int = 60) -> Principal:
@@ -220,7 +292,8 @@ async def _used(node: Any, path: str, expected: str) -> bool:
 def test_a_spent_budget_refuses_chat_with_budget_exceeded(migrated_env, start_mode, tmp_path):
     fake = FakeBackend().start()
     try:
-        apply(migrated_env, tmp_path / "catalogue.toml", [backend("plain", fake, "ok")], [
+        apply(migrated_env, tmp_path / "catalogue.toml", [
+            backend("plain", fake, "ok", cost_input_per_mtok="1.5", cost_output_per_mtok="4")], [
             chat_model("acme/chat", [("plain", 1, 1)], price_input_per_mtok="2.5", price_output_per_mtok="10")])
         start_http(start_mode, migrated_env)
         worker = start_worker(start_mode, migrated_env)
@@ -244,6 +317,11 @@ def test_a_spent_budget_refuses_chat_with_budget_exceeded(migrated_env, start_mo
         assert latest["model"] == "acme/chat" and latest["backend_id"] == "plain" and tokens_in > 0
         expected = (Decimal(tokens_in) * Decimal("2.5") + Decimal(tokens_out) * 10) / 10**6
         assert Decimal(latest["cost"]) == expected
+        # What the backend charges, at its own cost fields, next to what the tenant pays.
+        assert Decimal(latest["backend_cost"]) == (Decimal(tokens_in) * Decimal("1.5") + tokens_out * 4) / 10**6
+        [row] = call(url, "GET", "/v1/accounting/usage/summary?group_by=backend", admin).data["items"]
+        assert (row["group_key"], row["request_count"]) == ("plain", 2)
+        assert Decimal(row["backend_cost"]) == 2 * Decimal(latest["backend_cost"]) > 0
         with sync_redis.Redis.from_url(migrated_env["REDIS_URL"]) as client:
             assert client.llen("scaigrid:usage:buffer") == 0
     finally:

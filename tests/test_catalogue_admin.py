@@ -193,6 +193,14 @@ def test_models_and_their_routing_policy(node: Node) -> None:
     status, reply = call(node.url, "DELETE", "/v1/backends/openai-b", admin)
     assert (status, reply["error"]["code"]) == (409, "BACKEND_IN_USE")
     assert "scailabs/poolnoodle-omni" in reply["error"]["message"]
+    # Nor a model still mapped to backends: its routes go first (the documented order), and nothing is lost.
+    status, reply = call(node.url, "DELETE", "/v1/models/scailabs/poolnoodle-omni", admin)
+    assert (status, reply["error"]["code"]) == (409, "MODEL_HAS_BACKENDS")
+    assert "openai-b" in reply["error"]["message"]
+    assert call(node.url, "GET", "/v1/routing/scailabs/poolnoodle-omni", admin)[1]["data"]["routes"] == [
+        {"backend": "openai-b", "weight": 2, "priority": 1}]
+    assert error_of(call(node.url, "PUT", "/v1/routing/scailabs/poolnoodle-omni", admin, {"routes": []})) == (
+        200, "ok")
     assert error_of(call(node.url, "DELETE", "/v1/models/scailabs/poolnoodle-omni", admin)) == (200, "ok")
     assert error_of(call(node.url, "DELETE", "/v1/backends/openai-b", admin)) == (200, "ok")
     for method, path in (("PUT", "/v1/models/"), ("DELETE", "/v1/models/"), ("GET", "/v1/routing/"),
@@ -330,6 +338,8 @@ def test_names_are_unique_per_tenant_so_they_neither_block_nor_reveal_across_par
     eventually(lambda: [offered(t) for t in users] == ["platform", "acme", "globex"], "each tenant's own model")
     status, reply = call(node.url, "GET", "/v1/models/shared/name", users["acme"])
     assert (status, reply["data"]["owned_by"]) == (200, "acme")
+    assert error_of(call(node.url, "PUT", "/v1/routing/shared/name?tenant=acme", partner_admins["acme"],
+                         {"routes": []})) == (200, "ok")
     assert error_of(call(node.url, "DELETE", "/v1/models/shared/name?tenant=acme", partner_admins["acme"])) == (
         200, "ok")
     eventually(lambda: [offered(t) for t in users] == ["platform", "platform", "globex"], "the platform's again")
@@ -344,3 +354,83 @@ def test_every_change_is_announced(node: Node) -> None:
         assert message is not None and message["data"] == b"catalogue:"
         assert call(node.url, "POST", "/v1/backends", node.admin_key, backend("-bad"))[0] == 422
         assert pubsub.get_message(timeout=0.5) is None  # nothing stored, nothing to reload
+
+
+def test_models_take_and_show_the_documented_names_and_the_former_ones(node: Node) -> None:
+    admin = node.admin_key
+    assert call(node.url, "POST", "/v1/backends", admin, backend("vllm-a"))[0] == 201
+    status, reply = call(node.url, "POST", "/v1/models", admin, model(
+        "acme/doc", "vllm-a", description="Our chat model.\nGood at German.", input_price_per_mtok="2.50",
+        output_price_per_mtok="10"))
+    assert status == 201, reply
+    created = reply["data"]
+    assert created["id"].startswith("mdl_") and created["description"] == "Our chat model.\nGood at German."
+    assert {name: created[name] for name in ("input_price_per_mtok", "output_price_per_mtok", "price_input_per_mtok",
+                                             "price_output_per_mtok")} == {
+        "input_price_per_mtok": "2.5", "output_price_per_mtok": "10", "price_input_per_mtok": "2.5",
+        "price_output_per_mtok": "10"}
+
+    # The former name still writes; a PUT keeps what it does not name.
+    status, reply = call(node.url, "PUT", "/v1/models/acme/doc", admin, {"price_input_per_mtok": "3"})
+    assert status == 200, reply
+    assert (reply["data"]["input_price_per_mtok"], reply["data"]["output_price_per_mtok"],
+            reply["data"]["description"], reply["data"]["id"]) == ("3", "10", created["description"], created["id"])
+    # Both names alike are one price; two different prices are refused, and nothing changes.
+    assert call(node.url, "PUT", "/v1/models/acme/doc", admin, {
+        "input_price_per_mtok": "4.0", "price_input_per_mtok": "4"})[1]["data"]["input_price_per_mtok"] == "4"
+    status, reply = call(node.url, "PUT", "/v1/models/acme/doc", admin, {
+        "output_price_per_mtok": "1", "price_output_per_mtok": "2", "description": "x" * 4001})
+    assert status == 422 and {d["field"] for d in reply["error"]["details"]} == {"price_output_per_mtok",
+                                                                                "description"}, reply
+    assert sql(node.env, "SELECT price_output_per_mtok, description FROM models")[0] == (10, created["description"])
+
+    # Inference's view: the stable id, the description, both names, and the health of its backends.
+    def shown() -> dict[str, Any]:
+        status, reply = call(node.url, "GET", "/v1/models/acme/doc", node.key("tenant_user"))
+        return reply["data"] if status == 200 else {}
+
+    eventually(lambda: shown().get("input_price_per_mtok") == "4", "the catalogue reloaded", 5)
+    item = shown()
+    assert (item["id"], item["description"], item["price_input_per_mtok"], item["capabilities"]) == (
+        created["id"], created["description"], "4", ["chat", "streaming"])
+    assert (item["health_status"], item["active_backend_count"], item["total_backend_count"]) == ("healthy", 1, 1)
+
+
+def test_models_are_listed_a_page_at_a_time_and_filtered(node: Node) -> None:
+    admin = node.admin_key
+    assert call(node.url, "POST", "/v1/backends", admin, backend("vllm-a"))[0] == 201
+    for slug, modality, status in (("p/a", "chat", "active"), ("p/b", "embedding", "active"),
+                                   ("p/c", "chat", "deprecated"), ("p/d", "chat", "active"),
+                                   ("p/e", "image", "active")):
+        assert call(node.url, "POST", "/v1/models", admin, {
+            "slug": slug, "modality": modality, "status": status, "routes": []})[0] == 201
+    user = node.key("tenant_user")
+
+    def slugs(query: str) -> tuple[list[str], dict[str, Any]]:
+        status, reply = call(node.url, "GET", "/v1/models" + query, user)
+        assert status == 200, reply
+        return [m["slug"] for m in reply["data"]["items"]], reply["data"]["pagination"]
+
+    eventually(lambda: len(slugs("")[0]) == 5, "every model listed", 5)
+    seen, cursor = [], ""
+    while True:
+        page, pagination = slugs(f"?limit=2{cursor}")
+        seen += page
+        if not pagination["has_more"]:
+            break
+        cursor = f"&cursor={pagination['next_cursor']}"
+    assert seen == ["p/a", "p/b", "p/c", "p/d", "p/e"]
+    assert slugs("?modality=chat&status=active")[0] == ["p/a", "p/d"]
+    assert slugs("?status=deprecated")[0] == ["p/c"]
+    page, pagination = slugs("?modality=chat&limit=1")
+    assert (page, pagination["has_more"]) == (["p/a"], True)
+    assert slugs(f"?modality=chat&limit=1&cursor={pagination['next_cursor']}")[0] == ["p/c"]
+    # A model without routes is unavailable, and says so.
+    item = call(node.url, "GET", "/v1/models/p/a", user)[1]["data"]
+    assert (item["health_status"], item["active_backend_count"], item["total_backend_count"]) == ("unavailable", 0, 0)
+
+    status, reply = call(node.url, "GET", "/v1/models?modality=video&status=retired&limit=0&cursor=%%%", user)
+    assert (status, reply["error"]["code"]) == (422, "VALIDATION_ERROR")
+    assert {d["field"] for d in reply["error"]["details"]} == {"modality", "status", "limit", "cursor"}
+    status, reply = call(node.url, "GET", "/v1/models?provider=openai", user)
+    assert (status, [d["field"] for d in reply["error"]["details"]]) == (422, ["provider"])

@@ -124,7 +124,7 @@ def test_make_run_works_as_printed_and_keeps_local_env_across_restarts(tmp_path)
         written = read_env_file(var / "appliance.env")
         assert written["DATABASE_PORT"] == str(base) and written["REDIS_URL"] == f"redis://127.0.0.1:{base + 1}/0"
         assert written["S3_ENDPOINT_URL"] == f"http://127.0.0.1:{base + 2}"
-        # The README's one command removes the demo model.
+        # The README's commands remove the demo model.
         removal = readme_block("Using the node from an OpenAI SDK", "sh").replace("8443", ports["HTTPS_PORT"])
         removed = subprocess.run(["bash", "-c", removal], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert removed.returncode == 0 and json.loads(removed.stdout)["status"] == "ok", removed.stdout

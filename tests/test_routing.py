@@ -57,6 +57,9 @@ def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, A
         backend("beta-box", fake, "beta-model", tenant="beta"),
         backend("dup", fake, "platform-dup"),
         backend("dup", fake, "beta-dup", tenant="beta"),  # names are unique per owner
+        backend("h-cool", fake, "ratelimit-60"),
+        backend("h-ok", fake, "health-ok-model"),
+        backend("h-off", fake, "health-off-model", status="disabled"),
     ], [
         chat_model("r/failover", [("unreachable", 1, 1), ("failing", 1, 2), ("healthy", 1, 3)]),
         chat_model("r/peers", [("fail-peer", 1, 1), ("ok-peer", 1, 1)]),
@@ -68,6 +71,7 @@ def catalogue(fake: FakeBackend) -> tuple[list[dict[str, Any]], list[dict[str, A
         chat_model("r/flaky", [("flaky", 1, 1)]),
         chat_model("r/dup", [("dup", 1, 1)]),
         chat_model("r/dup", [("dup", 1, 1)], tenant="beta"),
+        chat_model("r/health", [("h-cool", 1, 1), ("h-ok", 1, 2), ("h-off", 1, 3)]),
     ]
 
 
@@ -212,6 +216,31 @@ def test_breaker_opens_half_opens_and_closes_across_two_processes(pair: Pair, fa
     eventually(lambda: pair.chat("r/flaky", process=0)[0] == 200, "closed on A too")
     metrics = http_get(pair.urls[0] + "/metrics")[2].decode()
     assert 'scaigrid_circuit_breaker_state{backend_id="flaky"} 0.0' in metrics
+
+
+def test_a_models_health_follows_its_backends_in_every_process(pair: Pair, fake: FakeBackend) -> None:
+    def health(process: int) -> tuple[str, int, int]:
+        status, _, body = http_call("GET", f"{pair.urls[process]}/v1/models/r/health", pair.user)
+        data = json.loads(body)["data"]
+        assert status == 200, data
+        return data["health_status"], data["active_backend_count"], data["total_backend_count"]
+
+    # The disabled backend counts among all, never among the active.
+    assert health(0) == health(1) == ("healthy", 2, 3)
+    # The first backend asks to be left alone for 60 s: the request fails over, and the model is degraded
+    # everywhere, since the cooldown is shared.
+    assert pair.chat("r/health")[0] == 200
+    assert [r.body["model"] for r in fake.received] == ["ratelimit-60", "health-ok-model"]
+    for process in (0, 1):
+        eventually(lambda process=process: health(process) == ("degraded", 1, 3), f"degraded on process {process}")
+    listed = json.loads(http_call("GET", f"{pair.urls[1]}/v1/models?limit=100", pair.user)[2])["data"]["items"]
+    assert {m["slug"]: m["health_status"] for m in listed}["r/health"] == "degraded"
+    fake.behaviours["health-ok-model"] = "ratelimit-60"
+    status, reply = pair.chat("r/health")
+    assert (status, reply["error"]["code"]) == (429, "BACKEND_RATE_LIMITED")
+    for process in (0, 1):
+        eventually(lambda process=process: health(process) == ("unavailable", 0, 3),
+                   f"unavailable on process {process}")
 
 
 def test_backend_health_needs_routing_view_and_hides_other_tenants_backends(pair: Pair) -> None:

@@ -1,7 +1,8 @@
 """Budgets: definitions cached in each process, their calendar periods, and the Redis counters kept for them.
 
 A budget's usage lives in one Redis hash per budget and period (`counter_key`), incremented by every
-`Accounting.record` and read by `Accounting.admit` before a metered request is dispatched. Periods are
+`Accounting.record` and read by `Accounting.admit` before a metered request is dispatched; each of the budget's
+limits (cost, tokens, requests) is checked against it. Periods are
 UTC calendar periods: a day, an ISO week from Monday, a month, or `total` (never resets).
 """
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 SCOPES = ("partner", "tenant", "user")
 PERIODS = ("daily", "weekly", "monthly", "total")
-LIMIT_TYPES = ("cost", "tokens", "requests")
+LIMIT_TYPES = ("cost", "tokens", "requests")  # in this order the first limit set is the node's former limit_type
+LIMIT_FIELDS = {"cost": "cost_limit", "tokens": "token_limit", "requests": "request_limit"}  # the documented names
 HARD_ACTIONS = ("block", "notify", "throttle")
 TOPIC_BUDGETS = "budgets"  # invalidation bus topic: any change reloads every definition
 COUNTER_PREFIX = "scaigrid:budget:"
@@ -45,15 +47,27 @@ class Budget:
     partner_id: str
     tenant_id: str | None
     period: str
-    limit_type: str  # cost | tokens | requests
-    limit_value: Decimal
+    cost_limit: Decimal | None  # at least one of the three is set
+    token_limit: int | None
+    request_limit: int | None
     hard_action: str  # block | notify | throttle
     soft_limit_pct: Decimal
     created_at: datetime  # naive UTC; the period's usage before it is added when the counter is seeded
 
     @property
-    def soft_value(self) -> Decimal:
-        return self.limit_value * self.soft_limit_pct
+    def limits(self) -> dict[str, Decimal]:
+        """Each limit set, by limit type (cost, tokens, requests, in that order)."""
+        values = {"cost": self.cost_limit, "tokens": self.token_limit, "requests": self.request_limit}
+        return {limit_type: Decimal(value) for limit_type, value in values.items() if value is not None}
+
+    @property
+    def limit_type(self) -> str:
+        """The node's former single limit: the first one set."""
+        return next(iter(self.limits))
+
+    @property
+    def limit_value(self) -> Decimal:
+        return self.limits[self.limit_type]
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class Period:
     label: str  # part of the counter key
     start: datetime | None  # naive UTC; None for `total`
     ttl_s: int | None  # of the counter; None: kept for good
+    end: datetime | None = None  # naive UTC, exclusive; None for `total`
 
 
 def current_period(period: str, now: datetime) -> Period:
@@ -70,26 +85,29 @@ def current_period(period: str, now: datetime) -> Period:
         return Period("total", None, None)
     if period == "daily":
         start, label = day, day.isoformat()
+        end = start + timedelta(days=1)
     elif period == "weekly":
         start = day - timedelta(days=day.weekday())
         label = "w" + start.isoformat()
+        end = start + timedelta(days=7)
     else:
         start = date(day.year, day.month, 1)
         label = start.strftime("%Y-%m")
-    return Period(label, datetime(start.year, start.month, start.day), _PERIOD_TTL_S[period])
+        end = date(day.year + day.month // 12, day.month % 12 + 1, 1)
+    return Period(label, datetime(start.year, start.month, start.day), _PERIOD_TTL_S[period],
+                  datetime(end.year, end.month, end.day))
 
 
 def counter_key(budget_id: str, period: Period) -> str:
     return f"{COUNTER_PREFIX}{budget_id}:{period.label}"
 
 
-def used_of(budget: Budget, counter: Mapping[bytes, bytes]) -> Decimal:
-    """What the budget has used this period, from its counter hash (exact)."""
-    if budget.limit_type == "cost":
-        units = int(counter.get(b"cost_units", 0))
-        picos = int(counter.get(b"cost_picos", 0))
-        return Decimal(units) + Decimal(picos) / PICOS_PER_UNIT
-    return Decimal(int(counter.get(budget.limit_type.encode(), 0)))
+def used_of(counter: Mapping[bytes, bytes]) -> dict[str, Decimal]:
+    """What a budget has used this period, by limit type, from its counter hash (exact)."""
+    units = int(counter.get(b"cost_units", 0))
+    picos = int(counter.get(b"cost_picos", 0))
+    return {"cost": Decimal(units) + Decimal(picos) / PICOS_PER_UNIT,
+            "tokens": Decimal(int(counter.get(b"tokens", 0))), "requests": Decimal(int(counter.get(b"requests", 0)))}
 
 
 def split_cost(cost: Decimal) -> tuple[int, int]:
@@ -100,7 +118,12 @@ def split_cost(cost: Decimal) -> tuple[int, int]:
 
 def budget_of(row: Any) -> Budget:
     """A row of the budgets table as a Budget."""
-    return Budget(**{name: row[name] for name in Budget.__dataclass_fields__})
+    fields = {name: row[name] for name in Budget.__dataclass_fields__}
+    if all(fields[name] is None for name in LIMIT_FIELDS.values()):
+        # Written by a release before core_0010 (its one limit only): that limit.
+        value = row["limit_value"]
+        fields[LIMIT_FIELDS[row["limit_type"]]] = value if row["limit_type"] == "cost" else int(value)
+    return Budget(**fields)
 
 
 async def load_budgets(engine: AsyncEngine) -> list[Budget]:

@@ -15,7 +15,8 @@ class RateState:
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One inference call, as stored in usage_records (cost exact, from the frontend model's prices)."""
+    """One inference call, as stored in usage_records (cost exact, from the frontend model's prices; backend_cost from
+    the backend's cost_*_per_mtok)."""
 
     request_id: str
     created_at_unix: float
@@ -32,6 +33,7 @@ class UsageRecord:
     latency_ms: int
     cost: Decimal
     error_code: str | None = None  # the code a failed request answered with (request.failed events)
+    backend_cost: Decimal = Decimal(0)  # what the upstream charges for the call
     # Not stored: a request the managed side sent down the hybrid link. It is accounted there, under the same request
     # id and the managed side's prices, so the node's usage outbox leaves it out.
     tunnelled: bool = False

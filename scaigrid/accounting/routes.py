@@ -1,20 +1,23 @@
-"""Accounting routes: usage, usage summary, budgets, per-object rate limits.
+"""Accounting routes: usage, usage summary, usage export, budgets, per-object rate limits.
 
 Reach decides what a caller sees, as everywhere: another tenant's (partner's) usage and budgets are
 simply not there for it (404 for a single object, absent from listings).
 """
 
 import contextlib
+import csv
 import dataclasses
+import io
+import json
 import logging
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy import ColumnElement, delete, false, func, insert, select, update
+from sqlalchemy import ColumnElement, RowMapping, and_, delete, false, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
@@ -22,6 +25,7 @@ from scaigrid.access import requires
 from scaigrid.accounting import limits
 from scaigrid.accounting.budgets import (
     HARD_ACTIONS,
+    LIMIT_FIELDS,
     LIMIT_TYPES,
     PERIODS,
     SCOPES,
@@ -58,8 +62,11 @@ SUMMARY_GROUPS: dict[str, ColumnElement[Any]] = {
 # --- usage ---
 
 USAGE_COLUMN_FILTERS = {"model": usage_records.c.model, "user_id": usage_records.c.user_id,
-                        "tenant_id": usage_records.c.tenant_id}
-USAGE_FILTERS = ("start", "end", *USAGE_COLUMN_FILTERS)  # the query parameters of /usage and /usage/summary
+                        "tenant_id": usage_records.c.tenant_id, "backend_id": usage_records.c.backend_id}
+# ?period=: the last hour, day, week or month up to now (a sliding window; a month is 30 days).
+USAGE_PERIODS = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(days=7),
+                 "month": timedelta(days=30)}
+USAGE_FILTERS = ("start", "end", "period", *USAGE_COLUMN_FILTERS)  # the query parameters of /usage, summary, export
 
 
 def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
@@ -75,8 +82,12 @@ def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
     params = request.query
     problems: list[FieldError] = []
     start, end = _time_param(params, "start", problems), _time_param(params, "end", problems)
+    if "period" in params and params["period"] not in USAGE_PERIODS:
+        problems.append(FieldError("period", "one of " + ", ".join(USAGE_PERIODS)))
     if problems:
         raise errors.validation_error(problems, "invalid query parameters")
+    if "period" in params:  # with start and end too: each narrows
+        query = query.where(usage_records.c.created_at >= utc_now() - USAGE_PERIODS[params["period"]])
     if start is not None:
         query = query.where(usage_records.c.created_at >= start)
     if end is not None:
@@ -98,16 +109,34 @@ def _time_param(params: Mapping[str, str], name: str, problems: list[FieldError]
         return None
 
 
-def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"])}
+USAGE_FIELDS = ("id", "request_id", "created_at", "partner_id", "tenant_id", "user_id", "api_key_id", "model",
+                "backend_id", "protocol", "status", "tokens_in", "tokens_out", "latency_ms", "cost", "backend_cost",
+                "error_code")
+
+
+def _usage_json(row: Any) -> dict[str, Any]:
+    """A usage record as the API shows it; `id` is its request id (stable: the record's primary key)."""
+    return {"id": row["request_id"], **{name: row[name] for name in USAGE_FIELDS[1:]},
+            "created_at": iso(row["created_at"]), "cost": decimal_text(row["cost"]),
+            "backend_cost": decimal_text(row["backend_cost"])}
 
 
 @requires("accounting:view_own", scopes=(OPERATOR,), query=(*USAGE_FILTERS, *PAGE))
 async def list_usage(request: web.Request) -> web.Response:
-    """Usage records, newest first: ?start=&end= (ISO 8601), ?model=, ?user_id=, ?tenant_id=, ?limit=, ?cursor=."""
+    """Usage records, newest first: ?start=&end= (ISO 8601), ?period=, ?model=, ?user_id=, ?tenant_id=,
+    ?backend_id=, ?limit=, ?cursor=."""
     query = _usage_query(request, request[PRINCIPAL], select(usage_records))
     return await listing(request, query, usage_records.c.created_at, usage_records.c.request_id, _usage_json,
                          default_limit=USAGE_PAGE_DEFAULT, max_limit=USAGE_PAGE_MAX)
+
+
+def _sums(request_count: int, tokens_in: int, tokens_out: int, cost: Decimal, backend_cost: Decimal
+          ) -> dict[str, Any]:
+    """A summary row's sums under the documented names, then the node's former ones (requests, tokens_in, ...)."""
+    return {"request_count": request_count, "input_tokens": tokens_in, "output_tokens": tokens_out,
+            "total_tokens": tokens_in + tokens_out, "total_cost": decimal_text(cost),
+            "backend_cost": decimal_text(backend_cost),
+            "requests": request_count, "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": decimal_text(cost)}
 
 
 @requires("accounting:view_own", scopes=(OPERATOR,), query=("group_by", *USAGE_FILTERS))
@@ -122,16 +151,92 @@ async def usage_summary(request: web.Request) -> web.Response:
     query = _usage_query(request, request[PRINCIPAL], select(
         column.label("key"), func.count().label("requests"), func.sum(usage_records.c.tokens_in).label("tokens_in"),
         func.sum(usage_records.c.tokens_out).label("tokens_out"), cost.label("cost"),
+        func.sum(usage_records.c.backend_cost).label("backend_cost"),
     )).group_by(column).order_by(cost.desc(), column)
     async with request.app[DB].connect() as conn:
         rows = (await conn.execute(query)).all()
-    items = [{column.name: row.key, "requests": row.requests, "tokens_in": int(row.tokens_in),
-              "tokens_out": int(row.tokens_out), "cost": decimal_text(row.cost)} for row in rows]
-    total = {"requests": sum(item["requests"] for item in items),
-             "tokens_in": sum(item["tokens_in"] for item in items),
-             "tokens_out": sum(item["tokens_out"] for item in items),
-             "cost": decimal_text(sum((row.cost for row in rows), Decimal(0)))}
-    return ok({"group_by": group_by, "items": items, "total": total})
+    items = [{"group_key": row.key, column.name: row.key, **_sums(
+        row.requests, int(row.tokens_in), int(row.tokens_out), row.cost, row.backend_cost)} for row in rows]
+    total = _sums(sum(row.requests for row in rows), sum(int(row.tokens_in) for row in rows),
+                  sum(int(row.tokens_out) for row in rows), sum((row.cost for row in rows), Decimal(0)),
+                  sum((row.backend_cost for row in rows), Decimal(0)))
+    return ok({"group_by": group_by, "period": request.query.get("period"), "items": items, "total": total})
+
+
+EXPORT_FORMATS = {"csv": ("text/csv; charset=utf-8", "csv"), "json": ("application/json", "json"),
+                  "ndjson": ("application/x-ndjson", "ndjson")}
+EXPORT_PAGE = 1000  # rows read from MariaDB at a time: an export never holds more in memory
+
+
+@requires("accounting:view_own", scopes=(OPERATOR,), query=("format", *USAGE_FILTERS))
+async def export_usage(request: web.Request) -> web.StreamResponse:
+    """Every usage record the caller sees under the /usage filters, oldest first, as a download (?format=csv, json or
+    ndjson), read from MariaDB a page at a time while it is sent."""
+    principal = request[PRINCIPAL]
+    export_format = request.query.get("format", "csv")
+    if export_format not in EXPORT_FORMATS:
+        raise errors.validation_error([FieldError("format", "one of " + ", ".join(EXPORT_FORMATS))],
+                                      "invalid query parameters")
+    query = _usage_query(request, principal, select(usage_records))  # validates the filters before anything is sent
+    content_type, extension = EXPORT_FORMATS[export_format]
+    response = web.StreamResponse(headers={
+        "Content-Type": content_type, "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="usage-{utc_now():%Y%m%dT%H%M%SZ}.{extension}"'})
+    await response.prepare(request)
+    try:
+        if export_format == "csv":
+            await response.write(_csv_line(USAGE_FIELDS))
+        elif export_format == "json":
+            await response.write(b"[")
+        first = True
+        async for rows in _usage_pages(request, query):
+            chunk = io.StringIO()
+            for row in rows:
+                item = _usage_json(row)
+                if export_format == "csv":
+                    chunk.write(_csv_line([item[name] for name in USAGE_FIELDS]).decode())
+                else:
+                    chunk.write(("" if first or export_format == "ndjson" else ",") + json.dumps(item)
+                                + ("\n" if export_format == "ndjson" else ""))
+                first = False
+            await response.write(chunk.getvalue().encode())
+        if export_format == "json":
+            await response.write(b"]")
+    except ConnectionError:
+        return response  # the client left
+    except Exception:
+        # The headers are sent: cut the connection, so the download is visibly short rather than seemingly whole.
+        logger.exception("usage export cut", extra={"event": "usage_export_cut"})
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def _csv_line(values: Sequence[Any]) -> bytes:
+    line = io.StringIO()
+    csv.writer(line).writerow(["" if value is None else value for value in values])
+    return line.getvalue().encode()
+
+
+async def _usage_pages(request: web.Request, query: Any) -> AsyncIterator[Sequence[RowMapping]]:
+    """The rows of `query` (on usage_records) oldest first, EXPORT_PAGE at a time, each page read on a connection of
+    its own: a slow client holds no connection of the pool while it reads."""
+    after: tuple[datetime, str] | None = None
+    while True:
+        page_query = query
+        if after is not None:
+            page_query = query.where(or_(usage_records.c.created_at > after[0], and_(
+                usage_records.c.created_at == after[0], usage_records.c.request_id > after[1])))
+        async with request.app[DB].connect() as conn:
+            rows = (await conn.execute(page_query.order_by(
+                usage_records.c.created_at, usage_records.c.request_id).limit(EXPORT_PAGE))).mappings().all()
+        if rows:
+            yield rows
+        if len(rows) < EXPORT_PAGE:
+            return
+        after = (rows[-1]["created_at"], rows[-1]["request_id"])
 
 
 # --- budgets ---
@@ -158,7 +263,7 @@ class AccountingBody(Fields):
     """The identity routes' field-by-field body checks, plus the numbers budgets and rate limits need."""
 
     def limit(self, name: str, *, required: bool = False, integral: bool = False) -> Decimal | None:
-        """A budget's limit_value: a decimal string (or a whole JSON number), > 0, at most 12 decimals."""
+        """A budget's limit: a decimal string (or a whole JSON number), > 0, at most 12 decimals."""
         value = self._raw(name, required)
         if value is None:
             return None
@@ -168,7 +273,7 @@ class AccountingBody(Fields):
         elif not 0 < number < LIMIT_VALUE_MAX:
             self.fail(name, f"must be more than 0 and less than {LIMIT_VALUE_MAX}")
         elif integral and number != number.to_integral_value():
-            self.fail(name, "must be a whole number for limit_type tokens or requests")
+            self.fail(name, "must be a whole number for tokens and requests")
         elif _decimals(number) > 12:
             self.fail(name, "at most 12 decimals")
         else:
@@ -176,15 +281,65 @@ class AccountingBody(Fields):
         return None
 
     def share(self, name: str) -> Decimal | None:
-        """soft_limit_pct: a share of the limit, 0 < x <= 1, at most three decimals."""
+        """soft_limit_pct: a share of the limit, 0.0-1.0, at most three decimals."""
         value = self._raw(name, False)
         if value is None:
             return None
         number = _number(value, floats=True)
-        if number is None or not 0 < number <= 1 or _decimals(number) > 3:
-            self.fail(name, "a share of the limit, more than 0 and at most 1 (e.g. 0.8)")
+        if number is None or not 0 <= number <= 1 or _decimals(number) > 3:
+            self.fail(name, "a share of the limit from 0.0 to 1.0 (e.g. 0.8)")
             return None
         return number
+
+    def budget_limits(self, current: Mapping[str, Decimal] | None) -> dict[str, Decimal]:
+        """A budget's limits by type once this body applies (`current`: the budget's, on a change): cost_limit,
+        token_limit, request_limit (null removes one from a budget), or the node's former limit_type + limit_value,
+        which set one limit in place of all. Empty when a problem was found."""
+        documented = [name for name in LIMIT_FIELDS.values() if self.has(name)]
+        former = [name for name in ("limit_type", "limit_value") if self.has(name)]
+        if documented and former:
+            for name in documented:
+                self._raw(name, False)  # read, so that it is not also reported as unknown
+            for name in former:
+                self._raw(name, False)
+                self.fail(name, "give cost_limit, token_limit, request_limit or the former limit_type + limit_value, "
+                                "not both")
+            return {}
+        if former or (current is None and not documented):
+            return self._former_limit(current)
+        limits = dict(current or {})
+        problems = len(self.problems)
+        for limit_type, name in LIMIT_FIELDS.items():
+            if self.has(name) and not self.present(name, False):
+                limits.pop(limit_type, None)
+            elif (value := self.limit(name, integral=limit_type != "cost")) is not None:
+                limits[limit_type] = value
+        if len(self.problems) > problems:
+            return {}
+        if not limits:
+            self.fail(documented[0], "a budget needs at least one of cost_limit, token_limit, request_limit")
+        return {limit_type: limits[limit_type] for limit_type in LIMIT_TYPES if limit_type in limits}
+
+    def _former_limit(self, current: Mapping[str, Decimal] | None) -> dict[str, Decimal]:
+        """limit_type + limit_value: one limit (on a change, either defaults to the budget's first limit)."""
+        creating = current is None
+        if creating and not self.has("limit_type") and not self.has("limit_value"):
+            self.fail("cost_limit", "required: at least one of cost_limit, token_limit, request_limit (or the former "
+                                    "limit_type + limit_value)")
+            return {}
+        limit_type = self.string("limit_type", required=creating, choices=LIMIT_TYPES)
+        current_type = next(iter(current)) if current else None
+        limit_type = limit_type or current_type
+        integral = limit_type in ("tokens", "requests")
+        value = self.limit("limit_value", required=creating or self.has("limit_value"), integral=integral)
+        if value is None and current is not None and current_type is not None and not self.has("limit_value"):
+            value = current[current_type]
+            if integral and value != value.to_integral_value():
+                self.fail("limit_value", "must be a whole number for tokens and requests")
+                return {}
+        if limit_type is None or value is None:
+            return {}
+        return {limit_type: value}
 
     def rpm(self, name: str) -> int | None:
         """A rate limit: present, and a whole number of requests per minute or null (the default)."""
@@ -199,19 +354,46 @@ class AccountingBody(Fields):
         return value
 
 
+ENFORCEMENT = {"block": "blocked", "throttle": "throttled", "notify": "notified"}  # once a limit is reached
+
+
 def _budget_json(row: Any, counter: dict[bytes, bytes] | None) -> dict[str, Any]:
     budget = budget_of(row)
+    limits = budget.limits
     period = current_period(budget.period, datetime.now(UTC))
-    used = None if counter is None else used_of(budget, counter)
+    current: dict[str, Any] = {"period": period.label, "period_start": iso(period.start),
+                               "period_end": iso(period.end)}
+    if counter is None:  # Redis's counters are unknown while it is unreachable
+        current.update(used=None, cost=None, tokens=None, requests=None, state="unknown", enforcement="unknown")
+    else:
+        used = used_of(counter)
+        if any(used[limit_type] >= limit for limit_type, limit in limits.items()):
+            state = "exceeded"
+        elif any(used[limit_type] >= limit * budget.soft_limit_pct for limit_type, limit in limits.items()):
+            state = "soft_limit"
+        else:
+            state = "ok"
+        current.update(used=decimal_text(used[budget.limit_type]), cost=decimal_text(used["cost"]),
+                       tokens=int(used["tokens"]), requests=int(used["requests"]), state=state,
+                       enforcement=ENFORCEMENT[budget.hard_action] if state == "exceeded" else "none")
     return {"id": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "partner_id": budget.partner_id,
-            "tenant_id": budget.tenant_id, "period": budget.period, "limit_type": budget.limit_type,
-            "limit_value": decimal_text(budget.limit_value), "hard_action": budget.hard_action,
-            "soft_limit_pct": decimal_text(budget.soft_limit_pct), "set_by_reach": row["set_by_reach"],
-            "created_at": iso(budget.created_at),
-            "updated_at": iso(row["updated_at"]),
-            # Redis's counters; null while Redis is unreachable.
-            "current": {"period": period.label, "period_start": iso(period.start),
-                        "used": None if used is None else decimal_text(used)}}
+            "tenant_id": budget.tenant_id, "period": budget.period,
+            "cost_limit": None if budget.cost_limit is None else decimal_text(budget.cost_limit),
+            "token_limit": budget.token_limit, "request_limit": budget.request_limit,
+            # The node's former single-limit shape: the first limit set.
+            "limit_type": budget.limit_type, "limit_value": decimal_text(budget.limit_value),
+            "hard_action": budget.hard_action, "soft_limit_pct": decimal_text(budget.soft_limit_pct),
+            "set_by_reach": row["set_by_reach"], "created_at": iso(budget.created_at),
+            "updated_at": iso(row["updated_at"]), "current": current}
+
+
+def _limit_columns(limits: Mapping[str, Decimal]) -> dict[str, Any]:
+    """The budgets columns of a set of limits: each in its own, and the first in the former limit_type + value."""
+    first = next(iter(limits))
+    tokens, requests = limits.get("tokens"), limits.get("requests")
+    return {"cost_limit": limits.get("cost"), "token_limit": None if tokens is None else int(tokens),
+            "request_limit": None if requests is None else int(requests), "limit_type": first,
+            "limit_value": limits[first]}
 
 
 async def _counters(request: web.Request, rows: Sequence[Any]) -> list[dict[bytes, bytes] | None]:
@@ -284,17 +466,22 @@ async def list_budgets(request: web.Request) -> web.Response:
 async def create_budget(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     body = await AccountingBody.of(request)
-    scope = body.string("scope", required=True, choices=SCOPES)
+    if body.has("scope") and body.body["scope"] == "group":
+        body.string("scope")
+        body.fail("scope", "group budgets are not on the node: ScaiKey groups are not mirrored here; "
+                           "use scope partner, tenant or user")
+        scope = None
+    else:
+        scope = body.string("scope", required=True, choices=SCOPES)
     scope_id = body.string("scope_id", max_length=40)
     period = body.string("period", required=True, choices=PERIODS)
-    limit_type = body.string("limit_type", required=True, choices=LIMIT_TYPES)
-    limit_value = body.limit("limit_value", required=True, integral=limit_type in ("tokens", "requests"))
+    limits = body.budget_limits(None)
     hard_action = body.string("hard_action", choices=HARD_ACTIONS) or "block"
-    soft_limit_pct = body.share("soft_limit_pct") or DEFAULT_SOFT_LIMIT_PCT
+    soft_limit_pct = body.share("soft_limit_pct")
     if scope == "user" and scope_id is None and not body.problems:
         body.problems.append(FieldError("scope_id", "required for a user budget"))
     body.done()
-    assert scope is not None and period is not None and limit_type is not None  # done() raised otherwise
+    assert scope is not None and period is not None and limits  # done() raised otherwise
     if scope_id is None:
         scope_id = principal.tenant_id if scope == "tenant" else principal.partner_id
     budget_id = new_id("bud")
@@ -303,7 +490,8 @@ async def create_budget(request: web.Request) -> web.Response:
         now = utc_now()  # not the server's NOW(): usage before it is counted in, compared with UTC times
         await conn.execute(insert(budgets).values(
             id=budget_id, scope=scope, scope_id=scope_id, partner_id=partner_id, tenant_id=tenant_id, period=period,
-            limit_type=limit_type, limit_value=limit_value, hard_action=hard_action, soft_limit_pct=soft_limit_pct,
+            **_limit_columns(limits), hard_action=hard_action,
+            soft_limit_pct=DEFAULT_SOFT_LIMIT_PCT if soft_limit_pct is None else soft_limit_pct,
             set_by_reach=principal.reach, created_at=now, updated_at=now))
         row = await _budget_row(conn, principal, budget_id)
     await announce(request.app[REDIS], TOPIC_BUDGETS)
@@ -319,28 +507,26 @@ async def get_budget(request: web.Request) -> web.Response:
 
 @requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def update_budget(request: web.Request) -> web.Response:
-    """Changes the limit, its type, the hard action or the soft limit; scope and period are fixed at creation."""
+    """Changes the limits, the hard action or the soft limit; scope and period are fixed at creation."""
     principal = request[PRINCIPAL]
     body = await AccountingBody.of(request)
     for fixed in ("scope", "scope_id", "period"):
         if body.has(fixed):
             body.string(fixed)  # read, so that it is not also reported as unknown
             body.problems.append(FieldError(fixed, "cannot be changed; delete the budget and create another"))
-    limit_type = body.string("limit_type", choices=LIMIT_TYPES)
     async with request.app[DB].begin() as conn:
         row = await _budget_row(conn, principal, request.match_info["id"])
         await _require_budget_setter(conn, principal, row)
-        integral = (limit_type or row["limit_type"]) in ("tokens", "requests")
+        current = budget_of(row).limits
+        limits = body.budget_limits(current)
         changes: dict[str, Any] = {
-            "limit_type": limit_type,
-            "limit_value": body.limit("limit_value", integral=integral),
             "hard_action": body.string("hard_action", choices=HARD_ACTIONS),
             "soft_limit_pct": body.share("soft_limit_pct"),
         }
-        if integral and not body.has("limit_value") and row["limit_value"] != row["limit_value"].to_integral_value():
-            body.problems.append(FieldError("limit_value", "must be a whole number for limit_type tokens or requests"))
         body.done()
         values = {name: value for name, value in changes.items() if value is not None}
+        if limits != current:
+            values.update(_limit_columns(limits))
         # The caller reaches at least as far as the last setter: the budget is now set from its reach.
         await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(
             **values, set_by_reach=principal.reach, updated_at=utc_now()))
@@ -420,6 +606,7 @@ async def set_rate_limit(request: web.Request) -> web.Response:
 ROUTES: list[web.RouteDef] = [
     web.get("/v1/accounting/usage", list_usage),
     web.get("/v1/accounting/usage/summary", usage_summary),
+    web.get("/v1/accounting/export", export_usage),
     web.get("/v1/accounting/budgets", list_budgets),
     web.post("/v1/accounting/budgets", create_budget),
     web.get("/v1/accounting/budgets/{id}", get_budget),

@@ -12,8 +12,10 @@ HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's 
 which is fine for a gate.
 """
 
-# Shared by both scripts: what a budget's counter hash says it has used, in the budget's own unit.
+# Shared by both scripts: what a budget's counter hash says it has used, in each limit's unit, and which of its
+# limits (cost, tokens, requests: three arguments from `arg`, '' for one not set) it has reached at `share` of it.
 _USED = """
+local LIMIT_TYPES = {'cost', 'tokens', 'requests'}
 local function used(key, limit_type)
   if limit_type == 'cost' then
     local v = redis.call('HMGET', key, 'cost_units', 'cost_picos')
@@ -21,13 +23,22 @@ local function used(key, limit_type)
   end
   return tonumber(redis.call('HGET', key, limit_type)) or 0
 end
+local function reached(key, arg, share)
+  for i = 1, 3 do
+    local limit = ARGV[arg + i - 1]
+    if limit ~= '' and used(key, LIMIT_TYPES[i]) >= tonumber(limit) * share then
+      return i
+    end
+  end
+  return 0
+end
 """
 
 # KEYS: one sorted set per rate-limited level, then one counter hash per budget to check.
 # ARGV: number of levels, a unique member for this request, each level's limit, then per budget:
-#       hard action, limit type, limit value.
+#       hard action, cost limit, token limit, request limit ('' for a limit not set).
 # Returns {verdict (0 admitted, 1 rate limited, 2 budget), level shown, its limit, remaining, reset (unix s),
-#          retry after (s), index of the blocking budget}.
+#          retry after (s), index of the blocking budget, which of its limits blocks (1 cost, 2 tokens, 3 requests)}.
 ADMIT = _USED + """
 local WINDOW_US = 60000000
 local THROTTLE_DIVISOR = 10
@@ -36,14 +47,15 @@ local member = ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
-local blocked, divisor = 0, 1
+local blocked, blocking_limit, divisor = 0, 0, 1
 for j = 1, #KEYS - n_levels do
-  local arg = 2 + n_levels + (j - 1) * 3
-  if used(KEYS[n_levels + j], ARGV[arg + 2]) >= tonumber(ARGV[arg + 3]) then
-    if ARGV[arg + 1] == 'block' then
-      blocked = j
+  local arg = 3 + n_levels + (j - 1) * 4  -- its hard action; its limits follow
+  local limit = reached(KEYS[n_levels + j], arg + 1, 1)
+  if limit > 0 then
+    if ARGV[arg] == 'block' then
+      blocked, blocking_limit = j, limit
       break
-    elseif ARGV[arg + 1] == 'throttle' then
+    elseif ARGV[arg] == 'throttle' then
       divisor = THROTTLE_DIVISOR
     end
   end
@@ -94,18 +106,19 @@ if verdict ~= 1 then  -- a request comes back when the oldest one logged leaves 
   reset_us = (oldest[2] and tonumber(oldest[2]) or now) + WINDOW_US
 end
 return {verdict, shown, limits[shown], math.max(0, limits[shown] - counts[shown]), math.ceil(reset_us / 1e6),
-        math.ceil(retry_us / 1e6), blocked}
+        math.ceil(retry_us / 1e6), blocked, blocking_limit}
 """
 
 # KEYS: the usage buffer (a list), then one counter hash per budget the record counts towards.
 # ARGV: the record as JSON, its tokens (in + out), its cost as whole units and picos, then per budget:
-#       counter TTL in seconds (0: none), limit type, limit value, soft limit value.
-# Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period.
+#       counter TTL in seconds (0: none), soft limit share, cost limit, token limit, request limit ('' if not set).
+# Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period: the soft
+# limit or the limit of any one of the budget's limits.
 RECORD = _USED + """
 redis.call('RPUSH', KEYS[1], ARGV[1])
 local crossed = {}
 for j = 2, #KEYS do
-  local key, arg = KEYS[j], 4 + (j - 2) * 4
+  local key, arg = KEYS[j], 4 + (j - 2) * 5
   redis.call('HINCRBY', key, 'requests', 1)
   redis.call('HINCRBY', key, 'tokens', ARGV[2])
   redis.call('HINCRBY', key, 'cost_units', ARGV[3])
@@ -116,13 +129,12 @@ for j = 2, #KEYS do
   if tonumber(ARGV[arg + 1]) > 0 then
     redis.call('EXPIRE', key, ARGV[arg + 1])
   end
-  local u = used(key, ARGV[arg + 2])
   -- HSETNX marks the crossing in the counter itself: reported once per budget and period, by one process.
-  if u >= tonumber(ARGV[arg + 4]) and redis.call('HSETNX', key, 'soft', 1) == 1 then
+  if reached(key, arg + 3, tonumber(ARGV[arg + 2])) > 0 and redis.call('HSETNX', key, 'soft', 1) == 1 then
     table.insert(crossed, j - 1)
     table.insert(crossed, 'soft')
   end
-  if u >= tonumber(ARGV[arg + 3]) and redis.call('HSETNX', key, 'hard', 1) == 1 then
+  if reached(key, arg + 3, 1) > 0 and redis.call('HSETNX', key, 'hard', 1) == 1 then
     table.insert(crossed, j - 1)
     table.insert(crossed, 'hard')
   end

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scaigrid import errors
 from scaigrid.accounting import scripts, usage
 from scaigrid.accounting.budgets import (
+    LIMIT_TYPES,
     TOPIC_BUDGETS,
     Budget,
     BudgetCache,
@@ -72,6 +73,12 @@ class BudgetEvent:
 
 
 
+def _limit_args(budget: Budget) -> list[str]:
+    """The budget's cost, token and request limits as the scripts take them: '' for one not set."""
+    limits = budget.limits
+    return [str(limits[limit_type]) if limit_type in limits else "" for limit_type in LIMIT_TYPES]
+
+
 class Accounting:
     def __init__(self, settings: Settings, engine: AsyncEngine, redis: Redis, bus: InvalidationBus) -> None:
         self._settings = settings
@@ -109,9 +116,10 @@ class Accounting:
         keys += [counter_key(budget.id, current_period(budget.period, now)) for budget in budgets]
         args: list[str | int] = [len(levels), secrets.token_hex(8), *(rpm for _, _, rpm in levels)]
         for budget in budgets:
-            args += [budget.hard_action, budget.limit_type, str(budget.limit_value)]
+            args += [budget.hard_action, *_limit_args(budget)]
         try:
-            verdict, shown, limit, remaining, reset_unix, retry_after_s, blocking = await self._admit(keys, args)
+            (verdict, shown, limit, remaining, reset_unix, retry_after_s, blocking, blocking_limit
+             ) = await self._admit(keys, args)
         except RedisError as exc:
             self._redis_failed("admit", exc)
             # Unknown while Redis is away; the headers stay, so clients that read them keep working.
@@ -126,8 +134,8 @@ class Accounting:
             raise errors.rate_limited(retry_after_s, f"rate limit of this {level} reached: {limit} requests per minute")
         if verdict == _OVER_BUDGET:
             budget = budgets[blocking - 1]
-            raise errors.budget_exceeded(
-                f"the {budget.period} {budget.limit_type} budget of this {budget.scope} ({budget.id}) is used up")
+            raise errors.budget_exceeded(f"the {budget.period} {LIMIT_TYPES[blocking_limit - 1]} limit of the budget "
+                                         f"of this {budget.scope} ({budget.id}) is used up")
 
     def submit(self, record: UsageRecord) -> None:
         """Queues one usage record for the next write and returns at once (the request path does not wait).
@@ -181,7 +189,7 @@ class Accounting:
             keys = [usage.BUFFER_KEY, *(counter_key(b.id, p) for b, p in zip(budgets, periods, strict=True))]
             args: list[str | int] = [usage.encode(record), record.tokens_in + record.tokens_out, units, picos]
             for budget, period in zip(budgets, periods, strict=True):
-                args += [period.ttl_s or 0, budget.limit_type, str(budget.limit_value), str(budget.soft_value)]
+                args += [period.ttl_s or 0, str(budget.soft_limit_pct), *_limit_args(budget)]
             writes.append((keys, args, budgets, periods))
         try:
             results = await self._run_record_script([(keys, args) for keys, args, _, _ in writes])
@@ -216,8 +224,9 @@ class Accounting:
     def _budget_crossed(self, event: BudgetEvent) -> None:
         budget = event.budget
         BUDGET_THRESHOLDS.labels(event.threshold, budget.hard_action).inc()
-        what = (f"{budget.period} {budget.limit_type} budget {budget.id} of {budget.scope} {budget.scope_id} "
-                f"(period {event.period.label}, limit {budget.limit_value})")
+        limits = ", ".join(f"{limit_type} {value}" for limit_type, value in budget.limits.items())
+        what = (f"{budget.period} budget {budget.id} of {budget.scope} {budget.scope_id} "
+                f"(period {event.period.label}, limits {limits})")
         fields = {"event": f"budget_{event.threshold}_limit", "budget_id": budget.id, "period": event.period.label}
         if event.threshold == "soft":
             logger.warning("%s reached its soft limit (%s)", what, budget.soft_limit_pct, extra=fields)

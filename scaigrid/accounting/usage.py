@@ -19,14 +19,20 @@ COST_QUANTUM = Decimal("1e-12")
 def encode(usage: UsageRecord) -> str:
     fields = vars(usage).copy()
     fields["cost"] = str(usage.cost)  # a string: the cost never becomes a float on its way
-    if not usage.tunnelled:  # only a node's own buffer has it: a worker of the release before reads the rest
+    fields["backend_cost"] = str(usage.backend_cost)
+    # Left out while they say nothing, so that a worker (or a managed side) of a release before reads the rest.
+    if not usage.tunnelled:
         del fields["tunnelled"]
+    if not usage.backend_cost:
+        del fields["backend_cost"]
     return json.dumps(fields, separators=(",", ":"))
 
 
 def decode(raw: bytes | str) -> UsageRecord:
     fields = json.loads(raw)
     fields["cost"] = Decimal(fields["cost"])
+    if "backend_cost" in fields:
+        fields["backend_cost"] = Decimal(fields["backend_cost"])
     return UsageRecord(**fields)
 
 
@@ -34,7 +40,9 @@ def row_of(usage: UsageRecord) -> dict[str, Any]:
     row = vars(usage).copy()
     del row["created_at_unix"], row["tunnelled"]
     row["created_at"] = utc_from_unix(usage.created_at_unix)
-    row["cost"] = usage.cost.quantize(COST_QUANTUM)  # the column's scale; anything finer would be rounded silently
+    # The column's scale; anything finer would be rounded silently.
+    row["cost"] = usage.cost.quantize(COST_QUANTUM)
+    row["backend_cost"] = usage.backend_cost.quantize(COST_QUANTUM)
     return row
 
 

@@ -149,6 +149,7 @@ models = Table(
     # The owner as a value a unique key compares ('' = the platform): NULLs are never equal in one (core_0008).
     Column("owner_scope", String(40), Computed("COALESCE(tenant_id, '')", persisted=True)),
     Column("display_name", String(255)),
+    Column("description", Text),  # core_0011
     Column("modality", String(16), nullable=False),  # chat | embedding | image | audio
     Column("context_window", Integer),
     Column("max_output_tokens", Integer),
@@ -192,6 +193,8 @@ usage_records = Table(
     Column("latency_ms", Integer, nullable=False, server_default="0"),
     Column("cost", COST, nullable=False, server_default="0"),
     Column("error_code", String(64)),  # what a failed request answered with
+    # At the backend's cost_*_per_mtok prices, computed at dispatch (core_0010; 0 for records from before).
+    Column("backend_cost", COST, nullable=False, server_default="0"),
     Index("ix_usage_tenant_time", "tenant_id", "created_at"),
     Index("ix_usage_user_time", "user_id", "created_at"),
     Index("ix_usage_partner_time", "partner_id", "created_at"),
@@ -206,8 +209,13 @@ budgets = Table(
     Column("partner_id", String(40), nullable=False),  # owner, for visibility checks
     Column("tenant_id", String(40)),
     Column("period", String(16), nullable=False),  # daily | weekly | monthly | total
+    # The node's former single limit: the first of the limits below that is set (cost, tokens, requests), kept so
+    # that the release before still enforces one of them (core_0010).
     Column("limit_type", String(16), nullable=False),  # cost | tokens | requests
     Column("limit_value", COST, nullable=False),
+    Column("cost_limit", COST),  # at least one of these three is set; each is enforced (core_0010)
+    Column("token_limit", BigInteger),
+    Column("request_limit", BigInteger),
     Column("hard_action", String(16), nullable=False, server_default="block"),  # block | notify | throttle
     Column("soft_limit_pct", Numeric(4, 3), nullable=False, server_default="0.8"),
     # tenant | partner | platform: the reach of who set it last; a caller of less reach may not change it (core_0007)

@@ -129,6 +129,14 @@ class Dispatcher:
         transport = self._transport(backend)
         return transport.available(backend, now_s) and not (needs and needs & transport.lacks.keys())
 
+    def takes_requests(self, backend: Backend, tenant_id: str, now_s: float) -> bool:
+        """Whether a request of this tenant could be sent to the backend now, as `_choose` and `_failover` judge it
+        (for the health of GET /v1/models): its transport reaches it, its breaker is closed or due a trial, it is not
+        cooling down, and a linked node serves the tenant."""
+        if backend.provider == HYBRID and tenant_id not in backend.node_tenant_ids:
+            return False
+        return self._serves(backend, frozenset(), now_s) and self.breakers.check(backend.id, now_s) in (USABLE, TRIAL)
+
     async def _choose(self, model: Model, tried: set[str] | None, needs: frozenset[str]) -> Backend | None:
         """The lowest priority group with a usable backend, weighted inside it; None when none is left.
 
@@ -444,6 +452,10 @@ class Dispatcher:
         if exchange.tokens_out:
             metrics.tokens(model, "out", tenant_id).inc(exchange.tokens_out)
         principal = exchange.principal
+        backend = exchange.backend
+        backend_cost = Decimal(0) if backend is None else (
+            exchange.tokens_in * backend.cost_input_per_mtok + exchange.tokens_out * backend.cost_output_per_mtok
+        ) / 1_000_000
         usage = UsageRecord(
             request_id=exchange.request[REQUEST_ID], created_at_unix=exchange.created_unix,
             partner_id=principal.partner_id, tenant_id=tenant_id, user_id=principal.user_id,
@@ -451,6 +463,7 @@ class Dispatcher:
             status="ok" if exchange.status == "ok" else "error", tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out, latency_ms=int(elapsed_s * 1000),
             cost=exchange.model.cost(exchange.tokens_in, exchange.tokens_out) + exchange.unit_cost,
+            backend_cost=backend_cost,
             error_code=None if exchange.status == "ok" else exchange.status, tunnelled=exchange.request[TUNNELLED])
         self._accounting.submit(usage)
 

@@ -1,7 +1,10 @@
 """Inference routes: native /v1/inference/* and /v1/models, OpenAI-compatible /oai/v1/*, backend health."""
 
 import asyncio
+import base64
+import contextlib
 import json
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -14,11 +17,11 @@ from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.dispatch import media, schemas
 from scaigrid.dispatch.metrics import BACKEND_INFLIGHT
 from scaigrid.dispatch.pipeline import NATIVE, OAI, Exchange
-from scaigrid.envelope import ok
+from scaigrid.envelope import DEFAULT_PAGE, MAX_PAGE, PAGE, ok
 from scaigrid.errors import FieldError
 from scaigrid.fields import decimal_text, json_object
 from scaigrid.routing import store
-from scaigrid.routing.catalogue import Model
+from scaigrid.routing.catalogue import MODALITIES, MODEL_SLUG, MODEL_STATUSES, Model
 
 # Which route serves which modality, and where a client should go instead.
 _ROUTE_FOR = {"chat": "/v1/inference/chat (or /oai/v1/chat/completions)",
@@ -232,17 +235,30 @@ async def oai_speech(request: web.Request) -> web.StreamResponse:
 
 # --- the model list, both shapes ---
 
-def native_model(model: Model) -> dict[str, Any]:
+# What each modality offers; per-model flags (tools, vision) are not known to the node.
+CAPABILITIES = {"chat": ("chat", "streaming"), "embedding": ("embeddings",), "image": ("images",),
+                "audio": ("audio",)}
+HEALTHY, DEGRADED, UNAVAILABLE = "healthy", "degraded", "unavailable"
+MODEL_QUERY = (*PAGE, "modality", "status")
+
+
+def native_model(request: web.Request, model: Model) -> dict[str, Any]:
+    """The model with its health as this process's dispatcher sees it for the caller's tenant (docs/api.md)."""
+    dispatcher, tenant_id, now_s = request.app[DISPATCHER], request[PRINCIPAL].tenant_id, time.time()
+    enabled = [route.backend for group in model.groups for route in group]
+    active = sum(dispatcher.takes_requests(backend, tenant_id, now_s) for backend in enabled)
+    health = HEALTHY if enabled and active == len(enabled) else DEGRADED if active else UNAVAILABLE
     return {
-        "slug": model.slug, "display_name": model.display_name, "modality": model.modality,
+        "id": model.id, "slug": model.slug, "display_name": model.display_name, "description": model.description,
+        "modality": model.modality, "capabilities": list(CAPABILITIES.get(model.modality, ())),
         "context_window": model.context_window, "max_output_tokens": model.max_output_tokens,
-        "price_input_per_mtok": decimal_text(model.price_input_per_mtok),
-        "price_output_per_mtok": decimal_text(model.price_output_per_mtok),
+        **store.prices(model.price_input_per_mtok, model.price_output_per_mtok),
         "price_per_image": decimal_text(model.price_per_image),
         "price_per_audio_second": decimal_text(model.price_per_audio_second),
         "price_per_mchar": decimal_text(model.price_per_mchar),
         "default_params": dict(model.default_params), "status": model.status, "owned_by": model.owned_by,
-        "created": model.created_unix,
+        "created": model.created_unix, "health_status": health, "active_backend_count": active,
+        "total_backend_count": model.route_count,
     }
 
 
@@ -259,16 +275,43 @@ def _visible_model(request: web.Request) -> Model:
     return request.app[DISPATCHER].catalogue.current.model(request.match_info["slug"], request[PRINCIPAL].tenant_id)
 
 
-@requires("models:list")
+def _model_page(request: web.Request, all_models: list[Model]) -> tuple[list[Model], str | None]:
+    """One page of the models (by slug), filtered by ?modality= and ?status=; the cursor is the last slug shown."""
+    problems = []
+    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
+    limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9 else 0
+    if not 1 <= limit <= MAX_PAGE:
+        problems.append(FieldError("limit", f"a whole number 1-{MAX_PAGE}"))
+    after = ""
+    if cursor := request.query.get("cursor"):
+        with contextlib.suppress(ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+            after = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
+        if not MODEL_SLUG.fullmatch(after):
+            problems.append(FieldError("cursor", "not a cursor from a previous page"))
+    for name, choices in (("modality", MODALITIES), ("status", MODEL_STATUSES)):
+        if name in request.query and request.query[name] not in choices:
+            problems.append(FieldError(name, "one of: " + ", ".join(choices)))
+    if problems:
+        raise errors.validation_error(problems, "invalid query parameters")
+    wanted = [model for model in all_models if model.slug > after
+              and request.query.get("modality", model.modality) == model.modality
+              and request.query.get("status", model.status) == model.status]
+    shown = wanted[:limit]
+    more = len(wanted) > limit
+    return shown, base64.urlsafe_b64encode(shown[-1].slug.encode()).decode() if more else None
+
+
+@requires("models:list", query=MODEL_QUERY)
 async def list_models(request: web.Request) -> web.Response:
-    """Every model the caller's tenant may use (deprecated ones included, marked so); one page."""
-    items = [native_model(model) for model in _visible_models(request)]
-    return ok({"items": items, "pagination": {"has_more": False, "next_cursor": None}})
+    """The models the caller's tenant may use (deprecated ones included, marked so), by slug, a page at a time."""
+    shown, next_cursor = _model_page(request, _visible_models(request))
+    return ok({"items": [native_model(request, model) for model in shown],
+               "pagination": {"has_more": next_cursor is not None, "next_cursor": next_cursor}})
 
 
 @requires("models:list")
 async def get_model(request: web.Request) -> web.Response:
-    return ok(native_model(_visible_model(request)))
+    return ok(native_model(request, _visible_model(request)))
 
 
 @requires("models:list")

@@ -65,7 +65,9 @@ async def enqueue(conn: AsyncConnection, records: Sequence[UsageRecord]) -> int:
     backend_ids = {record.backend_id for record in records if record.backend_id}
     upstream = set(await conn.scalars(select(backends.c.id).where(
         backends.c.id.in_(backend_ids), backends.c.provider == MANAGED))) if backend_ids else set()
-    rows = [{"request_id": record.request_id, "record_json": usage.encode(record), "created_at": utc_now()}
+    # Without the backend cost: the managed side has its own (and one of the release before would refuse the field).
+    rows = [{"request_id": record.request_id, "record_json": usage.encode(replace(record, backend_cost=Decimal(0))),
+             "created_at": utc_now()}
             for record in records
             if record.tenant_id in mirrored
             and not (record.tunnelled or record.backend_id in upstream
@@ -191,10 +193,10 @@ async def _node_prices(conn: AsyncConnection, node_id: str, slugs: set[str]) -> 
 
 
 def _priced(record: UsageRecord, price: tuple[Decimal, Decimal] | None) -> UsageRecord:
-    """The record at the managed side's price: the node's own cost is never taken."""
+    """The record at the managed side's price: the node's own cost (and backend cost) is never taken."""
     price_in, price_out = price or (Decimal(0), Decimal(0))
     return replace(record, cost=(record.tokens_in * price_in + record.tokens_out * price_out) / 1_000_000,
-                   tunnelled=False)
+                   backend_cost=Decimal(0), tunnelled=False)
 
 
 # The columns' limits: a value beyond them would fail the whole batch's insert, and the batch would come back forever.

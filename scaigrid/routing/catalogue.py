@@ -125,6 +125,8 @@ class Model:
     price_per_image: Decimal = Decimal(0)
     price_per_audio_second: Decimal = Decimal(0)
     price_per_mchar: Decimal = Decimal(0)  # per million characters of text turned into speech
+    description: str | None = None
+    route_count: int = 0  # every route, to disabled backends too (the groups hold only active ones)
 
     def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
         """Exact price of a call: tokens times the price per million tokens."""
@@ -244,7 +246,9 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
     frozen = {node_id: frozenset(tenant_ids) for node_id, tenant_ids in node_tenants.items()}
     by_id = {row.id: _backend(settings, row, frozen) for row in backend_rows}
     routes_of: dict[str, list[Route]] = {}
+    route_counts: dict[str, int] = {}
     for row in route_rows:
+        route_counts[row.model_id] = route_counts.get(row.model_id, 0) + 1
         backend = by_id.get(row.backend_id)
         if backend is not None and backend.status == "active":
             routes_of.setdefault(row.model_id, []).append(Route(backend, row.weight, row.priority))
@@ -261,7 +265,7 @@ async def load_catalogue(engine: AsyncEngine, settings: Settings) -> Catalogue:
             price_output_per_mtok=row.price_output_per_mtok, default_params=row.default_params or {},
             status=row.status, created_unix=int(row.created_at.replace(tzinfo=UTC).timestamp()), groups=groups,
             price_per_image=row.price_per_image, price_per_audio_second=row.price_per_audio_second,
-            price_per_mchar=row.price_per_mchar))
+            price_per_mchar=row.price_per_mchar, description=row.description, route_count=route_counts.get(row.id, 0)))
     return Catalogue(loaded, by_id.values())
 
 

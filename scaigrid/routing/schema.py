@@ -50,11 +50,13 @@ API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?")
 
 BACKEND_FIELDS = ("id", "provider", "base_url", "model", "api_key", "api_key_env", "cost_input_per_mtok",
                   "cost_output_per_mtok", "timeout_s", "tenant", "status", "deployment", "api_version")
-MODEL_FIELDS = ("slug", "display_name", "modality", "context_window", "max_output_tokens", "price_input_per_mtok",
-                "price_output_per_mtok", "price_per_image", "price_per_audio_second", "price_per_mchar",
-                "default_params", "status", "tenant", "routes")
+# The documented price names, each with the node's former name (still accepted on write, and still shown).
+PRICE_ALIASES = {"input_price_per_mtok": "price_input_per_mtok", "output_price_per_mtok": "price_output_per_mtok"}
 UNIT_PRICES = ("price_per_image", "price_per_audio_second", "price_per_mchar")  # decimal strings, like the others
+MODEL_FIELDS = ("slug", "display_name", "description", "modality", "context_window", "max_output_tokens",
+                *PRICE_ALIASES, *PRICE_ALIASES.values(), *UNIT_PRICES, "default_params", "status", "tenant", "routes")
 ROUTE_FIELDS = ("backend", "weight", "priority")
+MODEL_DESCRIPTION_MAX = 4000  # characters (a TEXT column)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class BackendSpec:
 class ModelSpec:
     slug: str
     display_name: str | None
+    description: str | None
     modality: str
     context_window: int | None
     max_output_tokens: int | None
@@ -187,17 +190,29 @@ def parse_routes(body: Any) -> tuple[RouteSpec, ...]:
     return routes or ()
 
 
+def _price(f: Fields, name: str) -> Decimal:
+    """A price by its documented name or the node's former one; both given must agree."""
+    alias = PRICE_ALIASES[name]
+    amount, former = f.money(name), f.money(alias)
+    if f.body.get(alias) is None:
+        return amount
+    if f.body.get(name) is not None and former != amount:
+        f.fail(alias, f"the former name of {name}, which gives another price; send one of the two")
+    return former
+
+
 def parse_model(body: Any) -> ModelSpec:
     """A frontend model from a body (API) or a [[models]] table (apply)."""
     f = Fields(body, MODEL_FIELDS)
     spec = ModelSpec(
         slug=f.string("slug", required=True, max_length=191, pattern=MODEL_SLUG) or "",
         display_name=f.string("display_name"),
+        description=f.string("description", max_length=MODEL_DESCRIPTION_MAX, multiline=True),
         modality=f.string("modality", required=True, choices=MODALITIES) or "",
         context_window=f.integer("context_window"),
         max_output_tokens=f.integer("max_output_tokens"),
-        price_input_per_mtok=f.money("price_input_per_mtok"),
-        price_output_per_mtok=f.money("price_output_per_mtok"),
+        price_input_per_mtok=_price(f, "input_price_per_mtok"),
+        price_output_per_mtok=_price(f, "output_price_per_mtok"),
         price_per_image=f.money("price_per_image"),
         price_per_audio_second=f.money("price_per_audio_second"),
         price_per_mchar=f.money("price_per_mchar"),

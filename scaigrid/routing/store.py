@@ -11,6 +11,7 @@ resolves as a tenant sees it, its own object first, then the platform's: the cal
 """
 
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +26,7 @@ from scaigrid.errors import FieldError
 from scaigrid.fields import decimal_text
 from scaigrid.routing.catalogue import BACKEND_ID, HYBRID, backend_key, backend_name
 from scaigrid.routing.schema import (
-    MODEL_FIELDS,
+    PRICE_ALIASES,
     UNIT_PRICES,
     BackendSpec,
     ModelSpec,
@@ -342,12 +343,18 @@ async def _replace_routes(conn: AsyncConnection, model_id: str, routes: Sequence
     return True
 
 
+def prices(price_input_per_mtok: Decimal, price_output_per_mtok: Decimal) -> dict[str, str]:
+    """A model's prices under the documented names and the node's former ones (clients of the node read those)."""
+    shown = {"input_price_per_mtok": decimal_text(price_input_per_mtok),
+             "output_price_per_mtok": decimal_text(price_output_per_mtok)}
+    return {**shown, **{PRICE_ALIASES[name]: value for name, value in shown.items()}}
+
+
 def model_view(row: Row[Any], routes: Sequence[RouteSpec]) -> dict[str, Any]:
     return {
-        "slug": row.slug, "display_name": row.display_name, "modality": row.modality,
-        "context_window": row.context_window, "max_output_tokens": row.max_output_tokens,
-        "price_input_per_mtok": decimal_text(row.price_input_per_mtok),
-        "price_output_per_mtok": decimal_text(row.price_output_per_mtok),
+        "id": row.id, "slug": row.slug, "display_name": row.display_name, "description": row.description,
+        "modality": row.modality, "context_window": row.context_window, "max_output_tokens": row.max_output_tokens,
+        **prices(row.price_input_per_mtok, row.price_output_per_mtok),
         **{name: decimal_text(getattr(row, name)) for name in UNIT_PRICES},
         "default_params": row.default_params, "status": row.status, "tenant": row.tenant_slug,
         "routes": _route_views(routes),
@@ -371,8 +378,8 @@ async def upsert_model(conn: AsyncConnection, actor: Actor, spec: ModelSpec) -> 
     existing = (await conn.execute(_model_query().where(
         models.c.slug == spec.slug, _owned_by(models.c.tenant_id, tenant_id)))).first()
     values = {
-        "tenant_id": tenant_id, "display_name": spec.display_name, "modality": spec.modality,
-        "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
+        "tenant_id": tenant_id, "display_name": spec.display_name, "description": spec.description,
+        "modality": spec.modality, "context_window": spec.context_window, "max_output_tokens": spec.max_output_tokens,
         "price_input_per_mtok": spec.price_input_per_mtok, "price_output_per_mtok": spec.price_output_per_mtok,
         **{name: getattr(spec, name) for name in UNIT_PRICES},
         "default_params": spec.default_params, "status": spec.status,
@@ -410,17 +417,26 @@ async def update_model(conn: AsyncConnection, actor: Actor, slug: str, body: Map
     if body.get("slug", slug) != slug:
         raise errors.validation_error([FieldError("slug", "a model's slug cannot change; create a new model")])
     _same_owner(body, existing.tenant_slug, "model")
-    current = {name: getattr(existing, name) for name in MODEL_FIELDS if name not in ("tenant", "routes")}
-    current.update(tenant=existing.tenant_slug, price_input_per_mtok=str(existing.price_input_per_mtok),
-                   price_output_per_mtok=str(existing.price_output_per_mtok),
+    current = {name: getattr(existing, name) for name in (
+        "slug", "display_name", "description", "modality", "context_window", "max_output_tokens", "default_params",
+        "status")}
+    current.update(tenant=existing.tenant_slug, input_price_per_mtok=str(existing.price_input_per_mtok),
+                   output_price_per_mtok=str(existing.price_output_per_mtok),
                    **{name: str(getattr(existing, name)) for name in UNIT_PRICES})
+    for name, alias in PRICE_ALIASES.items():
+        if alias in body:  # a price given by its former name replaces the stored one too
+            current.pop(name)
     await upsert_model(conn, actor, parse_model({**current, **body}))
     return await _model_view_of(conn, existing.id)
 
 
 async def delete_model(conn: AsyncConnection, actor: Actor, slug: str, tenant: str | None = None) -> None:
+    """Refused while the model routes to backends (as documented): `PUT /v1/routing/{slug}` `{"routes": []}` first,
+    so that no mapping goes by accident."""
     row = await _model(conn, actor, slug, tenant, write=True)
-    await conn.execute(delete(model_routes).where(model_routes.c.model_id == row.id))
+    routes = await _routes_of(conn, row.id)
+    if routes:
+        raise errors.model_has_backends(slug, [backend_name(route.backend) for route in routes])
     await conn.execute(delete(models).where(models.c.id == row.id))
 
 
