@@ -4,7 +4,8 @@ client of the managed product sends them (paths, bodies, query parameters, heade
 One real http process and a worker (usage is flushed every second) serve a catalogue of real test backends; each
 test is one documented area and makes its own tenant, users and keys through the API. The table in docs/api.md
 ("Parity with the managed ScaiGrid") says, item by item, what is supported, what differs and what is not on the
-node; the tests named `..._as_documented` cover areas whose documented shape other branches of issue 15 deliver.
+node; `test_modules_as_documented`, `test_audit_log_as_documented` and `test_cors_as_documented` cover what the
+`modules` branch of issue 15 delivers.
 """
 
 import csv
@@ -363,7 +364,7 @@ def test_models_listing(grid: Grid) -> None:
 
 
 def test_models_as_documented(grid: Grid) -> None:
-    """Documented model fields and listing (in flight on branch `catalogue`)."""
+    """Documented model fields and listing."""
     admin = grid.admin()
     _, [(_, viewer)] = grid.team(admin, "tenant_viewer")
     body = {"slug": "parity/documented", "display_name": "Documented", "description": "As the docs say",
@@ -566,7 +567,7 @@ def test_usage_listing(grid: Grid) -> None:
 
 
 def test_usage_summary_and_export_as_documented(grid: Grid) -> None:
-    """Usage item id, period and backend_id, summary rows and /v1/accounting/export (in flight on `accounting`)."""
+    """Usage item id, period and backend_id, summary rows and /v1/accounting/export ."""
     team, user_id, key, tenant_admin = _used(grid)
     items = call(grid.url, "GET", "/v1/accounting/usage?" + urlencode(
         {"period": "day", "backend_id": "plain", "tenant_id": team["id"]}), tenant_admin).data["items"]
@@ -598,7 +599,7 @@ def test_usage_summary_and_export_as_documented(grid: Grid) -> None:
 # --- budgets ---
 
 def test_budgets_as_documented(grid: Grid) -> None:
-    """The documented budget body and BUDGET_EXCEEDED (in flight on `accounting`)."""
+    """The documented budget body and BUDGET_EXCEEDED."""
     _, [(_, tenant_admin), (_, key)] = grid.team(grid.admin(), "tenant_admin", "tenant_user")
     refused = call(grid.url, "POST", "/v1/accounting/budgets", tenant_admin, {"scope": "tenant", "period": "monthly"})
     assert refused.status == 422  # at least one of cost_limit, token_limit, request_limit
