@@ -27,7 +27,7 @@ from aiohttp import BodyPartReader, web
 from scaigrid import errors
 from scaigrid.appkeys import DISPATCHER, SETTINGS
 from scaigrid.dispatch.failures import Failure
-from scaigrid.dispatch.pipeline import NATIVE, Exchange, _usage_tokens
+from scaigrid.dispatch.pipeline import NATIVE, Exchange, usage_tokens
 from scaigrid.dispatch.transport import HttpTransport, upstream_body
 from scaigrid.errors import FieldError
 from scaigrid.routing.catalogue import Backend
@@ -71,7 +71,7 @@ async def generate_images(exchange: Exchange, body: dict[str, Any]) -> bytes:
     raw, answer = await exchange.request.app[DISPATCHER].relay(exchange, attempt)
     usage = answer.get("usage")  # gpt-image models count tokens: input_tokens, output_tokens
     if isinstance(usage, dict):
-        exchange.tokens_in, exchange.tokens_out = _usage_tokens(
+        exchange.tokens_in, exchange.tokens_out = usage_tokens(
             {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")})
     exchange.unit_cost = exchange.model.price_per_image * len(answer["data"])
     return raw
@@ -191,7 +191,7 @@ async def transcribe(exchange: Exchange, upload: Upload) -> web.Response:
     raw, content_type, answer = await exchange.request.app[DISPATCHER].relay(exchange, attempt)
     usage = answer.get("usage") if isinstance(answer, dict) else None
     if isinstance(usage, dict) and usage.get("type") == "tokens":  # gpt-4o-transcribe counts tokens
-        exchange.tokens_in, exchange.tokens_out = _usage_tokens(
+        exchange.tokens_in, exchange.tokens_out = usage_tokens(
             {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")})
     exchange.unit_cost = exchange.model.price_per_audio_second * _seconds(fmt, answer, raw, upload)
     if fmt in JSON_FORMATS:

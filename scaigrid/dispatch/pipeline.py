@@ -93,7 +93,7 @@ def _gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _usage_tokens(usage: Any) -> tuple[int, int]:
+def usage_tokens(usage: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
         return 0, 0
     return _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens"))
@@ -285,7 +285,7 @@ class Dispatcher:
             raise Failure("shape", "the answer is not JSON") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("data" if embeddings else "choices"), list):
             raise Failure("shape", "the answer lacks `data`" if embeddings else "the answer lacks `choices`")
-        exchange.tokens_in, exchange.tokens_out = _usage_tokens(answer.get("usage"))
+        exchange.tokens_in, exchange.tokens_out = usage_tokens(answer.get("usage"))
         await self._succeeded(backend)
         return sse.rename_model(body, sse.model_field(exchange.model.slug))
 
@@ -431,7 +431,7 @@ class Dispatcher:
     def _count_stream(exchange: Exchange, relay: sse.ChunkRelay) -> None:
         # Without a usage chunk from the backend, each content chunk counts as one output token.
         if relay.usage is not None:
-            exchange.tokens_in, exchange.tokens_out = _usage_tokens(relay.usage)
+            exchange.tokens_in, exchange.tokens_out = usage_tokens(relay.usage)
         else:
             exchange.tokens_in, exchange.tokens_out = 0, relay.content_chunks
 
