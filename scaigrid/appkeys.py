@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from scaigrid.cache import InvalidationBus
     from scaigrid.dispatch.pipeline import Dispatcher
     from scaigrid.modules import Module
+    from scaigrid.modules.gate import ModuleGate
     from scaigrid.modules.scaibunker.transfers import Transfers
     from scaigrid.settings import Settings
 
@@ -45,6 +46,9 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 ACCOUNTING: web.AppKey[Accounting] = web.AppKey("accounting")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 TRANSFERS: web.AppKey[Transfers] = web.AppKey("storage_transfers")
+MODULE_GATE: web.AppKey[ModuleGate] = web.AppKey("module_gate")  # which tenants switched which module off
+# The route objects of each mounted module's routes -> the module's id: the gateway's MODULE_NOT_ENABLED check.
+MODULE_ROUTES: web.AppKey[dict[web.AbstractRoute, str]] = web.AppKey("module_routes")
 
 # --- what a request carries ---
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
@@ -52,3 +56,5 @@ TUNNELLED: web.RequestKey[bool] = web.RequestKey("tunnelled")  # the managed sid
 STARTED: web.RequestKey[float] = web.RequestKey("started")  # perf_counter() when the request reached the app
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
 RATE_STATE: web.RequestKey[RateState] = web.RequestKey("rate_state")
+# The changed object as it was, for the audit log, set by a route that has it at hand (the after is its answer).
+AUDIT_BEFORE: web.RequestKey[dict[str, object]] = web.RequestKey("audit_before")

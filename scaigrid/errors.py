@@ -23,6 +23,16 @@ class ScaigridError(Exception):
         return f"{self.code}: {self.message}"
 
 
+def module_not_enabled(module_id: str, by: str) -> ScaigridError:
+    return ScaigridError(f"the module {module_id} is disabled for this tenant (by its {by}); its data is kept",
+                         "MODULE_NOT_ENABLED", 403)
+
+
+def module_not_available(module_id: str) -> ScaigridError:
+    return ScaigridError(f"the module {module_id} is not enabled on this node (the operator adds it to "
+                         "SCAIGRID_MODULES)", "MODULE_NOT_AVAILABLE", 409)
+
+
 def not_found(message: str = "no such resource") -> ScaigridError:
     return ScaigridError(message, "NOT_FOUND", 404)
 

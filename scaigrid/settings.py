@@ -206,6 +206,18 @@ def _module_list(raw: str) -> tuple[str, ...]:
     return items
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    # Scheme and host are case-insensitive; browsers send them lower-case in `Origin`.
+    items = tuple(item.strip().rstrip("/").lower() for item in raw.split(",") if item.strip())
+    for item in items:
+        parts = urlsplit(item)
+        if item != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+                            or parts.query or parts.fragment or parts.username is not None):
+            raise ValueError("comma-separated origins like https://app.example.com (scheme, host, optional port, no "
+                             "path), or *")
+    return items
+
+
 # --- the tree ---
 
 def setting(env: str, parse: Callable[[str], Any], default: Any = None, help: str = "", *, secret: bool = False) -> Any:
@@ -468,6 +480,10 @@ class ServerSettings:
         "on SIGTERM, how long in-flight HTTP requests (streams included) may finish")
     grpc_stop_grace_s: float = setting(
         "GRPC_STOP_GRACE_S", _positive_float, 10.0, "on SIGTERM, how long in-flight RPCs may finish")
+    cors_allowed_origins: tuple[str, ...] | None = setting(
+        "CORS_ALLOWED_ORIGINS", _origins,
+        help="browser origins allowed to call the API (CORS), comma-separated, e.g. `https://app.example.com`; `*` = "
+        "any; unset = no CORS headers")
 
 
 @dataclass(frozen=True)
@@ -481,6 +497,8 @@ class WorkerSettings:
     api_key_retention_days: int = setting(
         "API_KEY_RETENTION_DAYS", parse_positive_int, 30,
         "API keys expired or revoked longer ago than this are deleted by the worker")
+    audit_retention_days: int = setting(
+        "AUDIT_RETENTION_DAYS", parse_positive_int, 400, "audit log entries older than this are deleted by the worker")
 
 
 @dataclass(frozen=True)

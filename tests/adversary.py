@@ -326,6 +326,14 @@ ROWS: tuple[Row, ...] = (
     Row("GET", "/v1/hybrid/link", _static("/v1/hybrid/link"), public=SELF_AUTHENTICATED),
     Row("POST", "/v1/hybrid/link/rotate", _static("/v1/hybrid/link/rotate"), public=SELF_AUTHENTICATED),
     Row("DELETE", "/v1/hybrid/link", _static("/v1/hybrid/link"), public=SELF_AUTHENTICATED),
+    # --- modules admin: the quiet test module is switched (it has no routes, so the switches disturb no other row) ---
+    Row("GET", "/v1/modules", _static("/v1/modules")),
+    Row("GET", "/v1/modules/{module_id}", _static("/v1/modules/scaibunker")),
+    *(Row("POST", f"/v1/modules/{{module_id}}/{verb}", _static(f"/v1/modules/quiet/{verb}"), target=True,
+          body=lambda w, t: {"tenant_id": t.tenant_id}) for verb in ("enable", "disable")),
+    # --- audit log: each admin reads what is in its reach (tenant, partner, all) ---
+    Row("GET", "/v1/audit-log", _static("/v1/audit-log")),
+    Row("GET", "/v1/audit-log/export", _static("/v1/audit-log/export?format=ndjson")),
     # --- the scaibunker module ---
     Row("POST", "/v1/modules/scaibunker/storage/capabilities", _static("/v1/modules/scaibunker/storage/capabilities"),
         target=True, success=201, body=lambda w, t: {"prefix": "", "verbs": ["GET"], "tenant_id": t.tenant_id}),

@@ -194,7 +194,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, mariadb: devstack.MariaDB, re
     with shared_env(mariadb, redis_server, s3_server) as env:
         # Private webhook targets allowed: POST /v1/webhooks/{id}/test really sends, and must send to loopback only.
         env.update(HYBRID_ROLE="managed", SCAIKEY_WEBHOOK_SECRET=secrets.token_hex(16),
-                   STORAGE_CAPABILITY_SECRET=secrets.token_hex(32), WEBHOOK_ALLOW_PRIVATE_TARGETS="true")
+                   STORAGE_CAPABILITY_SECRET=secrets.token_hex(32), WEBHOOK_ALLOW_PRIVATE_TARGETS="true",
+                   SCAIGRID_MODULES="scaibunker,tests.modules.quiet:MODULE")  # quiet: for the modules admin rows
         # The one backend that answers, on loopback, is the operator's (shared): every tenant model routes to it.
         apply(env, logs / "catalogue.toml", [backend(SHARED_BACKEND, fake, "ok")], [])
         with http_process(env, logs / "http.log"):

@@ -19,6 +19,8 @@ from scaigrid.appkeys import (
     AUTHENTICATOR,
     BUS,
     DB,
+    MODULE_GATE,
+    MODULE_ROUTES,
     MODULES,
     READY_CHECKS,
     REDIS,
@@ -26,6 +28,8 @@ from scaigrid.appkeys import (
     SCHEMA_HEADS,
     SETTINGS,
 )
+from scaigrid.audit import audit_middleware
+from scaigrid.audit import routes as audit_routes
 from scaigrid.auth import routes as auth_routes
 from scaigrid.auth.authenticator import Authenticator
 from scaigrid.auth.roles import PERMISSIONS
@@ -39,6 +43,8 @@ from scaigrid.health import CHECK_TIMEOUT_S, check_database, check_redis
 from scaigrid.hybrid import protocol, registry
 from scaigrid.hybrid import routes as hybrid_routes
 from scaigrid.modules import Module, load_modules
+from scaigrid.modules import routes as module_routes
+from scaigrid.modules.gate import ModuleGate
 from scaigrid.modules.scaibunker import transfers
 from scaigrid.nodes import routes as node_routes
 from scaigrid.nodes.registry import list_nodes
@@ -164,22 +170,30 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[AUTHENTICATOR] = Authenticator(settings, app[DB], app[BUS])
     app[ACCOUNTING] = Accounting(settings, app[DB], app[REDIS], app[BUS])
+    app[MODULE_GATE] = ModuleGate(app[DB], app[BUS])
     yield
 
 
 def mount_module(app: web.Application, module: Module) -> None:
     """Registers the module's routes under its prefix; a route needing a permission that is neither the core's nor
-    declared by the module is refused at start (roles hold module permissions by declaration, auth/roles.py)."""
+    declared by the module is refused at start (roles hold module permissions by declaration, auth/roles.py), and so
+    is one that would shadow the modules admin routes. Each route is noted with its module for the gateway's
+    MODULE_NOT_ENABLED check."""
     for route in module.routes:
+        if route.path in module_routes.RESERVED_PATHS:
+            raise ConfigError(f"module {module.id}: the route {route.path or '/'} is the modules admin API's")
         access = access_of(route.handler)
-        if access and access.permission and access.permission not in (*PERMISSIONS, *module.permissions):
+        if access and access.permission and access.permission not in (*PERMISSIONS, *module.permission_keys):
             raise ConfigError(f"module {module.id}: route {route.path} needs {access.permission!r}, "
                               "which the module does not declare in Module.permissions")
-        web.RouteDef(route.method, module.route_prefix + route.path, route.handler, route.kwargs).register(app.router)
+        registered = web.RouteDef(route.method, module.route_prefix + route.path, route.handler,
+                                  route.kwargs).register(app.router)
+        app.setdefault(MODULE_ROUTES, {}).update(dict.fromkeys(registered, module.id))
 
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    app.middlewares.append(audit_middleware)  # outside the gateway: it sees refusals (403, 422) as well as answers
     app.middlewares.append(gateway_middleware)
     app.on_response_prepare.append(add_rate_limit_headers)
     app[MODULES] = load_modules(settings.modules)
@@ -194,9 +208,11 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(dispatch_ctx)  # catalogue, breakers, upstream session: after the gateway's services
     app.cleanup_ctx.append(_schema_heads_ctx)
     for table in (auth_routes.ROUTES, routing_routes.ROUTES, dispatch_routes.ROUTES, accounting_routes.ROUTES,
-                  webhook_routes.ROUTES, node_routes.ROUTES, hybrid_routes.ROUTES):
+                  webhook_routes.ROUTES, node_routes.ROUTES, hybrid_routes.ROUTES, module_routes.ROUTES,
+                  audit_routes.ROUTES):
         app.router.add_routes(table)
     app[READY_CHECKS].update(database=_database_ready, redis=_redis_ready, modules=_modules_ready)
+    app[MODULE_ROUTES] = {}
     app.router.add_get("/health/detailed", detailed_health)
     for module in app[MODULES]:
         mount_module(app, module)

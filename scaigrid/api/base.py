@@ -66,6 +66,44 @@ class Drain:
 
 
 
+# CORS (CORS_ALLOWED_ORIGINS): browsers send `Authorization: Bearer`, never cookies, so no credentials mode.
+CORS_MAX_AGE_S = 600
+CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
+CORS_EXPOSE_HEADERS = ("X-Request-ID, X-Scaigrid-Ratelimit-Limit, X-Scaigrid-Ratelimit-Remaining, "
+                       "X-Scaigrid-Ratelimit-Reset, Retry-After")
+
+
+def cors_origin(request: web.Request) -> str | None:
+    """The request's Origin when the operator allows it (CORS_ALLOWED_ORIGINS), else None: no CORS headers."""
+    allowed = request.app[SETTINGS].server.cors_allowed_origins
+    origin = request.headers.get("Origin")
+    if not allowed or origin is None:
+        return None
+    return origin if "*" in allowed or origin.lower() in allowed else None
+
+
+def _preflight(request: web.Request) -> web.Response | None:
+    """The answer to a browser's preflight from an allowed origin (any path: the real request meets the route)."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    if cors_origin(request) is None:
+        return None  # a disallowed origin: the OPTIONS goes on to its 405, without CORS headers
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": CORS_ALLOW_METHODS, "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+        "Access-Control-Max-Age": str(CORS_MAX_AGE_S)})
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to an allowed origin, errors and streams included, lets its browser read it."""
+    if request.app[SETTINGS].server.cors_allowed_origins:
+        response.headers.add("Vary", "Origin")  # an answer differs by Origin: caches must keep them apart
+    origin = cors_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+
+
 OAI_PREFIX = "/oai/"
 # OpenAI's error `type` for each status, so OpenAI SDKs raise the exception their users catch.
 _OAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -124,7 +162,7 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
     try:
         if drain.draining and request.path not in DRAIN_EXEMPT:
             raise errors.service_draining()
-        response = await handler(request)
+        response = _preflight(request) or await handler(request)
     except errors.ScaigridError as exc:
         response = error_response(exc, request.path)
     except web.HTTPException as exc:
@@ -194,6 +232,7 @@ def base_app(settings: Settings) -> web.Application:
     app[DRAIN] = Drain()
     app[READY_CHECKS] = {}
     app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/health", public(health))
     app.router.add_get("/health/ready", public(ready))
     app.router.add_get("/metrics", public(metrics_handler))

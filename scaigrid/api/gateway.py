@@ -7,7 +7,16 @@ from aiohttp import web
 
 from scaigrid import errors
 from scaigrid.access import route_access
-from scaigrid.appkeys import ACCOUNTING, AUTHENTICATOR, PRINCIPAL, RATE_STATE, REQUEST_ID, TUNNELLED
+from scaigrid.appkeys import (
+    ACCOUNTING,
+    AUTHENTICATOR,
+    MODULE_GATE,
+    MODULE_ROUTES,
+    PRINCIPAL,
+    RATE_STATE,
+    REQUEST_ID,
+    TUNNELLED,
+)
 from scaigrid.auth.roles import REACHES
 from scaigrid.errors import FieldError
 from scaigrid.hybrid.assertion import ASSERTION_HEADER
@@ -50,6 +59,11 @@ async def gateway_middleware(request: web.Request, handler: Callable[[web.Reques
         takes = ", ".join(access.query) or "none"
         raise errors.validation_error([FieldError(name, f"unknown query parameter (this route takes {takes})")
                                        for name in dict.fromkeys(unknown)], "unknown query parameters")
+    # A module's route, for a caller of a tenant that (or whose partner) switched the module off: 403
+    # MODULE_NOT_ENABLED. In-process switches (ModuleGate), so this costs nothing once loaded.
+    module_id = request.app[MODULE_ROUTES].get(request.match_info.route)
+    if module_id is not None and principal.tenant_id:
+        await request.app[MODULE_GATE].require(module_id, principal.tenant_id, principal.partner_id)
     return await handler(request)
 
 

@@ -169,7 +169,7 @@ async def me(request: web.Request) -> web.Response:
     """Who the credential is (SDKs call this to check a key): the user, tenant and partner, the role it acts with and
     what that permits, the key it used; a service token has no user, tenant or key, only its name and scope."""
     principal = request[PRINCIPAL]
-    declared = (*PERMISSIONS, *(p for module in request.app[MODULES] for p in module.permissions))
+    declared = (*PERMISSIONS, *(key for module in request.app[MODULES] for key in module.permission_keys))
     profile: dict[str, Any] = {
         "id": None, "email": None, "display_name": None, "status": "active", "role": principal.role,
         "reach": principal.reach, "permissions": sorted({p for p in declared if principal.can(p)}),

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Computed,
     DateTime,
@@ -134,7 +135,7 @@ backends = Table(
     Column("cost_output_per_mtok", PRICE, nullable=False, server_default="0"),
     Column("timeout_s", Double),  # NULL = DISPATCH_TIMEOUT_S; DOUBLE: MariaDB FLOAT would round it
     Column("status", String(16), nullable=False, server_default="active"),  # active | disabled
-    # provider azure: the deployment its URLs name; anthropic and azure: the API version they send (core_0016)
+    # provider azure: the deployment its URLs name; anthropic and azure: the API version they send (core_0015)
     Column("deployment", String(64)),
     Column("api_version", String(32)),
     *_timestamps(),
@@ -155,7 +156,7 @@ models = Table(
     Column("max_output_tokens", Integer),
     Column("price_input_per_mtok", PRICE, nullable=False, server_default="0"),
     Column("price_output_per_mtok", PRICE, nullable=False, server_default="0"),
-    # Image and audio models are priced per unit besides (or instead of) tokens (core_0017, dispatch/media.py).
+    # Image and audio models are priced per unit besides (or instead of) tokens (core_0016, dispatch/media.py).
     Column("price_per_image", PRICE, nullable=False, server_default="0"),
     Column("price_per_audio_second", PRICE, nullable=False, server_default="0"),
     Column("price_per_mchar", PRICE, nullable=False, server_default="0"),  # per million characters of speech input
@@ -388,5 +389,52 @@ hybrid_relayed_requests = Table(
     Column("node_id", String(40), nullable=False),
     Column("created_at", MICROSECONDS, nullable=False),
     Index("ix_hybrid_relayed_requests_created_at", "created_at"),
+    **TABLE_ARGS,
+)
+
+# --- modules switched per tenant and partner (core_0013) ---
+
+# No row = on: every module SCAIGRID_MODULES enables is on for a tenant until its admins or its partner switch it off.
+module_switches = Table(
+    "module_switches", metadata,
+    Column("module_id", String(64), primary_key=True),
+    Column("scope", String(16), primary_key=True),  # tenant | partner
+    Column("scope_id", String(40), primary_key=True),
+    Column("enabled", Boolean, nullable=False),
+    Column("updated_at", MICROSECONDS, nullable=False),
+    Column("updated_by", String(64)),
+    **TABLE_ARGS,
+)
+
+# --- audit log (core_0014) ---
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("created_at", MICROSECONDS, nullable=False),
+    Column("request_id", String(40), nullable=False),
+    Column("actor_type", String(16), nullable=False),  # user | service | webhook
+    Column("actor_id", String(191)),
+    Column("actor_email", String(320)),
+    Column("actor_partner_id", String(40)),
+    Column("actor_tenant_id", String(40)),
+    Column("api_key_id", String(40)),
+    Column("action", String(96), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(191)),
+    Column("partner_id", String(40)),  # whose object it is: who may read the entry; NULL tenant = platform-wide
+    Column("tenant_id", String(40)),
+    Column("status", String(8), nullable=False),  # SUCCESS | FAILURE
+    Column("http_status", Integer, nullable=False),
+    Column("error_code", String(64)),
+    Column("method", String(8), nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("ip", String(64)),
+    Column("user_agent", String(512)),
+    Column("before", JSON),
+    Column("after", JSON),
+    Index("ix_audit_log_created_at", "created_at"),
+    Index("ix_audit_log_tenant_time", "tenant_id", "created_at"),
+    Index("ix_audit_log_partner_time", "partner_id", "created_at"),
     **TABLE_ARGS,
 )

@@ -18,6 +18,7 @@ def core_jobs(settings: Settings) -> tuple[Job, ...]:
         # A long backlog is cut at the timeout and goes on next tick; what was committed stays flushed.
         Job("usage_flush", flush_usage, every_s=flush_interval_s, timeout_s=max(60.0, 2.0 * flush_interval_s)),
         Job("usage_retention", housekeeping.purge_usage, cron="17 3 * * *", timeout_s=600),
+        Job("audit_retention", housekeeping.purge_audit_log, cron="29 3 * * *", timeout_s=600),
         Job("api_key_purge", housekeeping.purge_api_keys, cron="41 * * * *", timeout_s=120),
         # Every worker polls (not exclusive): SKIP LOCKED claims with a lease keep them from sending an attempt twice.
         Job("webhook_delivery", courier.deliver, every_s=settings.webhooks.poll_interval_s, timeout_s=120,

@@ -1,4 +1,5 @@
-"""Housekeeping jobs of the core: old usage records and long-dead API keys are deleted in small batches."""
+"""Housekeeping jobs of the core: old usage records, audit log entries and long-dead API keys are deleted in small
+batches."""
 
 import logging
 from datetime import timedelta
@@ -7,7 +8,7 @@ from sqlalchemy import Select, delete, or_, select
 
 from scaigrid.clock import utc_now
 from scaigrid.db import delete_in_batches
-from scaigrid.db.tables import api_keys, budgets, hybrid_relayed_requests, usage_records
+from scaigrid.db.tables import api_keys, audit_log, budgets, hybrid_relayed_requests, usage_records
 from scaigrid.worker.jobs import JobContext
 
 logger = logging.getLogger(__name__)
@@ -49,3 +50,13 @@ async def purge_api_keys(ctx: JobContext) -> None:
     if deleted:
         logger.info("deleted %d API key(s) expired or revoked more than %d days ago", deleted, days,
                     extra={"event": "api_keys_purged", "count": deleted})
+
+
+async def purge_audit_log(ctx: JobContext) -> None:
+    """Daily, at a quiet hour, like usage: audit log entries older than AUDIT_RETENTION_DAYS are deleted (an export,
+    GET /v1/audit-log/export, keeps them longer elsewhere). Cut at the timeout, it goes on at the next run."""
+    days = ctx.settings.worker.audit_retention_days
+    deleted = await delete_in_batches(ctx.engine, delete(audit_log).where(
+        audit_log.c.created_at < utc_now() - timedelta(days=days)))
+    logger.info("deleted %d audit log entries older than %d days", deleted, days,
+                extra={"event": "audit_log_purged", "count": deleted})

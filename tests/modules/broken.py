@@ -2,4 +2,5 @@
 
 from scaigrid.modules import Module
 
-MODULE = Module(id="broken", migrations="tests.modules.broken_versions")
+MODULE = Module(id="broken", migrations="tests.modules.broken_versions", display_name="Broken", version="0.0.1",
+                description="test module whose migration fails")

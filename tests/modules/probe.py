@@ -1,11 +1,14 @@
-"""A test module with a job that counts its runs per tick, and a slow streaming route to drain against."""
+"""A test module with a job that counts its runs per tick, a slow streaming route to drain against, and a route for
+signed-in callers (switched off per tenant: MODULE_NOT_ENABLED)."""
 
 import asyncio
 
 from aiohttp import web
 
-from scaigrid.access import public
-from scaigrid.modules import Module
+from scaigrid.access import public, requires
+from scaigrid.appkeys import PRINCIPAL
+from scaigrid.envelope import ok
+from scaigrid.modules import Module, Permission
 from scaigrid.worker.jobs import Job, JobContext
 
 TICKS_KEY = "probe:ticks"  # hash: tick -> number of runs of that tick (must be 1)
@@ -31,8 +34,18 @@ async def slow_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@requires("modules:use")
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's tenant: what a module's own route answers while the module is on for it."""
+    return ok({"tenant_id": request[PRINCIPAL].tenant_id})
+
+
 MODULE = Module(
     id="probe",
-    routes=[web.get("/slow", slow_stream)],
+    routes=[web.get("/slow", slow_stream), web.get("/whoami", whoami)],
     jobs=[Job("probe_count_tick", count_tick, every_s=1, timeout_s=5)],
+    permissions=(Permission("probe:ticks:manage", "Manage ticks", "count the worker's ticks"),),
+    display_name="Probe",
+    version="0.1.0",
+    description="test module: counts worker ticks, streams slowly, answers signed-in callers",
 )

@@ -4,7 +4,7 @@ Expand-only: the column is nullable, so code of the previous revision keeps read
 core_0010 is not in this branch: down_revision is core_0009 until the branches are merged (then core_0010).
 
 Revision ID: core_0011
-Revises: core_0009
+Revises: core_0010
 Create Date: 2026-12-15
 """
 

@@ -4,7 +4,7 @@ Until now both were `disabled`, told apart only by the reason "disabled by a use
 Data only: the status column already holds any of active | inactive | disabled.
 
 Revision ID: core_0012
-Revises: core_0009
+Revises: core_0011
 Create Date: 2026-12-10
 """
 

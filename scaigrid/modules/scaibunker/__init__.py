@@ -1,6 +1,6 @@
 """ScaiBunker: sandbox workers' storage proxy (its object routes are also the whole of the bunker_proxy mode)."""
 
-from scaigrid.modules import Module
+from scaigrid.modules import Module, Permission
 from scaigrid.modules.scaibunker import jobs, minting, routes
 
 MODULE = Module(
@@ -10,5 +10,11 @@ MODULE = Module(
     # routes.ROUTES alone.
     routes=(*minting.ROUTES, *routes.ROUTES),
     jobs=jobs.JOBS,
-    permissions=(minting.PERMISSION,),
+    permissions=(Permission(minting.PERMISSION, "Manage storage",
+                            "mint storage capabilities that let sandbox workers read and write the tenant's "
+                            "snapshots, images and audit batches"),),
+    display_name="ScaiBunker",
+    version="1.0.0",
+    description="sandbox workers' storage: snapshots, images and audit batches through the storage proxy, with "
+                "capabilities instead of S3 credentials",
 )

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from scaigrid import errors
 from scaigrid.access import requires
-from scaigrid.appkeys import DB, PRINCIPAL, SETTINGS
+from scaigrid.appkeys import DB, MODULE_GATE, PRINCIPAL, SETTINGS
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import target_tenant
 from scaigrid.clock import iso, utc_from_unix
@@ -64,7 +64,11 @@ async def mint_capability(request: web.Request) -> web.Response:
     max_bytes = settings.max_object_bytes if max_bytes is None else max_bytes
     verb_list = [v for v in VERBS if v in verbs]
     async with request.app[DB].begin() as conn:
-        tenant_id, _ = await target_tenant(conn, principal, wanted_tenant_id)
+        tenant_id, partner_id = await target_tenant(conn, principal, wanted_tenant_id)
+        # The gateway checked the caller's own tenant; a capability for another must find the module on there too.
+        # Capabilities already minted keep working until they expire (at most STORAGE_CAPABILITY_MAX_TTL_S): the
+        # object routes, on bunker_proxy too, read neither database nor Redis.
+        await request.app[MODULE_GATE].require("scaibunker", tenant_id, partner_id)
         expires_at_unix = int(time.time()) + ttl_s
         capability = Capability(new_id("cap"), tenant_id, prefix, verbs, max_bytes, expires_at_unix)
         token = capabilities.mint(settings.capability_secret, capability)

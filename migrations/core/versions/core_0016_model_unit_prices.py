@@ -1,15 +1,15 @@
 """Models: prices per image, per audio second and per million characters, for image and audio models.
 
-Revision ID: core_0017
-Revises: core_0009 (issue 15 assigns core_0016; the lead rechains)
+Revision ID: core_0016
+Revises: core_0015
 Create Date: 2027-01-15
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "core_0017"
-down_revision = "core_0016"
+revision = "core_0016"
+down_revision = "core_0015"
 branch_labels = None
 depends_on = None
 
