@@ -734,7 +734,7 @@ def test_audit_log_as_documented(grid: Grid) -> None:
 
 
 def test_cors_as_documented(grid: Grid, start_mode: Any, tmp_path: Path) -> None:
-    """CORS for the operator's origins (in flight on `modules`; the setting's name is CORS_ALLOWED_ORIGINS here)."""
+    """CORS for the operator's origins (CORS_ALLOWED_ORIGINS)."""
     env = {**grid.env, "HTTP_PORT": str(devstack.free_port()), "CORS_ALLOWED_ORIGINS": "https://app.example"}
     process = start_mode("http", env)
     url = f"http://127.0.0.1:{env['HTTP_PORT']}"
