@@ -691,7 +691,7 @@ def test_webhooks(grid: Grid) -> None:
 # --- modules, audit log, browsers ---
 
 def test_modules_as_documented(grid: Grid) -> None:
-    """GET /v1/modules, enable/disable per tenant, MODULE_NOT_ENABLED (in flight on `modules`)."""
+    """GET /v1/modules, enable/disable per tenant, MODULE_NOT_ENABLED."""
     _, [(_, tenant_admin)] = grid.team(grid.admin(), "tenant_admin")
     listing = call(grid.url, "GET", "/v1/modules", tenant_admin)
     assert listing.status == 200, listing.body
@@ -713,7 +713,7 @@ def test_modules_as_documented(grid: Grid) -> None:
 
 
 def test_audit_log_as_documented(grid: Grid) -> None:
-    """Every admin change recorded, GET /v1/audit-log and its export (in flight on `modules`)."""
+    """Every admin change recorded, GET /v1/audit-log and its export."""
     _, [(admin_id, tenant_admin)] = grid.team(grid.admin(), "tenant_admin")
     with httpx2.Client(base_url=grid.url, headers={"Authorization": f"Bearer {tenant_admin}",
                                                   "User-Agent": "parity-client/1.0"}) as client:
