@@ -120,7 +120,6 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
         "S3_ACCESS_KEY_ID": s3.access_key_id,
         "S3_SECRET_ACCESS_KEY": s3.secret_access_key,
         "S3_BUCKET": BUCKET,
-        **{key: value for key, value in overrides.items() if key != BASE_PORT_KEY},
         "APPLIANCE_USER": getpass.getuser(),
         "APPLIANCE_CONFIG_DIR": str(var / "etc"),
         "APPLIANCE_STATE_DIR": str(var / "lib"),
@@ -129,6 +128,9 @@ def write_config(var: Path, redis: devstack.Redis, s3: devstack.S3Server, mariad
         "APPLIANCE_VENV": sys.prefix,
         "SYSTEMD_UNIT_DIR": str(var / "etc" / "systemd"),
         "DATABASE_PORT": str(mariadb.port),
+        # Last, so they win: make run's operator cannot name MAKE_RUN_KEYS (`overrides` refuses them), while a test
+        # stack may (its appliance's own venv, for upgrade).
+        **{key: value for key, value in overrides.items() if key != BASE_PORT_KEY},
     }
     path = var / "appliance.env"
     lines = [f"# written by `make run` at every start from {var / LOCAL_ENV} and the environment: edit that file,",

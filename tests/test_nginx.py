@@ -32,7 +32,7 @@ from appliance.programs import NGINX
 from tests.appliance_stack import PORT_KEYS, ApplianceStack, devstack_client, start_stack
 from tests.backends import catalogue_toml
 from tests.nginx_upstreams import EchoSocket, ScheduledStream
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, eventually_async
 
 MiB = 1024 * 1024
 LIMIT_BYTES = 10 * MiB  # STORAGE_MAX_OBJECT_BYTES of this module's stack: small, so uploading past it is cheap
@@ -335,6 +335,13 @@ def stream_key(stack: ApplianceStack, scheduled: ScheduledStream, tmp_path_facto
     return key
 
 
+async def tls_closed(sock: Any, what: str) -> None:
+    """Waits until an aiohttp client's TLS socket is closed. Closing TLS ends with a shutdown exchange that finishes
+    after the session has closed; a test's event loop that ended first would leave the transport to be collected
+    open, an unraisable ResourceWarning failing a later test (what setup.cfg once filtered)."""
+    await eventually_async(lambda: sock.fileno() == -1, f"{what} closed", timeout_s=10)
+
+
 # The stream lasts sum(STREAM_GAPS_S) = 90 s: the default 120 s leaves too little for starting the stack when this
 # test runs first (alone, or with -k).
 @pytest.mark.timeout(sum(STREAM_GAPS_S) + 120)
@@ -347,11 +354,14 @@ async def test_a_90_second_stream_with_a_70_second_gap_is_relayed_unbuffered(sta
                              json={"model": STREAM_MODEL, "messages": [{"role": "user", "content": "hi"}],
                                    "stream": True}) as response):
         assert response.status == 200
+        assert response.connection is not None
+        sock = response.connection.transport.get_extra_info("socket")
         async for raw in response.content:
             line = raw.decode().strip()
             lines.append(line)
             if token := re.search(r'"content": "tok(\d+) "', line):
                 received_at[int(token[1])] = time.monotonic()
+    await tls_closed(sock, "the stream's TLS connection")
     # Every token came, in order, and the stream ended as the backend ended it: no error frame, no cut.
     assert list(received_at) == list(range(len(STREAM_GAPS_S) + 1))
     assert lines[-2:] == ["data: [DONE]", ""] and not [line for line in lines if line.startswith("event: error")]
@@ -398,3 +408,5 @@ async def test_websocket_upgrades_are_relayed(nginx_alone, path):
                 session.ws_connect(f"wss://127.0.0.1:{nginx_alone.config.https_port}{path}", ssl=context) as ws):
         await ws.send_str("hello")
         assert await asyncio.wait_for(ws.receive_str(), 10) == f"{path}: hello"
+        sock = ws.get_extra_info("socket")
+    await tls_closed(sock, "the websocket's TLS connection")
