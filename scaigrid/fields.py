@@ -106,6 +106,18 @@ def naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
 
 
+def query_time(params: Mapping[str, str], name: str, problems: list[FieldError]) -> datetime | None:
+    """An ISO 8601 query parameter as naive UTC (as stored; without a zone it is UTC), or None when absent; a bad value
+    is added to `problems`."""
+    if name not in params:
+        return None
+    try:
+        return naive_utc(datetime.fromisoformat(params[name]))
+    except (ValueError, OverflowError):
+        problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
+        return None
+
+
 class Fields:
     """Typed fields read off one JSON object, each problem collected (as `prefix` + field name) until `done()`.
 

@@ -5,11 +5,7 @@ simply not there for it (404 for a single object, absent from listings).
 """
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
-import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -44,11 +40,9 @@ from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
-from scaigrid.envelope import PAGE, listing, ok, page
+from scaigrid.envelope import PAGE, download, listing, ok, page
 from scaigrid.errors import FieldError
-from scaigrid.fields import Fields, decimal_text, naive_utc
-
-logger = logging.getLogger(__name__)
+from scaigrid.fields import Fields, decimal_text, query_time
 
 USAGE_PAGE_DEFAULT = 100
 USAGE_PAGE_MAX = 1000
@@ -81,7 +75,7 @@ def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
         query = query.where(false())
     params = request.query
     problems: list[FieldError] = []
-    start, end = _time_param(params, "start", problems), _time_param(params, "end", problems)
+    start, end = query_time(params, "start", problems), query_time(params, "end", problems)
     if "period" in params and params["period"] not in USAGE_PERIODS:
         problems.append(FieldError("period", "one of " + ", ".join(USAGE_PERIODS)))
     if problems:
@@ -96,17 +90,6 @@ def _usage_query(request: web.Request, principal: Principal, query: Any) -> Any:
         if name in params:
             query = query.where(column == params[name])
     return query
-
-
-def _time_param(params: Mapping[str, str], name: str, problems: list[FieldError]) -> datetime | None:
-    """An ISO 8601 query parameter as naive UTC (as stored); without a zone it is UTC."""
-    if name not in params:
-        return None
-    try:
-        return naive_utc(datetime.fromisoformat(params[name]))
-    except (ValueError, OverflowError):
-        problems.append(FieldError(name, "expected an ISO 8601 time, e.g. 2030-01-31T12:00:00Z"))
-        return None
 
 
 USAGE_FIELDS = ("id", "request_id", "created_at", "partner_id", "tenant_id", "user_id", "api_key_id", "model",
@@ -163,8 +146,6 @@ async def usage_summary(request: web.Request) -> web.Response:
     return ok({"group_by": group_by, "period": request.query.get("period"), "items": items, "total": total})
 
 
-EXPORT_FORMATS = {"csv": ("text/csv; charset=utf-8", "csv"), "json": ("application/json", "json"),
-                  "ndjson": ("application/x-ndjson", "ndjson")}
 EXPORT_PAGE = 1000  # rows read from MariaDB at a time: an export never holds more in memory
 
 
@@ -172,52 +153,13 @@ EXPORT_PAGE = 1000  # rows read from MariaDB at a time: an export never holds mo
 async def export_usage(request: web.Request) -> web.StreamResponse:
     """Every usage record the caller sees under the /usage filters, oldest first, as a download (?format=csv, json or
     ndjson), read from MariaDB a page at a time while it is sent."""
-    principal = request[PRINCIPAL]
-    export_format = request.query.get("format", "csv")
-    if export_format not in EXPORT_FORMATS:
-        raise errors.validation_error([FieldError("format", "one of " + ", ".join(EXPORT_FORMATS))],
-                                      "invalid query parameters")
-    query = _usage_query(request, principal, select(usage_records))  # validates the filters before anything is sent
-    content_type, extension = EXPORT_FORMATS[export_format]
-    response = web.StreamResponse(headers={
-        "Content-Type": content_type, "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="usage-{utc_now():%Y%m%dT%H%M%SZ}.{extension}"'})
-    await response.prepare(request)
-    try:
-        if export_format == "csv":
-            await response.write(_csv_line(USAGE_FIELDS))
-        elif export_format == "json":
-            await response.write(b"[")
-        first = True
+    query = _usage_query(request, request[PRINCIPAL], select(usage_records))  # checks the filters before any byte
+
+    async def batches() -> AsyncIterator[list[dict[str, Any]]]:
         async for rows in _usage_pages(request, query):
-            chunk = io.StringIO()
-            for row in rows:
-                item = _usage_json(row)
-                if export_format == "csv":
-                    chunk.write(_csv_line([item[name] for name in USAGE_FIELDS]).decode())
-                else:
-                    chunk.write(("" if first or export_format == "ndjson" else ",") + json.dumps(item)
-                                + ("\n" if export_format == "ndjson" else ""))
-                first = False
-            await response.write(chunk.getvalue().encode())
-        if export_format == "json":
-            await response.write(b"]")
-    except ConnectionError:
-        return response  # the client left
-    except Exception:
-        # The headers are sent: cut the connection, so the download is visibly short rather than seemingly whole.
-        logger.exception("usage export cut", extra={"event": "usage_export_cut"})
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+            yield [_usage_json(row) for row in rows]
 
-
-def _csv_line(values: Sequence[Any]) -> bytes:
-    line = io.StringIO()
-    csv.writer(line).writerow(["" if value is None else value for value in values])
-    return line.getvalue().encode()
+    return await download(request, "usage", USAGE_FIELDS, batches())
 
 
 async def _usage_pages(request: web.Request, query: Any) -> AsyncIterator[Sequence[RowMapping]]:
