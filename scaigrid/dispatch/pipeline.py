@@ -106,6 +106,25 @@ def _token_count(value: Any) -> int:
     return min(max(value, 0), MAX_TOKENS)
 
 
+
+@contextlib.asynccontextmanager
+async def _attempting(backend: Backend, exchange: Exchange) -> AsyncIterator[None]:
+    """One call to a backend that answers whole (or up to its answer's start): counted in flight, bounded by the
+    backend's timeout, its client errors and timeout as the Failures that decide failover."""
+    inflight = metrics.backend_inflight(backend.id)
+    inflight.inc()
+    waited_from = time.perf_counter()
+    try:
+        async with asyncio.timeout(backend.timeout_s):
+            yield
+    except aiohttp.ClientError as exc:
+        raise _client_error(exc) from None
+    except TimeoutError:
+        raise Failure("timeout", f"no answer within {backend.timeout_s:g} s") from None
+    finally:
+        inflight.dec()
+        exchange.upstream_s += time.perf_counter() - waited_from
+
 class Dispatcher:
     """One per process: the transports (one per kind of backend), the catalogue, the breakers, and the request
     pipeline."""
@@ -266,19 +285,8 @@ class Dispatcher:
 
     async def _call_one(self, exchange: Exchange, backend: Backend, payload: dict[str, Any],
                         embeddings: bool) -> bytes:
-        inflight = metrics.backend_inflight(backend.id)
-        inflight.inc()
-        waited_from = time.perf_counter()
-        try:
-            async with asyncio.timeout(backend.timeout_s):
-                body = await self._transport(backend).fetch(backend, payload, exchange.request, embeddings)
-        except aiohttp.ClientError as exc:
-            raise _client_error(exc) from None
-        except TimeoutError:
-            raise Failure("timeout", f"no answer within {backend.timeout_s:g} s") from None
-        finally:
-            inflight.dec()
-            exchange.upstream_s += time.perf_counter() - waited_from
+        async with _attempting(backend, exchange):
+            body = await self._transport(backend).fetch(backend, payload, exchange.request, embeddings)
         try:
             answer = json.loads(body)
         except ValueError:
@@ -297,19 +305,8 @@ class Dispatcher:
         async def one(backend: Backend) -> T:
             transport = self._transport(backend)
             assert isinstance(transport, HttpTransport)  # the others lack MEDIA, so are never chosen
-            inflight = metrics.backend_inflight(backend.id)
-            inflight.inc()
-            waited_from = time.perf_counter()
-            try:
-                async with asyncio.timeout(backend.timeout_s):
-                    result = await attempt(transport, backend)
-            except aiohttp.ClientError as exc:
-                raise _client_error(exc) from None
-            except TimeoutError:
-                raise Failure("timeout", f"no answer within {backend.timeout_s:g} s") from None
-            finally:
-                inflight.dec()
-                exchange.upstream_s += time.perf_counter() - waited_from
+            async with _attempting(backend, exchange):
+                result = await attempt(transport, backend)
             await self._succeeded(backend)
             return result
 
