@@ -23,7 +23,6 @@ from scaigrid.dispatch.transport import (
     ERROR_BODY_MAX_BYTES,
     MEDIA,
     HttpTransport,
-    check_event_stream,
     status_failure,
 )
 from scaigrid.routing.catalogue import Backend
@@ -334,24 +333,11 @@ class AnthropicTransport(HttpTransport):
 
     async def open(self, backend: Backend, payload: dict[str, Any], request: web.Request) -> MessageStream:
         body = json.dumps(messages_request(payload, backend.model, stream=True), separators=(",", ":")).encode()
-        response = await self._session_for(backend).post(
-            backend.chat_url, data=body, headers=self.headers(backend, request), allow_redirects=False)
-        try:
-            if response.status != 200:
-                raise await self._status_failure(response)
-            check_event_stream(response.headers.get("Content-Type", ""))
-        except BaseException:
-            response.close()
-            raise
-        return MessageStream(response)
+        return MessageStream(await self._open_stream(backend, body, request))
 
     async def fetch(self, backend: Backend, payload: dict[str, Any], request: web.Request, embeddings: bool) -> bytes:
         body = json.dumps(messages_request(payload, backend.model, stream=False), separators=(",", ":")).encode()
-        async with self._session_for(backend).post(backend.chat_url, data=body, headers=self.headers(backend, request),
-                                                   allow_redirects=False) as response:
-            if response.status != 200:
-                raise await self._status_failure(response)
-            return chat_completion(await response.read())
+        return chat_completion(await self._fetch_body(backend, backend.chat_url, body, request))
 
     async def _status_failure(self, response: aiohttp.ClientResponse) -> Failure:
         if response.status != OVERLOADED_STATUS:

@@ -175,9 +175,16 @@ class HttpTransport:
         return self._guarded
 
     async def open(self, backend: Backend, payload: dict[str, Any], request: web.Request) -> Upstream:
+        return HttpStream(await self._open_stream(backend, upstream_body(payload, backend.model), request))
+
+    async def fetch(self, backend: Backend, payload: dict[str, Any], request: web.Request, embeddings: bool) -> bytes:
+        url = backend.embeddings_url if embeddings else backend.chat_url
+        return await self._fetch_body(backend, url, upstream_body(payload, backend.model), request)
+
+    async def _open_stream(self, backend: Backend, body: bytes, request: web.Request) -> aiohttp.ClientResponse:
+        """POSTs `body` to the backend's chat URL; the response, open, once it is a 200 event stream."""
         response = await self._session_for(backend).post(
-            backend.chat_url, data=upstream_body(payload, backend.model), headers=self.headers(backend, request),
-            allow_redirects=False)
+            backend.chat_url, data=body, headers=self.headers(backend, request), allow_redirects=False)
         try:
             if response.status != 200:
                 raise await self._status_failure(response)
@@ -185,12 +192,11 @@ class HttpTransport:
         except BaseException:
             response.close()
             raise
-        return HttpStream(response)
+        return response
 
-    async def fetch(self, backend: Backend, payload: dict[str, Any], request: web.Request, embeddings: bool) -> bytes:
-        url = backend.embeddings_url if embeddings else backend.chat_url
-        async with self._session_for(backend).post(url, data=upstream_body(payload, backend.model),
-                                                   headers=self.headers(backend, request),
+    async def _fetch_body(self, backend: Backend, url: URL, body: bytes, request: web.Request) -> bytes:
+        """POSTs `body` to `url`; the whole answer of a 200."""
+        async with self._session_for(backend).post(url, data=body, headers=self.headers(backend, request),
                                                    allow_redirects=False) as response:
             if response.status != 200:
                 raise await self._status_failure(response)
