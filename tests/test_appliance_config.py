@@ -356,7 +356,7 @@ def test_each_http_and_worker_process_gets_its_own_port_upstream_server_and_scra
         ["18100"], ["18101"], ["18102"], ["19200"], ["19201"]]
     nginx = files["nginx"].read_text()
     upstream = nginx.split("upstream scaigrid_http {")[1].split("}")[0]
-    assert re.findall(r"server 127\.0\.0\.1:(\d+);", upstream) == ["18100", "18101", "18102"]
+    assert re.findall(r"server 127\.0\.0\.1:(\d+) max_fails=0;", upstream) == ["18100", "18101", "18102"]
     assert "least_conn;" in upstream and "keepalive" in upstream
     for name, port in (("http_2", 18101), ("worker_2", 19201)):
         assert f"location = /metrics/{name} {{" in nginx
