@@ -189,13 +189,21 @@ def test_render_then_restart_puts_the_new_config_in_force_stopping_nginx_after_t
 
 
 def test_a_restarted_event_listener_reports_the_running_programs_at_once(appliance_stack: ApplianceStack):
-    assert appliance_stack.cli("restart", "events").returncode == 0
+    states_file = appliance_stack.config.program_states_file
+    assert appliance_stack.cli("stop", "events").returncode == 0
+    # A process an older config ran (one `http` before HTTP_PROCESSES) is on record, and no longer runs.
+    recorded = json.loads(states_file.read_text())
+    states_file.write_text(json.dumps({**recorded, "http": {"state": "RUNNING", "fatal_count": 0,
+                                                            "last_fatal_at": None}}))
+    assert appliance_stack.cli("start", "events").returncode == 0
 
     running = samples(appliance_stack.get("/metrics/events")[1].decode(), "scaigrid_appliance_program_running")
 
     # Running and stable, they send the new listener no event: it asked supervisord for their states on start.
     quiet = [*SCAIGRID_PROGRAMS, "nginx"]
     assert {name: running.get(name) for name in quiet} == dict.fromkeys(quiet, 1.0)
+    # What supervisord no longer runs is forgotten: no `running 0` left to alert on.
+    assert "http" not in running and "http" not in json.loads(states_file.read_text())
 
 
 def test_an_unknown_program_is_refused_with_the_list_of_programs(appliance_stack: ApplianceStack):
