@@ -87,11 +87,6 @@ class Process:
     name: str  # supervisord's process name, its log's name and its scrape target's
     index: int
 
-    @property
-    def namespec(self) -> str:
-        """supervisord's name for it: group:process (every program is a group, of one process or more)."""
-        return f"{self.program.name}:{self.name}"
-
 
 def http_ok(url: str, *, verify_tls: bool = False) -> bool:
     context = ssl.create_default_context()
