@@ -6,6 +6,7 @@ boot brought up, then restart, a killed program, and stop, each leaving the appl
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,10 @@ APPLIANCE = "/opt/scaigrid/venv/bin/scaigrid-appliance"
 SECRETS_DIR = "/etc/scaigrid/secrets"
 SUPERVISORD_LOG = "/var/log/scaigrid/supervisord.log"
 UNITS = ("scaigrid.target", "scaigrid-firstboot.service", "scaigrid-migrate.service", "scaigrid-appliance.service")
-# Without an S3 in the container storage stays off: bunker_proxy is not rendered.
-PROGRAMS = {"http", "grpc", "worker", "nginx", "events"}
+# Without an S3 in the container storage stays off: bunker_proxy is not rendered. The image's default runs one http
+# process per CPU: the container's processes inherit this one's CPU affinity (nspawn sets none of its own).
+HTTP_PROCESSES = [f"http_{i + 1}" for i in range(len(os.sched_getaffinity(0)))]
+PROGRAMS = {*HTTP_PROCESSES, "grpc", "worker_1", "nginx", "events"}
 BOOT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 120
 POLL_S = 0.5  # each poll runs a command in the container
@@ -195,20 +198,20 @@ def test_restart_migrates_again_and_brings_every_program_back(machine: rootfs.Ma
 
 
 def test_a_killed_program_is_restarted_by_supervisord(machine: rootfs.Machine) -> None:
-    pid = programs(machine)["http"]["pid"]
+    pid = programs(machine)["http_1"]["pid"]
     log_offset = log_size(machine, SUPERVISORD_LOG)
     machine.run("kill", "-KILL", str(pid))
-    eventually(lambda: healthy(machine) and programs(machine)["http"]["pid"] != pid, "http restarted", READY_TIMEOUT_S,
-               interval_s=POLL_S)
+    eventually(lambda: healthy(machine) and programs(machine)["http_1"]["pid"] != pid, "http_1 restarted",
+               READY_TIMEOUT_S, interval_s=POLL_S)
     log = log_since(machine, SUPERVISORD_LOG, log_offset)
-    assert "exited: http (terminated by SIGKILL; not expected)" in log, log
-    assert programs(machine)["http"]["fatal_count"] == 0
+    assert "exited: http_1 (terminated by SIGKILL; not expected)" in log, log
+    assert programs(machine)["http_1"]["fatal_count"] == 0
     assert ready_through_nginx(machine)
 
 
 def test_stop_drains_every_program_and_leaves_the_unit_inactive(machine: rootfs.Machine) -> None:
     log_offset = log_size(machine, SUPERVISORD_LOG)
-    http_log_offset = log_size(machine, "/var/log/scaigrid/http.log")
+    http_log_offset = log_size(machine, "/var/log/scaigrid/http_1.log")
     machine.run("systemctl", "stop", "scaigrid-appliance.service", timeout_s=READY_TIMEOUT_S)
     stopped = unit(machine, "scaigrid-appliance.service")
     assert (stopped["ActiveState"], stopped["Result"]) == ("inactive", "success")
@@ -216,7 +219,7 @@ def test_stop_drains_every_program_and_leaves_the_unit_inactive(machine: rootfs.
     for name in PROGRAMS - {"events"}:
         assert f"stopped: {name} (exit status 0)" in log, log
     assert "SIGKILL" not in log, log
-    assert "drained:" in log_since(machine, "/var/log/scaigrid/http.log", http_log_offset)
+    assert "drained:" in log_since(machine, "/var/log/scaigrid/http_1.log", http_log_offset)
     # Nothing of the appliance outlives its unit, and supervisord's socket went with it.
     assert machine.run("pgrep", "-f", "supervisord|scaigrid run|nginx", check=False).returncode == 1
     assert machine.run("test", "-e", "/run/scaigrid/supervisor.sock", check=False).returncode == 1

@@ -343,16 +343,17 @@ def test_support_bundle_has_configs_logs_versions_status_and_no_secret(stack: Ap
     assert content[f"{config_dir}/nginx.conf"] == nginx_conf  # the real file: it holds no secret
     assert f"{config_dir}/supervisord.conf" in content and "files" + str(stack.appliance.path) in content
     assert b"\nDATABASE_URL=<redacted>\n" in content[f"{config_dir}/scaigrid.env"]
-    for program in ("http", "grpc", "worker", "bunker_proxy", "nginx", "supervisord"):
-        assert content[f"logs/{program}.log"], program
-    first_http_line = content["logs/http.log"].decode().splitlines()[0]
-    assert first_http_line in (stack.config.log_dir / "http.log").read_text()
+    for process in ("http_1", "http_2", "grpc", "worker_1", "worker_2", "bunker_proxy", "nginx", "supervisord"):
+        assert content[f"logs/{process}.log"], process
+    first_http_line = content["logs/http_2.log"].decode().splitlines()[0]
+    assert first_http_line in (stack.config.log_dir / "http_2.log").read_text()
     versions = content["versions.txt"].decode()
     for expected in (f"scaigrid: {BASE_VERSION}", "nginx: nginx version: nginx/", "supervisord: 4.",
                      "mariadb server: 10."):
         assert expected in versions, versions
     status = json.loads(content["status.json"])
-    assert status["running"] and {"http", "grpc", "worker", "nginx"} <= {p["name"] for p in status["programs"]}
+    assert status["running"] and {"http_1", "http_2", "grpc", "worker_1", "nginx"} <= {
+        p["name"] for p in status["programs"]}
 
     leaked = [(name, secret) for secret, value in secret_values(stack).items()
               for name, data in content.items() if value.encode() in data or quote(value, safe="").encode() in data]
@@ -429,7 +430,7 @@ def test_a_failed_upgrade_rolls_back_to_the_previous_wheel_and_database(stack: A
     current = (stack.config.wheels_dir / "current").resolve()
     result, written = upgrade_while_writing(stack, wheels[BAD_VERSION], timeout_s=340)
     assert result.returncode == 4, result.stdout + result.stderr
-    assert re.search(r"not healthy: http (is FATAL|keeps exiting)", result.stdout), result.stdout
+    assert re.search(r"not healthy: http_\d (is FATAL|keeps exiting)", result.stdout), result.stdout
     assert f"upgrade to {BAD_VERSION} failed" in result.stderr and f"rolled back to {before}" in result.stderr
     assert "restoring the database from the backup" in result.stdout
     assert installed_version(stack) == before

@@ -250,12 +250,12 @@ def test_usage_on_the_node_reaches_the_managed_side_exactly_once_despite_kills_a
     serve(4)
     link_pid = kill_program(hybrid.node, "link")
     serve(4)
-    worker_pid = kill_program(hybrid.node, "worker")
+    worker_pid = kill_program(hybrid.node, "worker_1")
     hybrid.a.supervisor.stop("grpc")
     try:
         serve(4)
         link_eventually(lambda: restarted(hybrid.node, "link", link_pid)
-                        and restarted(hybrid.node, "worker", worker_pid),
+                        and restarted(hybrid.node, "worker_1", worker_pid),
                         "supervisord restarting the node's link and worker")
         # The node's own books are complete while the managed side is away: usage waits in the outbox.
         link_eventually(lambda: len(usage(hybrid, "node", ids)) == len(ids), "the node's usage flushed")
