@@ -267,7 +267,7 @@ OWNED_SETTINGS = ("SCAIGRID_MODE", "BIND_HOST", "DATABASE_URL", "JWT_SIGNING_SEC
 # The node's end of the hybrid link comes from the link file, written by `link enroll` and `link rotate`.
 LINK_FILE = "link.json"
 LINK_OWNED_SETTINGS = ("HYBRID_MANAGED_URL", "HYBRID_LINK_TARGET", "HYBRID_NODE_ID", "HYBRID_NODE_CREDENTIAL",
-                       "HYBRID_CA_FILE")
+                       "HYBRID_CA_FILE", "HYBRID_TUNNEL_HTTP_PORTS")
 GARAGE_OWNED_SETTINGS = ("S3_ENDPOINT_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
 # The appliance's defaults where ScaiGrid's do not fit: its own Redis; and the http and worker processes' ports, which
 # run from HTTP_PORT and WORKER_METRICS_PORT upwards, one per process, moved where a range has room (ScaiGrid's own
@@ -309,6 +309,12 @@ class Appliance:
                     "HYBRID_NODE_CREDENTIAL": link["credential"]}
             if link["ca_file"] is not None:
                 env["HYBRID_CA_FILE"] = link["ca_file"]
+            try:  # a bad HTTP_PORT is reported by the settings' own check; the link then gets nothing to spread over
+                first = parse_port(env["HTTP_PORT"])
+            except ValueError:
+                pass
+            else:  # the link hands tunnels to every http process, not to the first alone
+                env["HYBRID_TUNNEL_HTTP_PORTS"] = ",".join(str(first + i) for i in range(c.http_process_count))
         return env
 
     def settings(self, secret_values: Mapping[str, str] | None = None) -> Settings:

@@ -82,6 +82,13 @@ def parse_port(raw: str) -> int:
     return int(raw)
 
 
+def _ports(raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_port(item.strip()) for item in raw.split(","))
+    except ValueError:
+        raise ValueError("comma-separated port numbers 1-65535, like 8100,8101") from None
+
+
 def _positive_float(raw: str) -> float:
     try:
         value = float(raw)
@@ -412,6 +419,11 @@ class HybridSettings:
     ca_file: str | None = setting(
         "HYBRID_CA_FILE", _str,
         help="node: CA bundle that signs the managed side's certificate; unset = the system CAs")
+    tunnel_http_ports: tuple[int, ...] | None = setting(
+        "HYBRID_TUNNEL_HTTP_PORTS", _ports,
+        help="node: the ports of this host's http processes, comma-separated, that the link hands tunnelled requests "
+        "to in turn (a refused connection moves on to the next); unset = `HTTP_PORT`. The appliance renders one per "
+        "http process (refused in `appliance.env`)")
     backoff_max_s: float = setting(
         "HYBRID_BACKOFF_MAX_S", _positive_float, 60.0,
         "node: longest wait between reconnection attempts (exponential from 0.5 s, full jitter)")

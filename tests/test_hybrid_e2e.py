@@ -201,6 +201,30 @@ def test_a_tunnelled_stream_asked_of_the_other_replica_comes_from_the_node_and_a
     assert held.gone.wait(20), "the node's backend never saw the client go"
 
 
+def served_by(stack: ApplianceStack, process: str) -> float:
+    """How many requests one http process of the stack has answered, from its own /metrics."""
+    status, body = stack.get(f"/metrics/{process}")
+    assert status == 200, body
+    return sum(float(value) for value in re.findall(r"^scaigrid_requests_total\{.*\} (\S+)$", body.decode(),
+                                                     re.MULTILINE))
+
+
+def test_tunnels_reach_every_http_process_of_the_node_and_pass_over_a_stopped_one(hybrid: Hybrid, acme: Tenant):
+    tunnel_route(hybrid, "onprem/spread", "site/chat")
+    link_eventually(lambda: stream_text(hybrid.a, acme.key, "onprem/spread"), "the tunnel serving")
+    before = {process: served_by(hybrid.node, process) for process in ("http_1", "http_2")}
+    for _ in range(4):
+        assert stream_text(hybrid.a, acme.key, "onprem/spread") == STREAM_TEXT
+    assert all(served_by(hybrid.node, process) > before[process] for process in before), "one process got none"
+
+    assert hybrid.node.cli("stop", "http_1").returncode == 0
+    try:
+        for _ in range(4):  # each in turn would have gone to http_1 every other time
+            assert stream_text(hybrid.a, acme.key, "onprem/spread") == STREAM_TEXT
+    finally:
+        assert hybrid.node.cli("start", "http_1").returncode == 0
+
+
 def test_the_node_rides_out_a_crash_an_outage_and_a_silence_of_the_managed_side(hybrid: Hybrid, acme: Tenant):
     reconnects = metric(hybrid.node, "scaigrid_link_reconnects_total")
     pid = kill_program(hybrid.a, "grpc")

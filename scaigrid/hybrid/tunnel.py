@@ -2,9 +2,10 @@
 link as frames, never beyond the credit the managed side grants, sharing the link fairly with every other tunnel."""
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -133,12 +134,12 @@ class FairSender:
             await self._write(message)
 
 
-def local_base_url(settings: Settings) -> str:
-    """The node's own http process, as the link process on the same host reaches it."""
+def local_base_urls(settings: Settings) -> list[str]:
+    """The node's own http processes, as the link process on the same host reaches them."""
     host = settings.server.bind_host
     # A wildcard bind listens on loopback too; a wildcard is no address to connect to.
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
-    return f"http://{host}:{settings.server.http_port}"
+    return [f"http://{host}:{port}" for port in settings.hybrid.tunnel_http_ports or (settings.server.http_port,)]
 
 
 def _head(tunnel_id: str, response: aiohttp.ClientResponse) -> link_pb2.TunnelFrame:
@@ -164,7 +165,8 @@ class NodeTunnels:
     def __init__(self, settings: Settings, sender: FairSender, http: aiohttp.ClientSession) -> None:
         assert settings.auth.service_token_secret is not None  # the link mode requires it
         self._secret = settings.auth.service_token_secret
-        self._base_url = local_base_url(settings)
+        self._base_urls = local_base_urls(settings)
+        self._turn = 0
         self._sender = sender
         self._http = http
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -220,6 +222,25 @@ class NodeTunnels:
         await self._sender.put(tunnel_id, _end(tunnel_id, error_code, message))
         await self._sender.flushed(tunnel_id)
 
+    @contextlib.asynccontextmanager
+    async def _local_request(self, request: link_pb2.TunnelRequest,
+                             headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The request made of the http processes in turn; one that refuses the connection (restarting, say) passes it
+        to the next, which is safe because nothing reached the refusing one."""
+        self._turn += 1
+        for attempt in range(len(self._base_urls)):
+            base_url = self._base_urls[(self._turn + attempt) % len(self._base_urls)]
+            try:
+                response = await self._http.request(request.method or "POST", base_url + request.path,
+                                                    headers=headers, data=request.body)
+            except aiohttp.ClientConnectorError:
+                if attempt == len(self._base_urls) - 1:
+                    raise
+                continue
+            async with response:
+                yield response
+            return
+
     async def _run(self, request: link_pb2.TunnelRequest) -> None:
         tunnel_id = request.tunnel_id
         if not allowed_path(request.path):
@@ -236,8 +257,7 @@ class NodeTunnels:
         put = self._sender.put
         headed = False
         try:
-            async with self._http.request(request.method or "POST", self._base_url + request.path, headers=headers,
-                                          data=request.body) as response:
+            async with self._local_request(request, headers) as response:
                 await put(tunnel_id, _head(tunnel_id, response))
                 headed = True
                 async for chunk in response.content.iter_chunked(FRAME_MAX_BYTES):
