@@ -6,7 +6,8 @@
 #
 # Stages (default: all, in this order; --stages picks some):
 #   packages  Debian packages; Debian's own nginx.service and supervisor.service are disabled
-#             (supervisord runs nginx under scaigrid-appliance.service); mariadb and redis stay enabled
+#             (supervisord runs nginx under scaigrid-appliance.service); mariadb and redis stay enabled;
+#             MariaDB's max_connections raised to 1000 (a pool per http process)
 #   user      system user and group scaigrid, /etc/scaigrid, /var/lib/scaigrid, /var/log/scaigrid
 #   install   /opt/scaigrid/venv with the wheel given by --wheel; a copy is kept in /opt/scaigrid/wheels/
 #   units     systemd/*.service and *.target into /etc/systemd/system, scaigrid.target enabled
@@ -132,6 +133,15 @@ stage_packages() {
             report "enabled $unit"
         fi
     done
+    # Each http process (one per CPU) keeps a pool of DATABASE_POOL_SIZE connections and as many again in bursts:
+    # MariaDB's default of 151 connections is too few for a large VM.
+    local cnf=/etc/mysql/mariadb.conf.d/60-scaigrid.cnf
+    local wanted=$'# written by scaigrid provision.sh\n[mysqld]\nmax_connections = 1000\n'
+    if ! printf '%s' "$wanted" | cmp -s - "$cnf"; then
+        printf '%s' "$wanted" >"$cnf"
+        report "$cnf: max_connections 1000"
+        if systemd_running && systemctl is-active --quiet mariadb.service; then systemctl restart mariadb.service; fi
+    fi
 }
 
 stage_user() {

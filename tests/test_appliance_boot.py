@@ -179,6 +179,12 @@ def test_every_program_is_running_and_ready(machine: rootfs.Machine) -> None:
     assert ready_through_nginx(machine)
 
 
+def test_mariadb_takes_a_pool_of_connections_for_every_http_process(machine: rootfs.Machine) -> None:
+    """One pool per http process, one process per CPU: Debian's 151 connections would not do on a large VM."""
+    answer = machine.run("mariadb", "--batch", "--skip-column-names", "-e", "SELECT @@max_connections").stdout
+    assert int(answer) == 1000
+
+
 def test_restart_migrates_again_and_brings_every_program_back(machine: rootfs.Machine) -> None:
     before = unit(machine, "scaigrid-appliance.service")
     migrate_before = unit(machine, "scaigrid-migrate.service")["InvocationID"]
