@@ -231,7 +231,7 @@ class Accounting:
         for (_, _, answer), admitted in zip(admits, answers[len(writes):], strict=True):
             if not answer.done():
                 answer.set_result(admitted)
-        for (_, _, budgets, periods), crossed in zip(writes, answers, strict=True):
+        for (_, _, budgets, periods), crossed in zip(writes, answers[:len(writes)], strict=True):
             for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):
                 self._budget_crossed(BudgetEvent(budgets[index - 1], threshold.decode(), periods[index - 1]))
 
