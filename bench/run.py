@@ -544,10 +544,12 @@ def throughput_rounds(floor: Target, gateway: Target, args: argparse.Namespace, 
         say(f"round {round_number}: floor {1000 / cpu_ms['floor']:.0f} req/CPU-s, gateway "
             f"{1000 / cpu_ms['gateway']:.0f} req/CPU-s, ratio {100 * ratios[-1]:.1f}%")
     say(f"median ratio over {len(ratios)} round(s): {100 * sorted(ratios)[len(ratios) // 2]:.1f}%")
-    if args.profile:
-        say(f"profiling the http process with py-spy for {args.profile_s} s under c=32")
-        summary = profile(gateway.pid, gateway, args.profile_s, logs / "profile.txt", logs / "profile.svg")
-        print("\n".join(summary), flush=True)
+    if args.profile:  # the floor's too: what aiohttp costs per request without the gateway, to compare
+        for target in (floor, gateway):
+            say(f"profiling the {target.name} with py-spy for {args.profile_s} s under c=32")
+            summary = profile(target.pid, target, args.profile_s, logs / f"profile-{target.name}.txt",
+                              logs / f"profile-{target.name}.svg")
+            print("\n".join(summary), flush=True)
 
 
 def memory_phase(target: Target, pid: int, sent: int, mariadb: devstack.MariaDB, total: int,
