@@ -528,21 +528,24 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def throughput_rounds(floor: Target, gateway: Target, args: argparse.Namespace, logs: Path) -> None:
-    """--throughput-only: phase (a) for the floor and the gateway, alternated `--rounds` times, each round's ratio
-    printed (to judge one change against another; RESULTS.md is left alone), then py-spy if `--profile`."""
+    """--throughput-only: phase (a) for the floor and the gateway (and the p50 at c=1), alternated `--rounds` times,
+    each round's ratio printed (to judge one change against another; RESULTS.md is left alone), then py-spy if
+    `--profile`."""
     ratios = []
     for round_number in range(1, args.rounds + 1):
-        cpu_ms = {}
+        cpu_ms, p50_ms = {}, {}
         for target in (floor, gateway):
             wrk(target, 32, 2)
             before_s = cpu_s(target.pid)
             stats = wrk(target, 32, args.duration_s)
             cpu_ms[target.name] = 1000 * (cpu_s(target.pid) - before_s) / stats["requests"]
+            p50_ms[target.name] = wrk(target, 1, args.duration_s / 2)["p50_us"] / 1000
             if stats["errors"]:
                 say(f"{target.name}: {stats['errors']:.0f} errors of {stats['requests']:.0f}")
         ratios.append(cpu_ms["floor"] / cpu_ms["gateway"])
         say(f"round {round_number}: floor {1000 / cpu_ms['floor']:.0f} req/CPU-s, gateway "
-            f"{1000 / cpu_ms['gateway']:.0f} req/CPU-s, ratio {100 * ratios[-1]:.1f}%")
+            f"{1000 / cpu_ms['gateway']:.0f} req/CPU-s, ratio {100 * ratios[-1]:.1f}%; c=1 p50 floor "
+            f"{p50_ms['floor']:.2f} ms, gateway {p50_ms['gateway']:.2f} ms")
     say(f"median ratio over {len(ratios)} round(s): {100 * sorted(ratios)[len(ratios) // 2]:.1f}%")
     if args.profile:  # the floor's too: what aiohttp costs per request without the gateway, to compare
         for target in (floor, gateway):
