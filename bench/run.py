@@ -539,7 +539,7 @@ def throughput_rounds(floor: Target, gateway: Target, args: argparse.Namespace, 
             before_s = cpu_s(target.pid)
             stats = wrk(target, 32, args.duration_s)
             cpu_ms[target.name] = 1000 * (cpu_s(target.pid) - before_s) / stats["requests"]
-            p50_ms[target.name] = wrk(target, 1, args.duration_s / 2)["p50_us"] / 1000
+            p50_ms[target.name] = wrk(target, 1, max(1, args.duration_s // 2))["p50_us"] / 1000
             if stats["errors"]:
                 say(f"{target.name}: {stats['errors']:.0f} errors of {stats['requests']:.0f}")
         ratios.append(cpu_ms["floor"] / cpu_ms["gateway"])
