@@ -303,14 +303,14 @@ async def streams(target: Target, count: int) -> dict[str, float]:
 
 # --- profile ---
 
-def profile(pid: int, target: Target, duration_s: int, raw_path: Path) -> list[str]:
+def profile(pid: int, target: Target, duration_s: int, raw_path: Path, svg_path: Path = PROFILE_SVG) -> list[str]:
     """py-spy (non-blocking, on the load core) on the http process under c=32 load; returns a summary."""
     py_spy = str(Path(sys.executable).with_name("py-spy"))
     common = ["--pid", str(pid), "--duration", str(duration_s), "--rate", "200", "--nonblocking"]
     recorders = [
         subprocess.Popen([py_spy, "record", *common, "--format", "raw", "-o", str(raw_path)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
-        subprocess.Popen([py_spy, "record", *common, "-o", str(PROFILE_SVG)],
+        subprocess.Popen([py_spy, "record", *common, "-o", str(svg_path)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
     ]
     time.sleep(1)  # let py-spy attach before the load starts
@@ -503,6 +503,11 @@ def run(args: argparse.Namespace) -> Results:
                     procs.start(f"spin-{core}", ["chrt", "--idle", "0", sys.executable, "-c", "while True: pass"],
                                 env, core)
             gateway = start_gateway(procs, env, mariadb, database, mock_port, base, results)
+            if args.throughput_only:
+                if gateway is None:
+                    raise SystemExit(f"gateway not measured: {results.notes}")
+                throughput_rounds(floor_target, gateway[0], args, logs)
+                return results
             targets = [direct, floor_target] + ([gateway[0]] if gateway else [])
             say(f"phases (a) throughput at c=32 and (b) latency at c=1, {args.duration_s:g} s each")
             sent = {target.name: measure_target(target, args.duration_s, results) for target in targets}
@@ -520,6 +525,34 @@ def run(args: argparse.Namespace) -> Results:
             procs.stop_all()
     say(f"logs kept in {logs}")
     return results
+
+
+def throughput_rounds(floor: Target, gateway: Target, args: argparse.Namespace, logs: Path) -> None:
+    """--throughput-only: phase (a) for the floor and the gateway (and the p50 at c=1), alternated `--rounds` times,
+    each round's ratio printed (to judge one change against another; RESULTS.md is left alone), then py-spy if
+    `--profile`."""
+    ratios = []
+    for round_number in range(1, args.rounds + 1):
+        cpu_ms, p50_ms = {}, {}
+        for target in (floor, gateway):
+            wrk(target, 32, 2)
+            before_s = cpu_s(target.pid)
+            stats = wrk(target, 32, args.duration_s)
+            cpu_ms[target.name] = 1000 * (cpu_s(target.pid) - before_s) / stats["requests"]
+            p50_ms[target.name] = wrk(target, 1, max(1, args.duration_s // 2))["p50_us"] / 1000
+            if stats["errors"]:
+                say(f"{target.name}: {stats['errors']:.0f} errors of {stats['requests']:.0f}")
+        ratios.append(cpu_ms["floor"] / cpu_ms["gateway"])
+        say(f"round {round_number}: floor {1000 / cpu_ms['floor']:.0f} req/CPU-s, gateway "
+            f"{1000 / cpu_ms['gateway']:.0f} req/CPU-s, ratio {100 * ratios[-1]:.1f}%; c=1 p50 floor "
+            f"{p50_ms['floor']:.2f} ms, gateway {p50_ms['gateway']:.2f} ms")
+    say(f"median ratio over {len(ratios)} round(s): {100 * sorted(ratios)[len(ratios) // 2]:.1f}%")
+    if args.profile:  # the floor's too: what aiohttp costs per request without the gateway, to compare
+        for target in (floor, gateway):
+            say(f"profiling the {target.name} with py-spy for {args.profile_s} s under c=32")
+            summary = profile(target.pid, target, args.profile_s, logs / f"profile-{target.name}.txt",
+                              logs / f"profile-{target.name}.svg")
+            print("\n".join(summary), flush=True)
 
 
 def memory_phase(target: Target, pid: int, sent: int, mariadb: devstack.MariaDB, total: int,
@@ -672,6 +705,10 @@ def main() -> int:
     parser.add_argument("--profile-s", type=int, default=20, help="length of the py-spy recording")
     parser.add_argument("--spin", action="store_true", help="keep both cores from halting (see the top of run.py)")
     parser.add_argument("--command", default="make bench", help="how this run was started, for RESULTS.md")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only phase (a), floor and gateway, in --rounds alternating rounds; prints the ratios "
+                             "and leaves RESULTS.md and profile.svg alone (for measuring one change)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --throughput-only")
     args = parser.parse_args()
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("the bench pins the proxy under test to its own core: it needs at least 2 cores")
@@ -682,6 +719,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started_s = time.monotonic()
     results = run(args)
+    if args.throughput_only:
+        say(f"done in {time.monotonic() - started_s:.0f} s")
+        return 0
     results.environment["load average at end"] = " ".join(f"{load:.2f}" for load in os.getloadavg())
     write_results(results)
     for name, ok in verdicts(results).items():

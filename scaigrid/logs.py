@@ -12,17 +12,23 @@ tenant_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tena
 user_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("user_id", default=None)
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is emitted as a field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_ENCODER = json.JSONEncoder(default=str)  # json.dumps(..., default=str) would build one per line
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, mode: str | None = None) -> None:
         super().__init__()
         self.mode = mode
+        self._second = -1  # the whole second of the last line, and its text: many lines share one
+        self._second_text = ""
 
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "mode": self.mode,
@@ -37,10 +43,17 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _ENCODER.encode(line)
 
 
 def setup_logging(level: str, mode: str | None = None) -> None:
+    # No line says where in the source, or in which thread or process, it was logged: finding that out for every
+    # record (a walk up the stack, among others) would cost the request path for nothing (logging HOWTO,
+    # "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(mode))
     root = logging.getLogger()

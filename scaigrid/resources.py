@@ -2,11 +2,14 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from minio import Minio
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.connection import HiredisRespSerializer
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from scaigrid.settings import Settings, parse_redis_url
@@ -17,6 +20,31 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 # burst into errors that look like a Redis outage. A plain pool, not the blocking one: its cheaper checkout is
 # measurable on the hot path (bench/RESULTS.md), and idle connections cost Redis little.
 REDIS_MAX_CONNECTIONS = 2048
+
+
+class _HiredisPacking:
+    """Commands packed by hiredis, in C, as redis-py's synchronous connections already do when it is installed: the
+    asyncio ones pack in Python, copying the buffer once per argument, and the request path's batched Lua call
+    (accounting/scripts.py BATCH) carries a few dozen arguments per request."""
+
+    _packer = HiredisRespSerializer()  # also converts memoryviews, and names a bad argument as redis-py does
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " not in args[0]:  # a command name that is one word: every hot one
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
+
+
+class HiredisConnection(_HiredisPacking, aioredis.Connection):
+    pass
+
+
+class HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    pass
 
 
 @asynccontextmanager
@@ -47,7 +75,7 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
     if not target.sentinels:
         client = aioredis.Redis.from_url(
             target.url, max_connections=REDIS_MAX_CONNECTIONS, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, connection_class=HiredisConnection)
         try:
             yield client
         finally:
@@ -55,7 +83,8 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
         return
     sentinel = Sentinel(list(target.sentinels), socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(target.master, db=target.db, password=target.password,
-                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S, max_connections=REDIS_MAX_CONNECTIONS)
+                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S, max_connections=REDIS_MAX_CONNECTIONS,
+                                 connection_class=HiredisSentinelConnection)
     try:
         yield client
     finally:

@@ -339,6 +339,29 @@ async def test_metrics_and_usage_records_account_for_each_request(
     assert metric(text, "scaigrid_circuit_breaker_state", backend_id="paced") == 0
 
 
+async def test_requests_in_flight_together_are_each_admitted_and_recorded(gateway: Gateway) -> None:
+    # Admissions and the usage records of requests just answered go to Redis together, in batches: each request is
+    # counted once against its limit and recorded once, however they were batched.
+    key = create_key(gateway.env, "tenant_user")
+    async with aiohttp.ClientSession(gateway.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        async def three_in_a_row() -> list[tuple[int, str, int]]:
+            answers = []
+            for _ in range(3):
+                async with client.post("/oai/v1/chat/completions", json={"model": "acme/chat",
+                                                                         "messages": USER}) as response:
+                    await response.read()
+                    answers.append((response.status, response.headers["X-Request-ID"],
+                                    int(response.headers["X-Scaigrid-Ratelimit-Remaining"])))
+            return answers
+
+        answers = [answer for row in await asyncio.gather(*(three_in_a_row() for _ in range(8))) for answer in row]
+    assert {status for status, _, _ in answers} == {200}
+    left = sorted(remaining for _, _, remaining in answers)
+    assert left == list(range(left[0], left[0] + 24))  # each counted once against the limit
+    ids = {request_id for _, request_id, _ in answers}
+    await asyncio.to_thread(eventually, lambda: ids <= set(buffered_usage(gateway)), "24 usage records")
+
+
 async def test_a_backend_reporting_impossible_usage_cannot_stall_accounting(
         gateway: Gateway, session: aiohttp.ClientSession) -> None:
     # A count the usage table cannot hold would fail the worker's flush of every record queued after it.

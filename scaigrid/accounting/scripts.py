@@ -1,4 +1,8 @@
-"""The Lua scripts of the request path: one round trip to Redis to admit a request, one to record its usage.
+"""The Lua scripts of the request path: admitting requests and recording their usage, in one round trip per batch.
+
+BATCH runs, in one EVALSHA, every admission and usage record an http process has waiting (a group commit: what
+queues while one batch is on its way goes in the next), each one exactly as it would run alone: Redis runs a script
+atomically, so limits stay exact across processes.
 
 Rate limits are a sliding log: one sorted set per limited object (key, user, tenant, partner) holding the
 Redis TIME of each admitted request in the last 60 s. Chosen over the two-bucket sliding-window counter
@@ -12,8 +16,9 @@ HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's 
 which is fine for a gate.
 """
 
-# Shared by both scripts: what a budget's counter hash says it has used, in each limit's unit, and which of its
-# limits (cost, tokens, requests: three arguments from `arg`, '' for one not set) it has reached at `share` of it.
+# Shared by both calls: what a budget's counter hash says it has used, in each limit's unit, and which of its
+# limits (cost, tokens, requests: three arguments of `args` from `arg`, '' for one not set) it has reached at `share`
+# of it.
 _USED = """
 local LIMIT_TYPES = {'cost', 'tokens', 'requests'}
 local function used(key, limit_type)
@@ -23,9 +28,9 @@ local function used(key, limit_type)
   end
   return tonumber(redis.call('HGET', key, limit_type)) or 0
 end
-local function reached(key, arg, share)
+local function reached(key, args, arg, share)
   for i = 1, 3 do
-    local limit = ARGV[arg + i - 1]
+    local limit = args[arg + i - 1]
     if limit ~= '' and used(key, LIMIT_TYPES[i]) >= tonumber(limit) * share then
       return i
     end
@@ -34,12 +39,13 @@ local function reached(key, arg, share)
 end
 """
 
-# KEYS: one sorted set per rate-limited level, then one counter hash per budget to check.
+# Admitting one request. KEYS: one sorted set per rate-limited level, then one counter hash per budget to check.
 # ARGV: number of levels, a unique member for this request, each level's limit, then per budget:
 #       hard action, cost limit, token limit, request limit ('' for a limit not set).
 # Returns {verdict (0 admitted, 1 rate limited, 2 budget), level shown, its limit, remaining, reset (unix s),
 #          retry after (s), index of the blocking budget, which of its limits blocks (1 cost, 2 tokens, 3 requests)}.
-ADMIT = _USED + """
+_ADMIT = """
+local function admit(KEYS, ARGV)
 local WINDOW_US = 60000000
 local THROTTLE_DIVISOR = 10
 local n_levels = tonumber(ARGV[1])
@@ -50,7 +56,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local blocked, blocking_limit, divisor = 0, 0, 1
 for j = 1, #KEYS - n_levels do
   local arg = 3 + n_levels + (j - 1) * 4  -- its hard action; its limits follow
-  local limit = reached(KEYS[n_levels + j], arg + 1, 1)
+  local limit = reached(KEYS[n_levels + j], ARGV, arg + 1, 1)
   if limit > 0 then
     if ARGV[arg] == 'block' then
       blocked, blocking_limit = j, limit
@@ -107,14 +113,17 @@ if verdict ~= 1 then  -- a request comes back when the oldest one logged leaves 
 end
 return {verdict, shown, limits[shown], math.max(0, limits[shown] - counts[shown]), math.ceil(reset_us / 1e6),
         math.ceil(retry_us / 1e6), blocked, blocking_limit}
+end
 """
 
-# KEYS: the usage buffer (a list), then one counter hash per budget the record counts towards.
+# Recording one request's usage. KEYS: the usage buffer (a list), then one counter hash per budget the record counts
+# towards.
 # ARGV: the record as JSON, its tokens (in + out), its cost as whole units and picos, then per budget:
 #       counter TTL in seconds (0: none), soft limit share, cost limit, token limit, request limit ('' if not set).
 # Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period: the soft
 # limit or the limit of any one of the budget's limits.
-RECORD = _USED + """
+_RECORD = """
+local function record(KEYS, ARGV)
 redis.call('RPUSH', KEYS[1], ARGV[1])
 local crossed = {}
 for j = 2, #KEYS do
@@ -130,16 +139,42 @@ for j = 2, #KEYS do
     redis.call('EXPIRE', key, ARGV[arg + 1])
   end
   -- HSETNX marks the crossing in the counter itself: reported once per budget and period, by one process.
-  if reached(key, arg + 3, tonumber(ARGV[arg + 2])) > 0 and redis.call('HSETNX', key, 'soft', 1) == 1 then
+  if reached(key, ARGV, arg + 3, tonumber(ARGV[arg + 2])) > 0 and redis.call('HSETNX', key, 'soft', 1) == 1 then
     table.insert(crossed, j - 1)
     table.insert(crossed, 'soft')
   end
-  if reached(key, arg + 3, 1) > 0 and redis.call('HSETNX', key, 'hard', 1) == 1 then
+  if reached(key, ARGV, arg + 3, 1) > 0 and redis.call('HSETNX', key, 'hard', 1) == 1 then
     table.insert(crossed, j - 1)
     table.insert(crossed, 'hard')
   end
 end
 return crossed
+end
+"""
+
+ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
+# KEYS: the keys of every call, one call after another. ARGV: the number of calls; for each call its kind (ADMIT or
+# RECORD), its number of keys and its number of arguments; then the arguments of every call, one after another.
+# Returns each call's own answer, in order.
+BATCH = _USED + _ADMIT + _RECORD + """
+local function slice(t, from, n)
+  local part = {}
+  for i = 1, n do
+    part[i] = t[from + i - 1]
+  end
+  return part
+end
+local calls = tonumber(ARGV[1])
+local answers = {}
+local k, a = 1, 2 + 3 * calls
+for c = 1, calls do
+  local head = 2 + 3 * (c - 1)
+  local n_keys, n_args = tonumber(ARGV[head + 1]), tonumber(ARGV[head + 2])
+  local call = ARGV[head] == 'a' and admit or record
+  answers[c] = call(slice(KEYS, k, n_keys), slice(ARGV, a, n_args))
+  k, a = k + n_keys, a + n_args
+end
+return answers
 """
 
 # KEYS: a budget's counter hash, the mark that counters have not been lost since the worker last checked.

@@ -1,12 +1,15 @@
 """Accounting as the request path sees it: admit a request (rate limits, budgets), record its usage.
 
-Each is one Redis round trip (a Lua script, see scripts.py) and never touches MariaDB once the budget
-definitions are cached. If Redis cannot be reached, RATE_LIMIT_ON_REDIS_FAILURE decides: `serve` admits
-unlimited (counted in scaigrid_redis_failures_total, a warning at most once a minute), `refuse` answers
-503 LIMITS_UNAVAILABLE. Usage is never dropped: without Redis it is written to MariaDB directly.
+Neither touches MariaDB once the budget definitions are cached. Both go to Redis in one Lua call per batch
+(scripts.BATCH): whatever admissions and records queue while one call is on its way go together in the next (a
+group commit), so a busy process pays one round trip for many requests and an idle one sends each at once.
+If Redis cannot be reached, RATE_LIMIT_ON_REDIS_FAILURE decides: `serve` admits unlimited (counted in
+scaigrid_redis_failures_total, a warning at most once a minute), `refuse` answers 503 LIMITS_UNAVAILABLE.
+Usage is never dropped: without Redis it is written to MariaDB directly.
 """
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -17,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scaigrid import errors
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 RATE_KEY_PREFIX = "scaigrid:rl:"  # + level:id, a sorted set of the last minute's admitted requests
 WINDOW_S = 60
 FAILURE_LOG_INTERVAL_S = 60.0
-RECORD_BATCH_MAX = 256  # usage records written in one pipelined round trip, at most
+BATCH_MAX = 256  # admissions, and usage records, sent in one call at most (each)
 _ADMITTED, _RATE_LIMITED, _OVER_BUDGET = 0, 1, 2
 
 REDIS_FAILURES = Counter("scaigrid_redis_failures_total", "Redis operations of the request path that failed",
@@ -85,11 +88,13 @@ class Accounting:
         self._engine = engine
         self._budgets = BudgetCache(engine)
         bus.on(TOPIC_BUDGETS, self._budgets.invalidate)
-        self._admit = redis.register_script(scripts.ADMIT)
-        self._redis = redis
-        self._record = redis.register_script(scripts.RECORD)
+        self._batch = redis.register_script(scripts.BATCH)
+        self._admits: list[tuple[list[str], list[str | int], asyncio.Future[list[int]]]] = []
         self._pending: list[tuple[UsageRecord, asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
+        # The sliding log's member for each admitted request: unique across processes by the token, within by count.
+        self._member_prefix = secrets.token_hex(8) + ":"
+        self._members = itertools.count()
         self._emitting: set[asyncio.Task[None]] = set()  # budget webhook events on their way to the outbox
         self._next_failure_log = 0.0
 
@@ -114,12 +119,16 @@ class Accounting:
         now = datetime.now(UTC)
         keys = [f"{RATE_KEY_PREFIX}{level}:{object_id}" for level, object_id, _ in levels]
         keys += [counter_key(budget.id, current_period(budget.period, now)) for budget in budgets]
-        args: list[str | int] = [len(levels), secrets.token_hex(8), *(rpm for _, _, rpm in levels)]
+        args: list[str | int] = [len(levels), self._member_prefix + str(next(self._members)),
+                                 *(rpm for _, _, rpm in levels)]
         for budget in budgets:
             args += [budget.hard_action, *_limit_args(budget)]
+        answer = asyncio.get_running_loop().create_future()
+        self._admits.append((keys, args, answer))
+        self._wake()
         try:
             (verdict, shown, limit, remaining, reset_unix, retry_after_s, blocking, blocking_limit
-             ) = await self._admit(keys, args)
+             ) = await answer
         except RedisError as exc:
             self._redis_failed("admit", exc)
             # Unknown while Redis is away; the headers stay, so clients that read them keep working.
@@ -138,11 +147,9 @@ class Accounting:
                                          f"of this {budget.scope} ({budget.id}) is used up")
 
     def submit(self, record: UsageRecord) -> None:
-        """Queues one usage record for the next write and returns at once (the request path does not wait).
+        """Queues one usage record for the next batch and returns at once (the request path does not wait).
 
-        Records queued while a write is on its way go together in the next one (group commit: one pipelined
-        round trip for the lot), so an idle node writes each record at once and a busy one pays one round trip
-        per batch instead of per request. A write that fails even in MariaDB is logged with its request ids.
+        A write that fails even in MariaDB is logged with its request ids.
         """
         self._enqueue(record, None)
 
@@ -160,15 +167,24 @@ class Accounting:
 
     def _enqueue(self, record: UsageRecord, stored: "asyncio.Future[None] | None") -> None:
         self._pending.append((record, stored))
+        self._wake()
+
+    def _wake(self) -> None:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
 
     async def _write_pending(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:RECORD_BATCH_MAX], self._pending[RECORD_BATCH_MAX:]
+        while self._pending or self._admits:
+            admits, self._admits = self._admits[:BATCH_MAX], self._admits[BATCH_MAX:]
+            batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
             try:
-                await self._write([record for record, _ in batch])
+                await self._write(admits, [record for record, _ in batch])
             except Exception as exc:
+                for _, _, answer in admits:
+                    if not answer.done():
+                        answer.set_exception(exc)
+                if not batch:
+                    continue
                 logger.exception("usage of %d request(s) not recorded: %s", len(batch),
                                  ", ".join(record.request_id for record, _ in batch), extra={"event": "usage_lost"})
                 for _, stored in batch:
@@ -179,7 +195,10 @@ class Accounting:
                     if stored is not None:
                         stored.set_result(None)
 
-    async def _write(self, records: list[UsageRecord]) -> None:
+    async def _write(self, admits: list[tuple[list[str], list[str | int], "asyncio.Future[list[int]]"]],
+                     records: list[UsageRecord]) -> None:
+        """One batch: the records (first, so that admissions see the budgets they use), then the admissions; each
+        admission's answer, or the Redis error, goes to its waiter. Records Redis did not take go to MariaDB."""
         writes = []
         for record in records:
             budgets = await self._budgets.applying_to(record.partner_id, record.tenant_id, record.user_id)
@@ -191,9 +210,17 @@ class Accounting:
             for budget, period in zip(budgets, periods, strict=True):
                 args += [period.ttl_s or 0, str(budget.soft_limit_pct), *_limit_args(budget)]
             writes.append((keys, args, budgets, periods))
+        calls = [(scripts.RECORD, keys, args) for keys, args, _, _ in writes]
+        admits = [admit for admit in admits if not admit[2].done()]  # a waiter whose client went away is cancelled
+        calls += [(scripts.ADMIT, keys, args) for keys, args, _ in admits]
         try:
-            results = await self._run_record_script([(keys, args) for keys, args, _, _ in writes])
+            answers = await self._call_batch(calls) if calls else []
         except RedisError as exc:
+            for _, _, answer in admits:
+                if not answer.done():
+                    answer.set_exception(exc)
+            if not records:
+                return
             self._redis_failed("record", exc)
             async with self._engine.begin() as conn:  # the budget counters miss them; the bill does not
                 await usage.store(conn, records)
@@ -201,25 +228,25 @@ class Accounting:
                 if self._settings.hybrid.role == "node":  # nor queued them for the link
                     await hybrid_outbox.enqueue(conn, records)
             return
-        for (_, _, budgets, periods), crossed in zip(writes, results, strict=True):
+        for (_, _, answer), admitted in zip(admits, answers[len(writes):], strict=True):
+            if not answer.done():
+                answer.set_result(admitted)
+        for (_, _, budgets, periods), crossed in zip(writes, answers[:len(writes)], strict=True):
             for index, threshold in zip(crossed[::2], crossed[1::2], strict=True):
                 self._budget_crossed(BudgetEvent(budgets[index - 1], threshold.decode(), periods[index - 1]))
 
-    async def _run_record_script(self, calls: list[tuple[list[str], list[str | int]]]) -> list[list[Any]]:
-        """EVALSHA of the record script for each call, in one pipelined round trip."""
-        try:
-            return await self._pipelined(calls)
-        except NoScriptError:
-            # A restarted Redis has lost its scripts. NOSCRIPT fails every call alike, so none ran: redo them all.
-            await self._redis.script_load(scripts.RECORD)
-            return await self._pipelined(calls)
-
-    async def _pipelined(self, calls: list[tuple[list[str], list[str | int]]]) -> list[list[Any]]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(self._record.sha, len(keys), *keys, *args)
-            results: list[list[Any]] = await pipe.execute()
-            return results
+    async def _call_batch(self, calls: list[tuple[str, list[str], list[str | int]]]) -> list[list[Any]]:
+        """Each call's answer, from one EVALSHA of scripts.BATCH (which reloads the script into a Redis that lost it:
+        NOSCRIPT means nothing ran)."""
+        keys: list[str] = []
+        head: list[str | int] = [len(calls)]
+        args: list[str | int] = []
+        for kind, call_keys, call_args in calls:
+            head += [kind, len(call_keys), len(call_args)]
+            keys += call_keys
+            args += call_args
+        answers: list[list[Any]] = await self._batch(keys, head + args)
+        return answers
 
     def _budget_crossed(self, event: BudgetEvent) -> None:
         budget = event.budget

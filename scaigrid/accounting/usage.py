@@ -14,6 +14,7 @@ from scaigrid.db.tables import usage_records
 
 BUFFER_KEY = "scaigrid:usage:buffer"  # a Redis list: RPUSHed by every http process, drained by the worker
 COST_QUANTUM = Decimal("1e-12")
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options would build one per record
 
 
 def encode(usage: UsageRecord) -> str:
@@ -25,7 +26,7 @@ def encode(usage: UsageRecord) -> str:
         del fields["tunnelled"]
     if not usage.backend_cost:
         del fields["backend_cost"]
-    return json.dumps(fields, separators=(",", ":"))
+    return _COMPACT.encode(fields)
 
 
 def decode(raw: bytes | str) -> UsageRecord:

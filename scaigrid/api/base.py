@@ -18,7 +18,7 @@ from scaigrid.appkeys import DRAIN, READY_CHECKS, REQUEST_ID, SETTINGS, STARTED,
 from scaigrid.hybrid import protocol
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.logs import request_id_var
-from scaigrid.metrics import metrics_handler
+from scaigrid.metrics import Children, metrics_handler
 from scaigrid.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ HTTP_REQUESTS = Counter("scaigrid_http_requests_total", "HTTP requests answered"
 HTTP_DURATION = Histogram("scaigrid_http_request_duration_seconds", "HTTP request duration", ["route"])
 HTTP_INFLIGHT = Gauge("scaigrid_http_inflight_requests", "HTTP requests being handled")
 DRAINING = Gauge("scaigrid_draining", "1 while the process is draining before exit")
+http_requests = Children(HTTP_REQUESTS)
+http_duration = Children(HTTP_DURATION)
 
 
 class Drain:
@@ -179,8 +181,8 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
     finally:
         drain.leave()
     elapsed_s = time.perf_counter() - started
-    HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    HTTP_DURATION.labels(route).observe(elapsed_s)
+    http_requests(route, request.method, str(response.status)).inc()
+    http_duration(route).observe(elapsed_s)
     # Probes and scrapes arrive every few seconds; at info level they would drown the log.
     level = logging.DEBUG if request.path in DRAIN_EXEMPT else logging.INFO
     node_request_id = protocol.node_request_id(request.headers)

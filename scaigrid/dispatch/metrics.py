@@ -1,25 +1,8 @@
 """Inference metrics (names fixed by ScaiGrid's documentation; breaker and health gauges live in routing/breaker.py)."""
 
-from typing import Any
-
 from prometheus_client import Counter, Gauge, Histogram
 
-
-class Children:
-    """A metric's labelled children, memoised: `labels()` takes a lock and rebuilds keys on every call, and the
-    request path asks for the same few children all the time. Grows like the metric itself (bounded by the
-    catalogue's models and backends, the tenants and the error codes)."""
-
-    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *labels: str) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
-
+from scaigrid.metrics import Children
 
 # status: "ok", or the error code the client got (BACKEND_ERROR, BACKEND_TIMEOUT, MODEL_UNAVAILABLE, ...).
 # Only requests naming a model the caller may use are counted: a typo in `model` must not mint a label.

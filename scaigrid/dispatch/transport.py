@@ -29,6 +29,7 @@ MAX_RETRY_AFTER_S = 3600.0
 ERROR_BODY_MAX_BYTES = 4096
 # Statuses meaning "this request is wrong", not "this backend is broken": passed back, no failover.
 REFUSED_STATUSES = frozenset({400, 413, 422})
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options would build one per request
 
 
 def request_needs(payload: dict[str, Any], embeddings: bool) -> frozenset[str]:
@@ -124,7 +125,7 @@ def check_event_stream(content_type: str) -> None:
 def upstream_body(payload: dict[str, Any], model: str) -> bytes:
     """The request as the backend gets it: under the backend's own name for the model."""
     payload["model"] = model
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return _COMPACT.encode(payload).encode()
 
 
 # --- HTTP ---
