@@ -27,7 +27,7 @@ from appliance import link as link_module
 from appliance.config import Appliance, ConfigProblems
 from appliance.maintenance import backup, restore, support_bundle, upgrade
 from appliance.maintenance.archive import MaintenanceFailed, Unhealthy
-from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy, scaigrid_argv
+from appliance.programs import EVENTS_NAME, Context, enabled_programs, healthy, processes, scaigrid_argv
 from appliance.supervisor import Supervisor, SupervisorUnavailable
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNHEALTHY = 1, 2, 3, 4
@@ -173,25 +173,26 @@ def render_command(config_path: Path, root: Path, show_diff: bool) -> None:
 
 
 def program_rows(appliance: Appliance) -> list[dict[str, Any]]:
-    """Each program's supervisord state and uptime, its readiness probe, and its recorded FATALs."""
+    """Each process's supervisord state and uptime, its readiness probe, and its recorded FATALs."""
     # Ports and graces do not depend on secrets: status works (and says what is down) even before init.
     ctx = Context(appliance, appliance.settings())
-    programs = {p.name: p for p in enabled_programs(ctx)}
+    expected = {process.name: process for process in processes(ctx)}
     infos = {info.name: info for info in supervisor_of(appliance).processes()}
     recorded = logs.recorded_states(appliance)
 
     def row(name: str) -> dict[str, Any]:
         info = infos.get(name)
         state = info.state if info else "ABSENT"  # rendered, but supervisord has not loaded it (render, no restart)
-        program = programs.get(name)
-        ready = program.ready(ctx) if program and state == "RUNNING" else None
+        process = expected.get(name)
+        ready = process.program.ready(ctx, process.index, info.pid) if process and info and state == "RUNNING" else None
         history = recorded.get(name, {})
-        return {"name": name, "state": state, "pid": info.pid if info else None,
+        return {"name": name, "program": process.program.name if process else info.group if info else name,
+                "state": state, "pid": info.pid if info else None,
                 "uptime_s": round(info.uptime_s) if info and info.uptime_s is not None else None,
                 "ready": ready, "fatal_count": history.get("fatal_count", 0),
                 "last_fatal_at": history.get("last_fatal_at")}
 
-    names = [*programs, *(name for name in infos if name not in programs)]
+    names = [*expected, *(name for name in infos if name not in expected)]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         return list(pool.map(row, names))
 
@@ -245,28 +246,38 @@ def program_argument(required: bool = False) -> Callable[[Callable[..., Any]], C
     return click.argument("program", required=required)
 
 
-def _checked_program(appliance: Appliance, program: str | None) -> str | None:
-    if program is None:
+def _target(appliance: Appliance, name: str | None) -> tuple[str, list[str]] | None:
+    """What NAME means to supervisord: a program (every process of it: `http`), one process (`http_2`) or the event
+    listener; and the names of the processes (their logs). None for all programs."""
+    if name is None:
         return None
-    names = [p.name for p in enabled_programs(Context(appliance, appliance.settings()))] + [EVENTS_NAME]
-    if program not in names:
-        raise Failed(f"no program {program!r}; the programs are: {', '.join(names)}", EXIT_CONFIG)
-    return program
+    ctx = Context(appliance, appliance.settings())
+    known = []
+    for program in enabled_programs(ctx):
+        names = program.process_names(ctx)
+        if name == program.name:
+            return (f"{name}:*" if program.processes is not None else name), names
+        if name in names:
+            return f"{program.name}:{name}", [name]
+        known.append(name if program.processes is None else f"{program.name} ({', '.join(names)})")
+    if name == EVENTS_NAME:
+        return name, [name]
+    raise Failed(f"no program {name!r}; the programs are: {', '.join([*known, EVENTS_NAME])}", EXIT_CONFIG)
 
 
 def _control(config_path: Path, program: str | None, actions: tuple[str, ...]) -> None:
     appliance = load(config_path)
-    name = _checked_program(appliance, program)
+    target = _target(appliance, program)
     supervisor = supervisor_of(appliance)
-    target = name or "all programs"
+    shown = program or "all programs"
     try:
         for action in actions:
-            say(f"{action} {target} ...")
-            getattr(supervisor, action)(name)
+            say(f"{action} {shown} ...")
+            getattr(supervisor, action)(target[0] if target else None)
     except SupervisorUnavailable as exc:
         raise Failed(str(exc), EXIT_NOT_RUNNING) from None
     except xmlrpc.client.Fault as exc:  # e.g. a program that will not start (SPAWN_ERROR)
-        raise Failed(f"{target}: {exc.faultString}") from None
+        raise Failed(f"{shown}: {exc.faultString}") from None
     say("done")
 
 
@@ -274,7 +285,7 @@ def _control(config_path: Path, program: str | None, actions: tuple[str, ...]) -
 @config_option
 @program_argument()
 def start(config_path: Path, program: str | None) -> None:
-    """Start one program, or all (through supervisord).
+    """Start one program (all its processes), one process (e.g. http_2), or all (through supervisord).
 
     \b
     Example:  scaigrid-appliance start worker
@@ -286,7 +297,7 @@ def start(config_path: Path, program: str | None) -> None:
 @config_option
 @program_argument()
 def stop(config_path: Path, program: str | None) -> None:
-    """Stop one program, or all; each drains within its grace period.
+    """Stop one program (all its processes), one process (e.g. http_2), or all; each drains within its grace period.
 
     \b
     Example:  scaigrid-appliance stop bunker_proxy
@@ -298,7 +309,7 @@ def stop(config_path: Path, program: str | None) -> None:
 @config_option
 @program_argument()
 def restart(config_path: Path, program: str | None) -> None:
-    """Restart one program, or all (stop, drain, start).
+    """Restart one program (all its processes at once), one process (e.g. http_2), or all (stop, drain, start).
 
     \b
     Example:  scaigrid-appliance restart http
@@ -312,16 +323,16 @@ def restart(config_path: Path, program: str | None) -> None:
 @click.option("-n", "--lines", default=50, show_default=True, help="lines to show from the end of each log")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines (Ctrl-C stops)")
 def logs_command(config_path: Path, program: str | None, lines: int, follow: bool) -> None:
-    """Show a program's log (all programs' without PROGRAM), optionally following it.
+    """Show a process's log, a program's (each of its processes'), or all of them, optionally following.
 
     \b
     Example:  scaigrid-appliance logs http -f
     """
     appliance = load(config_path)
-    name = _checked_program(appliance, program)
-    names = [name] if name else [p.name for p in enabled_programs(Context(appliance, appliance.settings()))]
+    target = _target(appliance, program)
+    names = target[1] if target else [p.name for p in processes(Context(appliance, appliance.settings()))]
     paths = {n: appliance.config.log_dir / f"{n}.log" for n in names}
-    logs.show(paths, lines, follow, prefix=name is None)
+    logs.show(paths, lines, follow, prefix=len(names) > 1)
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -84,6 +85,15 @@ def _optional_seconds(raw: str) -> int | None:
     return parse_positive_int(raw) if raw else None
 
 
+def _optional_count(raw: str) -> int | None:
+    return parse_positive_int(raw) if raw else None
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, which a VM's or a container's limits narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
 def _networks(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in raw.split(",") if item.strip())
     for item in items:
@@ -136,6 +146,12 @@ class ApplianceConfig:
         "how long nginx waits on a quiet upstream; empty: DISPATCH_STREAM_TIMEOUT_S + 60; must exceed it")
     appliance_metrics_port: int = key("APPLIANCE_METRICS_PORT", parse_port, "9153",
                                       "/metrics of the program-state listener (programs' states, FATAL counts)")
+    http_processes: int | None = key(
+        "HTTP_PROCESSES", _optional_count, "",
+        "http processes, each on its own loopback port from HTTP_PORT on, behind nginx; empty: one per CPU the "
+        "appliance sees (counted at render)")
+    worker_processes: int = key("WORKER_PROCESSES", parse_positive_int, "1",
+                                "worker processes, each with its /metrics from WORKER_METRICS_PORT on")
     database_host: str = key("DATABASE_HOST", _hostname, "127.0.0.1", "MariaDB host")
     database_port: int = key("DATABASE_PORT", parse_port, "3306", "MariaDB port")
     database_name: str = key("DATABASE_NAME", _name, "scaigrid", "MariaDB database")
@@ -148,6 +164,10 @@ class ApplianceConfig:
     garage_s3_port: int = key("GARAGE_S3_PORT", parse_port, "3900", "Garage S3 API (loopback)")
     garage_rpc_port: int = key("GARAGE_RPC_PORT", parse_port, "3901", "Garage RPC (loopback)")
     garage_admin_port: int = key("GARAGE_ADMIN_PORT", parse_port, "3903", "Garage admin API and /metrics (loopback)")
+
+    @property
+    def http_process_count(self) -> int:
+        return self.http_processes or cpu_count()
 
     @property
     def tls_cert(self) -> Path:
@@ -249,8 +269,10 @@ LINK_FILE = "link.json"
 LINK_OWNED_SETTINGS = ("HYBRID_MANAGED_URL", "HYBRID_LINK_TARGET", "HYBRID_NODE_ID", "HYBRID_NODE_CREDENTIAL",
                        "HYBRID_CA_FILE")
 GARAGE_OWNED_SETTINGS = ("S3_ENDPOINT_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
-# The appliance's defaults where ScaiGrid has none: its own Redis.
-SETTING_DEFAULTS = {"REDIS_URL": "redis://127.0.0.1:6379/0"}
+# The appliance's defaults where ScaiGrid's do not fit: its own Redis; and the http and worker processes' ports, which
+# run from HTTP_PORT and WORKER_METRICS_PORT upwards, one per process, moved where a range has room (ScaiGrid's own
+# HTTP_PORT 8000 has BUNKER_PROXY_PORT 8001 right above it, WORKER_METRICS_PORT 9152 the appliance's 9153).
+SETTING_DEFAULTS = {"REDIS_URL": "redis://127.0.0.1:6379/0", "HTTP_PORT": "8100", "WORKER_METRICS_PORT": "9200"}
 
 
 @dataclass(frozen=True)
@@ -396,13 +418,25 @@ def examine(path: Path) -> tuple[Appliance | None, list[str]]:
     if config.garage_enabled:
         listeners |= {"GARAGE_S3_PORT": config.garage_s3_port, "GARAGE_RPC_PORT": config.garage_rpc_port,
                       "GARAGE_ADMIN_PORT": config.garage_admin_port}
+    # (key a clash is filed under, what the port is, port): the processes after the first of a range come last, so
+    # a range grown into another listener's port names its count.
+    ports = [(name, name, port) for name, port in listeners.items()]
+    for count_key, port_key, name, first, count in (
+            ("HTTP_PROCESSES", "HTTP_PORT", "http", settings.server.http_port, config.http_process_count),
+            ("WORKER_PROCESSES", "WORKER_METRICS_PORT", "worker", settings.server.worker_metrics_port,
+             config.worker_processes)):
+        if first + count - 1 > 65535:
+            problems.append(f"{count_key}: {count} processes from {port_key} {first} run past port 65535")
+            bad.add(count_key)
+        ports += [(count_key, f"{port_key} + {i} ({name}_{i + 1})", first + i) for i in range(1, count)
+                  if port_key not in bad]
     seen: dict[int, str] = {}
-    for name, port in listeners.items():
+    for name, what, port in ports:
         if name in bad:  # its default stands in; a clash with that would be noise next to the value's own problem
             continue
         if port in seen:
-            problems.append(f"{name}: port {port} is also {seen[port]}'s")
-        seen.setdefault(port, name)
+            problems.append(f"{name}: port {port}{'' if what == name else f' ({what})'} is also {seen[port]}'s")
+        seen.setdefault(port, what)
     return appliance, problems
 
 

@@ -38,7 +38,14 @@ class ProgramStates:
                 self.fatal.labels(name)
 
     def seed(self, current: dict[str, str]) -> None:
-        """Takes the states supervisord reports now: a program RUNNING and stable sends no event to learn it from."""
+        """Takes the states supervisord reports now: a program RUNNING and stable sends no event to learn it from.
+
+        A process supervisord no longer runs (http_3 after HTTP_PROCESSES went down to 2) is forgotten, so that no
+        stale `running 0` is left behind to alert on.
+        """
+        for program in set(self.programs) - set(current):
+            del self.programs[program]
+            self.running.remove(program)
         for program, state in current.items():
             self.programs.setdefault(program, {"fatal_count": 0, "last_fatal_at": None})["state"] = state
             self.running.labels(program).set(1 if state == "RUNNING" else 0)

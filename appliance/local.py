@@ -21,7 +21,7 @@ from appliance.config import Appliance, ConfigProblems
 from appliance.config import keys as appliance_keys
 from appliance.database import ServiceError
 from appliance.files import write_private_file
-from appliance.programs import PROGRAMS, healthy
+from appliance.programs import Context, healthy, processes
 from appliance.supervisor import SUPERVISORD, Supervisor, SupervisorUnavailable
 from scaigrid.settings import ConfigError, parse_port, read_env_file, setting_parsers
 
@@ -298,7 +298,7 @@ def main() -> int:
         problems = wait_until_ready(appliance, supervisord)
         if problems:
             say("not ready: " + "; ".join(problems))
-            for name in [program.name for program in PROGRAMS]:
+            for name in [process.name for process in processes(Context(appliance, appliance.settings()))]:
                 lines = logs.tail(config.log_dir / f"{name}.log", 5)
                 if lines:
                     say(f"last lines of {config.log_dir / name}.log:")

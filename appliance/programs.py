@@ -41,18 +41,46 @@ def healthy(rows: list[dict[str, Any]]) -> bool:
 
 @dataclass(frozen=True)
 class Program:
+    """One kind of program; supervisord runs `processes` copies of it (a group), each callable below is given the
+    copy's index (0 for the first; a program of one process has only that)."""
+
     name: str
     command: Callable[[Context], str]
-    # Where its /metrics is served on loopback (port, path); None when it has none.
-    metrics: Callable[[Context], tuple[int, str] | None]
-    ready: Callable[[Context], bool]
+    # Where a process serves its /metrics on loopback (port, path); None when it has none.
+    metrics: Callable[[Context, int], tuple[int, str] | None]
+    # Whether a process (by index and pid) is ready.
+    ready: Callable[[Context, int, int], bool]
     stop_wait_s: Callable[[Context], int]
     enabled: Callable[[Context], bool] = lambda ctx: True
+    # None: one process named as the program. Otherwise how many, named <program>_1, <program>_2, ...: each its own
+    # supervisord process, so each restarts alone, is probed and scraped alone, and has its own log.
+    processes: Callable[[Context], int] | None = None
+    # Settings a process gets in its environment, over the env file (scaigrid reads environment over file).
+    environment: Callable[[Context, int], dict[str, str]] = lambda ctx, i: {}
     # Only nginx's master runs as root, to bind 443 and read the TLS key; its workers drop to the service user.
     as_root: bool = False
     # supervisord starts low numbers first and stops them last: nginx outlives the programs it relays while they drain.
     priority: int = 20
     stop_signal: str = "TERM"
+
+    def process_names(self, ctx: Context) -> list[str]:
+        if self.processes is None:
+            return [self.name]
+        return [f"{self.name}_{i + 1}" for i in range(self.processes(ctx))]
+
+
+@dataclass(frozen=True)
+class Process:
+    """One supervisord process of a program."""
+
+    program: Program
+    name: str  # supervisord's process name, its log's name and its scrape target's
+    index: int
+
+    @property
+    def namespec(self) -> str:
+        """supervisord's name for it: group:process (every program is a group, of one process or more)."""
+        return f"{self.program.name}:{self.name}"
 
 
 def http_ok(url: str, *, verify_tls: bool = False) -> bool:
@@ -79,12 +107,16 @@ def grpc_serving(port: int) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def worker_alive(ctx: Context) -> bool:
+def worker_alive(ctx: Context, pid: int) -> bool:
+    """Whether the worker of this pid has a fresh heartbeat (`scaigrid check worker` lists them as HOST:PID)."""
     argv = scaigrid_argv(ctx.appliance.config, "check", "worker")
     try:
-        return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
+    beating = {line.split()[1].rstrip(":").rsplit(":", 1)[-1] for line in result.stdout.splitlines()
+               if line.startswith("worker ")}
+    return result.returncode == 0 and str(pid) in beating
 
 
 def _grace(seconds: float) -> int:
@@ -95,29 +127,35 @@ PROGRAMS: tuple[Program, ...] = (
     Program(
         "http",
         command=lambda ctx: ctx.scaigrid("run", "--mode", "http"),
-        metrics=lambda ctx: (ctx.settings.server.http_port, "/metrics"),
-        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.http_port}/health/ready"),
+        metrics=lambda ctx, i: (ctx.settings.server.http_port + i, "/metrics"),
+        ready=lambda ctx, i, pid: http_ok(f"http://127.0.0.1:{ctx.settings.server.http_port + i}/health/ready"),
         stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
+        processes=lambda ctx: ctx.appliance.config.http_process_count,
+        # Each on its own port, behind nginx's upstream: HTTP_PORT, HTTP_PORT + 1, ...
+        environment=lambda ctx, i: {"HTTP_PORT": str(ctx.settings.server.http_port + i)},
     ),
     Program(
         "grpc",
         command=lambda ctx: ctx.scaigrid("run", "--mode", "grpc"),
-        metrics=lambda ctx: (ctx.settings.server.grpc_metrics_port, "/metrics"),
-        ready=lambda ctx: grpc_serving(ctx.settings.server.grpc_port),
+        metrics=lambda ctx, i: (ctx.settings.server.grpc_metrics_port, "/metrics"),
+        ready=lambda ctx, i, pid: grpc_serving(ctx.settings.server.grpc_port),
         stop_wait_s=lambda ctx: _grace(ctx.settings.server.grpc_stop_grace_s),
     ),
     Program(
+        # Copies are safe: an exclusive job takes a Redis lock per tick (scaigrid/worker/jobs.py), so it runs once.
         "worker",
         command=lambda ctx: ctx.scaigrid("run", "--mode", "worker"),
-        metrics=lambda ctx: (ctx.settings.server.worker_metrics_port, "/metrics"),
-        ready=worker_alive,
+        metrics=lambda ctx, i: (ctx.settings.server.worker_metrics_port + i, "/metrics"),
+        ready=lambda ctx, i, pid: worker_alive(ctx, pid),
         stop_wait_s=lambda ctx: _grace(ctx.settings.worker.stop_grace_s),
+        processes=lambda ctx: ctx.appliance.config.worker_processes,
+        environment=lambda ctx, i: {"WORKER_METRICS_PORT": str(ctx.settings.server.worker_metrics_port + i)},
     ),
     Program(
         "bunker_proxy",
         command=lambda ctx: ctx.scaigrid("run", "--mode", "bunker_proxy"),
-        metrics=lambda ctx: (ctx.settings.server.bunker_proxy_port, "/metrics"),
-        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.bunker_proxy_port}/health/ready"),
+        metrics=lambda ctx, i: (ctx.settings.server.bunker_proxy_port, "/metrics"),
+        ready=lambda ctx, i, pid: http_ok(f"http://127.0.0.1:{ctx.settings.server.bunker_proxy_port}/health/ready"),
         stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
         enabled=lambda ctx: ctx.appliance.storage_enabled,
     ),
@@ -126,10 +164,10 @@ PROGRAMS: tuple[Program, ...] = (
         # scaling out workers never opens a second link.
         "link",
         command=lambda ctx: ctx.scaigrid("run", "--mode", "link"),
-        metrics=lambda ctx: (ctx.settings.server.link_metrics_port, "/metrics"),
+        metrics=lambda ctx, i: (ctx.settings.server.link_metrics_port, "/metrics"),
         # Ready means running and reporting; whether the link is up is its state (status shows it), not readiness:
         # the appliance serves its own models without the managed side.
-        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.settings.server.link_metrics_port}/metrics"),
+        ready=lambda ctx, i, pid: http_ok(f"http://127.0.0.1:{ctx.settings.server.link_metrics_port}/metrics"),
         # On SIGTERM its tunnels (requests of the http process) get the http drain grace to finish.
         stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
         enabled=lambda ctx: ctx.appliance.enrolled,
@@ -138,8 +176,8 @@ PROGRAMS: tuple[Program, ...] = (
         "garage",
         command=lambda ctx: f"{ctx.appliance.config.garage_binary} -c {ctx.appliance.config.config_dir}/garage.toml "
                             "server",
-        metrics=lambda ctx: (ctx.appliance.config.garage_admin_port, "/metrics"),
-        ready=lambda ctx: http_ok(f"http://127.0.0.1:{ctx.appliance.config.garage_admin_port}/health"),
+        metrics=lambda ctx, i: (ctx.appliance.config.garage_admin_port, "/metrics"),
+        ready=lambda ctx, i, pid: http_ok(f"http://127.0.0.1:{ctx.appliance.config.garage_admin_port}/health"),
         stop_wait_s=lambda ctx: STOP_MARGIN_S,
         enabled=lambda ctx: ctx.appliance.config.garage_enabled,
         priority=10,
@@ -147,8 +185,8 @@ PROGRAMS: tuple[Program, ...] = (
     Program(
         "nginx",
         command=lambda ctx: f"{NGINX} -c {ctx.appliance.config.config_dir}/nginx.conf",
-        metrics=lambda ctx: None,
-        ready=lambda ctx: http_ok(f"https://127.0.0.1:{ctx.appliance.config.https_port}/health"),
+        metrics=lambda ctx, i: None,
+        ready=lambda ctx, i, pid: http_ok(f"https://127.0.0.1:{ctx.appliance.config.https_port}/health"),
         # QUIT is nginx's graceful stop: open streams finish, as long as the http drain allows.
         stop_wait_s=lambda ctx: _grace(ctx.settings.server.http_drain_grace_s),
         as_root=True,
@@ -166,12 +204,19 @@ def enabled_programs(ctx: Context) -> list[Program]:
     return [program for program in PROGRAMS if program.enabled(ctx)]
 
 
-def scrape_targets(ctx: Context) -> list[tuple[str, int, str]]:
-    """(name, loopback port, path) of every /metrics the appliance serves, the event listener's included."""
+def processes(ctx: Context) -> list[Process]:
+    """Every supervisord process of the enabled programs, in the table's order."""
+    return [Process(program, name, index) for program in enabled_programs(ctx)
+            for index, name in enumerate(program.process_names(ctx))]
+
+
+def scrape_targets(ctx: Context) -> list[tuple[str, str, int, str]]:
+    """(program, process, loopback port, path) of every /metrics the appliance serves, the event listener's
+    included."""
     targets = []
-    for program in enabled_programs(ctx):
-        metrics = program.metrics(ctx)
+    for process in processes(ctx):
+        metrics = process.program.metrics(ctx, process.index)
         if metrics is not None:
-            targets.append((program.name, *metrics))
-    targets.append((EVENTS_NAME, ctx.appliance.config.appliance_metrics_port, "/metrics"))
+            targets.append((process.program.name, process.name, *metrics))
+    targets.append((EVENTS_NAME, EVENTS_NAME, ctx.appliance.config.appliance_metrics_port, "/metrics"))
     return targets

@@ -12,7 +12,15 @@ from pathlib import Path
 import jinja2
 
 from appliance.config import Appliance, read_secrets, under
-from appliance.programs import EVENTS_NAME, EVENTS_STOP_WAIT_S, Context, enabled_programs, scrape_targets
+from appliance.programs import (
+    EVENTS_NAME,
+    EVENTS_STOP_WAIT_S,
+    Context,
+    Process,
+    enabled_programs,
+    processes,
+    scrape_targets,
+)
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("appliance", "templates"),
@@ -52,9 +60,9 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         **common,
         group=_group_of(config.user),
         as_root=as_root,
-        programs=[{"name": p.name, "command": p.command(ctx), "as_root": p.as_root or not as_root,
-                   "priority": p.priority, "stop_signal": p.stop_signal, "stop_wait_s": p.stop_wait_s(ctx)}
-                  for p in programs],
+        programs=[_supervisord_program(ctx, process, as_root) for process in processes(ctx)],
+        groups=[{"name": p.name, "programs": ",".join(p.process_names(ctx)), "priority": p.priority}
+                for p in programs if p.processes is not None],
         events_name=EVENTS_NAME,
         events_stop_wait_s=EVENTS_STOP_WAIT_S,
         events_command=f"{config.venv / 'bin' / 'scaigrid-appliance'} supervisor-events "
@@ -64,6 +72,7 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         **common,
         as_root=as_root,
         storage=appliance.storage_enabled,
+        http_ports=[ctx.settings.server.http_port + i for i in range(config.http_process_count)],
         proxy_read_timeout_s=appliance.proxy_read_timeout_s(ctx.settings),
         shutdown_timeout_s=int(ctx.settings.server.http_drain_grace_s) + NGINX_SHUTDOWN_MARGIN_S,
         https_suffix="" if config.https_port == 443 else f":{config.https_port}",
@@ -74,7 +83,7 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
     )
     env_lines = [f"# {header(appliance)}", "# Holds secrets: 0600, readable by the service user alone.",
                  *(f"{key}={value}" for key, value in settings_env.items())]
-    # supervisord stops its programs one after another (each is its own group), so a stop may take their sum.
+    # supervisord stops its groups one after another (a program's processes together), so a stop may take their sum.
     stop_s = sum(p.stop_wait_s(ctx) for p in programs) + EVENTS_STOP_WAIT_S
     drop_in = (f"# {header(appliance)}\n"
                "# systemd waits for supervisord to stop every program, one after another, each within its "
@@ -93,6 +102,14 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
                             _TEMPLATES.get_template("garage.toml.j2").render(**common, secrets=secret_values),
                             private=True))
     return files
+
+
+def _supervisord_program(ctx: Context, process: Process, as_root: bool) -> dict[str, object]:
+    p = process.program
+    environment = "".join(f',{key}="{value}"' for key, value in p.environment(ctx, process.index).items())
+    return {"name": process.name, "command": p.command(ctx), "as_root": p.as_root or not as_root,
+            "environment": environment, "priority": p.priority, "stop_signal": p.stop_signal,
+            "stop_wait_s": p.stop_wait_s(ctx)}
 
 
 def _listen_prefix(address: str | None) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport
+from supervisor.xmlrpc import Faults, SupervisorTransport
 
 SUPERVISORD = "/usr/bin/supervisord"  # Debian's: the unit, make run and the tests all run this one
 # supervisord's states of a process that is on its way up or down (supervisor.states.ProcessStates).
@@ -24,6 +24,7 @@ class SupervisorUnavailable(Exception):
 @dataclass(frozen=True)
 class ProcessInfo:
     name: str
+    group: str  # the program's name: its own for a program of one process
     state: str
     pid: int
     uptime_s: float | None  # None unless RUNNING
@@ -31,7 +32,7 @@ class ProcessInfo:
     @classmethod
     def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
         running = info["statename"] == "RUNNING"
-        return cls(info["name"], info["statename"], info["pid"],
+        return cls(info["name"], info["group"], info["statename"], info["pid"],
                    float(info["now"] - info["start"]) if running else None)
 
 
@@ -57,7 +58,8 @@ class Supervisor:
         return [ProcessInfo.from_rpc(info) for info in self._call("getAllProcessInfo")]
 
     def start(self, name: str | None = None) -> None:
-        """Starts one program, or all after loading a re-rendered config; one already running is left alone."""
+        """Starts a process or a group (supervisord's `group:process`, `group:*`), or all after loading a re-rendered
+        config; one already running is left alone."""
         if name is not None:
             self._tolerating("ALREADY_STARTED", "startProcess", name, True)
             return
@@ -65,7 +67,8 @@ class Supervisor:
         self._call("startAllProcesses", True)  # in priority order: nginx before the programs it fronts
 
     def stop(self, name: str | None = None, timeout_s: float = 600) -> None:
-        """Stops one program, or all in reverse priority; one already stopped is left alone.
+        """Stops a process or a group (its processes at once, each draining), or all in reverse priority; one already
+        stopped is left alone.
 
         supervisord's own stopAllProcesses signals every process at once; stopping tier by tier keeps nginx
         relaying the programs' last streams while they drain, and the event listener recording it all.
@@ -89,10 +92,16 @@ class Supervisor:
 
     def _tolerating(self, fault: str, method: str, *args: Any) -> None:
         try:
-            self._call(method, *args)
+            results = self._call(method, *args)
         except xmlrpc.client.Fault as exc:
             if fault not in exc.faultString:
                 raise
+            return
+        # A group's call answers with one result per process instead of raising.
+        for result in results if isinstance(results, list) else []:
+            if result["status"] not in (Faults.SUCCESS, getattr(Faults, fault)):
+                raise xmlrpc.client.Fault(result["status"], f"{result['group']}:{result['name']}: "
+                                                            f"{result['description']}")
 
     def reread_and_update(self) -> list[str]:
         """Applies a re-rendered supervisord.conf: added programs start, removed ones stop, changed ones restart."""

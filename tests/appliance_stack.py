@@ -80,8 +80,12 @@ def start_stack(var: Path, mariadb: devstack.MariaDB, redis: devstack.Redis, s3:
     suffix = secrets.token_hex(4)
     bucket = f"appliance-{suffix}"
     devstack_client(s3).make_bucket(bucket)
+    # Several processes of each scaled program, as a customer's VM runs them: every program test sees N > 1.
+    counts = {"HTTP_PROCESSES": "2", "WORKER_PROCESSES": "2"} | {key: overrides[key] for key in (
+        "HTTP_PROCESSES", "WORKER_PROCESSES") if key in overrides}
     values = {
-        **dict(zip(PORT_KEYS, map(str, devstack.free_ports(len(PORT_KEYS))), strict=True)),
+        **counts,
+        **free_listener_ports(int(counts["HTTP_PROCESSES"]), int(counts["WORKER_PROCESSES"])),
         "DATABASE_NAME": f"appl_{suffix}",
         "DATABASE_USER": f"appl_{suffix}",
         "S3_BUCKET": bucket,
@@ -101,6 +105,19 @@ def start_stack(var: Path, mariadb: devstack.MariaDB, redis: devstack.Redis, s3:
         logs = "\n".join(f"--- {path.name}\n{devstack.log_tail(path)}" for path in log_paths)
         raise RuntimeError(f"appliance stack not ready: {problems}\n{logs}")
     return stack
+
+
+def free_listener_ports(http_processes: int, worker_processes: int) -> dict[str, str]:
+    """Every listener of PORT_KEYS on a free port, HTTP_PORT and WORKER_METRICS_PORT with room for their processes
+    (each process listens on the next port)."""
+    sizes = {key: {"HTTP_PORT": http_processes, "WORKER_METRICS_PORT": worker_processes}.get(key, 1)
+             for key in PORT_KEYS}
+    port = devstack.free_port_block(sum(sizes.values()))
+    ports = {}
+    for key, size in sizes.items():
+        ports[key] = str(port)
+        port += size
+    return ports
 
 
 def devstack_client(s3: devstack.S3Server) -> Any:

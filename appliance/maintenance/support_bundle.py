@@ -26,14 +26,12 @@ from appliance.maintenance.archive import (
     stamp,
 )
 from appliance.maintenance.steps import status_report
-from appliance.programs import EVENTS_NAME, NGINX, PROGRAMS
+from appliance.programs import EVENTS_NAME, NGINX, PROGRAMS, Context
 from appliance.supervisor import SUPERVISORD
 from scaigrid.settings import entries
 
 VERSION_TIMEOUT_S = 10.0
 SUPPORT_LOG_LINES = 2000
-# The logs a support bundle takes, LOG_DIR/<name>.log as supervisord.conf names them; nothing else in LOG_DIR.
-LOG_NAMES = (*(program.name for program in PROGRAMS), EVENTS_NAME, "supervisord")
 SECRET_SETTINGS = frozenset(entry.env for entry in entries() if entry.secret)
 URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
 # Commented-out lines too: an old value kept as `#S3_SECRET_ACCESS_KEY=...` is still a live secret somewhere.
@@ -70,6 +68,13 @@ class Redactor:
         return SECRET_LINE.sub(r"\1<redacted>", text)
 
 
+def log_names(appliance: Appliance) -> list[str]:
+    """The logs a support bundle takes, LOG_DIR/<name>.log as supervisord.conf names them (every process of every
+    program, enabled or not); nothing else in LOG_DIR."""
+    ctx = Context(appliance, appliance.settings())
+    return [*(name for program in PROGRAMS for name in program.process_names(ctx)), EVENTS_NAME, "supervisord"]
+
+
 def support_bundle(appliance: Appliance, *, say: Say, output: Path | None = None,
                    log_lines: int = SUPPORT_LOG_LINES) -> Path:
     """A tar.gz to share with support: configs with secrets redacted, log tails, versions, status. No TLS key."""
@@ -94,7 +99,7 @@ def support_bundle(appliance: Appliance, *, say: Say, output: Path | None = None
     if rendered:
         members["render-diff.txt"] = render.diff(Path("/"), rendered) or "the files on disk are as rendered\n"
     say(f"configs: {len(members)} file(s), {human_size(sum(len(text) for text in members.values()))}")
-    tails = {f"logs/{name}.log": _log_tail(config.log_dir / f"{name}.log", log_lines) for name in LOG_NAMES}
+    tails = {f"logs/{name}.log": _log_tail(config.log_dir / f"{name}.log", log_lines) for name in log_names(appliance)}
     members |= {name: text for name, text in tails.items() if text is not None}
     say(f"logs: {sum(text is not None for text in tails.values())} file(s), last {log_lines} lines each, "
         f"{human_size(sum(len(text or '') for text in tails.values()))}")
