@@ -33,7 +33,6 @@ from minio import Minio
 from appliance import config as appliance_config
 from appliance import devstack, local
 from appliance.config import Appliance
-from appliance.config import keys as appliance_keys
 from bench.run import FAST_MODEL, STREAM_MODEL, Target, catalogue, checked, environment, raise_limits, scaigrid, wrk
 from scaigrid.settings import read_env_file
 
@@ -48,6 +47,8 @@ MAX_STREAM_GAP_MS = 200.0
 CONNECT_CONCURRENCY = 64  # TLS handshakes in flight while the stream client opens its connections
 SAMPLE_INTERVAL_S = 0.1
 STREAM_TIMEOUT_S = 180.0
+FIRST_ANSWER_TIMEOUT_S = 30.0
+WARM_UP_ATTEMPTS = 5
 TAIL_BYTES = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -257,18 +258,17 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def http_processes_known() -> bool:
-    return "HTTP_PROCESSES" in {key.name for key in appliance_keys()}
-
-
 def configure(var: Path, svc: Services, http_processes: int) -> Appliance:
     """make run's appliance.env on fresh free ports, then its first-boot steps (which render every file)."""
     var.mkdir(exist_ok=True)
-    values = {**dict(zip(local.PORT_KEYS, map(str, devstack.free_ports(len(local.PORT_KEYS))), strict=True)),
+    # One block of free ports: the http processes listen from HTTP_PORT upwards, one port each.
+    port = devstack.free_port_block(len(local.PORT_KEYS) + http_processes - 1)
+    values = {"HTTP_PROCESSES": str(http_processes),
               # Only the last stop waits for it: a short drain keeps the run short.
               "HTTP_DRAIN_GRACE_S": "5"}
-    if http_processes_known():
-        values["HTTP_PROCESSES"] = str(http_processes)
+    for key in local.PORT_KEYS:
+        values[key] = str(port)
+        port += http_processes if key == "HTTP_PORT" else 1
     appliance = appliance_config.load(local.write_config(var, svc.redis, svc.s3, svc.mariadb, values))
     local.first_boot(appliance, svc.mariadb)
     return appliance
@@ -286,7 +286,7 @@ def prepare_node(appliance: Appliance, svc: Services, base: Path) -> tuple[str, 
 
 
 @contextmanager
-def supervised(appliance: Appliance, svc: Services, key: str) -> Iterator[Stack]:
+def supervised(appliance: Appliance, svc: Services, key: str, count: int, notes: list[str]) -> Iterator[Stack]:
     supervisord = local.start_supervisord(appliance)
     try:
         problems = local.wait_until_ready(appliance, supervisord)
@@ -295,9 +295,17 @@ def supervised(appliance: Appliance, svc: Services, key: str) -> Iterator[Stack]
                              for path in sorted(appliance.config.log_dir.glob("*.log")))
             raise SystemExit(f"the appliance is not ready: {problems}\n{logs}")
         stack = Stack(appliance, supervisord, svc, key)
-        status, body = post(stack.url, key, {"model": FAST_MODEL, "messages": [{"role": "user", "content": "ping"}]})
-        if status != 200:
-            raise SystemExit(f"first request through nginx answered {status}: {body[:300]!r}")
+        ready_s = time.monotonic()
+        while (answer := post(stack.url, key, {"model": FAST_MODEL, "messages": [{"role": "user", "content": "ping"}]})
+               )[0] != 200:
+            if time.monotonic() - ready_s > FIRST_ANSWER_TIMEOUT_S:
+                raise SystemExit(f"first request through nginx answered {answer[0]}: {answer[1][:300]!r}")
+            time.sleep(0.2)
+        waited_s = time.monotonic() - ready_s
+        if waited_s > 1:
+            notes.append(f"HTTP_PROCESSES={count}: every program was ready, yet requests through nginx answered "
+                         f"503 for another {waited_s:.0f} s (nginx's log: 'no live upstreams': a worker that reached "
+                         "a process before it listened marks that server failed for fail_timeout, 10 s by default)")
         yield stack
     finally:
         local.stop_supervisord(supervisord)
@@ -488,17 +496,30 @@ def throughput(stack: Stack, connections: int, duration_s: float, results: Resul
     """(e1) non-streamed chat at c=connections through nginx and TLS, with the CPU split of the run."""
     target = stack.target()
     n = len(stack.http_pids())
-    wrk(target, connections, 3)  # warm-up: connections, caches, the limiter's scripts
+    # Warm-up (connections, caches, the limiter's scripts), until one passes without errors: right after a start,
+    # an nginx worker may still hold a process as failed (see the note supervised() writes).
+    for attempt in range(1, WARM_UP_ATTEMPTS + 1):
+        warm = wrk(target, connections, 3)
+        if not warm["errors"]:
+            break
+        results.notes.append(f"e1 with {n} http process(es): warm-up {attempt} had {error_kinds(warm)}")
     meter = CpuMeter(stack)
     meter.start()
     stats = wrk(target, connections, duration_s)
     split = meter.stop()
     stats["http_processes"] = n
+    if stats["errors"]:
+        results.notes.append(f"e1 with {n} http process(es): {error_kinds(stats)} in {stats['requests']:.0f} requests")
     results.throughput[n] = stats
     results.cpu[f"e1, {n} http process{'es' if n > 1 else ''}"] = split
     say(f"e1 with {n} http process(es): {stats['rps']:.0f} req/s at c={connections}, p50 "
         f"{stats['p50_us'] / 1000:.2f} ms, {stats['errors']:.0f} errors; CPU s: "
         + ", ".join(f"{name} {value:.1f}" for name, value in split.items()))
+
+
+def error_kinds(stats: dict[str, float]) -> str:
+    kinds = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    return ", ".join(f"{stats[kind]:.0f} {kind.replace('_', ' ')}" for kind in kinds if stats[kind])
 
 
 def latency(stack: Stack, duration_s: float, results: Results) -> None:
@@ -507,6 +528,8 @@ def latency(stack: Stack, duration_s: float, results: Results) -> None:
                     stack.services.mock.pid)
     for name, target in (("mock direct", direct), ("through the appliance", stack.target())):
         results.latency[name] = wrk(target, 1, duration_s)
+        if results.latency[name]["errors"]:
+            results.notes.append(f"e2 {name}: {error_kinds(results.latency[name])}")
         say(f"e2 {name}: p50 {results.latency[name]['p50_us'] / 1000:.3f} ms")
 
 
@@ -559,10 +582,6 @@ def limits(stack: Stack, workers: list[int], http: list[int], samples: list[Samp
 
 def run(args: argparse.Namespace, results: Results) -> None:
     counts = args.processes
-    if not http_processes_known() and counts != [1]:
-        results.notes.append(f"HTTP_PROCESSES is not an appliance key in this tree yet: measured with the one http "
-                             f"program only (asked for {', '.join(map(str, counts))})")
-        counts = [1]
     base = Path(tempfile.mkdtemp(prefix="sgstack-", dir="/tmp"))  # short: MariaDB's socket path limit
     say(f"working directory {base}")
     try:
@@ -575,7 +594,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
                 if not key:
                     key, how = prepare_node(appliance, svc, base)
                     say(f"catalogue applied, key created, limits raised ({how})")
-                with supervised(appliance, svc, key) as stack:
+                with supervised(appliance, svc, key, count, results.notes) as stack:
                     throughput(stack, args.connections, args.duration_s, results)
                     if index == len(counts) - 1:
                         results.measured_processes = len(stack.http_pids())
