@@ -50,6 +50,7 @@ STREAM_TIMEOUT_S = 180.0
 FIRST_ANSWER_TIMEOUT_S = 30.0
 WARM_UP_ATTEMPTS = 5
 TAIL_BYTES = 8
+PACE_INTERVAL_MS = 20  # of the stream models: "stream-64x20"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -476,6 +477,7 @@ async def run_streams(port: int, path: str, key: str, model: str, count: int, tl
     return {
         "streams": count, "ok": len(done), "connect_s": connect_s, "wall_s": wall_s,
         "events_min": min((stream.events for stream in done), default=0),
+        "events": sum(stream.events for stream in streams),
         "max_gap_ms": gaps[-1] * 1000, "p99_stream_max_gap_ms": gaps[int(0.99 * (len(gaps) - 1))] * 1000,
         "max_first_event_ms": max((stream.first_event_s for stream in done), default=0.0) * 1000,
         "client_loop_lag_ms": worst_lag_s * 1000,
@@ -680,6 +682,7 @@ def render(results: Results, args: argparse.Namespace) -> str:
     if stats:
         out += ["", f"Target every stream complete, no gap over {MAX_STREAM_GAP_MS:g} ms through the appliance: "
                 f"{verdict(checks.get('streams'))}.", "",
+                *pace(results, args.streams),
                 f"RSS of the http processes and nginx's workers: {stats['idle_rss_kib'] / 1024:.1f} MiB idle, "
                 f"{stats['open_rss_kib'] / 1024:.1f} MiB with {stats['open_streams']:.0f} streams in flight: "
                 f"**{stats['kib_per_stream']:.1f} KiB per open stream**.", "",
@@ -688,6 +691,22 @@ def render(results: Results, args: argparse.Namespace) -> str:
     if results.notes:
         out += ["### Notes", "", *(f"- {note}" for note in results.notes), ""]
     return "\n".join(out)
+
+
+def pace(results: Results, count: int) -> list[str]:
+    """Events delivered per second against what the pace asks, and each part's CPU per event: where the time went."""
+    lines = []
+    for name, stats in results.streams.items():
+        split = next((split for run, split in results.cpu.items() if run.endswith(name)), None)
+        if split is None or not stats["events"]:
+            continue
+        per_event = ", ".join(f"{part} {1e6 * split[part] / stats['events']:.0f}"
+                              for part in ("http processes", "nginx", "mock", "bench script (e3: the stream client)")
+                              if split[part] >= 0.05)
+        lines.append(f"- {name}: {stats['events']:,.0f} events in {stats['wall_s']:.1f} s, "
+                     f"{stats['events'] / stats['wall_s']:,.0f} per second (the pace asks for "
+                     f"{count * 1000 / PACE_INTERVAL_MS:,.0f}); CPU µs per event: {per_event}")
+    return ["Where the time went (CPU seconds from the table under e1):", "", *lines, ""] if lines else []
 
 
 def write_results(block: str) -> None:
