@@ -510,6 +510,9 @@ def throughput(stack: Stack, connections: int, duration_s: float, results: Resul
     stats = wrk(target, connections, duration_s)
     split = meter.stop()
     stats["http_processes"] = n
+    stats["http_cpu_s"] = split["http processes"]
+    stats["bench_cpu_s"] = sum(value for name, value in split.items() if name not in ("outside the bench", "idle",
+                                                                                      "wall s"))
     if stats["errors"]:
         results.notes.append(f"e1 with {n} http process(es): {error_kinds(stats)} in {stats['requests']:.0f} requests")
     results.throughput[n] = stats
@@ -641,13 +644,17 @@ def render(results: Results, args: argparse.Namespace) -> str:
            "all cores, as on an appliance |", ""]
     out += [f"### (e1) Throughput, concurrency {args.connections} (wrk, non-streamed chat, keepalive TLS through "
             f"nginx), {args.duration_s:g} s per run", "",
-            "| http processes | req/s | vs one | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|---:|"]
+            "| http processes | req/s | vs one | p50 ms | p99 ms | errors | req per CPU-second of the http "
+            "processes | req per CPU-second of all the bench runs |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     one = results.throughput.get(1)
     for count, stats in sorted(results.throughput.items()):
         ratio = f"{stats['rps'] / one['rps']:.2f}x" if one else "-"
         out.append(f"| {count} | {stats['rps']:.0f} | {ratio} | {stats['p50_us'] / 1000:.2f} | "
-                   f"{stats['p99_us'] / 1000:.2f} | {stats['errors']:.0f} |")
-    out += ["", f"Target two processes ≥ {MIN_SCALING:g} times one: {verdict(checks.get('scaling'))}.", ""]
+                   f"{stats['p99_us'] / 1000:.2f} | {stats['errors']:.0f} | "
+                   f"{stats['requests'] / stats['http_cpu_s']:.0f} | {stats['requests'] / stats['bench_cpu_s']:.0f} |")
+    out += ["", f"Target two processes ≥ {MIN_SCALING:g} times one: {verdict(checks.get('scaling'))}. req/s counts "
+            "only while the bench has the cores to itself: *outside the bench* below says how much it had; the "
+            "requests per CPU-second do not depend on it.", ""]
     if results.cpu:
         runs = list(results.cpu)
         cores = os.cpu_count() or 1
