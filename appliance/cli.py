@@ -259,7 +259,7 @@ def _target(appliance: Appliance, name: str | None) -> tuple[str, list[str]] | N
             return (f"{name}:*" if program.processes is not None else name), names
         if name in names:
             return f"{program.name}:{name}", [name]
-        known.append(name if program.processes is None else f"{program.name} ({', '.join(names)})")
+        known.append(program.name if program.processes is None else f"{program.name} ({', '.join(names)})")
     if name == EVENTS_NAME:
         return name, [name]
     raise Failed(f"no program {name!r}; the programs are: {', '.join([*known, EVENTS_NAME])}", EXIT_CONFIG)

@@ -244,7 +244,7 @@ def banner(appliance: Appliance, var: Path) -> None:
         f"gRPC for nodes 127.0.0.1:{config.grpc_tls_port} (TLS)",
         f"programs       `{tool} status`; logs in {config.log_dir}",
         f"scaigrid CLI   `{sys.prefix}/bin/scaigrid --env-file {config.scaigrid_env_file} admin ...`",
-        f"metrics        {url}/metrics and /metrics/<program>; Prometheus config "
+        f"metrics        {url}/metrics/<process> (http_1, grpc, ...: `status` lists them); Prometheus config "
         f"{config.config_dir}/prometheus/scaigrid.yml",
         f"settings       {var / LOCAL_ENV} (kept across restarts; `make run` again applies them)",
     ]

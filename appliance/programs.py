@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Appliance, ApplianceConfig
@@ -24,6 +25,15 @@ NGINX = "/usr/sbin/nginx"  # Debian's
 class Context:
     appliance: Appliance
     settings: Settings
+    # What probes of several processes share, asked once per Context (one `status`): the workers' heartbeats.
+    _shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def shared(self, name: str, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if name not in self._shared:
+                self._shared[name] = compute()
+            return self._shared[name]
 
     def scaigrid(self, *args: str) -> str:
         return " ".join(scaigrid_argv(self.appliance.config, *args))
@@ -109,14 +119,18 @@ def grpc_serving(port: int) -> bool:
 
 def worker_alive(ctx: Context, pid: int) -> bool:
     """Whether the worker of this pid has a fresh heartbeat (`scaigrid check worker` lists them as HOST:PID)."""
+    return str(pid) in ctx.shared("worker heartbeats", lambda: _beating_workers(ctx))
+
+
+def _beating_workers(ctx: Context) -> set[str]:
+    """The pids of the workers with a fresh heartbeat, asked once for them all."""
     argv = scaigrid_argv(ctx.appliance.config, "check", "worker")
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    beating = {line.split()[1].rstrip(":").rsplit(":", 1)[-1] for line in result.stdout.splitlines()
-               if line.startswith("worker ")}
-    return result.returncode == 0 and str(pid) in beating
+        return set()
+    return {line.split()[1].rstrip(":").rsplit(":", 1)[-1] for line in result.stdout.splitlines()
+            if line.startswith("worker ")}
 
 
 def _grace(seconds: float) -> int:

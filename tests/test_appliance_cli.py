@@ -29,8 +29,9 @@ from tests.appliance_stack import ApplianceStack, start_stack
 from tests.support.waiting import eventually
 
 CLI = Path(sys.prefix) / "bin" / "scaigrid-appliance"
-PROGRAMS = ["http", "grpc", "worker", "bunker_proxy", "nginx", "events"]
-SCAIGRID_PROGRAMS = ["http", "grpc", "worker", "bunker_proxy"]
+# Every process as status lists them: the test stacks run two http and two worker processes.
+PROGRAMS = ["http_1", "http_2", "grpc", "worker_1", "worker_2", "bunker_proxy", "nginx", "events"]
+SCAIGRID_PROGRAMS = ["http_1", "http_2", "grpc", "worker_1", "worker_2", "bunker_proxy"]
 # How long supervisord may take to bring a program back (start, startsecs, readiness); only a bound, never asserted.
 RECOVERY_S = 90.0
 
@@ -93,6 +94,8 @@ def test_status_shows_every_program_running_with_its_uptime_and_readiness(applia
         assert uptime != "-", name
     assert code == 0
     assert (report["running"], report["healthy"]) == (True, True)
+    assert {row["name"]: row["program"] for row in report["programs"]} == {
+        name: name.rsplit("_", 1)[0] if name[-1].isdigit() else name for name in PROGRAMS}
     for row in report["programs"]:
         assert row["state"] == "RUNNING" and row["pid"] > 0 and row["uptime_s"] >= 0, row
         assert row["ready"] is (None if row["name"] == "events" else True), row
@@ -106,10 +109,11 @@ def test_a_stopped_program_makes_status_exit_4_until_it_is_started(appliance_sta
     code, report = status(appliance_stack)
     assert code == 4
     assert report["healthy"] is False
-    assert {row["name"]: row["state"] for row in report["programs"]}["worker"] == "STOPPED"
+    states = {row["name"]: row["state"] for row in report["programs"]}
+    assert (states["worker_1"], states["worker_2"], states["grpc"]) == ("STOPPED", "STOPPED", "RUNNING")
     text = appliance_stack.cli("status")
     assert text.returncode == 4
-    assert [line.split()[1] for line in text.stdout.splitlines() if line.startswith("worker ")] == ["STOPPED"]
+    assert [line.split()[1] for line in text.stdout.splitlines() if line.startswith("worker_")] == ["STOPPED"] * 2
 
     start = appliance_stack.cli("start", "worker")
 
@@ -118,16 +122,29 @@ def test_a_stopped_program_makes_status_exit_4_until_it_is_started(appliance_sta
     assert status(appliance_stack)[0] == 0
 
 
-def test_restart_gives_a_program_a_new_process_that_gets_ready(appliance_stack: ApplianceStack):
-    before = rows(appliance_stack)["http"]["pid"]
+def test_restart_gives_each_process_of_a_program_a_new_one_that_gets_ready(appliance_stack: ApplianceStack):
+    before = {name: row["pid"] for name, row in rows(appliance_stack).items()}
 
     result = appliance_stack.cli("restart", "http")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["stop http ...", "start http ...", "done"]
-    http = wait_for(appliance_stack, all_healthy)["http"]
-    assert http["pid"] != before
+    after = {name: row["pid"] for name, row in wait_for(appliance_stack, all_healthy).items()}
+    assert after["http_1"] != before["http_1"] and after["http_2"] != before["http_2"]
+    assert after["grpc"] == before["grpc"]
     assert appliance_stack.get("/health/ready")[0] == 200
+
+
+def test_restart_of_one_process_leaves_the_others_of_its_program_serving(appliance_stack: ApplianceStack):
+    before = {name: row["pid"] for name, row in rows(appliance_stack).items()}
+
+    result = appliance_stack.cli("restart", "http_2")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["stop http_2 ...", "start http_2 ...", "done"]
+    after = {name: row["pid"] for name, row in wait_for(appliance_stack, all_healthy).items()}
+    assert after["http_2"] != before["http_2"]
+    assert after["http_1"] == before["http_1"]
 
 
 def test_restart_of_a_stopped_program_starts_it_and_start_of_a_running_one_is_no_error(
@@ -138,7 +155,7 @@ def test_restart_of_a_stopped_program_starts_it_and_start_of_a_running_one_is_no
     start = appliance_stack.cli("start", "worker")
 
     assert (restart.returncode, start.returncode) == (0, 0), restart.stderr + start.stderr
-    assert rows(appliance_stack)["worker"]["state"] == "RUNNING"
+    assert [rows(appliance_stack)[name]["state"] for name in ("worker_1", "worker_2")] == ["RUNNING"] * 2
 
 
 def test_render_then_restart_puts_the_new_config_in_force_stopping_nginx_after_the_programs(
@@ -156,7 +173,8 @@ def test_render_then_restart_puts_the_new_config_in_force_stopping_nginx_after_t
         assert result.returncode == 0, result.stderr
         wait_for(appliance_stack, all_healthy)
         config = {info["name"]: info for info in appliance_stack.supervisor._call("getAllConfigInfo")}
-        assert config["http"]["stopwaitsecs"] == 6 + 15  # the new drain grace, plus supervisord's margin
+        # The new drain grace, plus supervisord's margin, for each http process.
+        assert config["http_1"]["stopwaitsecs"] == config["http_2"]["stopwaitsecs"] == 6 + 15
         # Stopped tier by tier: the programs drain while nginx still relays them; the listener sees it all.
         with supervisord_log.open() as log:
             log.seek(offset)
@@ -185,17 +203,23 @@ def test_an_unknown_program_is_refused_with_the_list_of_programs(appliance_stack
         result = appliance_stack.cli(command, "htp")
 
         assert result.returncode == 2
-        assert result.stderr == f"scaigrid-appliance: no program 'htp'; the programs are: {', '.join(PROGRAMS)}\n"
+        assert result.stderr == ("scaigrid-appliance: no program 'htp'; the programs are: http (http_1, http_2), grpc, "
+                                 "worker (worker_1, worker_2), bunker_proxy, nginx, events\n")
 
 
-def test_logs_prints_the_last_lines_of_a_program_or_of_all(appliance_stack: ApplianceStack):
-    log = appliance_stack.config.log_dir / "http.log"
+def test_logs_prints_the_last_lines_of_a_process_of_a_program_or_of_all(appliance_stack: ApplianceStack):
+    log = appliance_stack.config.log_dir / "http_2.log"
 
-    one = appliance_stack.cli("logs", "http", "-n", "5")
+    one = appliance_stack.cli("logs", "http_2", "-n", "5")
 
     assert one.returncode == 0, one.stderr
     assert one.stdout.splitlines() == log.read_text().splitlines()[-5:]
     assert len(one.stdout.splitlines()) == 5
+
+    program = appliance_stack.cli("logs", "http", "-n", "1")
+
+    assert program.returncode == 0, program.stderr
+    assert [line.split("|")[0].strip() for line in program.stdout.splitlines()] == ["http_1", "http_2"]
 
     every = appliance_stack.cli("logs", "-n", "1")
 
@@ -230,13 +254,14 @@ def test_logs_follow_prints_new_lines_until_interrupted(appliance_stack: Applian
     assert stderr == ""
 
 
-def test_a_killed_program_is_started_again_by_supervisord(appliance_stack: ApplianceStack):
-    before = rows(appliance_stack)["http"]["pid"]
+def test_a_killed_process_is_started_again_by_supervisord_alone(appliance_stack: ApplianceStack):
+    before = {name: row["pid"] for name, row in rows(appliance_stack).items()}
 
-    os.kill(before, signal.SIGKILL)
+    os.kill(before["http_1"], signal.SIGKILL)
 
-    programs = wait_for(appliance_stack, lambda p: all_healthy(p) and p["http"]["pid"] != before)
-    assert programs["http"]["fatal_count"] == 0
+    programs = wait_for(appliance_stack, lambda p: all_healthy(p) and p["http_1"]["pid"] != before["http_1"])
+    assert programs["http_1"]["fatal_count"] == 0
+    assert programs["http_2"]["pid"] == before["http_2"]
     assert appliance_stack.get("/health/ready")[0] == 200
 
 
@@ -271,7 +296,7 @@ def test_a_program_that_keeps_failing_goes_fatal_and_is_reported(breakable_stack
         body = page.read().decode()
     assert samples(body, "scaigrid_appliance_program_fatal_total")["nginx"] >= 1
     assert samples(body, "scaigrid_appliance_program_running")["nginx"] == 0
-    assert samples(body, "scaigrid_appliance_program_running")["http"] == 1
+    assert samples(body, "scaigrid_appliance_program_running")["http_1"] == 1
 
     # The other listener is gone: nginx starts again; the FATAL stays on record, in status and in the metric.
     assert breakable_stack.cli("start", "nginx").returncode == 0
@@ -285,7 +310,7 @@ def test_a_program_that_keeps_failing_goes_fatal_and_is_reported(breakable_stack
 
 
 def test_systemd_stop_drains_every_program_and_then_status_says_not_running(breakable_stack: ApplianceStack):
-    logs = {name: breakable_stack.config.log_dir / f"{name}.log" for name in ("supervisord", "http")}
+    logs = {name: breakable_stack.config.log_dir / f"{name}.log" for name in ("supervisord", "http_1", "http_2")}
     starts = {name: path.stat().st_size for name, path in logs.items()}
 
     assert breakable_stack.stop() == 0  # SIGTERM to supervisord, as systemd's stop sends it
@@ -294,7 +319,8 @@ def test_systemd_stop_drains_every_program_and_then_status_says_not_running(brea
     for name in [*SCAIGRID_PROGRAMS, "nginx"]:
         assert f"stopped: {name} (exit status 0)" in written["supervisord"], written["supervisord"]
     assert "FATAL" not in written["supervisord"] and "gave up" not in written["supervisord"]
-    assert "drained: 0 in-flight request(s) finished, 0 cut" in written["http"]
+    assert "drained: 0 in-flight request(s) finished, 0 cut" in written["http_1"]
+    assert "drained: 0 in-flight request(s) finished, 0 cut" in written["http_2"]
 
     result = breakable_stack.cli("status")
 

@@ -2,6 +2,7 @@
 
 import configparser
 import grp
+import os
 import pwd
 import re
 import shutil
@@ -240,14 +241,15 @@ def test_render_diff_shows_changes_writes_nothing_and_never_prints_a_secret(tmp_
 # --- what supervisord, systemd, nginx and Prometheus will read ---
 
 def test_supervisord_programs_restart_stop_in_time_and_cap_their_logs(tmp_path: Path):
-    path = appliance_env(tmp_path, HTTP_DRAIN_GRACE_S="45", GRPC_STOP_GRACE_S="12", WORKER_STOP_GRACE_S="20")
+    path = appliance_env(tmp_path, HTTP_DRAIN_GRACE_S="45", GRPC_STOP_GRACE_S="12", WORKER_STOP_GRACE_S="20",
+                         HTTP_PROCESSES="3", WORKER_PROCESSES="2")
     assert cli("render", "--config", str(path)).returncode == 0
     config = appliance_config.load(path).config
     files = rendered(path)
     supervisord = ini(files["supervisord"])
 
     programs = {s.removeprefix("program:"): supervisord[s] for s in supervisord.sections() if s.startswith("program:")}
-    assert sorted(programs) == ["bunker_proxy", "grpc", "http", "nginx", "worker"]
+    assert sorted(programs) == ["bunker_proxy", "grpc", "http_1", "http_2", "http_3", "nginx", "worker_1", "worker_2"]
     for name, program in programs.items():
         assert boolean(program["autorestart"]), name
         assert int(program["startsecs"]) > 0 and int(program["startretries"]) > 0, name
@@ -256,7 +258,7 @@ def test_supervisord_programs_restart_stop_in_time_and_cap_their_logs(tmp_path: 
         assert byte_size(program["stdout_logfile_maxbytes"]) > 0 and int(program["stdout_logfile_backups"]) > 0, name
         # Only nginx's master runs as root (port 443, the TLS key); its workers drop to the user in nginx.conf.
         assert program.get("user") == (None if name == "nginx" else SERVICE_USER), name
-    grace_s = {"http": 45, "bunker_proxy": 45, "nginx": 45, "grpc": 12, "worker": 20}
+    grace_s = {"http_1": 45, "http_3": 45, "bunker_proxy": 45, "nginx": 45, "grpc": 12, "worker_2": 20}
     for name, seconds in grace_s.items():
         assert int(programs[name]["stopwaitsecs"]) > seconds, name
     # supervisord stops high priorities first: nginx goes after the programs whose streams it relays.
@@ -269,9 +271,18 @@ def test_supervisord_programs_restart_stop_in_time_and_cap_their_logs(tmp_path: 
     socket = supervisord["unix_http_server"]
     assert (socket["chmod"], socket["chown"]) == ("0770", f"root:{SERVICE_GROUP}")
 
+    # A program of several processes is a group; its processes stop together, each draining in its own time.
+    groups = {s.removeprefix("group:"): supervisord[s]["programs"].split(",") for s in supervisord.sections()
+              if s.startswith("group:")}
+    assert groups == {"http": ["http_1", "http_2", "http_3"], "worker": ["worker_1", "worker_2"]}
+    for name in groups:
+        assert supervisord[f"group:{name}"]["priority"] == programs[f"{name}_1"]["priority"], name
+    grouped = {member for members in groups.values() for member in members}
     stop_waits_s = [int(section.get("stopwaitsecs", "10")) for section in supervisord.values()
-                    if section.name.startswith(("program:", "eventlistener:"))]
-    # supervisord stops programs one after another: systemd must wait out all of them before it kills.
+                    if section.name.startswith(("program:", "eventlistener:"))
+                    and section.name.removeprefix("program:") not in grouped]
+    stop_waits_s += [max(int(programs[member]["stopwaitsecs"]) for member in members) for members in groups.values()]
+    # supervisord stops groups one after another: systemd must wait out all of them before it kills.
     assert int(ini(files["drop-in"])["Service"]["TimeoutStopSec"]) > sum(stop_waits_s)
 
 
@@ -326,3 +337,60 @@ def test_every_appliance_key_is_documented_with_its_default():
     documented = {key.name: ("—" if not key.default else f"`{key.default}`")
                   for key in appliance_keys()}
     assert rows == documented
+
+
+# --- several http and worker processes ---
+
+def test_each_http_and_worker_process_gets_its_own_port_upstream_server_and_scrape_target(tmp_path: Path):
+    path = appliance_env(tmp_path, HTTP_PROCESSES="3", WORKER_PROCESSES="2", HTTP_PORT="18100",
+                         WORKER_METRICS_PORT="19200")
+
+    assert cli("render", "--config", str(path)).returncode == 0
+
+    files = rendered(path)
+    supervisord = ini(files["supervisord"])
+    # Each process's port is in its own environment, which the scaigrid settings take over the env file's.
+    environments = {name: supervisord[f"program:{name}"]["environment"] for name in
+                    ("http_1", "http_2", "http_3", "worker_1", "worker_2")}
+    assert [re.findall(r'(?:HTTP_PORT|WORKER_METRICS_PORT)="(\d+)"', text) for text in environments.values()] == [
+        ["18100"], ["18101"], ["18102"], ["19200"], ["19201"]]
+    nginx = files["nginx"].read_text()
+    upstream = nginx.split("upstream scaigrid_http {")[1].split("}")[0]
+    assert re.findall(r"server 127\.0\.0\.1:(\d+);", upstream) == ["18100", "18101", "18102"]
+    assert "least_conn;" in upstream and "keepalive" in upstream
+    for name, port in (("http_2", 18101), ("worker_2", 19201)):
+        assert f"location = /metrics/{name} {{" in nginx
+        assert f"proxy_pass http://127.0.0.1:{port}/metrics;" in nginx
+    jobs = {job["job_name"]: job for job in yaml.safe_load(files["prometheus"].read_text())["scrape_configs"]}
+    http_targets = jobs["scaigrid_http"]["static_configs"]
+    assert [(target["labels"]["process"], target["labels"]["__metrics_path__"]) for target in http_targets] == [
+        ("http_1", "/metrics/http_1"), ("http_2", "/metrics/http_2"), ("http_3", "/metrics/http_3")]
+
+
+def test_http_processes_default_to_one_per_cpu_the_appliance_may_use(tmp_path: Path):
+    path = appliance_env(tmp_path)
+
+    assert cli("render", "--config", str(path)).returncode == 0
+
+    supervisord = ini(rendered(path)["supervisord"])
+    cpus = len(os.sched_getaffinity(0))
+    assert supervisord["group:http"]["programs"].split(",") == [f"http_{i + 1}" for i in range(cpus)]
+    assert supervisord["group:worker"]["programs"] == "worker_1"
+
+
+def test_check_config_names_the_listener_a_range_of_processes_runs_into(tmp_path: Path):
+    # ScaiGrid's own defaults: BUNKER_PROXY_PORT 8001 right above HTTP_PORT 8000, the event listener's 9153 above 9152.
+    path = appliance_env(tmp_path)
+    write_env(path, {**appliance_config.read_env_file(path), "HTTP_PROCESSES": "3", "HTTP_PORT": "8000",
+                     "WORKER_PROCESSES": "2", "WORKER_METRICS_PORT": "9152"})
+
+    result = cli("check-config", "--config", str(path))
+
+    assert result.returncode == 2
+    assert problem_lines(result.stderr) == [
+        "HTTP_PROCESSES: port 8001 (HTTP_PORT + 1 (http_2)) is also BUNKER_PROXY_PORT's",
+        "WORKER_PROCESSES: port 9153 (WORKER_METRICS_PORT + 1 (worker_2)) is also APPLIANCE_METRICS_PORT's"]
+
+    write_env(path, {**appliance_config.read_env_file(path), "HTTP_PORT": "65534", "WORKER_METRICS_PORT": "9200"})
+    result = cli("check-config", "--config", str(path))
+    assert problem_lines(result.stderr) == ["HTTP_PROCESSES: 3 processes from HTTP_PORT 65534 run past port 65535"]

@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import devstack, local
 from scaigrid.settings import read_env_file
-from tests.appliance_stack import PORT_KEYS
+from tests.appliance_stack import free_listener_ports
 from tests.support.processes import REPO
 from tests.support.waiting import eventually
 
@@ -87,10 +88,20 @@ def listed(url: str, key: str, var: Path) -> set[str]:
     return {item["id"] for item in body["data"]}  # type: ignore[attr-defined]
 
 
+def models_requests(url: str, process: str, var: Path) -> float:
+    """How many /v1/models requests one http process answered, from its own /metrics (through nginx)."""
+    context = ssl.create_default_context(cafile=str(var / "etc" / "tls" / "server.crt"))
+    with urllib.request.urlopen(f"{url}/metrics/{process}", timeout=10, context=context) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "scaigrid_http_requests_total" and "models" in sample.labels["route"])
+
+
 # Two starts of the whole appliance, each up to a minute or so: beyond the default test timeout.
 @pytest.mark.timeout(400)
 def test_make_run_works_as_printed_and_keeps_local_env_across_restarts(tmp_path):
-    ports = dict(zip(PORT_KEYS, map(str, devstack.free_ports(len(PORT_KEYS))), strict=True))
+    # The first start runs two http processes (HTTP_PROCESSES=2 make run), the second one per CPU (the default).
+    ports = free_listener_ports(max(2, len(os.sched_getaffinity(0))), 1)
     base = devstack.free_port_block(len(local.SERVICES))
     var = tmp_path / "var"
     var.mkdir()
@@ -98,7 +109,7 @@ def test_make_run_works_as_printed_and_keeps_local_env_across_restarts(tmp_path)
     (var / "local.env").write_text("HYBRID_ROLE=managed\n" + "".join(f"{k}={v}\n" for k, v in ports.items()))
     env = make_run_env(SERVICES_BASE_PORT=str(base))
     url = f"https://127.0.0.1:{ports['HTTPS_PORT']}"
-    with make_run(tmp_path, env, "first") as text:
+    with make_run(tmp_path, {**env, "HTTP_PROCESSES": "2"}, "first") as text:
         assert url in text
         admin_key = (var / "etc" / "secrets" / "admin-key").read_text().strip()
         assert admin_key in text  # printed for the developer, as the issue asks of make run
@@ -112,7 +123,12 @@ def test_make_run_works_as_printed_and_keeps_local_env_across_restarts(tmp_path)
         status = subprocess.run(banner_command(text, "programs"), capture_output=True, text=True, timeout=60,
                                 env=env)
         assert status.returncode == 0, status.stdout + status.stderr
-        assert "http" in status.stdout and "RUNNING" in status.stdout
+        assert [line.split()[:2] for line in status.stdout.splitlines() if line.startswith("http_")] == [
+            ["http_1", "RUNNING"], ["http_2", "RUNNING"]]
+        # Both serve: nginx spreads requests, each on its own connection, over the two.
+        for _ in range(10):
+            assert api(f"{url}/v1/models", admin_key, var)[0] == 200
+        assert all(models_requests(url, name, var) > 0 for name in ("http_1", "http_2"))
         check = subprocess.run([*banner_command(text, "scaigrid CLI")[:-2], "check-config", "--mode", "http"],
                                capture_output=True, text=True, timeout=60, env=env)
         assert check.returncode == 0, check.stderr
@@ -138,7 +154,7 @@ def test_make_run_works_as_printed_and_keeps_local_env_across_restarts(tmp_path)
         assert "demo/echo" not in listed(url, admin_key, var)  # removed stays removed
     assert (var / "local.env").read_text().startswith("HYBRID_ROLE=managed\n")
     supervisord_log = (var / "log" / "supervisord.log").read_text()
-    for name in ("http", "grpc", "worker", "bunker_proxy"):
+    for name in ("http_1", "http_2", "grpc", "worker_1", "bunker_proxy"):
         assert f"stopped: {name} (exit status 0)" in supervisord_log, supervisord_log
 
 

@@ -29,7 +29,7 @@ from appliance import devstack, firstboot, render
 from appliance.config import Appliance
 from appliance.local import child_env
 from appliance.programs import NGINX
-from tests.appliance_stack import PORT_KEYS, ApplianceStack, devstack_client, start_stack
+from tests.appliance_stack import ApplianceStack, devstack_client, free_listener_ports, start_stack
 from tests.backends import catalogue_toml
 from tests.nginx_upstreams import EchoSocket, ScheduledStream
 from tests.support.waiting import eventually, eventually_async
@@ -58,7 +58,8 @@ def rendered(directory: Path, **values: str) -> Appliance:
         "APPLIANCE_LOG_DIR": str(directory / "log"),
         "APPLIANCE_RUN_DIR": str(directory / "run"),
         "SYSTEMD_UNIT_DIR": str(directory / "etc" / "systemd"),
-        **dict(zip(PORT_KEYS, map(str, devstack.free_ports(len(PORT_KEYS))), strict=True)),
+        "HTTP_PROCESSES": "2",
+        **free_listener_ports(2, 1),
         **values,
     }
     path = directory / "appliance.env"
@@ -105,9 +106,10 @@ def test_the_rendered_config_passes_nginx_t(tmp_path, storage, values):
         assert "client_max_body_size 123456789;" in text
     # Streams may stay open for DISPATCH_STREAM_TIMEOUT_S; nginx waits 60 s longer.
     assert set(re.findall(r"proxy_read_timeout (\S+);", text)) == {"360s"}
-    # Every program's /metrics, each open to loopback and the configured networks alone.
+    # Every process's /metrics, each open to loopback and the configured networks alone.
     locations = metrics_locations(text)
-    expected = {"/metrics", "/metrics/grpc", "/metrics/worker", "/metrics/events"} | {f"/metrics/{p}" for p in storage}
+    expected = ({"/metrics/http_1", "/metrics/http_2", "/metrics/grpc", "/metrics/worker_1", "/metrics/events"}
+                | {f"/metrics/{p}" for p in storage})
     assert set(locations) == expected
     rules = ["allow 127.0.0.1", "allow ::1", *(f"allow {network}" for network in networks), "deny all"]
     assert all(found == rules for found in locations.values()), locations
@@ -180,24 +182,29 @@ def test_health_and_the_api_answer_through_tls(stack):
 
 
 def test_a_program_that_is_down_is_answered_in_the_api_envelope(stack):
-    stack.supervisor.stop("http")
+    stack.supervisor.stop("http:http_1")
     try:
+        # One http process down: nginx sends every request to the other.
+        for _ in range(4):
+            assert request(stack, "GET", "/v1/models", key=stack.admin_key)[0] == 200
+        stack.supervisor.stop("http:*")
         status, headers, body = request(stack, "GET", "/v1/models", key=stack.admin_key)
         assert (status, json.loads(body)["error"]["code"], headers["retry-after"]) == (503, "UPSTREAM_UNAVAILABLE", "5")
     finally:
-        stack.supervisor.start("http")
+        stack.supervisor.start("http:*")
     assert request(stack, "GET", "/health/ready")[0] == 200
 
 
 def test_metrics_answer_loopback_and_scrape_networks_only(stack):
-    paths = ["/metrics", "/metrics/grpc", "/metrics/worker", "/metrics/bunker_proxy", "/metrics/events"]
+    paths = ["/metrics/http_1", "/metrics/http_2", "/metrics/grpc", "/metrics/worker_1", "/metrics/worker_2",
+             "/metrics/bunker_proxy", "/metrics/events"]
     for path in paths:
         status, _, body = request(stack, "GET", path)
         assert status == 200 and b"# TYPE " in body, path
         assert request(stack, "GET", path, source=SCRAPER)[0] == 200, path
         assert request(stack, "GET", path, source=STRANGER)[0] == 403, path
-    # The http process's own metrics, not another program's.
-    assert b"scaigrid_requests_total" in request(stack, "GET", "/metrics")[2]
+    # Each http process's own metrics, not another program's.
+    assert all(b"scaigrid_requests_total" in request(stack, "GET", f"/metrics/http_{i}")[2] for i in (1, 2))
     assert b"scaigrid_appliance_program_running" in request(stack, "GET", "/metrics/events")[2]
     # Everything else stays open to any address: only metrics are restricted.
     assert request(stack, "GET", "/health", source=STRANGER)[0] == 200
