@@ -655,6 +655,12 @@ def render(results: Results, args: argparse.Namespace) -> str:
     out += ["", f"Target two processes ≥ {MIN_SCALING:g} times one: {verdict(checks.get('scaling'))}. req/s counts "
             "only while the bench has the cores to itself: *outside the bench* below says how much it had; the "
             "requests per CPU-second do not depend on it.", ""]
+    if one:
+        split = results.cpu[next(run for run in results.cpu if run.startswith("e1, 1 "))]
+        out += [f"With one process the bench kept {one['bench_cpu_s']:.1f} CPU-seconds busy and left "
+                f"{split['idle']:.1f} idle ({split['outside the bench']:.1f} went to other work on the machine): were "
+                "every idle CPU-second turned into requests at the same CPU per request (all parts counted), two "
+                f"processes could reach at most {1 + split['idle'] / one['bench_cpu_s']:.2f} times one.", ""]
     if results.cpu:
         runs = list(results.cpu)
         cores = os.cpu_count() or 1
