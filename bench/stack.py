@@ -449,13 +449,14 @@ async def run_streams(port: int, path: str, key: str, model: str, count: int, tl
     worst_lag_s = 0.0
 
     async def watch() -> None:
-        # Samples memory while streams run, and how late this loop wakes: gaps it causes are the client's.
+        # Samples memory while streams run, in a thread: reading /proc of a busy process can take tens of ms, which
+        # would hold up the streams' events here. And how late this loop wakes: gaps it causes are the client's.
         nonlocal worst_lag_s
         while not all_done.done():
             before_s = time.monotonic()
             await asyncio.sleep(SAMPLE_INTERVAL_S)
             worst_lag_s = max(worst_lag_s, time.monotonic() - before_s - SAMPLE_INTERVAL_S)
-            samples.append(sample(count - len(finished), rss_pids, nginx_workers))
+            samples.append(await asyncio.to_thread(sample, count - len(finished), rss_pids, nginx_workers))
 
     watcher = asyncio.create_task(watch())
     if meter is not None:
