@@ -57,7 +57,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 # Mock vs floor proxy vs one pinned http process (bench.run, about 5 minutes), then the whole appliance as make run
-# starts it, through nginx and TLS (bench.stack, about 4 minutes): about 9 minutes in all. Each rewrites its own block
+# starts it, through nginx and TLS (bench.stack, about 3 minutes): about 8 minutes in all. Each rewrites its own block
 # of bench/RESULTS.md and runs alone as well: $(PY) -m bench.run, $(PY) -m bench.stack.
 bench: install
 	$(PY) -m bench.run
