@@ -56,9 +56,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench
 	$(VENV)/bin/mypy
 
-# Mock vs floor proxy vs one pinned http process (about 5 minutes); rewrites bench/RESULTS.md.
+# Mock vs floor proxy vs one pinned http process (bench.run, about 5 minutes), then the whole appliance as make run
+# starts it, through nginx and TLS (bench.stack, about 3 minutes): about 8 minutes in all. Each rewrites its own block
+# of bench/RESULTS.md and runs alone as well: $(PY) -m bench.run, $(PY) -m bench.stack.
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.stack
 
 # A 256 MiB object through bunker_proxy vs straight to S3 (moto), about a minute; rewrites its block of RESULTS.md.
 bench-storage: install
