@@ -10,6 +10,8 @@ DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
 DEBIAN_PACKAGES += packer qemu-utils
 # The boot test: mmdebstrap builds a Debian root filesystem, systemd-nspawn boots it with systemd as PID 1.
 DEBIAN_PACKAGES += mmdebstrap systemd-container
+# The load generator of make bench (wrk; bench.run's c=1 latency and bench.stack's TLS throughput).
+BENCH_PACKAGES := wrk
 # Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.
 VENV_PACKAGES := $(shell python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv)
 
@@ -60,6 +62,7 @@ lint: $(VENV)/.installed
 # starts it, through nginx and TLS (bench.stack, about 3 minutes): about 8 minutes in all. Each rewrites its own block
 # of bench/RESULTS.md and runs alone as well: $(PY) -m bench.run, $(PY) -m bench.stack.
 bench: install
+	@$(call apt_install,$(BENCH_PACKAGES))
 	$(PY) -m bench.run
 	$(PY) -m bench.stack
 
