@@ -68,6 +68,7 @@ class Results:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     streams: dict[str, dict[str, float]] = field(default_factory=dict)
     limits: list[str] = field(default_factory=list)
+    capacity: dict[int, dict[str, float]] = field(default_factory=dict)  # e3's ladder: stream count -> stats
     measured_processes: int = 0  # the stack e2 and e3 ran on
     notes: list[str] = field(default_factory=list)
 
@@ -565,6 +566,17 @@ def stream_phase(stack: Stack, count: int, results: Results) -> None:
         f"{stats['kib_per_stream']:.1f} KiB RSS per open stream")
 
 
+def capacity_phase(stack: Stack, ladder: list[int], results: Results) -> None:
+    """(e3, first) Paced streams through the appliance, a rung at a time, until one misses the gap target: how many
+    this machine carries, where the full count asks more events per second than its cores can relay."""
+    for count in ladder:
+        stats, _ = streams(stack.appliance.config.https_port, CHAT, stack.key, STREAM_MODEL, count, tls=True)
+        results.capacity[count] = stats
+        say(f"e3 ladder, {count} streams: {stats['ok']:.0f}/{count} complete, max gap {stats['max_gap_ms']:.0f} ms")
+        if stats["ok"] < count or stats["max_gap_ms"] > MAX_STREAM_GAP_MS:
+            break
+
+
 def open_files_limit(pid: int) -> str:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
@@ -605,6 +617,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
                     if index == len(counts) - 1:
                         results.measured_processes = len(stack.http_pids())
                         latency(stack, args.latency_s, results)
+                        capacity_phase(stack, args.stream_ladder, results)
                         stream_phase(stack, args.streams, results)
     finally:
         if args.keep:
@@ -692,6 +705,15 @@ def render(results: Results, args: argparse.Namespace) -> str:
         out.append(f"| {name} | {stats['ok']:.0f}/{stats['streams']:.0f} | {stats['max_gap_ms']:.0f} | "
                    f"{stats['p99_stream_max_gap_ms']:.0f} | {stats['max_first_event_ms']:.0f} | "
                    f"{stats['client_loop_lag_ms']:.0f} | {stats['connect_s']:.1f} | {stats['wall_s']:.1f} |")
+    if results.capacity:
+        carried = [count for count, rung in results.capacity.items()
+                   if rung["ok"] == count and rung["max_gap_ms"] <= MAX_STREAM_GAP_MS]
+        out += ["", "The ladder first (through the appliance, a rung at a time until one misses the gap target):", "",
+                "| streams | complete | max gap ms | p99 of per-stream max gap ms |", "|---:|---:|---:|---:|"]
+        out += [f"| {count:,} | {rung['ok']:.0f} | {rung['max_gap_ms']:.0f} | {rung['p99_stream_max_gap_ms']:.0f} |"
+                for count, rung in results.capacity.items()]
+        out += ["", f"Most paced streams carried with no gap over {MAX_STREAM_GAP_MS:g} ms here: "
+                f"**{max(carried, default=0):,}**."]
     stats = results.streams.get("through the appliance")
     if stats:
         out += ["", f"Target every stream complete, no gap over {MAX_STREAM_GAP_MS:g} ms through the appliance: "
@@ -733,18 +755,21 @@ def write_results(block: str) -> None:
     RESULTS.write_text(text)
 
 
-def process_counts(raw: str) -> list[int]:
+def int_list(raw: str) -> list[int]:
     return [int(part) for part in raw.split(",")]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--processes", type=process_counts, default=[1, 2],
+    parser.add_argument("--processes", type=int_list, default=[1, 2],
                         help="HTTP_PROCESSES values of e1, comma-separated; e2 and e3 run on the last (default 1,2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk's connections in e1")
     parser.add_argument("--duration-s", type=float, default=20.0, help="length of each e1 run")
     parser.add_argument("--latency-s", type=float, default=15.0, help="length of each e2 run")
     parser.add_argument("--streams", type=int, default=2000, help="concurrent streams in e3")
+    parser.add_argument("--stream-ladder", type=int_list, default=[250, 500, 1000, 1500],
+                        help="stream counts tried through the appliance before --streams, up to the first that "
+                             "misses the gap target (default 250,500,1000,1500)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, config)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--command", default="make bench", help="how this run was started, for RESULTS.md")
