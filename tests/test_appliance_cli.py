@@ -217,6 +217,10 @@ def test_an_unknown_program_is_refused_with_the_list_of_programs(appliance_stack
 
 def test_logs_prints_the_last_lines_of_a_process_of_a_program_or_of_all(appliance_stack: ApplianceStack):
     log = appliance_stack.config.log_dir / "http_2.log"
+    # Requests until http_2 has logged more than five lines (nginx spreads them over the processes; probes of /health
+    # are not logged, an unauthenticated call is).
+    eventually(lambda: appliance_stack.get("/v1/models")[0] == 401 and len(log.read_text().splitlines()) > 5,
+               "http_2 logging more than five lines", 30, interval_s=0)
 
     one = appliance_stack.cli("logs", "http_2", "-n", "5")
 
@@ -237,9 +241,12 @@ def test_logs_prints_the_last_lines_of_a_process_of_a_program_or_of_all(applianc
 
 def test_logs_follow_prints_new_lines_until_interrupted(appliance_stack: ApplianceStack):
     marker = secrets.token_hex(8)
+    # SIGINT's default disposition for the child, as a terminal gives it: a suite started in the background (`cmd &`
+    # in a script) inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt.
     follower = subprocess.Popen([str(CLI), "logs", "nginx", "-f", "-n", "0"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
-                                env={**child_env(), "SCAIGRID_APPLIANCE_CONFIG": str(appliance_stack.appliance.path)})
+                                env={**child_env(), "SCAIGRID_APPLIANCE_CONFIG": str(appliance_stack.appliance.path)},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout or ()], daemon=True)
     reader.start()
