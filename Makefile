@@ -58,8 +58,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench
 	$(VENV)/bin/mypy
 
-# Mock vs floor proxy vs one pinned http process (bench.run, about 5 minutes), then the whole appliance as make run
-# starts it, through nginx and TLS (bench.stack, about 3 minutes): about 8 minutes in all. Each rewrites its own block
+# Mock vs floor proxy vs one pinned http process (bench.run, about 7 minutes), then the whole appliance as make run
+# starts it, through nginx and TLS (bench.stack, about 3 minutes): about 10 minutes in all. Each rewrites its own block
 # of bench/RESULTS.md and runs alone as well: $(PY) -m bench.run, $(PY) -m bench.stack.
 bench: install
 	@$(call apt_install,$(BENCH_PACKAGES))
