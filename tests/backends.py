@@ -20,6 +20,7 @@ Every request is recorded (path, body, Authorization) with an event set when its
 
 import asyncio
 import base64
+import io
 import json
 import re
 import secrets
@@ -29,6 +30,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import wave
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -269,6 +271,17 @@ class FakeBackend(ThreadedServer):
 def image_bytes(index: int) -> bytes:
     """The bytes of the fake image number `index` (a b64_json answer carries them)."""
     return b"\x89PNG\r\n\x1a\n" + bytes([index]) * 16
+
+
+def wav(seconds: int, rate: int = 8000) -> bytes:
+    """A silent mono 16-bit WAV of `seconds`, as a client uploads for transcription (its length is what is billed)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(rate)
+        audio.writeframes(b"\0\0" * rate * seconds)
+    return out.getvalue()
 
 
 def speech_bytes(text: str) -> bytes:

@@ -13,7 +13,6 @@ import io
 import json
 import secrets
 import time
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from tests.backends import (  # noqa: F401 (fake_fixture: the fixture `fake`)
     mode_process,
     shared_env,
     speech_bytes,
+    wav,
 )
 from tests.identity import Reply, call, tenant, user_with_key, webhook
 from tests.support.env import create_key
@@ -135,16 +135,6 @@ def sse_events(body: str) -> list[tuple[str, str]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines.get("event", "message"), lines["data"]))
     return events
-
-
-def wav(seconds: int = 2, rate: int = 8000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as audio:
-        audio.setnchannels(1)
-        audio.setsampwidth(2)
-        audio.setframerate(rate)
-        audio.writeframes(b"\0\0" * rate * seconds)
-    return out.getvalue()
 
 
 def service_token(env: dict[str, str], scope: str) -> str:
@@ -459,12 +449,12 @@ def test_native_images_and_audio(grid: Grid) -> None:
     form = {"model": "parity/whisper", "language": "en", "temperature": "0", "prompt": "greeting"}
     for response_format in ("json", "verbose_json"):
         answer = native(grid, "POST", "/v1/inference/audio/transcribe", key,
-                        data={**form, "response_format": response_format}, files={"file": ("a.wav", wav())})
+                        data={**form, "response_format": response_format}, files={"file": ("a.wav", wav(2))})
         assert answer.status_code == 200, answer.text
         assert answer.json()["data"]["text"] == TRANSCRIPT
     for response_format in ("text", "srt", "vtt"):
         answer = native(grid, "POST", "/v1/inference/audio/transcribe", key,
-                        data={**form, "response_format": response_format}, files={"file": ("a.wav", wav())})
+                        data={**form, "response_format": response_format}, files={"file": ("a.wav", wav(2))})
         assert answer.status_code == 200 and TRANSCRIPT in answer.text, answer.text
 
     spoken = native(grid, "POST", "/v1/inference/audio/synthesize", key,
@@ -497,7 +487,7 @@ def test_openai_sdk_surface(grid: Grid) -> None:
         assert len(embedded.data) == 2
         image = client.images.generate(model="parity/painter", prompt="a lighthouse", n=1)
         assert image.data and image.data[0].url
-        transcript = client.audio.transcriptions.create(model="parity/whisper", file=("a.wav", wav()))
+        transcript = client.audio.transcriptions.create(model="parity/whisper", file=("a.wav", wav(2)))
         assert transcript.text == TRANSCRIPT
         speech = client.audio.speech.create(model="parity/whisper", input="good morning", voice="alloy")
         assert speech.content == speech_bytes("good morning")

@@ -2,9 +2,7 @@
 speaking OpenAI's media formats: relay, failover, limits, budgets and per-unit accounting."""
 
 import base64
-import io
 import json
-import wave
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -30,6 +28,7 @@ from tests.backends import (  # noqa: F401 (fake_fixture, gateway_fixture: the f
     serving,
     shared_env,
     speech_bytes,
+    wav,
 )
 from tests.catalogue_fixtures import add_tenant, sql
 from tests.support.env import create_key
@@ -38,6 +37,7 @@ from tests.support.waiting import eventually
 
 IMAGE_PRICE, SECOND_PRICE, MCHAR_PRICE = "0.04", "0.0001", "15"
 WAV_SECONDS = 2
+WAV = wav(WAV_SECONDS)  # the upload of the transcription tests
 
 
 def _media(slug: str, modality: str, routes: list[tuple[str, int]], **extra: str) -> dict[str, object]:
@@ -72,16 +72,6 @@ def node_gateway(mariadb: devstack.MariaDB, redis_server: devstack.Redis, s3_ser
             _media("beta/voice", "audio", [("plain", 1)], tenant="beta"),
         ]) as gateway:
             yield gateway
-
-
-def _wav(seconds: int = WAV_SECONDS, rate: int = 8000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as audio:
-        audio.setnchannels(1)
-        audio.setsampwidth(2)
-        audio.setframerate(rate)
-        audio.writeframes(b"\0\0" * rate * seconds)
-    return out.getvalue()
 
 
 def _usage(gateway: Gateway) -> list[UsageRecord]:
@@ -156,38 +146,38 @@ def test_bad_image_bodies_and_wrong_modalities_are_refused_before_any_backend(ga
 
 def test_transcriptions_through_the_sdk_in_every_format(gateway: Gateway, fake: FakeBackend) -> None:
     client = gateway.client()
-    result = client.audio.transcriptions.create(model="acme/whisper", file=("note.wav", _wav(), "audio/wav"),
+    result = client.audio.transcriptions.create(model="acme/whisper", file=("note.wav", WAV, "audio/wav"),
                                                 language="en", temperature=0.2, prompt="a note")
     assert result.text == TRANSCRIPT
     [seen] = fake.received
     assert seen.path == "/v1/audio/transcriptions" and seen.authorization == "Bearer sk-media-secret"
     assert seen.body["model"] == "ok"  # the backend's own name for the model
-    assert seen.body["file"] == {"filename": "note.wav", "size": len(_wav()), "content_type": "audio/wav"}
+    assert seen.body["file"] == {"filename": "note.wav", "size": len(WAV), "content_type": "audio/wav"}
     assert (seen.body["language"], seen.body["prompt"], seen.body["temperature"]) == ("en", "a note", "0.2")
     # Priced by the seconds the backend's usage states.
     assert _record_of(gateway, "acme/whisper").cost == AUDIO_SECONDS * Decimal(SECOND_PRICE)
 
-    text = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", _wav()), response_format="text")
+    text = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", WAV), response_format="text")
     assert text.strip() == TRANSCRIPT
     assert _record_of(gateway, "acme/whisper").cost == WAV_SECONDS * Decimal(SECOND_PRICE)  # from the WAV itself
-    srt = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", _wav()), response_format="srt")
+    srt = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", WAV), response_format="srt")
     assert f"--> 00:00:0{AUDIO_SECONDS},000" in srt
-    vtt = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", _wav()), response_format="vtt")
+    vtt = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", WAV), response_format="vtt")
     assert vtt.startswith("WEBVTT")
-    verbose = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", _wav()),
+    verbose = client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", WAV),
                                                  response_format="verbose_json")
     assert (verbose.text, verbose.duration) == (TRANSCRIPT, AUDIO_SECONDS)
 
 
 def test_native_transcription_and_failover(gateway: Gateway, fake: FakeBackend) -> None:
-    result = gateway.client().audio.transcriptions.create(model="acme/whisper-failover", file=("n.wav", _wav()))
+    result = gateway.client().audio.transcriptions.create(model="acme/whisper-failover", file=("n.wav", WAV))
     assert result.text == TRANSCRIPT
     # The upload went to both backends whole: failing over sends it again.
-    assert [(r.body["model"], r.body["file"]["size"]) for r in fake.received] == [("fail", len(_wav())),
-                                                                                ("ok", len(_wav()))]
+    assert [(r.body["model"], r.body["file"]["size"]) for r in fake.received] == [("fail", len(WAV)),
+                                                                                ("ok", len(WAV))]
     native = openai.OpenAI(base_url=gateway.url + "/v1/inference", api_key=gateway.key, max_retries=0)
     with native:
-        answer = native.post("/audio/transcribe", cast_to=object, files={"file": ("n.wav", _wav())},
+        answer = native.post("/audio/transcribe", cast_to=object, files={"file": ("n.wav", WAV)},
                              body={"model": "acme/whisper"},
                              options={"headers": {"Content-Type": "multipart/form-data"}})
     assert answer == {"status": "ok", "data": {"text": TRANSCRIPT,
@@ -200,7 +190,7 @@ def test_transcription_uploads_are_bounded_and_checked(gateway: Gateway, fake: F
         client.audio.transcriptions.create(model="acme/whisper", file=("big.wav", b"\0" * (MAX_UPLOAD_BYTES + 1)))
     assert (caught.value.status_code, caught.value.code) == (413, "REQUEST_TOO_LARGE")
     with pytest.raises(openai.BadRequestError) as caught:
-        client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", _wav()), response_format="doc")  # type: ignore[arg-type]
+        client.audio.transcriptions.create(model="acme/whisper", file=("n.wav", WAV), response_format="doc")  # type: ignore[arg-type]
     assert caught.value.code == "VALIDATION_ERROR" and "response_format" in caught.value.message
     status, _, body = http_call("POST", gateway.url + "/v1/inference/audio/transcribe", gateway.key,
                                 {"model": "acme/whisper"})
