@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appliance.config import Appliance, ApplianceConfig
@@ -128,6 +129,20 @@ def _beating_workers(ctx: Context) -> set[str]:
             if line.startswith("worker ")}
 
 
+def nginx_command(config_dir: Path, run_dir: Path) -> str:
+    """nginx's master, after a graceful stop of the workers a killed master left behind.
+
+    A master killed with -9 leaves its workers running, reparented, still holding the listening sockets: each new
+    master supervisord starts then fails to bind, until supervisord gives up (FATAL) while orphans serve the old
+    config. They are still in the dead master's process group, whose id is in the pid file it wrote; QUIT lets them
+    finish what they serve and close their sockets at once (nginx retries its bind meanwhile). pkill -x nginx only
+    touches nginx processes, should the id have been reused.
+    """
+    pid_file = run_dir / "nginx.pid"
+    return (f"/bin/sh -c 'old=$(cat {pid_file} 2>/dev/null) && pkill -QUIT -g \"$old\" -x nginx; "
+            f"exec {NGINX} -c {config_dir}/nginx.conf'")
+
+
 def _grace(seconds: float) -> int:
     return int(seconds) + STOP_MARGIN_S
 
@@ -193,7 +208,7 @@ PROGRAMS: tuple[Program, ...] = (
     ),
     Program(
         "nginx",
-        command=lambda ctx: f"{NGINX} -c {ctx.appliance.config.config_dir}/nginx.conf",
+        command=lambda ctx: nginx_command(ctx.appliance.config.config_dir, ctx.appliance.config.run_dir),
         metrics=lambda ctx, i: None,
         ready=lambda ctx, i, pid: http_ok(f"https://127.0.0.1:{ctx.appliance.config.https_port}/health"),
         # QUIT is nginx's graceful stop: open streams finish, as long as the http drain allows.

@@ -280,6 +280,27 @@ def test_a_killed_process_is_started_again_by_supervisord_alone(appliance_stack:
     assert appliance_stack.get("/health/ready")[0] == 200
 
 
+def test_a_killed_nginx_master_is_replaced_and_the_workers_it_left_behind_leave(appliance_stack: ApplianceStack):
+    """Its workers outlive a master killed with -9 and hold the listening sockets: without the graceful stop the
+    next master gives them, every new master failed to bind until supervisord gave up (FATAL)."""
+    master = rows(appliance_stack)["nginx"]["pid"]
+    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and parent_of(int(pid)) == master]
+    assert workers
+
+    os.kill(master, signal.SIGKILL)
+
+    programs = wait_for(appliance_stack, lambda p: all_healthy(p) and p["nginx"]["pid"] != master)
+    assert programs["nginx"]["fatal_count"] == 0
+    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the old workers gone", 30)
+    assert appliance_stack.get("/health/ready")[0] == 200
+
+
+def parent_of(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return 0
+
+
 # --- failures and stops (on the module's second stack) ---
 
 @pytest.mark.timeout(240)  # a stack start, then supervisord's backoff through five failed starts, then a start
