@@ -10,6 +10,8 @@ DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
 DEBIAN_PACKAGES += packer qemu-utils
 # The boot test: mmdebstrap builds a Debian root filesystem, systemd-nspawn boots it with systemd as PID 1.
 DEBIAN_PACKAGES += mmdebstrap systemd-container
+# The fault table (make chaos, and its short run in make test): one worker's clock stepped by libfaketime.
+DEBIAN_PACKAGES += faketime
 # The load generator of make bench (wrk; bench.run's c=1 latency and bench.stack's TLS throughput).
 BENCH_PACKAGES := wrk
 # Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.
@@ -27,7 +29,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: install debian-packages run test test-appliance lint bench bench-storage bench-tunnel image lock clean
+.PHONY: install debian-packages run test test-appliance lint chaos bench bench-storage bench-tunnel image lock clean
 
 install: debian-packages $(VENV)/.installed
 
@@ -65,6 +67,11 @@ bench: install
 	@$(call apt_install,$(BENCH_PACKAGES))
 	$(PY) -m bench.run
 	$(PY) -m bench.stack
+
+# The fault table under load (tests/chaos, docs/reliability.md), about 12 minutes; writes var/chaos/results.jsonl
+# and var/chaos/results.md. A short run of it (each fault class once) is part of make test. Needs root (tmpfs mounts).
+chaos: install
+	$(PY) -m tests.chaos.run
 
 # A 256 MiB object through bunker_proxy vs straight to S3 (moto), about a minute; rewrites its block of RESULTS.md.
 bench-storage: install

@@ -197,12 +197,13 @@ def _catalogue(stack: ApplianceStack, fake: FakeBackend, backend_id: str, slug: 
          expect=201)
 
 
-def enroll(managed: ApplianceStack, node: ApplianceStack) -> str:
-    """`scaigrid-appliance link enroll` on the node, to the managed stack's URL and gRPC TLS port; the node id."""
+def enroll(managed: ApplianceStack, node: ApplianceStack, link_target: str | None = None) -> str:
+    """`scaigrid-appliance link enroll` on the node, to the managed stack's URL and gRPC TLS port (or link_target, a
+    relay to it); the node id."""
     token = data(managed, "POST", "/v1/hybrid/enrollment-tokens", managed.admin_key, {"name": "site-a"},
                  expect=201)["token"]
     result = node.cli("link", "enroll", "--url", managed.url, "--token", token, "--ca-file",
-                      str(managed.config.tls_cert), "--link-target", f"127.0.0.1:{managed.config.grpc_tls_port}")
+                      str(managed.config.tls_cert), "--link-target", link_target or f"127.0.0.1:{managed.config.grpc_tls_port}")
     assert result.returncode == 0, result.stdout + result.stderr
     return str(json.loads(node.config.link_file.read_text())["node_id"])
 
