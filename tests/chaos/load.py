@@ -299,7 +299,7 @@ KINDS = ("chat", "chat_stream", "native_chat", "native_stream", "storage")
 PATHS = {"chat": "/oai/v1/chat/completions", "chat_stream": "/oai/v1/chat/completions",
          "native_chat": "/v1/inference/chat", "native_stream": "/v1/inference/chat"}
 MESSAGES = [{"role": "user", "content": "hi"}]
-MIN_OBJECT_BYTES, MAX_OBJECT_BYTES = 1024, 256 * 1024
+MIN_OBJECT_BYTES, MAX_OBJECT_BYTES = 1024, 64 * 1024
 
 
 class Traffic:
