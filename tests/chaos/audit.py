@@ -29,6 +29,7 @@ from typing import Any
 
 import redis as sync_redis
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from scaigrid.accounting import usage
@@ -113,7 +114,8 @@ def audit(stack: ApplianceStack, world: World, records: list[Record], *, flush_w
         return buffered_usage(stack) == 0 and served <= {id_ for id_, count in rows().items() if count["ok"]}
 
     with contextlib.suppress(AssertionError):  # what is still missing then is counted below
-        eventually(flushed, "the usage flush", flush_wait_s, interval_s=0.5)
+        eventually(flushed, "the usage flush", flush_wait_s, interval_s=0.5,
+                   ignoring=(sync_redis.RedisError, SQLAlchemyError, OSError))  # a service still coming back
     found = rows()
     usage_missing = sorted(id_ for id_ in served if not found.get(id_, Counter())["ok"])
     doubled = sorted(id_ for id_, count in found.items() if sum(count.values()) > 1)

@@ -363,6 +363,11 @@ class Traffic:
     def stats(self, since: float | None = None, until: float | None = None) -> Stats:
         return Stats.of(self.records(since, until))
 
+    def last_failure_s(self, since: float | None = None, until: float | None = None) -> float | None:
+        """When (records' clock) the last request that started in the window and did not succeed ended: every
+        request the clients started after it succeeded, so recovery as the clients saw it is no later."""
+        return max((r.ended_s for r in self.records(since, until) if r.outcome != SUCCEEDED), default=None)
+
     # --- the traffic's own thread ---
 
     async def _main(self) -> None:
@@ -428,7 +433,7 @@ class Traffic:
                     self._check_completion(await response.read(), record, native=kind.startswith("native"))
         except TimeoutError:
             record.outcome, record.note = OTHER, f"no answer within the client's {self.client_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except Exception as exc:  # refused, reset, or what no client expects: each a defect
             record.outcome, record.note = OTHER, f"{type(exc).__name__}: {exc}"[:200]
         return self._done(record)
 
@@ -464,7 +469,9 @@ class Traffic:
                     else:
                         chunks += 1
                     name, data = None, []
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TimeoutError:
+            broke = f"no end within the client's {self.client_timeout_s:g} s, after {chunks} chunk(s)"
+        except Exception as exc:  # the connection broke: a defect unless an error frame came first
             broke = f"{type(exc).__name__} after {chunks} chunk(s)"
         else:
             broke = ""
@@ -501,7 +508,7 @@ class Traffic:
                     record.failed(response.status, body)
         except TimeoutError:
             record.outcome, record.note = OTHER, f"no answer within the client's {self.client_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except Exception as exc:  # as in _chat
             record.outcome, record.note = OTHER, f"{type(exc).__name__}: {exc}"[:200]
         return self._done(record)
 
@@ -527,6 +534,6 @@ class Traffic:
                     record.failed(response.status, body)
         except TimeoutError:
             record.outcome, record.note = OTHER, f"no answer within the client's {self.client_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except Exception as exc:  # refused, reset, or what no client expects: each a defect
             record.outcome, record.note = OTHER, f"{type(exc).__name__}: {exc}"[:200]
         return self._done(record)
