@@ -142,12 +142,14 @@ def audit(stack: ApplianceStack, world: World, records: list[Record], *, flush_w
     corrupt = sorted(key for key, (tenant, sha256) in stored.items()
                      if not object_intact(stack, tokens[tenant], key, sha256))
 
-    return {**{key: value for key, value in Stats.of(records).as_dict().items()
-               if key in ("attempted", "succeeded", "failed_documented", "failed_other")},
+    stats = Stats.of(records, EXAMPLES)
+    return {"attempted": stats.attempted, "succeeded": stats.succeeded, "failed_documented": stats.failed_documented,
+            "failed_other": stats.failed_other,
             "usage_missing": len(usage_missing), "usage_doubled": len(doubled) + len(billed_failed),
             "events_lost": len(events_lost), "objects_corrupt": len(corrupt), "usage_unmatched": len(unmatched),
             "objects_checked": len(stored),
-            "details": {"usage_missing": usage_missing[:EXAMPLES], "usage_doubled": doubled[:EXAMPLES],
+            "details": {"failed_other": stats.other, "codes": stats.codes,
+                        "usage_missing": usage_missing[:EXAMPLES], "usage_doubled": doubled[:EXAMPLES],
                         "usage_billed_failed": billed_failed[:EXAMPLES],
                         "events_lost": [f"{id_} {event}" for id_, event in events_lost[:EXAMPLES]],
                         "objects_corrupt": corrupt[:EXAMPLES], "usage_unmatched": unmatched[:EXAMPLES]}}

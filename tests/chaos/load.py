@@ -354,19 +354,23 @@ class Traffic:
         """Now, on the records' clock: the start of a window for stats(since=...)."""
         return time.monotonic()
 
-    def records(self, since: float | None = None, until: float | None = None) -> list[Record]:
-        """The requests that started in [since, until) and have ended."""
+    def records(self, since: float | None = None, until: float | None = None, *,
+                overlapping: bool = False) -> list[Record]:
+        """The ended requests that started in [since, until); overlapping: also those that started before `since`
+        and ended after it (in flight when a fault began, they are the ones it hits first)."""
         with self._lock:
             return [record for record in self._records
-                    if (since is None or record.started_s >= since) and (until is None or record.started_s < until)]
+                    if (since is None or record.started_s >= since or (overlapping and record.ended_s >= since))
+                    and (until is None or record.started_s < until)]
 
-    def stats(self, since: float | None = None, until: float | None = None) -> Stats:
-        return Stats.of(self.records(since, until))
+    def stats(self, since: float | None = None, until: float | None = None, *, overlapping: bool = False) -> Stats:
+        return Stats.of(self.records(since, until, overlapping=overlapping))
 
     def last_failure_s(self, since: float | None = None, until: float | None = None) -> float | None:
-        """When (records' clock) the last request that started in the window and did not succeed ended: every
+        """When (records' clock) the last request of the window (overlapping) that did not succeed ended: every
         request the clients started after it succeeded, so recovery as the clients saw it is no later."""
-        return max((r.ended_s for r in self.records(since, until) if r.outcome != SUCCEEDED), default=None)
+        return max((r.ended_s for r in self.records(since, until, overlapping=True) if r.outcome != SUCCEEDED),
+                   default=None)
 
     # --- the traffic's own thread ---
 
