@@ -6,6 +6,9 @@ The `model` a request names selects the behaviour (or `FakeBackend.behaviours[mo
   nousage-N          streams N chunks and no usage chunk
   gated-N            streams 1 chunk, waits for `gate` to be set, then the other N-1
   cut-N              streams N chunks, then drops the connection (no [DONE])
+  chop-N             streams like cut-N; not streamed: half of the answer's promised bytes, then drops the connection
+  stall-N-S          streams N chunks, then waits S seconds (or until its client goes away) before the rest;
+                     not streamed: waits S seconds, then answers like ok
   fail               HTTP 500
   refuse             HTTP 400 (a refusal of the request, not a failing backend)
   redirect-PORT      HTTP 307 to the same path on 127.0.0.1:PORT
@@ -135,6 +138,10 @@ class FakeBackend(ThreadedServer):
                 return refusal
             model = str(received.body["model"])
             if not received.body.get("stream"):
+                if match := re.fullmatch(r"stall-\d+-([\d.]+)", behaviour):
+                    await asyncio.sleep(float(match[1]))  # the stall asked for; a client that goes away cancels it
+                if behaviour.startswith("chop-"):
+                    return await self._chopped(request, model)
                 return web.json_response({
                     "id": "chatcmpl-test", "object": "chat.completion", "created": CREATED, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
@@ -153,9 +160,12 @@ class FakeBackend(ThreadedServer):
         chunks, interval_s, usage, cut = 3, 0.0, True, False
         if match := re.fullmatch(r"paced-(\d+)-(\d+)", behaviour):
             chunks, interval_s = int(match[1]), int(match[2]) / 1000
-        elif match := re.fullmatch(r"(nousage|gated|cut)-(\d+)", behaviour):
+        elif match := re.fullmatch(r"(nousage|gated|cut|chop)-(\d+)", behaviour):
             chunks = int(match[2])
-            usage, cut = match[1] != "nousage", match[1] == "cut"
+            usage, cut = match[1] != "nousage", match[1] in ("cut", "chop")
+        stall_s = 0.0
+        if match := re.fullmatch(r"stall-(\d+)-([\d.]+)", behaviour):
+            chunks, stall_s = int(match[1]), float(match[2])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(_sse(_chunk(model, {"role": "assistant", "content": ""})))
@@ -169,6 +179,8 @@ class FakeBackend(ThreadedServer):
             assert request.transport is not None
             request.transport.close()
             return response
+        if stall_s:
+            await asyncio.sleep(stall_s)  # the stall asked for; a client that goes away cancels it
         await response.write(_sse(_chunk(model, {}, "stop")))
         if usage:
             await response.write(_sse({
@@ -177,6 +189,20 @@ class FakeBackend(ThreadedServer):
                                          "total_tokens": PROMPT_TOKENS + chunks}}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _chopped(request: web.Request, model: str) -> web.StreamResponse:
+        """An answer whose Content-Length promises more than is sent before the connection drops."""
+        body = json.dumps({"id": "chatcmpl-test", "object": "chat.completion", "created": CREATED, "model": model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
+                                        "finish_reason": "stop"}]}).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:len(body) // 2])
+        assert request.transport is not None
+        request.transport.close()
         return response
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
