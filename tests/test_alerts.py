@@ -24,8 +24,10 @@ from appliance import config as appliance_config
 from appliance import devstack, render
 from appliance.events import CRASH_STATES, HostCollector, ProgramStates
 from appliance.local import child_env
+from tests.appliance_stack import ApplianceStack
 from tests.support.waiting import eventually
 from tests.test_appliance_config import appliance_env, cli, ini
+from tests.test_prometheus import PROMETHEUS, answers, api, query
 
 PROMTOOL = "/usr/bin/promtool"
 UNIT_TESTS = Path(__file__).parent / "alerts"
@@ -189,3 +191,91 @@ def _restarted(tmp_path: Path) -> CollectorRegistry:
     registry = CollectorRegistry()
     ProgramStates(tmp_path / "states.json", registry)
     return registry
+
+
+# --- against a running appliance: Prometheus as the chaos run starts it, on the rendered files ---
+
+# The scrape file with both intervals shortened as the chaos run does: a plain text replace of the two lines.
+FAST = {"  scrape_interval: 15s\n": "  scrape_interval: 1s\n",
+        "  evaluation_interval: 15s\n": "  evaluation_interval: 1s\n"}
+FIRED_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def prometheus(appliance_stack: ApplianceStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prometheus on a free loopback port, on a 1 s copy of the stack's scrape file; its API's URL."""
+    directory = tmp_path_factory.mktemp("prometheus")
+    text = scrape_file(appliance_stack.appliance).read_text()
+    for line, fast in FAST.items():
+        assert line in text
+        text = text.replace(line, fast)
+    (directory / "prometheus.yml").write_text(text)
+    port = devstack.free_port()
+    log = directory / "prometheus.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=output, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: answers(f"{url}/-/ready") or process.poll() is not None, "prometheus ready", 60)
+        assert process.poll() is None, devstack.log_tail(log)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def firing(prometheus: str, alertname: str) -> list[dict[str, str]]:
+    return [alert["labels"] for alert in api(prometheus, "alerts")["alerts"]
+            if alert["labels"]["alertname"] == alertname and alert["state"] == "firing"]
+
+
+def test_prometheus_evaluates_every_rule_on_series_the_appliance_serves(appliance_stack: ApplianceStack,
+                                                                        prometheus: str):
+    config = appliance_stack.config
+    groups = api(prometheus, "rules")["groups"]
+    assert [group["name"] for group in groups] == ["scaigrid-appliance"]
+    rendered = yaml.safe_load(rules_file(appliance_stack.appliance).read_text())["groups"][0]["rules"]
+    assert [rule["name"] for rule in groups[0]["rules"]] == [rule["alert"] for rule in rendered]
+    # What the rules select, under the names and labels the scrape gives it (a typo would leave an alert mute).
+    present = [
+        'scaigrid_appliance_program_running{program="worker_2"}',
+        'scaigrid_appliance_program_transitions_total{program="worker_2", state="EXITED"}',
+        'scaigrid_dependency_up{dependency="database", job="scaigrid_grpc"}',
+        'scaigrid_dependency_up{dependency="redis", job="scaigrid_grpc"}',
+        'scaigrid_http_requests_total{route="/health/ready", job="scaigrid_http"}',
+        'scaigrid_job_last_success_timestamp_seconds{exported_job="worker_heartbeat", job="scaigrid_worker"}',
+        'scaigrid_webhook_outbox_due{job="scaigrid_worker"}',
+        f'scaigrid_appliance_filesystem_avail_bytes{{path="{config.log_dir}"}}',
+        f'scaigrid_appliance_filesystem_size_bytes{{path="{config.state_dir}"}}',
+        'up{job="scaigrid_events"}',
+    ]
+    eventually(lambda: all(query(prometheus, promql) for promql in present), "every watched series scraped",
+               FIRED_TIMEOUT_S, context=lambda: repr({promql: query(prometheus, promql) for promql in present}))
+    expiry = query(prometheus, "scaigrid_appliance_tls_certificate_expiry_timestamp_seconds")
+    assert list(expiry.values()) == [x509.load_pem_x509_certificate(config.tls_cert.read_bytes())
+                                     .not_valid_after_utc.timestamp()]
+    eventually(lambda: all(rule["health"] == "ok" for rule in api(prometheus, "rules")["groups"][0]["rules"]),
+               "every rule evaluated without error", FIRED_TIMEOUT_S)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", ["worker_2", "events"])
+def test_a_kill_9_that_supervisord_undoes_at_once_still_fires_the_crash_alert(appliance_stack: ApplianceStack,
+                                                                              prometheus: str, name: str):
+    """The event listener's own crash too: supervisord hands it the event of its end once it runs again."""
+    supervisor = appliance_stack.supervisor
+    eventually(lambda: query(prometheus, f'scaigrid_appliance_program_transitions_total{{program="{name}", '
+                                         'state="EXITED"}'), f"{name}'s crash counter scraped", FIRED_TIMEOUT_S)
+    assert not [labels for labels in firing(prometheus, "ScaigridProgramCrashed") if labels["program"] == name]
+    killed = next(info for info in supervisor.processes() if info.name == name)
+
+    os.kill(killed.pid, signal.SIGKILL)
+
+    eventually(lambda: [labels for labels in firing(prometheus, "ScaigridProgramCrashed") if labels["program"] == name],
+               f"ScaigridProgramCrashed for {name}", FIRED_TIMEOUT_S,
+               context=lambda: repr(api(prometheus, "alerts")["alerts"]))
+    eventually(lambda: next(info for info in supervisor.processes() if info.name == name).state == "RUNNING",
+               f"{name} running again", FIRED_TIMEOUT_S)
