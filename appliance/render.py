@@ -106,7 +106,10 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         Output(config.config_dir / "prometheus" / "scaigrid.yml",
                _TEMPLATES.get_template("prometheus.yml.j2").render(**common, rules_file=rules_file)),
         Output(rules_file, _TEMPLATES.get_template("alerts.yml.j2").render(
-            **common, usage_flush_lag_s=usage_flush_lag_s(ctx.settings))),
+            **common, usage_flush_lag_s=usage_flush_lag_s(ctx.settings),
+            # A heartbeat older than its key's TTL makes the worker count as dead; twice that, a minute at least, is
+            # clear of the scrape's and the evaluation's delays.
+            worker_heartbeat_late_s=max(60, 2 * ctx.settings.worker.heartbeat_ttl_s))),
         Output(config.systemd_unit_dir / "scaigrid-appliance.service.d" / "50-generated.conf", drop_in),
     ]
     if config.garage_enabled:
