@@ -609,14 +609,18 @@ def _apply_link(appliance: Appliance) -> None:
 @cli.command("supervisor-events", hidden=True)
 @click.option("--states-file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--port", type=int, required=True)
-def supervisor_events(states_file: Path, port: int) -> None:
+@click.option("--filesystem", "filesystems", type=click.Path(path_type=Path), multiple=True,
+              help="a directory whose filesystem's free space is served as metrics (repeatable)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="the certificate whose expiry is served as a metric")
+def supervisor_events(states_file: Path, port: int, filesystems: tuple[Path, ...], tls_cert: Path | None) -> None:
     """Run as supervisord's event listener (the rendered supervisord.conf starts it).
 
     It runs as the service user, who may not read appliance.env (0600, root's): render passes what it needs.
     """
     from appliance import events
 
-    events.run(states_file, port)
+    events.run(states_file, port, filesystems, tls_cert)
 
 
 def main() -> None:

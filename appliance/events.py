@@ -1,4 +1,5 @@
-"""supervisord event listener: records every program's state, keeps FATAL ones across restarts, serves them as metrics.
+"""supervisord event listener: records every program's state, keeps FATAL ones across restarts, serves them as metrics,
+with the appliance's free disk space and its TLS certificate's expiry beside them (the alerting rules watch both).
 
 supervisord speaks to it over stdin/stdout (its event listener protocol), so it logs to stderr only.
 """
@@ -11,13 +12,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from supervisor import childutils
 
 logger = logging.getLogger(__name__)
+
+# The states a process enters when it ended on its own (killed, crashed), not stopped by supervisord: EXITED after it
+# had been RUNNING, BACKOFF when it died while STARTING, FATAL when supervisord gave up. Their counters exist at 0 from
+# the start: Prometheus' increase() sees no rise in a series whose first sample is already 1, so a program's first
+# crash would go unreported.
+CRASH_STATES = ("EXITED", "BACKOFF", "FATAL")
 
 
 class ProgramStates:
@@ -34,8 +44,13 @@ class ProgramStates:
                                    ["program", "state"], registry=registry)
         for name, record in self.programs.items():
             self.running.labels(name).set(0)  # until seeded from supervisord: a recorded state may be stale
+            self._count_crashes_of(name)
             if record.get("fatal_count"):
                 self.fatal.labels(name)
+
+    def _count_crashes_of(self, program: str) -> None:
+        for state in CRASH_STATES:
+            self.transitions.labels(program, state)
 
     def seed(self, current: dict[str, str]) -> None:
         """Takes the states supervisord reports now: a program RUNNING and stable sends no event to learn it from.
@@ -49,6 +64,7 @@ class ProgramStates:
         for program, state in current.items():
             self.programs.setdefault(program, {"fatal_count": 0, "last_fatal_at": None})["state"] = state
             self.running.labels(program).set(1 if state == "RUNNING" else 0)
+            self._count_crashes_of(program)
         write_states(self.path, self.programs)
 
     def record(self, program: str, state: str, now: float) -> None:
@@ -62,6 +78,60 @@ class ProgramStates:
         self.running.labels(program).set(1 if state == "RUNNING" else 0)
         self.transitions.labels(program, state).inc()
         write_states(self.path, self.programs)
+
+
+class HostCollector(Collector):
+    """Free space of the appliance's filesystems and its certificate's expiry, read at each scrape."""
+
+    def __init__(self, filesystems: Iterable[Path], certificate: Path | None) -> None:
+        self.filesystems = tuple(dict.fromkeys(filesystems))
+        self.certificate = certificate
+        self._failing: set[str] = set()  # what could not be read at the last scrape: warned once, not every scrape
+
+    def collect(self) -> Iterator[Metric]:
+        avail = GaugeMetricFamily("scaigrid_appliance_filesystem_avail_bytes",
+                                  "bytes the service user may still write on the filesystem holding the path",
+                                  labels=["path"])
+        size = GaugeMetricFamily("scaigrid_appliance_filesystem_size_bytes",
+                                 "size of the filesystem holding the path", labels=["path"])
+        for path in self.filesystems:
+            try:
+                stat = os.statvfs(path)
+            except OSError as exc:
+                self._warn(str(path), f"cannot stat {path}: {exc}")
+                continue
+            self._ok(str(path))
+            # f_bavail, not f_bfree: the blocks root keeps in reserve are no use to the programs, which run as the
+            # service user.
+            avail.add_metric([str(path)], stat.f_bavail * stat.f_frsize)
+            size.add_metric([str(path)], stat.f_blocks * stat.f_frsize)
+        yield avail
+        yield size
+        expiry = GaugeMetricFamily("scaigrid_appliance_tls_certificate_expiry_timestamp_seconds",
+                                   "unix time of the TLS certificate's notAfter (the first of the chain, nginx's own)",
+                                   labels=["path"])
+        if self.certificate is not None:
+            try:
+                expiry.add_metric([str(self.certificate)], certificate_expiry(self.certificate))
+                self._ok(str(self.certificate))
+            except (OSError, ValueError) as exc:
+                self._warn(str(self.certificate), f"cannot read the certificate {self.certificate}: {exc}")
+        yield expiry
+
+    def _warn(self, what: str, message: str) -> None:
+        if what not in self._failing:
+            self._failing.add(what)
+            logger.warning("%s; its metric is left out until it can be read", message)
+
+    def _ok(self, what: str) -> None:
+        self._failing.discard(what)
+
+
+def certificate_expiry(path: Path) -> float:
+    """The notAfter of the first certificate in a PEM file (a chain starts with the server's own), as unix time."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def read_states(path: Path) -> dict[str, dict[str, Any]]:
@@ -88,12 +158,14 @@ def listen(states: ProgramStates, stdin: TextIO, stdout: TextIO) -> None:
         childutils.listener.ok(stdout)
 
 
-def run(states_path: Path, metrics_port: int) -> None:
+def run(states_path: Path, metrics_port: int, filesystems: Iterable[Path] = (), certificate: Path | None = None
+        ) -> None:
     # supervisord stops the listener with SIGTERM; that is a normal end, not a crash to warn about.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     registry = CollectorRegistry()
     states = ProgramStates(states_path, registry)
+    registry.register(HostCollector(filesystems, certificate))
     try:  # supervisord tells its children where its socket is (SUPERVISOR_SERVER_URL)
         rpc = childutils.getRPCInterface(os.environ)
         states.seed({info["name"]: info["statename"] for info in rpc.supervisor.getAllProcessInfo()})

@@ -21,6 +21,7 @@ from appliance.programs import (
     processes,
     scrape_targets,
 )
+from scaigrid.settings import Settings
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("appliance", "templates"),
@@ -32,6 +33,13 @@ _TEMPLATES = jinja2.Environment(
 UNIT_STOP_MARGIN_S = 30
 # nginx closes streams this long after the http drain ends (their last bytes), well before supervisord's SIGKILL.
 NGINX_SHUTDOWN_MARGIN_S = 5
+# The alerting rules, beside the scrape file that names them.
+RULES_FILE_NAME = "scaigrid-alerts.yml"
+# Usage reaches MariaDB (and the usage API, budgets' seeding, request.* webhooks) with each flush; this many flush
+# intervals without a successful one, and at least this long, is a lag worth an alert: a tick skipped while another
+# worker flushes, or one slowed by a backlog, is not.
+USAGE_FLUSH_LAG_INTERVALS = 4
+USAGE_FLUSH_LAG_MIN_S = 120
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
         events_name=EVENTS_NAME,
         events_stop_wait_s=EVENTS_STOP_WAIT_S,
         events_command=f"{config.venv / 'bin' / 'scaigrid-appliance'} supervisor-events "
-                       f"--states-file {config.program_states_file} --port {config.appliance_metrics_port}",
+                       f"--states-file {config.program_states_file} --port {config.appliance_metrics_port} "
+                       f"--filesystem {config.log_dir} --filesystem {config.state_dir} --tls-cert {config.tls_cert}",
     )
     nginx = _TEMPLATES.get_template("nginx.conf.j2").render(
         **common,
@@ -89,12 +98,18 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
                "# systemd waits for supervisord to stop every program, one after another, each within its "
                "stopwaitsecs.\n"
                f"[Service]\nTimeoutStopSec={stop_s + UNIT_STOP_MARGIN_S}\n")
+    rules_file = config.config_dir / "prometheus" / RULES_FILE_NAME
     files = [
         Output(config.supervisord_conf, supervisord),
         Output(config.config_dir / "nginx.conf", nginx),
         Output(config.scaigrid_env_file, "\n".join(env_lines) + "\n", private=True),
         Output(config.config_dir / "prometheus" / "scaigrid.yml",
-               _TEMPLATES.get_template("prometheus.yml.j2").render(**common)),
+               _TEMPLATES.get_template("prometheus.yml.j2").render(**common, rules_file=rules_file)),
+        Output(rules_file, _TEMPLATES.get_template("alerts.yml.j2").render(
+            **common, usage_flush_lag_s=usage_flush_lag_s(ctx.settings),
+            # A heartbeat older than its key's TTL makes the worker count as dead; twice that, a minute at least, is
+            # clear of the scrape's and the evaluation's delays.
+            worker_heartbeat_late_s=max(60, 2 * ctx.settings.worker.heartbeat_ttl_s))),
         Output(config.systemd_unit_dir / "scaigrid-appliance.service.d" / "50-generated.conf", drop_in),
     ]
     if config.garage_enabled:
@@ -102,6 +117,11 @@ def outputs(appliance: Appliance, root: Path = Path("/")) -> list[Output]:
                             _TEMPLATES.get_template("garage.toml.j2").render(**common, secrets=secret_values),
                             private=True))
     return files
+
+
+def usage_flush_lag_s(settings: Settings) -> int:
+    """How long without a successful usage flush before ScaigridUsageFlushLagging fires."""
+    return max(USAGE_FLUSH_LAG_MIN_S, USAGE_FLUSH_LAG_INTERVALS * settings.limits.usage_flush_interval_s)
 
 
 def _supervisord_program(ctx: Context, process: Process, as_root: bool) -> dict[str, object]:

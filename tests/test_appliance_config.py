@@ -80,6 +80,7 @@ def rendered(path: Path) -> dict[str, Path]:
         "nginx": config.config_dir / "nginx.conf",
         "env": config.scaigrid_env_file,
         "prometheus": config.config_dir / "prometheus" / "scaigrid.yml",
+        "alerts": config.config_dir / "prometheus" / "scaigrid-alerts.yml",
         "drop-in": config.systemd_unit_dir / "scaigrid-appliance.service.d" / "50-generated.conf",
     }
 
