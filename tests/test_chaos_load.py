@@ -2,6 +2,8 @@
 lost; the misbehaving models fail only with documented errors, and still nothing is lost."""
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import secrets
 import ssl
@@ -85,6 +87,17 @@ def test_a_steady_load_without_faults_succeeds_and_loses_nothing(world: World):
     report = audit(world.stack, world, records)
     assert findings(report) == dict.fromkeys(FINDINGS, 0), report
     assert report["objects_checked"] == len([r for r in records if r.kind == "storage_put"])
+
+    # What the audit finds when something is lost: a success without a row or an event, bytes that changed.
+    chat = next(r for r in records if r.kind == "chat")
+    put = next(r for r in records if r.kind == "storage_put")
+    lost = [dataclasses.replace(chat, request_id="req_" + secrets.token_hex(12)),
+            dataclasses.replace(put, sha256=hashlib.sha256(b"other bytes").hexdigest())]
+    report = audit(world.stack, world, [*records, *lost], flush_wait_s=1, events_wait_s=1)
+    assert findings(report) == {**dict.fromkeys(FINDINGS, 0), "usage_missing": 1, "events_lost": 1,
+                                "objects_corrupt": 1}, report
+    assert report["details"]["usage_missing"] == [lost[0].request_id]
+    assert report["details"]["objects_corrupt"] == [put.object_key]
 
 
 @pytest.mark.timeout(300)
