@@ -36,7 +36,7 @@ from scaigrid.accounting import usage
 from scaigrid.db.tables import usage_records
 from scaigrid.settings import read_env_file
 from tests.appliance_stack import ApplianceStack
-from tests.chaos.load import DOCUMENTED, OTHER, STORAGE, SUCCEEDED, Record, Stats, World
+from tests.chaos.load import STORAGE, SUCCEEDED, Record, Stats, World
 from tests.support.waiting import eventually
 
 EXAMPLES = 20  # request ids kept per finding, for the report
@@ -98,9 +98,8 @@ def audit(stack: ApplianceStack, world: World, records: list[Record], *, flush_w
           events_wait_s: float = 60.0) -> dict[str, Any]:
     """The client-side counts of `records` (Stats) and the findings above, waiting at most flush_wait_s for the
     usage flush and events_wait_s for the events; `details` names up to EXAMPLES request ids or objects per finding."""
-    chat = [record for record in records if record.chat and record.request_id]
-    served = {record.request_id for record in chat if record.outcome == SUCCEEDED}
-    refused = {record.request_id for record in chat if record.outcome in (DOCUMENTED, OTHER)}
+    served = {r.request_id for r in records if r.chat and r.request_id is not None and r.outcome == SUCCEEDED}
+    refused = {r.request_id for r in records if r.chat and r.request_id is not None and r.outcome != SUCCEEDED}
     tenant_ids = [tenant.id for tenant in world.tenants]
     # A row carries the time its request reached the gateway (this machine's clock): inside the records' span.
     since_unix = min((record.started_unix for record in records), default=world.started_unix) - 1

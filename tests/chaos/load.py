@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -172,7 +173,7 @@ def prepare(stack: ApplianceStack, fake_backend: FakeBackend, receiver: Receiver
             callers.append(Caller(slug, tenant_id, user_id, key, token))
     world = World(stack, fake_backend, receiver, made_tenants, callers, started_unix)
     for caller in callers:  # every http process loads the catalogue and the keys on its own schedule
-        eventually(lambda caller=caller: warm_up(world, caller), f"a chat completion for {caller.tenant}'s key", 60)
+        eventually(functools.partial(warm_up, world, caller), f"a chat completion for {caller.tenant}'s key", 60)
     return world
 
 
