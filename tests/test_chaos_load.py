@@ -119,6 +119,10 @@ def test_misbehaving_models_fail_with_documented_errors_only(world: World):
     for model, code in EXPECTED_CODES.items():
         assert {r.error_code for r in records if r.model == model} <= {code, "MODEL_UNAVAILABLE"}, stats.codes
         assert any(r.error_code == code for r in records if r.model == model), stats.codes
+    # The backend's Retry-After reaches the client (the gateway may add to it, never drop it).
+    limited = [r for r in records if r.error_code == "BACKEND_RATE_LIMITED"]
+    assert all(r.status == 429 and r.retry_after and int(r.retry_after) >= 1 for r in limited), [
+        (r.status, r.retry_after) for r in limited]
     # A stream that broke or stalled after its first chunk: a 200 ending with an error frame, never a silent cut.
     broke_after_start = {(r.model, r.error_code) for r in records if r.kind.endswith("stream") and r.status == 200}
     assert {(CUT, "BACKEND_ERROR"), (STALL, "BACKEND_TIMEOUT")} <= broke_after_start, broke_after_start

@@ -243,6 +243,7 @@ class Record:
     status: int | None = None
     ended_s: float = 0.0
     note: str = ""  # what a failed_other was, for the report
+    retry_after: str | None = None  # the Retry-After header, as a 429 or 503 gives it
     object_key: str | None = None  # storage: the object, and the sha256 of the bytes put
     sha256: str | None = None
 
@@ -429,7 +430,7 @@ class Traffic:
         try:
             async with session.post(self.world.stack.url + PATHS[kind], json=body, headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 if response.status != 200:
                     record.failed(response.status, await response.read())
                 elif stream:
@@ -501,7 +502,7 @@ class Traffic:
             async with session.put(f"{self.world.stack.url}{STORAGE}/objects/{record.object_key}", data=data,
                                    headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 body = await response.read()
                 if response.status in (200, 201):
                     size = json.loads(body).get("data", {}).get("size") if body else None
@@ -525,7 +526,7 @@ class Traffic:
             async with session.get(f"{self.world.stack.url}{STORAGE}/objects/{record.object_key}",
                                    headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 body = await response.read()
                 if response.status == 200:
                     if hashlib.sha256(body).hexdigest() == put.sha256:
