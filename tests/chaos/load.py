@@ -11,8 +11,9 @@ Each request ends as one of three outcomes:
   failed_documented  an error envelope (native or OpenAI shape) whose code the docs list, or a stream's
                      `event: error` frame with such a code, after which the stream ends
   failed_other       anything else, each a defect: a stream that ends without [DONE] and without an error frame, a
-                     200 that is not the answer, an error that is not an envelope with a documented code, a connection
-                     refused or reset, no answer within the client's timeout, an object read back with other bytes
+                     200 that is not the answer, an error that is not an envelope with a documented code (nor one
+                     with INTERNAL_ERROR: documented as "the log has the traceback"), a connection refused or reset,
+                     no answer within the client's timeout, an object read back with other bytes
 """
 
 from __future__ import annotations
