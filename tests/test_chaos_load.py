@@ -2,6 +2,8 @@
 lost; the misbehaving models fail only with documented errors, and still nothing is lost."""
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import secrets
 import ssl
@@ -86,6 +88,17 @@ def test_a_steady_load_without_faults_succeeds_and_loses_nothing(world: World):
     assert findings(report) == dict.fromkeys(FINDINGS, 0), report
     assert report["objects_checked"] == len([r for r in records if r.kind == "storage_put"])
 
+    # What the audit finds when something is lost: a success without a row or an event, bytes that changed.
+    chat = next(r for r in records if r.kind == "chat")
+    put = next(r for r in records if r.kind == "storage_put")
+    lost = [dataclasses.replace(chat, request_id="req_" + secrets.token_hex(12)),
+            dataclasses.replace(put, sha256=hashlib.sha256(b"other bytes").hexdigest())]
+    report = audit(world.stack, world, [*records, *lost], flush_wait_s=1, events_wait_s=1)
+    assert findings(report) == {**dict.fromkeys(FINDINGS, 0), "usage_missing": 1, "events_lost": 1,
+                                "objects_corrupt": 1}, report
+    assert report["details"]["usage_missing"] == [lost[0].request_id]
+    assert report["details"]["objects_corrupt"] == [put.object_key]
+
 
 @pytest.mark.timeout(300)
 def test_misbehaving_models_fail_with_documented_errors_only(world: World):
@@ -106,6 +119,10 @@ def test_misbehaving_models_fail_with_documented_errors_only(world: World):
     for model, code in EXPECTED_CODES.items():
         assert {r.error_code for r in records if r.model == model} <= {code, "MODEL_UNAVAILABLE"}, stats.codes
         assert any(r.error_code == code for r in records if r.model == model), stats.codes
+    # The backend's Retry-After reaches the client (the gateway may add to it, never drop it).
+    limited = [r for r in records if r.error_code == "BACKEND_RATE_LIMITED"]
+    assert all(r.status == 429 and r.retry_after and int(r.retry_after) >= 1 for r in limited), [
+        (r.status, r.retry_after) for r in limited]
     # A stream that broke or stalled after its first chunk: a 200 ending with an error frame, never a silent cut.
     broke_after_start = {(r.model, r.error_code) for r in records if r.kind.endswith("stream") and r.status == 200}
     assert {(CUT, "BACKEND_ERROR"), (STALL, "BACKEND_TIMEOUT")} <= broke_after_start, broke_after_start

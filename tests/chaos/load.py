@@ -11,14 +11,16 @@ Each request ends as one of three outcomes:
   failed_documented  an error envelope (native or OpenAI shape) whose code the docs list, or a stream's
                      `event: error` frame with such a code, after which the stream ends
   failed_other       anything else, each a defect: a stream that ends without [DONE] and without an error frame, a
-                     200 that is not the answer, an error that is not an envelope with a documented code, a connection
-                     refused or reset, no answer within the client's timeout, an object read back with other bytes
+                     200 that is not the answer, an error that is not an envelope with a documented code (nor one
+                     with INTERNAL_ERROR: documented as "the log has the traceback"), a connection refused or reset,
+                     no answer within the client's timeout, an object read back with other bytes
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -172,7 +174,7 @@ def prepare(stack: ApplianceStack, fake_backend: FakeBackend, receiver: Receiver
             callers.append(Caller(slug, tenant_id, user_id, key, token))
     world = World(stack, fake_backend, receiver, made_tenants, callers, started_unix)
     for caller in callers:  # every http process loads the catalogue and the keys on its own schedule
-        eventually(lambda caller=caller: warm_up(world, caller), f"a chat completion for {caller.tenant}'s key", 60)
+        eventually(functools.partial(warm_up, world, caller), f"a chat completion for {caller.tenant}'s key", 60)
     return world
 
 
@@ -242,6 +244,7 @@ class Record:
     status: int | None = None
     ended_s: float = 0.0
     note: str = ""  # what a failed_other was, for the report
+    retry_after: str | None = None  # the Retry-After header, as a 429 or 503 gives it
     object_key: str | None = None  # storage: the object, and the sha256 of the bytes put
     sha256: str | None = None
 
@@ -428,7 +431,7 @@ class Traffic:
         try:
             async with session.post(self.world.stack.url + PATHS[kind], json=body, headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 if response.status != 200:
                     record.failed(response.status, await response.read())
                 elif stream:
@@ -500,7 +503,7 @@ class Traffic:
             async with session.put(f"{self.world.stack.url}{STORAGE}/objects/{record.object_key}", data=data,
                                    headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 body = await response.read()
                 if response.status in (200, 201):
                     size = json.loads(body).get("data", {}).get("size") if body else None
@@ -524,7 +527,7 @@ class Traffic:
             async with session.get(f"{self.world.stack.url}{STORAGE}/objects/{record.object_key}",
                                    headers=headers) as response:
                 record.request_id = response.headers.get("X-Request-ID")
-                record.status = response.status
+                record.status, record.retry_after = response.status, response.headers.get("Retry-After")
                 body = await response.read()
                 if response.status == 200:
                     if hashlib.sha256(body).hexdigest() == put.sha256:
