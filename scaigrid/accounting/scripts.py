@@ -11,6 +11,11 @@ processes, where the counter's interpolation lets one through too many or too fe
 Its cost is bounded by the limit: only admitted requests are logged, so a set never holds more entries
 than its limit, and every request costs O(log n) per level.
 
+Each batch also keeps the usage journal's books (service.py, flush.py): it numbers every batch of usage records
+(`seq` in usage.JOURNAL_KEY), stamps the process's writer key with the process's own count of its batches, and
+reports whether that stamp is still there, so that a process learns from the answer it waits for anyway, with no
+round trip of its own, which of its records the worker has flushed and whether Redis lost any of them.
+
 Budget counters are hashes of integers (requests, tokens, cost as whole units + picos), incremented with
 HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's doubles (at 1e-16 relative),
 which is fine for a gate.
@@ -153,9 +158,14 @@ end
 """
 
 ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
-# KEYS: the keys of every call, one call after another. ARGV: the number of calls; for each call its kind (ADMIT or
-# RECORD), its number of keys and its number of arguments; then the arguments of every call, one after another.
-# Returns each call's own answer, in order.
+# KEYS: the usage journal's hash, this process's writer key, then the keys of every call, one call after another.
+# ARGV: the number of calls; the writer key's stamp after this process's last batch of records that Redis confirmed
+# (0: none yet), the stamp of this batch, the writer key's TTL in seconds; for each call its kind (ADMIT or RECORD),
+# its number of keys and its number of arguments; then the arguments of every call, one after another.
+# Returns each call's own answer, in order, then {lost, seq, drained}: lost is 1 if the writer key holds less than the
+# confirmed stamp (Redis lost data written since; it keeps a prefix of its writes, whether it restarted empty, from an
+# older snapshot or failed over to a replica, so anything it kept of this process's is older than what it lost); seq
+# the number of this batch's records (0: none); drained the number up to which every batch is in MariaDB.
 BATCH = _USED + _ADMIT + _RECORD + """
 local function slice(t, from, n)
   local part = {}
@@ -165,15 +175,29 @@ local function slice(t, from, n)
   return part
 end
 local calls = tonumber(ARGV[1])
+local lost = 0
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
+  lost = 1
+end
 local answers = {}
-local k, a = 1, 2 + 3 * calls
+local records = false
+local k, a = 3, 5 + 3 * calls
 for c = 1, calls do
-  local head = 2 + 3 * (c - 1)
+  local head = 5 + 3 * (c - 1)
   local n_keys, n_args = tonumber(ARGV[head + 1]), tonumber(ARGV[head + 2])
-  local call = ARGV[head] == 'a' and admit or record
+  local call = admit
+  if ARGV[head] == 'r' then
+    call, records = record, true
+  end
   answers[c] = call(slice(KEYS, k, n_keys), slice(ARGV, a, n_args))
   k, a = k + n_keys, a + n_args
 end
+local seq = 0
+if records then
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+end
+answers[calls + 1] = {lost, seq, tonumber(redis.call('HGET', KEYS[1], 'drained') or '0')}
 return answers
 """
 
@@ -211,4 +235,27 @@ if redis.call('LINDEX', KEYS[1], tonumber(ARGV[1]) - 1) == ARGV[2] then
   return 1
 end
 return 0
+"""
+
+# KEYS: the usage journal's hash, the usage buffer. ARGV: a token new to this flush run.
+# The start of a run: returns {seq, length}: the number of the last batch of records pushed so far (0: none) and how
+# many entries the buffer holds, which are every batch up to seq not yet flushed, in order. The token, checked by
+# DRAINED, shows that Redis kept everything since.
+FLUSH_START = """
+redis.call('HSET', KEYS[1], 'flush_token', ARGV[1])
+return {tonumber(redis.call('HGET', KEYS[1], 'seq') or '0'), redis.call('LLEN', KEYS[2])}
+"""
+
+# KEYS: the usage journal's hash. ARGV: the run's token, the seq its FLUSH_START returned.
+# The end of a run that moved into MariaDB every entry the buffer held at its start: records up to that seq may leave
+# the journals. Not if the token is gone (Redis lost data since the start: its seq may count other batches now) or
+# another run started meanwhile (that run marks for itself); the mark never goes back.
+DRAINED = """
+if redis.call('HGET', KEYS[1], 'flush_token') ~= ARGV[1] then
+  return 0
+end
+if tonumber(redis.call('HGET', KEYS[1], 'drained') or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'drained', ARGV[2])
+end
+return 1
 """
