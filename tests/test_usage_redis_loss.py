@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from scaigrid.accounting import flush, scripts, service, usage
+from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
 from scaigrid.db.tables import usage_records, webhook_deliveries, webhook_events
 from scaigrid.settings import load_settings
@@ -186,6 +187,27 @@ async def test_a_full_journal_keeps_the_newest_records(migrated_env: dict[str, s
         await ledger.accounting.drain()
         assert replays(caplog) == [2]
         assert sorted(await stored_ids(ledger)) == sorted(r.request_id for r in records[1:])
+
+
+async def test_a_process_no_request_reaches_finds_out_all_the_same(migrated_env: dict[str, str]):
+    """Idle for two flush intervals with records in its journal, a process asks Redis (a batch of no calls); a process
+    stopping asks before its journal goes with it."""
+    async with ledger_for({**migrated_env, "USAGE_FLUSH_INTERVAL_S": "1"}) as ledger:
+        idle = usage_of(OWNER)
+        await ledger.accounting.record(idle)
+        await ledger.redis.flushall()
+        await eventually_async(lambda: has_row(ledger, idle), "the journal replayed without a request", timeout_s=10)
+
+    async with ledger_for(migrated_env) as ledger:  # a probe only after a minute: the one of the stop
+        stopping = usage_of(OWNER)
+        await ledger.accounting.record(stopping)
+        await ledger.redis.flushall()
+        await ledger.accounting.drain()
+        assert await has_row(ledger, stopping)
+
+
+async def has_row(ledger: Ledger, record: UsageRecord) -> bool:
+    return record.request_id in await stored_ids(ledger)
 
 
 def replays(caplog: pytest.LogCaptureFixture) -> list[int]:

@@ -11,9 +11,9 @@ processes, where the counter's interpolation lets one through too many or too fe
 Its cost is bounded by the limit: only admitted requests are logged, so a set never holds more entries
 than its limit, and every request costs O(log n) per level.
 
-Each batch also keeps the usage journal's books (service.py, flush.py): it numbers every batch of usage records
-(`seq` in usage.JOURNAL_KEY), stamps the process's writer key with the process's own count of its batches, and
-reports whether that stamp is still there, so that a process learns from the answer it waits for anyway, with no
+Each batch with usage records also keeps the usage journal's books (service.py, flush.py): it numbers the batch
+(`seq` in usage.JOURNAL_KEY), stamps the process's writer key with the process's own count of its batches, and reports
+whether the key still held the previous stamp, so that a process learns from the answer it waits for anyway, with no
 round trip of its own, which of its records the worker has flushed and whether Redis lost any of them.
 
 Budget counters are hashes of integers (requests, tokens, cost as whole units + picos), incremented with
@@ -162,10 +162,12 @@ ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
 # ARGV: the number of calls; the writer key's stamp after this process's last batch of records that Redis confirmed
 # (0: none yet), the stamp of this batch, the writer key's TTL in seconds; for each call its kind (ADMIT or RECORD),
 # its number of keys and its number of arguments; then the arguments of every call, one after another.
-# Returns each call's own answer, in order, then {lost, seq, drained}: lost is 1 if the writer key holds less than the
-# confirmed stamp (Redis lost data written since; it keeps a prefix of its writes, whether it restarted empty, from an
-# older snapshot or failed over to a replica, so anything it kept of this process's is older than what it lost); seq
-# the number of this batch's records (0: none); drained the number up to which every batch is in MariaDB.
+# Returns each call's own answer, in order, then {lost, seq, drained}, all 0 for admissions only (no calls at all is a
+# probe: lost and drained without pushing anything): lost is 1 if
+# the writer key held less than the confirmed stamp (Redis lost data written since; it keeps a prefix of its writes,
+# whether it restarted empty, from an older snapshot or failed over to a replica, so anything it kept of this
+# process's is older than what it lost); seq the number this batch's records are pushed under; drained the number up
+# to which every batch is in MariaDB.
 BATCH = _USED + _ADMIT + _RECORD + """
 local function slice(t, from, n)
   local part = {}
@@ -175,10 +177,6 @@ local function slice(t, from, n)
   return part
 end
 local calls = tonumber(ARGV[1])
-local lost = 0
-if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
-  lost = 1
-end
 local answers = {}
 local records = false
 local k, a = 3, 5 + 3 * calls
@@ -192,12 +190,21 @@ for c = 1, calls do
   answers[c] = call(slice(KEYS, k, n_keys), slice(ARGV, a, n_args))
   k, a = k + n_keys, a + n_args
 end
-local seq = 0
-if records then
-  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+local lost, seq, drained = 0, 0, 0
+if records or calls == 0 then  -- admissions only say nothing (the next batch of records will); no calls: a probe
+  local held
+  if records then
+    held = redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4], 'GET')
+    seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  else
+    held = redis.call('GET', KEYS[2])
+  end
+  if tonumber(held or '0') < tonumber(ARGV[2]) then
+    lost = 1
+  end
+  drained = tonumber(redis.call('HGET', KEYS[1], 'drained') or '0')
 end
-answers[calls + 1] = {lost, seq, tonumber(redis.call('HGET', KEYS[1], 'drained') or '0')}
+answers[calls + 1] = {lost, seq, drained}
 return answers
 """
 

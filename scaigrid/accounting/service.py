@@ -8,10 +8,10 @@ scaigrid_redis_failures_total, a warning at most once a minute), `refuse` answer
 Usage is never dropped: without Redis it is written to MariaDB directly.
 
 Nor when Redis loses its data before the worker's flush has moved the buffer into MariaDB: each process keeps a
-journal, in memory, of the records it pushed, until the worker reports them drained. Each batch's answer says
-whether Redis still holds the process's last push, and how far the flush got (scripts.BATCH); when Redis lost it,
-the process writes its whole journal to MariaDB, as it does without Redis (idempotent on the request id, so what was
-flushed already is not doubled).
+journal, in memory, of the records it pushed, until the worker reports them drained. The answer to each batch of
+records says whether Redis still held the process's last push, and how far the flush got (scripts.BATCH); when Redis
+had lost it, the process writes its whole journal to MariaDB, as it does without Redis (idempotent on the request id,
+so what was flushed already is not doubled).
 """
 
 import asyncio
@@ -67,6 +67,9 @@ JOURNAL_MAX_RECORDS = 100_000
 # journal to MariaDB again, which doubles nothing.
 WRITER_KEY_TTL_S = 30 * 86_400
 REPLAY_CHUNK = 1000  # records per transaction when a journal is written to MariaDB
+# A process that pushed no records for this many flush intervals asks Redis about its journal once (a batch of no
+# calls): a process no request reaches learns of a loss, and of what the flush drained, all the same.
+PROBE_AFTER_INTERVALS = 2
 
 REDIS_FAILURES = Counter("scaigrid_redis_failures_total", "Redis operations of the request path that failed",
                          ["operation"])
@@ -134,6 +137,10 @@ class Accounting:
         self._confirmed = 0  # the stamp of this process's last push Redis confirmed
         self._replaying: set[asyncio.Task[None]] = set()
         self._next_unjournaled_log = 0.0
+        self._probe_after_s = PROBE_AFTER_INTERVALS * settings.limits.usage_flush_interval_s
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._probe_due = False
+        self._last_records_s = 0.0  # time.monotonic() of the last batch of records
 
     async def admit(self, request: web.Request, principal: Principal, *, metered: bool) -> None:
         """Counts the request against its rate limits (and, when metered, checks budgets); raises when refused.
@@ -200,6 +207,11 @@ class Accounting:
         """Returns when every queued record (and budget event) is written: the last step of a clean shutdown."""
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        if self._journal:  # the process's memory of them goes now: Redis must still hold them, or MariaDB must
+            await self._probe(stopping=True)
         await asyncio.gather(*self._emitting, *self._replaying)
 
     def _enqueue(self, record: UsageRecord, stored: "asyncio.Future[None] | None") -> None:
@@ -211,7 +223,10 @@ class Accounting:
             self._writer = asyncio.create_task(self._write_pending())
 
     async def _write_pending(self) -> None:
-        while self._pending or self._admits:
+        while self._pending or self._admits or self._probe_due:
+            if self._probe_due and not self._pending and not self._admits:
+                await self._probe()
+                continue
             admits, self._admits = self._admits[:BATCH_MAX], self._admits[BATCH_MAX:]
             batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
             try:
@@ -315,6 +330,9 @@ class Accounting:
         if not stamp:
             return
         self._confirmed = stamp
+        self._last_records_s = time.monotonic()
+        if self._probe_timer is None:
+            self._probe_timer = asyncio.get_running_loop().call_later(self._probe_after_s, self._probe_if_idle)
         self._journal.append((state.seq, encoded))
         self._journaled += len(encoded)
         unjournaled = 0
@@ -331,6 +349,35 @@ class Accounting:
                                "flushes them (is it running?); logged at most once a minute, see "
                                "scaigrid_usage_unjournaled_total", JOURNAL_MAX_RECORDS,
                                extra={"event": "usage_journal_full", "count": unjournaled})
+
+    def _probe_if_idle(self) -> None:
+        """The probe timer: a probe if no records went since it was set and the journal still holds some."""
+        self._probe_timer = None
+        if not self._journal:
+            return
+        idle_s = time.monotonic() - self._last_records_s
+        if idle_s < self._probe_after_s:  # records went meanwhile: their answers told; wait from the last
+            self._probe_timer = asyncio.get_running_loop().call_later(self._probe_after_s - idle_s, self._probe_if_idle)
+            return
+        self._probe_due = True
+        self._wake()
+
+    async def _probe(self, *, stopping: bool = False) -> None:
+        """A batch of no calls: whether Redis lost this process's pushes, and what the flush drained.
+
+        stopping: the process goes (no probe after this one); if Redis does not answer, the journal goes to MariaDB.
+        """
+        self._probe_due = False
+        try:
+            _, state = await self._call_batch([], 0)
+        except Exception as exc:
+            if not isinstance(exc, RedisError):
+                logger.exception("the usage journal's probe failed", extra={"event": "usage_probe_failed"})
+            state = JournalState(lost=stopping, seq=0, drained=0)  # else the next batch or probe tells
+        self._keep(state, 0, [])
+        if self._journal and not stopping and self._probe_timer is None:  # not drained yet: ask again later
+            self._last_records_s = time.monotonic()
+            self._probe_timer = asyncio.get_running_loop().call_later(self._probe_after_s, self._probe_if_idle)
 
     async def _replay(self, entries: list[str]) -> None:
         """Writes a journal to MariaDB after Redis lost data, in the background (admissions do not wait for it).
