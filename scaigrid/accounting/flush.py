@@ -3,9 +3,8 @@
 The flush reads a batch from the head of the Redis buffer, inserts it idempotently (on request id) and
 commits, and only then trims the batch from the buffer. A worker killed at any point therefore loses
 nothing (untrimmed records stay) and doubles nothing (a replayed record is ignored by its primary key).
-A run that moved everything the buffer held at its start marks the batches pushed before it as drained
-(scripts.FLUSH_START, scripts.DRAINED): the http processes then drop them from the journals they keep in case
-Redis loses its data before a flush (service.py).
+Each trim counts the entries it removes (usage.TRIMMED_KEY): the http processes then drop them from the journals
+they keep in case Redis loses its data before a flush (service.py).
 
 Budget counters live only in Redis; `record` counts into those of the budgets its process knows. With
 each flush, every budget whose counter for the current period is not yet `seeded` gets once the usage
@@ -16,7 +15,6 @@ mark is gone with it), all of the period's usage in MariaDB.
 
 import contextlib
 import logging
-import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -82,9 +80,7 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link
     to_link (a hybrid node): the records also go into the usage outbox the link sends to the managed side.
     """
     trim = redis.register_script(scripts.TRIM)
-    token = secrets.token_hex(8)
-    # What the buffer holds now is every batch up to seq; later arrivals wait for the next tick: a run always ends.
-    seq, pending = await redis.register_script(scripts.FLUSH_START)([usage.JOURNAL_KEY, usage.BUFFER_KEY], [token])
+    pending = await redis.llen(usage.BUFFER_KEY)  # later arrivals wait for the next tick: a run always ends
     done = 0
     while done < pending:
         entries = await redis.lrange(usage.BUFFER_KEY, 0, BATCH - 1)
@@ -107,15 +103,13 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link
             logger.error("%d buffered entries are not usage records; moved to %s", len(undecodable),
                          UNDECODABLE_KEY, extra={"event": "usage_undecodable", "count": len(undecodable)})
             await redis.rpush(UNDECODABLE_KEY, *undecodable)
-        if not await trim([usage.BUFFER_KEY], [len(entries), entries[-1]]):
+        if not await trim([usage.BUFFER_KEY, usage.TRIMMED_KEY], [len(entries), entries[-1]]):
             logger.warning("the usage buffer changed under the flush (Redis restarted?); the next run goes on",
                            extra={"event": "usage_buffer_changed"})
             break
         USAGE_FLUSHED.inc(len(records))
         done += len(entries)
         await lock.reacquire()
-    if done >= pending and seq:  # trimmed only once stored: what was at the head when the run began is in MariaDB
-        await redis.register_script(scripts.DRAINED)([usage.JOURNAL_KEY], [token, seq])
     return done
 
 

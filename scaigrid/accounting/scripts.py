@@ -11,10 +11,11 @@ processes, where the counter's interpolation lets one through too many or too fe
 Its cost is bounded by the limit: only admitted requests are logged, so a set never holds more entries
 than its limit, and every request costs O(log n) per level.
 
-Each batch with usage records also keeps the usage journal's books (service.py, flush.py): it numbers the batch
-(`seq` in usage.JOURNAL_KEY), stamps the process's writer key with the process's own count of its batches, and reports
-whether the key still held the previous stamp, so that a process learns from the answer it waits for anyway, with no
-round trip of its own, which of its records the worker has flushed and whether Redis lost any of them.
+Each batch with usage records also keeps the usage journal's books (service.py): it stamps the process's writer key
+with the process's own count of its batches and reports whether the key still held the previous stamp, where its last
+record stands among all ever pushed, and how many of those the flush has stored, so that a process learns from the
+answer it waits for anyway, with no round trip of its own, which of its records are in MariaDB and whether Redis lost
+any of them.
 
 Budget counters are hashes of integers (requests, tokens, cost as whole units + picos), incremented with
 HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's doubles (at 1e-16 relative),
@@ -128,8 +129,9 @@ end
 # Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period: the soft
 # limit or the limit of any one of the budget's limits.
 _RECORD = """
+local buffer_length = 0  -- after the last push
 local function record(KEYS, ARGV)
-redis.call('RPUSH', KEYS[1], ARGV[1])
+buffer_length = redis.call('RPUSH', KEYS[1], ARGV[1])
 local crossed = {}
 for j = 2, #KEYS do
   local key, arg = KEYS[j], 4 + (j - 2) * 5
@@ -158,16 +160,16 @@ end
 """
 
 ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
-# KEYS: the usage journal's hash, this process's writer key, then the keys of every call, one call after another.
+# KEYS: usage.TRIMMED_KEY, this process's writer key, then the keys of every call, one call after another.
 # ARGV: the number of calls; the writer key's stamp after this process's last batch of records that Redis confirmed
 # (0: none yet), the stamp of this batch, the writer key's TTL in seconds; for each call its kind (ADMIT or RECORD),
 # its number of keys and its number of arguments; then the arguments of every call, one after another.
-# Returns each call's own answer, in order, then {lost, seq, drained}, all 0 for admissions only (no calls at all is a
-# probe: lost and drained without pushing anything): lost is 1 if
+# Returns each call's own answer, in order, then {lost, position, drained}, all 0 for admissions only (no calls at all
+# is a probe: lost and drained without pushing anything): lost is 1 if
 # the writer key held less than the confirmed stamp (Redis lost data written since; it keeps a prefix of its writes,
 # whether it restarted empty, from an older snapshot or failed over to a replica, so anything it kept of this
-# process's is older than what it lost); seq the number this batch's records are pushed under; drained the number up
-# to which every batch is in MariaDB.
+# process's is older than what it lost); position that of the batch's last record among all entries ever pushed;
+# drained how many of those, from the first, the flush has stored (and trimmed).
 BATCH = _USED + _ADMIT + _RECORD + """
 local function slice(t, from, n)
   local part = {}
@@ -190,21 +192,23 @@ for c = 1, calls do
   answers[c] = call(slice(KEYS, k, n_keys), slice(ARGV, a, n_args))
   k, a = k + n_keys, a + n_args
 end
-local lost, seq, drained = 0, 0, 0
+local lost, position, drained = 0, 0, 0
 if records or calls == 0 then  -- admissions only say nothing (the next batch of records will); no calls: a probe
   local held
   if records then
     held = redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4], 'GET')
-    seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   else
     held = redis.call('GET', KEYS[2])
   end
   if tonumber(held or '0') < tonumber(ARGV[2]) then
     lost = 1
   end
-  drained = tonumber(redis.call('HGET', KEYS[1], 'drained') or '0')
+  drained = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if records then
+    position = drained + buffer_length
+  end
 end
-answers[calls + 1] = {lost, seq, drained}
+answers[calls + 1] = {lost, position, drained}
 return answers
 """
 
@@ -233,36 +237,14 @@ end
 return 1
 """
 
-# KEYS[1]: the usage buffer. ARGV: how many entries were flushed, and the last of them as it was read.
+# KEYS: the usage buffer, usage.TRIMMED_KEY. ARGV: how many entries were flushed, and the last of them as it was read.
 # Trims them only if they are still at the head: a Redis that restarted empty meanwhile holds only newer
-# entries, which must stay.
+# entries, which must stay. Counts them as trimmed: every entry up to that count is in MariaDB.
 TRIM = """
 if redis.call('LINDEX', KEYS[1], tonumber(ARGV[1]) - 1) == ARGV[2] then
   redis.call('LTRIM', KEYS[1], ARGV[1], -1)
+  redis.call('INCRBY', KEYS[2], ARGV[1])
   return 1
 end
 return 0
-"""
-
-# KEYS: the usage journal's hash, the usage buffer. ARGV: a token new to this flush run.
-# The start of a run: returns {seq, length}: the number of the last batch of records pushed so far (0: none) and how
-# many entries the buffer holds, which are every batch up to seq not yet flushed, in order. The token, checked by
-# DRAINED, shows that Redis kept everything since.
-FLUSH_START = """
-redis.call('HSET', KEYS[1], 'flush_token', ARGV[1])
-return {tonumber(redis.call('HGET', KEYS[1], 'seq') or '0'), redis.call('LLEN', KEYS[2])}
-"""
-
-# KEYS: the usage journal's hash. ARGV: the run's token, the seq its FLUSH_START returned.
-# The end of a run that moved into MariaDB every entry the buffer held at its start: records up to that seq may leave
-# the journals. Not if the token is gone (Redis lost data since the start: its seq may count other batches now) or
-# another run started meanwhile (that run marks for itself); the mark never goes back.
-DRAINED = """
-if redis.call('HGET', KEYS[1], 'flush_token') ~= ARGV[1] then
-  return 0
-end
-if tonumber(redis.call('HGET', KEYS[1], 'drained') or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'drained', ARGV[2])
-end
-return 1
 """

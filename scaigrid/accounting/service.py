@@ -59,9 +59,9 @@ WINDOW_S = 60
 FAILURE_LOG_INTERVAL_S = 60.0
 BATCH_MAX = 256  # admissions, and usage records, sent in one call at most (each)
 _ADMITTED, _RATE_LIMITED, _OVER_BUDGET = 0, 1, 2
-# Records a journal keeps at most (~490 bytes each as JSON: ~50 MB): a minute of a process at its benchmarked peak
-# (1,500 req/s), where a record waits for the drained mark 1 to 2 flush intervals (30 s each by default). When the
-# worker falls further behind, the oldest leave the journal (logged): they are still in Redis, as before journals.
+# Records a journal keeps at most (~490 bytes each as JSON: ~50 MB): over a minute of a process at its benchmarked
+# peak (1,500 req/s), where a record waits for the next flush (30 s by default). When the worker falls further
+# behind, the oldest leave the journal (logged): they are still in Redis, as before journals.
 JOURNAL_MAX_RECORDS = 100_000
 # A stopped process's key goes after that long. One idle for longer reads its key's expiry as a loss: it writes its
 # journal to MariaDB again, which doubles nothing.
@@ -94,8 +94,8 @@ class JournalState:
     """What a batch's answer says of the usage journal (scripts.BATCH)."""
 
     lost: bool  # Redis no longer holds this process's last confirmed push
-    seq: int  # the number the batch's records were pushed under (0: it had none)
-    drained: int  # every batch up to this number is in MariaDB
+    position: int  # that of the batch's last record among all entries ever pushed to the buffer (0: it had none)
+    drained: int  # how many of those, from the first, are in MariaDB
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Accounting:
         self._members = itertools.count()
         self._emitting: set[asyncio.Task[None]] = set()  # budget webhook events on their way to the outbox
         self._next_failure_log = 0.0
-        # The journal: (seq, the records as pushed) of each batch Redis took and the flush has not drained yet.
+        # The journal: (position, the records as pushed) of each batch Redis took and the flush has not stored yet.
         self._journal: deque[tuple[int, Sequence[str]]] = deque()
         self._journaled = 0
         self._writer_key = usage.WRITER_KEY_PREFIX + secrets.token_hex(8)
@@ -303,7 +303,7 @@ class Accounting:
                           ) -> tuple[list[list[Any]], JournalState]:
         """Each call's answer, and the journal's state, from one EVALSHA of scripts.BATCH (which reloads the script
         into a Redis that lost it: NOSCRIPT means nothing ran). stamp: this batch's, if it has records (else 0)."""
-        keys: list[str] = [usage.JOURNAL_KEY, self._writer_key]
+        keys: list[str] = [usage.TRIMMED_KEY, self._writer_key]
         head: list[str | int] = [len(calls), self._confirmed, stamp, WRITER_KEY_TTL_S]
         args: list[str | int] = []
         for kind, call_keys, call_args in calls:
@@ -311,8 +311,8 @@ class Accounting:
             keys += call_keys
             args += call_args
         answers: list[list[Any]] = await self._batch(keys, head + args)
-        lost, seq, drained = answers.pop()
-        return answers, JournalState(bool(lost), seq, drained)
+        lost, position, drained = answers.pop()
+        return answers, JournalState(bool(lost), position, drained)
 
     def _keep(self, state: JournalState, stamp: int, encoded: list[str]) -> None:
         """Brings the journal up to date with a batch's answer: replays it if Redis lost data, forgets what the
@@ -333,7 +333,7 @@ class Accounting:
         self._last_records_s = time.monotonic()
         if self._probe_timer is None:
             self._probe_timer = asyncio.get_running_loop().call_later(self._probe_after_s, self._probe_if_idle)
-        self._journal.append((state.seq, encoded))
+        self._journal.append((state.position, encoded))
         self._journaled += len(encoded)
         unjournaled = 0
         while self._journaled > JOURNAL_MAX_RECORDS:
@@ -373,7 +373,7 @@ class Accounting:
         except Exception as exc:
             if not isinstance(exc, RedisError):
                 logger.exception("the usage journal's probe failed", extra={"event": "usage_probe_failed"})
-            state = JournalState(lost=stopping, seq=0, drained=0)  # else the next batch or probe tells
+            state = JournalState(lost=stopping, position=0, drained=0)  # else the next batch or probe tells
         self._keep(state, 0, [])
         if self._journal and not stopping and self._probe_timer is None:  # not drained yet: ask again later
             self._last_records_s = time.monotonic()
