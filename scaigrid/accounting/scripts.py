@@ -165,11 +165,11 @@ ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
 # (0: none yet), the stamp of this batch, the writer key's TTL in seconds; for each call its kind (ADMIT or RECORD),
 # its number of keys and its number of arguments; then the arguments of every call, one after another.
 # Returns each call's own answer, in order, then {lost, position, drained}, all 0 for admissions only (no calls at all
-# is a probe: lost and drained without pushing anything): lost is 1 if
-# the writer key held less than the confirmed stamp (Redis lost data written since; it keeps a prefix of its writes,
-# whether it restarted empty, from an older snapshot or failed over to a replica, so anything it kept of this
-# process's is older than what it lost); position that of the batch's last record among all entries ever pushed;
-# drained how many of those, from the first, the flush has stored (and trimmed).
+# is a probe: lost and drained without pushing anything): lost is 1 if the writer key held less than the confirmed
+# stamp (Redis lost data written since; it keeps a prefix of its writes, whether it restarted empty, from an older
+# snapshot or failed over to a replica, so anything it kept of this process's is older than what it lost); position
+# that of the batch's last record among all entries ever pushed; drained how many of those, from the first, the
+# flush has stored (and trimmed).
 BATCH = _USED + _ADMIT + _RECORD + """
 local function slice(t, from, n)
   local part = {}
