@@ -11,10 +11,13 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from appliance import devstack
 from scaigrid.accounting import flush, service, usage
 from scaigrid.accounting.records import UsageRecord
 from scaigrid.accounting.service import Accounting
+from scaigrid.cache import InvalidationBus
 from scaigrid.db.tables import usage_records, webhook_deliveries, webhook_events
+from scaigrid.resources import database_ctx, redis_ctx
 from scaigrid.settings import load_settings
 from tests.accounting_fixtures import Ledger, ledger_for, start_worker
 from tests.accounting_fixtures import usage as usage_of
@@ -151,6 +154,30 @@ async def test_redis_back_from_an_older_snapshot_costs_only_the_processes_that_l
         await second.drain()
         assert replays(caplog) == [1]
         assert b3.request_id in await stored_ids(ledger)
+
+
+async def test_redis_restarted_empty_under_a_running_process(migrated_env: dict[str, str], tmp_path: Path):
+    """A real restart: the process's connection breaks and the script is gone from Redis, not only the data."""
+    private = devstack.start_redis(tmp_path / "redis")
+    env = {**migrated_env, "REDIS_URL": private.url}
+    settings = load_settings(env, env_file=None)
+    try:
+        async with database_ctx(settings) as engine, redis_ctx(settings) as redis:
+            accounting = Accounting(settings, engine, redis, InvalidationBus())
+            before = [usage_of(OWNER) for _ in range(3)]
+            for record in before:
+                await accounting.record(record)
+            private.stop()
+            private = devstack.start_redis(tmp_path / "redis", private.port)
+            after = usage_of(OWNER)
+            await accounting.record(after)  # in Redis, or in MariaDB if the broken connection failed the call
+            await accounting.drain()
+            ledger = Ledger(accounting, engine, redis, InvalidationBus())
+            assert {r.request_id for r in before} <= set(await stored_ids(ledger))
+            await flush_now(ledger)
+            assert sorted(await stored_ids(ledger)) == sorted(r.request_id for r in (*before, after))
+    finally:
+        private.stop()
 
 
 async def test_a_full_journal_keeps_the_newest_records(migrated_env: dict[str, str], caplog: pytest.LogCaptureFixture,
