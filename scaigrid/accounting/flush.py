@@ -3,6 +3,8 @@
 The flush reads a batch from the head of the Redis buffer, inserts it idempotently (on request id) and
 commits, and only then trims the batch from the buffer. A worker killed at any point therefore loses
 nothing (untrimmed records stay) and doubles nothing (a replayed record is ignored by its primary key).
+Each trim counts the entries it removes (usage.TRIMMED_KEY): the http processes then drop them from the journals
+they keep in case Redis loses its data before a flush (service.py).
 
 Budget counters live only in Redis; `record` counts into those of the budgets its process knows. With
 each flush, every budget whose counter for the current period is not yet `seeded` gets once the usage
@@ -101,7 +103,7 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link
             logger.error("%d buffered entries are not usage records; moved to %s", len(undecodable),
                          UNDECODABLE_KEY, extra={"event": "usage_undecodable", "count": len(undecodable)})
             await redis.rpush(UNDECODABLE_KEY, *undecodable)
-        if not await trim([usage.BUFFER_KEY], [len(entries), entries[-1]]):
+        if not await trim([usage.BUFFER_KEY, usage.TRIMMED_KEY], [len(entries), entries[-1]]):
             logger.warning("the usage buffer changed under the flush (Redis restarted?); the next run goes on",
                            extra={"event": "usage_buffer_changed"})
             break

@@ -11,6 +11,12 @@ processes, where the counter's interpolation lets one through too many or too fe
 Its cost is bounded by the limit: only admitted requests are logged, so a set never holds more entries
 than its limit, and every request costs O(log n) per level.
 
+Each batch with usage records also keeps the usage journal's books (service.py): it stamps the process's writer key
+with the process's own count of its batches and reports whether the key still held the previous stamp, where its last
+record stands among all ever pushed, and how many of those the flush has stored, so that a process learns from the
+answer it waits for anyway, with no round trip of its own, which of its records are in MariaDB and whether Redis lost
+any of them.
+
 Budget counters are hashes of integers (requests, tokens, cost as whole units + picos), incremented with
 HINCRBY, so costs add exactly; the comparison with the limit may round in Lua's doubles (at 1e-16 relative),
 which is fine for a gate.
@@ -123,8 +129,9 @@ end
 # Returns {budget index, 'soft' | 'hard', ...} for each threshold crossed for the first time this period: the soft
 # limit or the limit of any one of the budget's limits.
 _RECORD = """
+local buffer_length = 0  -- after the last push
 local function record(KEYS, ARGV)
-redis.call('RPUSH', KEYS[1], ARGV[1])
+buffer_length = redis.call('RPUSH', KEYS[1], ARGV[1])
 local crossed = {}
 for j = 2, #KEYS do
   local key, arg = KEYS[j], 4 + (j - 2) * 5
@@ -153,9 +160,16 @@ end
 """
 
 ADMIT, RECORD = "a", "r"  # the kinds of call BATCH runs
-# KEYS: the keys of every call, one call after another. ARGV: the number of calls; for each call its kind (ADMIT or
-# RECORD), its number of keys and its number of arguments; then the arguments of every call, one after another.
-# Returns each call's own answer, in order.
+# KEYS: usage.TRIMMED_KEY, this process's writer key, then the keys of every call, one call after another.
+# ARGV: the number of calls; the writer key's stamp after this process's last batch of records that Redis confirmed
+# (0: none yet), the stamp of this batch, the writer key's TTL in seconds; for each call its kind (ADMIT or RECORD),
+# its number of keys and its number of arguments; then the arguments of every call, one after another.
+# Returns each call's own answer, in order, then {lost, position, drained}, all 0 for admissions only (no calls at all
+# is a probe: lost and drained without pushing anything): lost is 1 if the writer key held less than the confirmed
+# stamp (Redis lost data written since; it keeps a prefix of its writes, whether it restarted empty, from an older
+# snapshot or failed over to a replica, so anything it kept of this process's is older than what it lost); position
+# that of the batch's last record among all entries ever pushed; drained how many of those, from the first, the
+# flush has stored (and trimmed).
 BATCH = _USED + _ADMIT + _RECORD + """
 local function slice(t, from, n)
   local part = {}
@@ -166,14 +180,35 @@ local function slice(t, from, n)
 end
 local calls = tonumber(ARGV[1])
 local answers = {}
-local k, a = 1, 2 + 3 * calls
+local records = false
+local k, a = 3, 5 + 3 * calls
 for c = 1, calls do
-  local head = 2 + 3 * (c - 1)
+  local head = 5 + 3 * (c - 1)
   local n_keys, n_args = tonumber(ARGV[head + 1]), tonumber(ARGV[head + 2])
-  local call = ARGV[head] == 'a' and admit or record
+  local call = admit
+  if ARGV[head] == 'r' then
+    call, records = record, true
+  end
   answers[c] = call(slice(KEYS, k, n_keys), slice(ARGV, a, n_args))
   k, a = k + n_keys, a + n_args
 end
+local lost, position, drained = 0, 0, 0
+if records or calls == 0 then  -- admissions only say nothing (the next batch of records will); no calls: a probe
+  local held
+  if records then
+    held = redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4], 'GET')
+  else
+    held = redis.call('GET', KEYS[2])
+  end
+  if tonumber(held or '0') < tonumber(ARGV[2]) then
+    lost = 1
+  end
+  drained = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if records then
+    position = drained + buffer_length
+  end
+end
+answers[calls + 1] = {lost, position, drained}
 return answers
 """
 
@@ -202,12 +237,13 @@ end
 return 1
 """
 
-# KEYS[1]: the usage buffer. ARGV: how many entries were flushed, and the last of them as it was read.
+# KEYS: the usage buffer, usage.TRIMMED_KEY. ARGV: how many entries were flushed, and the last of them as it was read.
 # Trims them only if they are still at the head: a Redis that restarted empty meanwhile holds only newer
-# entries, which must stay.
+# entries, which must stay. Counts them as trimmed: every entry up to that count is in MariaDB.
 TRIM = """
 if redis.call('LINDEX', KEYS[1], tonumber(ARGV[1]) - 1) == ARGV[2] then
   redis.call('LTRIM', KEYS[1], ARGV[1], -1)
+  redis.call('INCRBY', KEYS[2], ARGV[1])
   return 1
 end
 return 0

@@ -13,6 +13,10 @@ from scaigrid.clock import utc_from_unix
 from scaigrid.db.tables import usage_records
 
 BUFFER_KEY = "scaigrid:usage:buffer"  # a Redis list: RPUSHed by every http process, drained by the worker
+# How many entries the flush has trimmed from the buffer's head, each once stored: with the buffer's length, the
+# position of an entry among all ever pushed, and whether it is in MariaDB (service.py's journal, scripts.BATCH).
+TRIMMED_KEY = "scaigrid:usage:trimmed"
+WRITER_KEY_PREFIX = "scaigrid:usage:writer:"  # + a process's token: its count of its batches of records pushed
 COST_QUANTUM = Decimal("1e-12")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options would build one per record
 
