@@ -2,17 +2,27 @@
 with HYBRID_ROLE=managed also the hybrid link (HybridLink, and TunnelRelay for the http processes)."""
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scaigrid.health import check_database, check_redis
+from scaigrid.health import (
+    CHECK_TIMEOUT_S,
+    DEPENDENCY_UP,
+    DEPENDENCY_UPTIME,
+    HEALTH_CHECK_INTERVAL_S,
+    check_database,
+    check_redis,
+    database_uptime,
+    redis_uptime,
+)
 from scaigrid.hybrid.link_server import HeldLinks, HybridLinkServicer, NotManagedLinkServicer, TunnelRelayServicer
 from scaigrid.lifecycle import wait_for_stop_signal
 from scaigrid.metrics import metrics_site_ctx
@@ -26,12 +36,8 @@ from scaigrid.settings import Requirement, Settings
 logger = logging.getLogger(__name__)
 
 REQUIRES: tuple[Requirement, ...] = ("database", "redis")
-HEALTH_CHECK_INTERVAL_S = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-DEPENDENCY_UP = Gauge("scaigrid_dependency_up", "1 when the last check of the dependency passed", ["dependency"])
-
 
 async def _follow_dependencies(servicer: health.aio.HealthServicer, engine: AsyncEngine,
                                redis: "aioredis.Redis") -> None:
@@ -41,6 +47,12 @@ async def _follow_dependencies(servicer: health.aio.HealthServicer, engine: Asyn
         results = {"database": await check_database(engine), "redis": await check_redis(redis)}
         for name, result in results.items():
             DEPENDENCY_UP.labels(name).set(result == "ok")
+        uptimes: dict[str, Callable[[], Awaitable[float]]] = {
+            "database": lambda: database_uptime(engine), "redis": lambda: redis_uptime(redis)}
+        for name, uptime in uptimes.items():
+            if results[name] == "ok":
+                with contextlib.suppress(Exception):  # down meanwhile: the next check says so
+                    DEPENDENCY_UPTIME.labels(name).set(await asyncio.wait_for(uptime(), CHECK_TIMEOUT_S))
         status = SERVING if all(r == "ok" for r in results.values()) else NOT_SERVING
         if status != last:
             logger.info("health: %s %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status), results,
