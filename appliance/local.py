@@ -174,8 +174,12 @@ def wait_until_ready(appliance: Appliance, supervisord: subprocess.Popen[bytes])
 
 
 def start_supervisord(appliance: Appliance) -> subprocess.Popen[bytes]:
+    """supervisord -n, its own output beside appliance.env, standing in for the journal systemd gives it.
+
+    Not in the log directory: supervisord prints a failed log write's traceback to its output, and a write to a full
+    disk failing in turn raises out of its loop; supervisord then dies, leaving its programs behind."""
     config = appliance.config
-    with (config.log_dir / "supervisord.out").open("ab") as out:
+    with (appliance.path.parent / "supervisord.out").open("ab") as out:
         return subprocess.Popen([SUPERVISORD, "-n", "-c", str(config.supervisord_conf)], cwd=REPO, env=child_env(),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
