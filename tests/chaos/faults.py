@@ -36,7 +36,8 @@ class Fault:
     kind: str  # the fault's class: the short run injects the first fault of each
     expected: str  # the behaviour docs/reliability.md documents for it
     inject: Callable[[Bench, float], float]  # (bench, hold_s) -> when the fault was undone
-    no_alert_reason: str = ""  # why no alert is expected, for a fault an operator need not be told about
+    no_alert_reason: str = ""  # why no alert is needed; without one, a fault no alert reported is a defect
+    cuts_streams: bool = False  # kills the process that serves streams: those open on it break (run.cut_by_kill)
 
 
 # --- programs ---
@@ -132,15 +133,11 @@ def filesystem_full(directory: str) -> Callable[[Bench, float], float]:
     """The tmpfs under the stack's log (or state) directory filled to the last byte for hold_s."""
     def inject(bench: Bench, hold_s: float) -> float:
         path = Path(getattr(bench.stack.config, directory)) / "chaos-filler"
-        with path.open("wb") as filler:
-            with contextlib.suppress(OSError):  # ENOSPC: full
-                while True:
-                    filler.write(b"\0" * (1 << 20))
-                    filler.flush()
-            with contextlib.suppress(OSError):  # the last partial megabyte
-                while True:
-                    filler.write(b"\0" * 4096)
-                    filler.flush()
+        with path.open("wb", buffering=0) as filler:  # unbuffered: ENOSPC comes from write, never from close
+            for block in (1 << 20, 4096, 1):
+                with contextlib.suppress(OSError):  # ENOSPC: full at this block size; then smaller ones
+                    while filler.write(b"\0" * block):
+                        pass
         try:
             time.sleep(hold_s)
         finally:
@@ -165,15 +162,26 @@ def clock_stepped(offset: str) -> Callable[[Bench, float], float]:
         try:
             time.sleep(hold_s)
         finally:
-            faked.send_signal(signal.SIGTERM)
+            # To its whole group: faketime runs the worker as its child, and passes no signal on.
+            os.killpg(faked.pid, signal.SIGTERM)
             try:
-                faked.wait(60)
-            except subprocess.TimeoutExpired:
-                faked.kill()
-                faked.wait()
+                # poll() reaps faketime, which would otherwise stay in the group as a zombie.
+                eventually(lambda: faked.poll() is not None and not _group_alive(faked.pid), "the faked worker "
+                           "stopped", 60)
+            except AssertionError:
+                os.killpg(faked.pid, signal.SIGKILL)
+            faked.wait()
             bench.stack.supervisor.start("worker:worker_2")
         return time.monotonic()
     return inject
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- the hybrid link ---
@@ -194,17 +202,18 @@ def link_cut(bench: Bench, hold_s: float) -> float:
 
 
 PROGRAM_DEATH = ("supervisord restarts it within seconds; requests in flight on it fail with a documented code "
-                 "(nginx answers UPSTREAM_UNAVAILABLE for an http process), the rest go on; nothing recorded is lost")
+                 "(nginx answers UPSTREAM_UNAVAILABLE), streams already started on it end without their last "
+                 "chunk; the rest go on; nothing recorded is lost")
 OUTAGE = ("requests that need it fail with a documented code while it is away (or are served from caches); "
           "usage and events wait and arrive once it is back; every program recovers by itself")
 
 
-def table(processes: list[str], *, enrolled: bool, hold_s: float) -> list[Fault]:
+def table(processes: list[str], *, enrolled: bool, hold_s: float, link_hold_s: float) -> list[Fault]:
     """Every fault, in the order they run; `processes` are supervisord's process names (nginx and the listener too)."""
     # The http processes first: the short run kills one of those, which carry the load.
     ordered = sorted(processes, key=lambda name: not name.startswith("http_"))
-    kills = [Fault(f"kill -9 {name}", "program", PROGRAM_DEATH, kill_process(name)) for name in ordered
-             if enrolled or name != "link"]
+    kills = [Fault(f"kill -9 {name}", "program", PROGRAM_DEATH, kill_process(name),
+                   cuts_streams=name.startswith("http_")) for name in ordered if enrolled or name != "link"]
     return [
         *kills,
         Fault("MariaDB kill -9 and restart", "mariadb", OUTAGE + "; InnoDB recovers every committed row",
@@ -231,9 +240,10 @@ def table(processes: list[str], *, enrolled: bool, hold_s: float) -> list[Fault]
               "jobs stay exclusive (locks, not clocks); nothing doubled or lost", clock_stepped("+5m")),
         Fault("clock -5 min on one worker", "clock",
               "jobs stay exclusive (locks, not clocks); nothing doubled or lost", clock_stepped("-5m")),
-        *([Fault(f"link cut {hold_s * 3:g} s", "link",
+        *([Fault(f"link cut {link_hold_s:g} s", "link",
                  "the node serves its own models; usage waits in the outbox and reaches the managed side once the "
-                 "link is back, each record once", lambda bench, hold: link_cut(bench, hold * 3))] if enrolled else []),
+                 "link is back, each record once",
+                 lambda bench, hold: link_cut(bench, link_hold_s))] if enrolled else []),
     ]
 
 
