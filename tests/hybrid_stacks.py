@@ -202,8 +202,9 @@ def enroll(managed: ApplianceStack, node: ApplianceStack, link_target: str | Non
     relay to it); the node id."""
     token = data(managed, "POST", "/v1/hybrid/enrollment-tokens", managed.admin_key, {"name": "site-a"},
                  expect=201)["token"]
+    target = link_target or f"127.0.0.1:{managed.config.grpc_tls_port}"
     result = node.cli("link", "enroll", "--url", managed.url, "--token", token, "--ca-file",
-                      str(managed.config.tls_cert), "--link-target", link_target or f"127.0.0.1:{managed.config.grpc_tls_port}")
+                      str(managed.config.tls_cert), "--link-target", target)
     assert result.returncode == 0, result.stdout + result.stderr
     return str(json.loads(node.config.link_file.read_text())["node_id"])
 
