@@ -119,6 +119,11 @@ def limits_unavailable() -> ScaigridError:
                          "LIMITS_UNAVAILABLE", 503, retry_after_s=5)
 
 
+def database_unavailable() -> ScaigridError:
+    return ScaigridError("the database cannot be reached right now; retry shortly", "DATABASE_UNAVAILABLE", 503,
+                         retry_after_s=5)
+
+
 def backend_error(message: str) -> ScaigridError:
     return ScaigridError(message, "BACKEND_ERROR", 502)
 

@@ -21,8 +21,8 @@ from tests.support.waiting import eventually
 PROBE = "/v1/accounting/usage?limit=1"
 
 
-def probe(url: str, key: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    request = urllib.request.Request(url + PROBE, headers={"Authorization": f"Bearer {key}"})
+def probe(url: str, key: str, path: str = PROBE) -> tuple[int, dict[str, str], dict[str, Any]]:
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), json.loads(response.read())
@@ -203,3 +203,31 @@ def test_redis_down_serves_or_refuses_as_configured(migrated_env, start_mode, ow
     status, headers, body = probe(url, key)
     assert (status, body["error"]["code"]) == (503, "LIMITS_UNAVAILABLE")
     assert headers["Retry-After"] == "5"
+
+
+def test_mariadb_down_keeps_known_keys_serving_and_answers_others_database_unavailable(env, start_mode, tmp_path):
+    """A key's cache entry that expires while MariaDB is away keeps its last verdict (the fault table's MariaDB kill
+    once answered it 500 INTERNAL_ERROR); a key never seen gets a 503 the client may retry, and works once MariaDB is
+    back."""
+    cached_route = "/oai/v1/models"  # the catalogue is cached in the process: only the key needs MariaDB
+    own = devstack.start_mariadb(tmp_path / "mariadb")
+    try:
+        env = {**env, "DATABASE_URL": own.create_database("own", "own", "own-password"), "API_KEY_CACHE_TTL_S": "1"}
+        assert scaigrid("migrate", env=env).returncode == 0
+        url = f"http://127.0.0.1:{env['HTTP_PORT']}"
+        process = start_http(start_mode, env)
+        known, unseen = create_key(env, "tenant_user"), create_key(env, "tenant_user")
+        assert probe(url, known, cached_route)[0] == 200
+        port = own.port
+        own.stop()
+        time.sleep(1.5)  # past the key's cache TTL: its next use must look it up again
+
+        assert probe(url, known, cached_route)[0] == 200
+        status, headers, body = probe(url, unseen, cached_route)
+        assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "DATABASE_UNAVAILABLE", "5")
+        assert not [line for line in process.log_lines() if line.get("event") == "request_error"]
+
+        own = devstack.start_mariadb(tmp_path / "mariadb", port)
+        eventually(lambda: probe(url, unseen, cached_route)[0] == 200, "the unseen key once MariaDB is back", 30)
+    finally:
+        own.stop()

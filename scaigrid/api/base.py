@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
-from scaigrid import errors
+from scaigrid import db, errors
 from scaigrid.access import public
 from scaigrid.appkeys import DRAIN, READY_CHECKS, REQUEST_ID, SETTINGS, STARTED, TUNNELLED
 from scaigrid.hybrid import protocol
@@ -174,10 +174,15 @@ async def request_middleware(request: web.Request, handler: Callable[[web.Reques
     except asyncio.CancelledError:
         logger.info("request cut", extra={"event": "request_cut", "method": request.method, "path": request.path})
         raise
-    except Exception:
-        logger.exception("unhandled error", extra={"event": "request_error", "path": request.path})
-        response = error_response(errors.ScaigridError("internal error; see the server log with this request id"),
-                                  request.path)
+    except Exception as exc:
+        if db.unreachable(exc):  # a cache miss while MariaDB is away: the client may retry, nothing is broken
+            logger.warning("MariaDB unreachable: %s", getattr(exc, "orig", exc),
+                           extra={"event": "database_unavailable", "path": request.path})
+            response = error_response(errors.database_unavailable(), request.path)
+        else:
+            logger.exception("unhandled error", extra={"event": "request_error", "path": request.path})
+            response = error_response(errors.ScaigridError("internal error; see the server log with this request id"),
+                                      request.path)
     finally:
         drain.leave()
     elapsed_s = time.perf_counter() - started

@@ -7,16 +7,16 @@ process forgets the record at once. ScaiKey users are cached the same way, by su
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scaigrid import errors
+from scaigrid import db, errors
 from scaigrid.auth import keys, service_tokens
 from scaigrid.auth.principal import Principal, RateLimits
 from scaigrid.auth.roles import ROLE_REACH, ROLES, TENANT_ROLES, grants_at_most
@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 # Topics on the invalidation bus: one key by hash, or every identity (tenant or user status changed).
 TOPIC_API_KEY = "apikey"
 TOPIC_IDENTITY = "identity"
+# How long a key's last verdict is kept, while MariaDB cannot be reached, before its lookup is tried again.
+STALE_RETRY_S = 5.0
 NEGATIVE_TTL_S = 5.0  # an unknown key is remembered briefly, so a flood of bad keys does not reach MariaDB
 DEV_EMAIL = f"dev@{DEFAULT_SLUG}.local"
 DEV_ROLE = "tenant_admin"
 JIT_DEFAULT_ROLE = "tenant_user"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _CachedKey:
     deadline: float  # monotonic time after which the database is asked again
     expires_at: datetime | None  # the key's own expiry (naive UTC)
@@ -119,12 +121,27 @@ class Authenticator:
                 pending = asyncio.ensure_future(self._load_key(key_hash))
                 self._loading[key_hash] = pending
                 pending.add_done_callback(lambda _done: self._loading.pop(key_hash, None))
-            cached = await asyncio.shield(pending)  # a waiter whose client left must not cancel the others' lookup
+            try:
+                cached = await asyncio.shield(pending)  # a waiter whose client left must not cancel the others' lookup
+            except Exception as exc:
+                cached = self._stale(key_hash, exc, now)
         if cached.principal is None:
             raise errors.auth_token_invalid(cached.refusal)
         if cached.expires_at is not None and cached.expires_at <= utc_now():
             raise errors.auth_token_invalid("this API key has expired")
         return cached.principal
+
+    def _stale(self, key_hash: str, exc: Exception, now: float) -> "_CachedKey":
+        """While MariaDB is unreachable, a key's last verdict stands (an invalidation, which arrives through Redis,
+        still drops it), retried every STALE_RETRY_S; without one the error goes on (DATABASE_UNAVAILABLE)."""
+        stale = self._keys.get(key_hash)
+        if stale is None or not db.unreachable(exc):
+            raise exc
+        logger.warning("MariaDB unreachable; API key %s… keeps its last verdict for %g s", key_hash[:8],
+                       STALE_RETRY_S, extra={"event": "key_cache_stale"})
+        kept = dataclasses.replace(stale, deadline=now + STALE_RETRY_S)
+        self._keys[key_hash] = kept
+        return kept
 
     async def _load_key(self, key_hash: str) -> "_CachedKey":
         generation = self._generation
