@@ -201,11 +201,9 @@ def link_cut(bench: Bench, hold_s: float) -> float:
     return time.monotonic()
 
 
-PROGRAM_DEATH = ("supervisord restarts it within seconds; requests in flight on it fail with a documented code "
-                 "(nginx answers UPSTREAM_UNAVAILABLE), streams already started on it end without their last "
-                 "chunk; the rest go on; nothing recorded is lost")
-OUTAGE = ("requests that need it fail with a documented code while it is away (or are served from caches); "
-          "usage and events wait and arrive once it is back; every program recovers by itself")
+PROGRAM_DEATH = ("restarted by supervisord; its requests in flight fail documented (nginx: UPSTREAM_UNAVAILABLE), "
+                 "its open streams end unfinished")
+OUTAGE = "what needs it fails documented or waits; usage and events arrive once it is back"
 
 
 def table(processes: list[str], *, enrolled: bool, hold_s: float, link_hold_s: float) -> list[Fault]:
@@ -220,29 +218,27 @@ def table(processes: list[str], *, enrolled: bool, hold_s: float, link_hold_s: f
               mariadb_killed),
         Fault(f"MariaDB stopped {hold_s:g} s", "mariadb", OUTAGE, mariadb_stopped),
         Fault("Redis restarted empty", "redis",
-              "rate limits start again from zero; budget counters are seeded again from MariaDB; buffered usage is "
-              "written again by the http processes that recorded it (journal); nothing is lost", redis_emptied),
-        Fault(f"Redis stopped {hold_s:g} s", "redis", OUTAGE + "; usage goes to MariaDB directly meanwhile",
+              "limits start again from zero; counters seeded again from MariaDB; buffered usage written again by "
+              "the http processes that pushed it", redis_emptied),
+        Fault(f"Redis stopped {hold_s:g} s", "redis", "requests go on unlimited; usage goes to MariaDB directly",
               redis_stopped),
         Fault(f"S3 stopped {hold_s:g} s", "s3", OUTAGE, s3_stopped),
         Fault("upstream cuts streams", "upstream",
-              "the cut stream ends with an `event: error` frame (BACKEND_ERROR), never a silent end", upstream(CUT)),
-        Fault("upstream stalls past the timeout", "upstream", "504 BACKEND_TIMEOUT (or an error frame mid-stream)",
+              "BACKEND_ERROR (an error frame mid-stream), never a silent end", upstream(CUT)),
+        Fault("upstream stalls past the timeout", "upstream", "BACKEND_TIMEOUT (an error frame mid-stream)",
               upstream(STALL)),
-        Fault("upstream answers 429", "upstream", "429 with Retry-After passed on, documented code",
+        Fault("upstream answers 429", "upstream", "BACKEND_RATE_LIMITED with Retry-After",
               upstream(LIMITED)),
-        Fault("log filesystem full", "disk", "requests keep being served; log lines are dropped, not the requests",
+        Fault("log filesystem full", "disk", "served; log lines dropped",
               filesystem_full("log_dir")),
         Fault("state filesystem full", "disk",
-              "requests keep being served; what needs the disk (large uploads buffered by nginx) fails with a "
-              "documented code", filesystem_full("state_dir")),
+              "served (uploads are streamed, never buffered to disk)", filesystem_full("state_dir")),
         Fault("clock +5 min on one worker", "clock",
-              "jobs stay exclusive (locks, not clocks); nothing doubled or lost", clock_stepped("+5m")),
+              "jobs stay exclusive (locks, not clocks); nothing doubled", clock_stepped("+5m")),
         Fault("clock -5 min on one worker", "clock",
-              "jobs stay exclusive (locks, not clocks); nothing doubled or lost", clock_stepped("-5m")),
+              "jobs stay exclusive (locks, not clocks); nothing doubled", clock_stepped("-5m")),
         *([Fault(f"link cut {link_hold_s:g} s", "link",
-                 "the node serves its own models; usage waits in the outbox and reaches the managed side once the "
-                 "link is back, each record once",
+                 "the node serves on; usage waits in the outbox, reaches the managed side once",
                  lambda bench, hold: link_cut(bench, link_hold_s))] if enrolled else []),
     ]
 

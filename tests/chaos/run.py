@@ -83,21 +83,22 @@ class Prometheus:
         return reply["data"]
 
     def fired_since(self, start: float) -> dict[str, float]:
-        """Alerts (name and labels) that went from not firing to firing after `start`: seconds after it each did."""
-        end = time.time()
-        series = self.api("query_range", query='ALERTS{alertstate="firing"}', start=f"{start - 5:.3f}",
-                          end=f"{end:.3f}", step="1")["result"]
-        fired = {}
+        """Alerts (name and labels) that fired after `start` and were not yet pending or firing at it (an alert whose
+        `for` began in an earlier fault is that fault's): seconds after `start` each began firing."""
+        series = self.api("query_range", query="ALERTS", start=f"{start - 5:.3f}", end=f"{time.time():.3f}",
+                          step="1")["result"]
+        seen: dict[str, float] = {}
+        firing: dict[str, float] = {}
         for one in series:
-            times = [float(at) for at, _ in one["values"]]
-            if times[0] <= start:
-                continue  # already firing when the fault began: another fault's
             labels = {k: v for k, v in one["metric"].items() if k not in (
                 "__name__", "alertstate", "alertname", "severity", "appliance", "instance")}
             name = one["metric"]["alertname"] + (
                 "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
-            fired[name] = round(times[0] - start, 1)
-        return fired
+            first = float(one["values"][0][0])
+            seen[name] = min(seen.get(name, first), first)
+            if one["metric"]["alertstate"] == "firing":
+                firing[name] = first
+        return {name: round(at - start, 1) for name, at in firing.items() if seen[name] > start}
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
