@@ -25,9 +25,9 @@ from appliance import devstack, render
 from appliance.events import CRASH_STATES, HostCollector, ProgramStates
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack
+from tests.support.prometheus import api, query, running
 from tests.support.waiting import eventually
 from tests.test_appliance_config import appliance_env, cli, ini
-from tests.test_prometheus import PROMETHEUS, answers, api, query
 
 PROMTOOL = "/usr/bin/promtool"
 UNIT_TESTS = Path(__file__).parent / "alerts"
@@ -195,36 +195,14 @@ def _restarted(tmp_path: Path) -> CollectorRegistry:
 
 # --- against a running appliance: Prometheus as the chaos run starts it, on the rendered files ---
 
-# The scrape file with both intervals shortened as the chaos run does: a plain text replace of the two lines.
-FAST = {"  scrape_interval: 15s\n": "  scrape_interval: 1s\n",
-        "  evaluation_interval: 15s\n": "  evaluation_interval: 1s\n"}
 FIRED_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def prometheus(appliance_stack: ApplianceStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Prometheus on a free loopback port, on a 1 s copy of the stack's scrape file; its API's URL."""
-    directory = tmp_path_factory.mktemp("prometheus")
-    text = scrape_file(appliance_stack.appliance).read_text()
-    for line, fast in FAST.items():
-        assert line in text
-        text = text.replace(line, fast)
-    (directory / "prometheus.yml").write_text(text)
-    port = devstack.free_port()
-    log = directory / "prometheus.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=output, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        eventually(lambda: answers(f"{url}/-/ready") or process.poll() is not None, "prometheus ready", 60)
-        assert process.poll() is None, devstack.log_tail(log)
+    """Prometheus as the chaos run starts it: a 1 s copy of the stack's scrape file, which loads the rendered rules."""
+    with running(scrape_file(appliance_stack.appliance), tmp_path_factory.mktemp("prometheus")) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
 
 
 def firing(prometheus: str, alertname: str) -> list[dict[str, str]]:

@@ -11,16 +11,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance import devstack
 from appliance.local import child_env
 from tests.appliance_stack import ApplianceStack
 from tests.backends import FakeBackend, catalogue_toml
+from tests.support.prometheus import api, query, running
 from tests.support.waiting import eventually
 
-PROMETHEUS = "/usr/bin/prometheus"
 MODEL = "scraped-chat"
 # Prometheus scrapes every 1 s here (15 s as rendered) and may need a few rounds to see everything; only a bound.
 SCRAPED_TIMEOUT_S = 60
@@ -69,46 +67,10 @@ def key(appliance_stack: ApplianceStack, fake: FakeBackend, tmp_path_factory: py
 
 @pytest.fixture(scope="module")
 def prometheus(appliance_stack: ApplianceStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Prometheus on a free loopback port with the stack's scrape file, scraping every second; its API's URL."""
-    directory = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load((appliance_stack.config.config_dir / "prometheus" / "scaigrid.yml").read_text())
-    config["global"]["scrape_interval"] = "1s"  # the scrape configs stay as rendered
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = devstack.free_port()
-    with (directory / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        eventually(lambda: answers(f"{url}/-/ready") or process.poll() is not None, "prometheus ready", 60)
-        assert process.poll() is None, devstack.log_tail(directory / "prometheus.log")
+    """Prometheus with the stack's scrape file, scraping every second; its API's URL."""
+    with running(appliance_stack.config.config_dir / "prometheus" / "scaigrid.yml",
+                 tmp_path_factory.mktemp("prometheus")) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def api(url: str, path: str, **params: str) -> Any:
-    with urllib.request.urlopen(f"{url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=10) as response:
-        reply = json.load(response)
-    assert reply["status"] == "success", reply
-    return reply["data"]
-
-
-def query(url: str, promql: str) -> dict[str, float]:
-    """An instant query's results, each series named by its labels (as `k=v,...`), with its value."""
-    return {",".join(f"{k}={v}" for k, v in sorted(series["metric"].items())): float(series["value"][1])
-            for series in api(url, "query", query=promql)["result"]}
 
 
 def status_rows(stack: ApplianceStack) -> list[dict[str, Any]]:

@@ -16,22 +16,18 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
-import yaml
 
 from appliance import devstack
-from appliance.local import child_env, program_rows
+from appliance.cli import program_rows
 from appliance.programs import healthy
 from appliance.supervisor import SupervisorUnavailable
 from tests.appliance_stack import ApplianceStack, start_stack
@@ -41,10 +37,10 @@ from tests.chaos.audit import audit
 from tests.chaos.gate import Gate
 from tests.chaos.load import CHAT, STACK_SETTINGS, Traffic, World, prepare
 from tests.hybrid_stacks import data, enroll, link_state, run_sql
+from tests.support import prometheus
 from tests.webhook_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
-PROMETHEUS = "/usr/bin/prometheus"
 KEYS = ("fault", "attempted", "succeeded", "failed_documented", "failed_other", "usage_missing", "usage_doubled",
         "events_lost", "objects_corrupt", "recovered_s", "alert", "alert_after_s", "note")
 # Short cadences, so that a record, a link loss or an alert shows within seconds, not the production minutes.
@@ -70,42 +66,6 @@ ALERT_WAIT_S = 30
 
 
 @dataclass
-class Prometheus:
-    url: str
-    process: subprocess.Popen[bytes]
-
-    def api(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as response:
-            reply = json.load(response)
-        if reply["status"] != "success":
-            raise RuntimeError(f"Prometheus: {reply}")
-        return reply["data"]
-
-    def fired_since(self, start: float) -> dict[str, float]:
-        """Alerts (name and labels) that fired after `start` and were not yet pending or firing at it (an alert whose
-        `for` began in an earlier fault is that fault's): seconds after `start` each began firing."""
-        series = self.api("query_range", query="ALERTS", start=f"{start - 5:.3f}", end=f"{time.time():.3f}",
-                          step="1")["result"]
-        seen: dict[str, float] = {}
-        firing: dict[str, float] = {}
-        for one in series:
-            labels = {k: v for k, v in one["metric"].items() if k not in (
-                "__name__", "alertstate", "alertname", "severity", "appliance", "instance")}
-            name = one["metric"]["alertname"] + (
-                "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
-            first = float(one["values"][0][0])
-            seen[name] = min(seen.get(name, first), first)
-            if one["metric"]["alertstate"] == "firing":
-                firing[name] = first
-        return {name: round(at - start, 1) for name, at in firing.items() if seen[name] > start}
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
-
-
-@dataclass
 class Bench:
     """The system under test, and what the faults act on (a restarted server replaces its entry)."""
 
@@ -120,7 +80,7 @@ class Bench:
     link_gate: Gate
     traffic: Traffic
     world: World
-    prometheus: Prometheus
+    prometheus_url: str
     hq_key: str  # a managed tenant's key, allowed on the node: its usage there must reach the managed side
     mounts: list[Path] = field(default_factory=list)
     relayed: list[str] = field(default_factory=list)  # request ids the node served hq while its link was cut
@@ -157,6 +117,25 @@ def not_ready(node: ApplianceStack) -> str:
     return ""
 
 
+def alerts_fired_since(prometheus_url: str, start: float) -> dict[str, float]:
+    """Alerts (name and labels) that fired after `start` and were not yet pending or firing at it (an alert whose
+    `for` began in an earlier fault is that fault's): seconds after `start` each began firing."""
+    series = prometheus.api(prometheus_url, "query_range", query="ALERTS", start=f"{start - 5:.3f}",
+                            end=f"{time.time():.3f}", step="1")["result"]
+    seen: dict[str, float] = {}
+    firing: dict[str, float] = {}
+    for one in series:
+        labels = {k: v for k, v in one["metric"].items() if k not in (
+            "__name__", "alertstate", "alertname", "severity", "appliance", "instance")}
+        name = one["metric"]["alertname"] + (
+            "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+        first = float(one["values"][0][0])
+        seen[name] = min(seen.get(name, first), first)
+        if one["metric"]["alertstate"] == "firing":
+            firing[name] = first
+    return {name: round(at - start, 1) for name, at in firing.items() if seen[name] > start}
+
+
 def say(message: str) -> None:
     print(f"chaos: {message}", flush=True)
 
@@ -165,33 +144,6 @@ def mount_tmpfs(path: Path, size_mib: int, mounts: list[Path]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(path)], check=True)
     mounts.append(path)
-
-
-def start_prometheus(stack: ApplianceStack, directory: Path) -> Prometheus:
-    """Debian's Prometheus on the node's rendered scrape file and alert rules, scraping and evaluating every second."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rendered = stack.config.config_dir / "prometheus"
-    config = yaml.safe_load((rendered / "scaigrid.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    for rules in rendered.glob("*alerts*.yml"):
-        shutil.copy(rules, directory / rules.name)
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = devstack.free_port()
-    log = directory / "prometheus.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-    prometheus = Prometheus(f"http://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Prometheus exited: {devstack.log_tail(log)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=5):
-            return prometheus
-        time.sleep(0.5)
-    raise RuntimeError("Prometheus not ready in 60 s")
 
 
 @contextlib.contextmanager
@@ -236,12 +188,12 @@ def bench_up(var: Path) -> Iterator[Bench]:
 
         # Enrolment restarts the node's programs with the link's settings.
         wait_until(lambda: not_ready(node), "the node ready and linked")
-        prometheus = start_prometheus(node, var / "prometheus")
-        cleanup.callback(prometheus.stop)
+        prometheus_url = cleanup.enter_context(prometheus.running(
+            node.config.config_dir / "prometheus" / "scaigrid.yml", var / "prometheus"))
         world = prepare(node, fake, receiver)
         traffic = Traffic(world, concurrency=CONCURRENCY, rate_per_s=RATE_PER_S)
         bench = Bench(var, services["mariadb"], services["redis"], s3, s3_gate, node, managed, managed_mariadb,
-                      link_gate, traffic, world, prometheus, managed_key(managed, node, node_id), mounts)
+                      link_gate, traffic, world, prometheus_url, managed_key(managed, node, node_id), mounts)
         # A restarted server replaces the bench's entry; the cleanup stops whichever is current.
         cleanup.callback(lambda: bench.mariadb.stop())
         cleanup.callback(lambda: bench.redis.stop())
@@ -363,10 +315,10 @@ def run_fault(bench: Bench, fault: faults.Fault, hold_s: float) -> dict[str, Any
                      f"{len(missing)} missing, {len(doubled)} doubled on the managed side")
         bench.relayed.clear()
     deadline = time.time() + ALERT_WAIT_S
-    fired = bench.prometheus.fired_since(began)
+    fired = alerts_fired_since(bench.prometheus_url, began)
     while not fired and time.time() < deadline:
         time.sleep(1)
-        fired = bench.prometheus.fired_since(began)
+        fired = alerts_fired_since(bench.prometheus_url, began)
     first = min(fired.items(), key=lambda item: item[1]) if fired else None
     row = {
         "fault": fault.name,
