@@ -15,6 +15,15 @@ from tests.support.database import Template, template_from
 from tests.support.env import Node, create_key, node_env, s3_client
 from tests.support.processes import ModeProcess, scaigrid, start_http, start_mode_process
 
+# The longest files first: `--dist loadfile` runs each file on one worker, and a file of several minutes that
+# started last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("tests/test_chaos.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 # --- session: one real server of each kind ---
 
 @pytest.fixture(scope="session")

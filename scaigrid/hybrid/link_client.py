@@ -159,8 +159,11 @@ class LinkClient:
                        self._attempt, delay_s, extra={
                            "event": "link_failed", "reason": failure.reason, "error_code": failure.code,
                            "attempt": self._attempt, "backoff_cap_s": cap_s, "retry_in_s": round(delay_s, 3)})
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that arrives as the event is
+            # set, and the loop then never ends (a link stop was seen cut at "stopping the state publisher").
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay_s)
+                async with asyncio.timeout(delay_s):
+                    await self._stopping.wait()
 
     async def drain(self, grace_s: float) -> tuple[int, int]:
         """Stops reconnecting and taking tunnels; gives open tunnels grace_s to end. Returns (finished, cut)."""
@@ -412,8 +415,9 @@ class LinkClient:
                 redis_failing = True
             else:
                 redis_failing = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see run()
+                async with asyncio.timeout(STATE_INTERVAL_S):
+                    await self._changed.wait()
 
     async def forget_state(self) -> None:
         """A link process that stopped cleanly says so at once: no state is "link program not running"."""

@@ -76,8 +76,11 @@ class ChannelDirectory:
     async def _follow(self) -> None:
         while True:
             await self._wanted.wait()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation that arrives as the event
+            # is set, and this loop would then outlive its process's stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), self._refresh_s)
+                async with asyncio.timeout(self._refresh_s):
+                    await self._refresh_now.wait()
             self._refresh_now.clear()
             try:
                 await self.refresh()

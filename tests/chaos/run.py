@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -176,11 +177,15 @@ def bench_up(var: Path) -> Iterator[Bench]:
         cleanup.callback(receiver.stop)
 
         say("starting the managed side and the node (every program, nginx)")
-        managed = start_stack(var / "managed", managed_mariadb, managed_redis, s3, **MANAGED_SETTINGS)
-        cleanup.callback(managed.stop)
-        node = start_stack(var / "node", services["mariadb"], services["redis"], replace(s3, port=s3_gate.port),
-                           **NODE_SETTINGS)
-        cleanup.callback(node.stop)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            starting = [pool.submit(start_stack, var / "managed", managed_mariadb, managed_redis, s3,
+                                    **MANAGED_SETTINGS),
+                        pool.submit(start_stack, var / "node", services["mariadb"], services["redis"],
+                                    replace(s3, port=s3_gate.port), **NODE_SETTINGS)]
+        for future in starting:  # every stack that started is stopped, even if the other failed
+            if future.exception() is None:
+                cleanup.callback(future.result().stop)
+        managed, node = (future.result() for future in starting)
         link_gate = Gate(managed.config.grpc_tls_port).start()
         cleanup.callback(link_gate.stop)
         say("enrolling the node (its link through a gate the link faults close)")
