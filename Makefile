@@ -48,8 +48,9 @@ run: install
 	$(PY) -m appliance.local
 
 # Two workers, one test file each at a time: the suite mostly waits on real servers starting and streams pacing.
+# The order of files is tests/conftest.py's (the longest first).
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The boot test alone (part of `make test` too): provisions a cached Debian root filesystem with
 # appliance/provision.sh and boots it with systemd-nspawn; needs root. See systemd/README.md.
