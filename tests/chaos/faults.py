@@ -36,7 +36,6 @@ class Fault:
     kind: str  # the fault's class: the short run injects the first fault of each
     expected: str  # the behaviour docs/reliability.md documents for it
     inject: Callable[[Bench, float], float]  # (bench, hold_s) -> when the fault was undone
-    no_alert_reason: str = ""  # why no alert is needed; without one, a fault no alert reported is a defect
     cuts_streams: bool = False  # kills the process that serves streams: those open on it break (run.cut_by_kill)
 
 
