@@ -2,7 +2,6 @@
 
 import gc
 import secrets
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,21 +14,6 @@ from tests.appliance_stack import ApplianceStack
 from tests.support.database import Template, template_from
 from tests.support.env import Node, create_key, node_env, s3_client
 from tests.support.processes import ModeProcess, scaigrid, start_http, start_mode_process
-
-# The longest files first: `--dist loadfile` runs each file on one worker, and a file of several minutes that
-# started last would run alone at the end while the other worker idles. xdist's own order (files with more tests
-# first, which `make test` turns off with --no-loadscope-reorder) put the fault table's one long test last.
-LONGEST_FIRST = ("tests/test_chaos.py",)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def file_of(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
-
-    tests_in = Counter(file_of(item) for item in items)
-    # Then xdist's heuristic: files with more tests first. Stable, so each file's tests stay together and in order.
-    items.sort(key=lambda item: (file_of(item) not in LONGEST_FIRST, -tests_in[file_of(item)]))
-
 
 # --- session: one real server of each kind ---
 

@@ -152,11 +152,6 @@ class NodeLink:
         async with self._writing:  # the heartbeat task writes too
             await self.call.write(link_pb2.NodeMessage(**message))
 
-    async def offer(self, **message: Any) -> None:
-        """Sends, unless the managed side refused the call already: it checks the credential before it reads."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.send(**message)
-
     async def hello(self, software_version: str = scaigrid.__version__, **fields: Any) -> link_pb2.Welcome:
         await self.send(hello=link_pb2.Hello(protocol_version=protocol.LINK_PROTOCOL_VERSION,
                                              software_version=software_version, **fields))
@@ -239,7 +234,7 @@ async def test_a_wrong_or_revoked_credential_and_a_first_message_other_than_hell
     async with channel_to(managed.grpc_target) as channel:
         for wrong in ("sgn_" + "x" * 43, "sst_not-a-node-credential", ""):
             node = NodeLink(channel, wrong)
-            await node.offer(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
+            await node.send(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
             refused = await node.ended()
             assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
             assert error_code(refused) == "NODE_CREDENTIAL_INVALID"
@@ -252,7 +247,7 @@ async def test_a_wrong_or_revoked_credential_and_a_first_message_other_than_hell
 
         assert managed.api("DELETE", f"/v1/hybrid/nodes/{node_id}")[0] == 200
         node = NodeLink(channel, credential)
-        await node.offer(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
+        await node.send(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
         refused = await node.ended()
         assert (refused.code(), error_code(refused)) == (grpc.StatusCode.UNAUTHENTICATED, "NODE_CREDENTIAL_INVALID")
     refusals = [line for line in managed.grpc.log_lines() if line.get("event") == "hybrid_link_refused"]
@@ -276,7 +271,7 @@ async def test_a_server_not_managed_refuses_a_link_with_hybrid_not_managed(
     with shared_env(mariadb, redis_server, s3_server) as env, grpc_process(env, tmp_path / "grpc.log"):
         async with channel_to(f"127.0.0.1:{env['GRPC_PORT']}") as channel:
             node = NodeLink(channel, "sgn_" + "x" * 43)
-            await node.offer(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
+            await node.send(hello=link_pb2.Hello(protocol_version=1, software_version=scaigrid.__version__))
             refused = await node.ended()
     assert (refused.code(), error_code(refused)) == (grpc.StatusCode.NOT_FOUND, "HYBRID_NOT_MANAGED")
     assert "HYBRID_ROLE=managed" in str(refused.details())

@@ -174,8 +174,9 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
         held = self._held
         node_id = None
         try:
+            first = await _first_message(requests)
             node_id, credential_hash = await self._authenticate(context)
-            hello = await self._hello(requests)
+            hello = _hello(first)
             problem = protocol.skew_problem(hello.protocol_version, hello.software_version, scaigrid.__version__)
             if problem is not None:
                 raise errors.hybrid_version_skew(problem)
@@ -218,20 +219,6 @@ class HybridLinkServicer(link_pb2_grpc.HybridLinkServicer):
         async with self._held.engine.begin() as conn:  # promotes a rotated-in credential on its first use
             row = await enrollment.authenticate(conn, _authorization(context))
         return str(row["id"]), str(row["credential_hash"])
-
-    async def _hello(self, requests: AsyncIterator[link_pb2.NodeMessage]) -> link_pb2.Hello:
-        try:
-            first = await asyncio.wait_for(anext(requests), HELLO_TIMEOUT_S)
-        except (TimeoutError, StopAsyncIteration):
-            first = None
-        if first is None or first.WhichOneof("kind") != "hello":
-            raise _protocol_error(f"the node's first message must be Hello, within {HELLO_TIMEOUT_S:g} s")
-        hello: link_pb2.Hello = first.hello
-        if len(hello.software_version) > MAX_VERSION_CHARS:
-            raise _protocol_error(f"software_version: at most {MAX_VERSION_CHARS} characters")
-        if len(hello.models) > MAX_MODELS:
-            raise _protocol_error(f"models: at most {MAX_MODELS}")
-        return hello
 
     async def _guarded(self, link: Link, work: Coroutine[Any, Any, None]) -> None:
         """Runs one of the link's tasks; if it fails, the link ends with its error."""
@@ -368,8 +355,29 @@ class NotManagedLinkServicer(link_pb2_grpc.HybridLinkServicer):
     @node_credential
     async def Connect(self, requests: AsyncIterator[link_pb2.NodeMessage],
                       context: Any) -> AsyncIterator[link_pb2.ManagedMessage]:
+        await _first_message(requests)
         raise errors.hybrid_not_managed()
         yield  # an async generator, as the streaming method must be
+
+
+async def _first_message(requests: AsyncIterator[link_pb2.NodeMessage]) -> link_pb2.NodeMessage | None:
+    """The node's first message, read before the call is answered or refused: a refusal sent while the node is still
+    writing its Hello reaches the node as INTERNAL instead of the refusal's code (grpc/grpc#36066)."""
+    try:
+        return await asyncio.wait_for(anext(requests), HELLO_TIMEOUT_S)
+    except (TimeoutError, StopAsyncIteration):
+        return None
+
+
+def _hello(first: link_pb2.NodeMessage | None) -> link_pb2.Hello:
+    if first is None or first.WhichOneof("kind") != "hello":
+        raise _protocol_error(f"the node's first message must be Hello, within {HELLO_TIMEOUT_S:g} s")
+    hello: link_pb2.Hello = first.hello
+    if len(hello.software_version) > MAX_VERSION_CHARS:
+        raise _protocol_error(f"software_version: at most {MAX_VERSION_CHARS} characters")
+    if len(hello.models) > MAX_MODELS:
+        raise _protocol_error(f"models: at most {MAX_MODELS}")
+    return hello
 
 
 class TunnelRelayServicer(link_pb2_grpc.TunnelRelayServicer):

@@ -383,7 +383,7 @@ def markdown(rows: list[dict[str, Any]], expected: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--var", type=Path, default=REPO / "var" / "chaos", help="working directory (emptied)")
-    parser.add_argument("--short", action="store_true", help="each fault class once, shorter holds (make test)")
+    parser.add_argument("--short", action="store_true", help="each fault class once, shorter holds (make test-chaos)")
     parser.add_argument("--only", nargs="*", default=[], help="only faults whose name contains one of these")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
