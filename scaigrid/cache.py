@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from scaigrid.appkeys import BUS
 from scaigrid.lifecycle import background
+from scaigrid.resources import off_master
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class InvalidationBus:
                     while True:
                         # A read timeout of its own: the client's socket timeout would end an idle subscription.
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if off_master(redis.connection_pool, pubsub.connection):
+                            # Sentinel moved the master: what is published there never reaches us here.
+                            raise ConnectionError("the Redis master moved")
                         if message is not None:
                             data = message["data"]
                             self.dispatch(data.decode() if isinstance(data, bytes) else data)

@@ -1,5 +1,7 @@
 """Shared resources (database engine, Redis, S3): one set of factories that every mode opens and closes."""
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -8,10 +10,13 @@ from urllib.parse import urlsplit
 import hiredis
 import redis.asyncio as aioredis
 from minio import Minio
-from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from scaigrid.lifecycle import background
 from scaigrid.settings import Settings, parse_redis_url
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
@@ -20,6 +25,11 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 # burst into errors that look like a Redis outage. A plain pool, not the blocking one: its cheaper checkout is
 # measurable on the hot path (bench/RESULTS.md), and idle connections cost Redis little.
 REDIS_MAX_CONNECTIONS = 2048
+# How often a process asks the sentinels which server is the master. redis-py asks only when it opens a connection, and
+# a busy process reuses the ones it has: after a switchover (SENTINEL FAILOVER; the old master stays up, a master, until
+# the sentinels turn it into a replica some 10 s later) every process went on writing to the old master, and the
+# demotion then threw those writes away (tests/scale/test_sentinel_failover.py).
+SENTINEL_POLL_INTERVAL_S = 1.0
 
 
 class _HiredisPacking:
@@ -45,6 +55,35 @@ class HiredisConnection(_HiredisPacking, aioredis.Connection):
 
 class HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
     pass
+
+
+class _FollowingSentinelPool(SentinelConnectionPool):
+    """Hands out only connections to the master the sentinels named last: one still connected to an older master is
+    connected again (redis-py's own pool moves idle connections when it learns of a new master, but puts those in use
+    at that moment back as they are)."""
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        if off_master(self, connection):
+            await connection.disconnect()  # connect() asks the sentinels
+        await super().ensure_connection(connection)
+
+
+def off_master(pool: aioredis.ConnectionPool, connection: AbstractConnection | None) -> bool:
+    """Whether a connection of the pool talks to a server the sentinels no longer name as the master (never, without
+    Sentinel). A subscription holds its connection for good: its owner asks this to know when to subscribe again."""
+    if not isinstance(pool, SentinelConnectionPool) or connection is None or pool.master_address is None:
+        return False
+    return bool(connection.is_connected) and (getattr(connection, "host", None),
+                                              getattr(connection, "port", None)) != tuple(pool.master_address)
+
+
+async def _follow_master(pool: SentinelConnectionPool) -> None:
+    """Keeps the pool's idea of the master current, for _FollowingSentinelPool and off_master to act on."""
+    while True:
+        # No master known right now (a failover under way): commands fail meanwhile; ask again.
+        with contextlib.suppress(RedisError, OSError):
+            await pool.get_master_address()  # type: ignore[no-untyped-call]
+        await asyncio.sleep(SENTINEL_POLL_INTERVAL_S)
 
 
 @asynccontextmanager
@@ -84,9 +123,11 @@ async def redis_ctx(settings: Settings) -> AsyncIterator["aioredis.Redis"]:
     sentinel = Sentinel(list(target.sentinels), socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(target.master, db=target.db, password=target.password,
                                  socket_timeout=REDIS_SOCKET_TIMEOUT_S, max_connections=REDIS_MAX_CONNECTIONS,
-                                 connection_class=HiredisSentinelConnection)
+                                 connection_class=HiredisSentinelConnection,
+                                 connection_pool_class=_FollowingSentinelPool)
     try:
-        yield client
+        async with background(_follow_master(client.connection_pool), "redis-master-follower"):
+            yield client
     finally:
         await client.aclose()
         for connection in sentinel.sentinels:  # the master client does not own the sentinel connections

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from tests.backends import GATEWAY_SETTINGS, FakeBackend, apply, backend, chat_m
 from tests.support.env import create_key
 from tests.support.http import http_get
 from tests.support.processes import ModeProcess, scaigrid, start_http
-from tests.support.sentinel import SentinelSet, client, role, start_sentinel_set
+from tests.support.sentinel import MASTER_NAME, SentinelSet, client, role, start_sentinel_set
 from tests.support.waiting import eventually
 
 TRAFFIC_THREADS = 3
@@ -145,12 +145,13 @@ def first_times(checks: dict[str, Callable[[], bool]], since_s: float, timeout_s
     return reached
 
 
-def normal_clients(redis_port: int) -> list[str]:
-    """The normal (not replication, not pub/sub) clients of a server other than the sentinels, as `addr name`."""
+def our_clients(redis_port: int) -> list[str]:
+    """The clients of a server, commands and subscriptions alike, other than the sentinels, its replication link and
+    this question itself, as `addr flags cmd`."""
     with client(redis_port) as redis:
-        clients = redis.client_list(_type="normal")
-    return [f"{c['addr']} {c['name']}" for c in clients
-            if not c["name"].startswith("sentinel-") and "M" not in c["flags"] and c["cmd"] != "client|list"]
+        clients = redis.client_list()
+    return [f"{c['addr']} {c['flags']} {c['cmd']}" for c in clients
+            if not c["name"].startswith("sentinel-") and not {"M", "S"} & set(c["flags"]) and c["cmd"] != "client|list"]
 
 
 def stored_request_ids(database_url: str) -> list[str]:
@@ -166,38 +167,52 @@ def stored_request_ids(database_url: str) -> list[str]:
     return asyncio.run(query())
 
 
-@pytest.fixture
-def redis_set(tmp_path: Path):
-    servers = start_sentinel_set(tmp_path / "rs")
-    yield servers
-    servers.stop()
+@dataclass
+class Stack:
+    """Two http processes, a grpc and a worker process on the Sentinel set, serving a catalogue of fake backends."""
+
+    env: dict[str, str]
+    urls: list[str]
+    redis_set: SentinelSet
+    fake: FakeBackend
 
 
 @pytest.fixture
-def fake():
-    server = FakeBackend().start()
-    yield server
-    server.stop()
+def stack(migrated_env: dict[str, str], start_mode: Callable[..., ModeProcess], tmp_path: Path) -> Iterator[Stack]:
+    redis_set = start_sentinel_set(tmp_path / "rs")
+    fake = FakeBackend().start()
+    try:
+        env = {**migrated_env, **GATEWAY_SETTINGS, "REDIS_URL": redis_set.url,
+               # Strict: a request served proves its process reached Redis, so "first success" is the recovery.
+               "RATE_LIMIT_ON_REDIS_FAILURE": "refuse", "USAGE_FLUSH_INTERVAL_S": "2", "WORKER_HEARTBEAT_TTL_S": "3",
+               "BREAKER_FAILURE_THRESHOLD": str(BREAKER_FAILURES), "BREAKER_OPEN_S": "300"}
+        apply(env, tmp_path / "catalogue.toml", [backend("b-ok", fake, "ok"), backend("b-bad", fake, "fail")],
+              [chat_model("acme/chat", [("b-ok", 1, 1)]), chat_model("acme/flaky", [("b-bad", 1, 1)])])
+        second = {**env, "HTTP_PORT": str(devstack.free_port())}
+        start_http(start_mode, env)
+        start_http(start_mode, second)
+        grpc_mode = start_mode("grpc", env)
+        grpc_mode.wait_for(lambda: grpc_serving(env["GRPC_PORT"]), what="SERVING")
+        start_mode("worker", env)
+        eventually(lambda: worker_beat_since(redis_set.master.port, 0), "the worker's heartbeat", 30)
+        yield Stack(env, [f"http://127.0.0.1:{e['HTTP_PORT']}" for e in (env, second)], redis_set, fake)
+    finally:
+        fake.stop()
+        redis_set.stop()
+
+
+def assert_usage_stored_once(stack: Stack, outcomes: list[Outcome]) -> None:
+    """Every served request's usage record in MariaDB, once, and nothing else, once the worker flushed the buffer."""
+    served = sorted(o.request_id for o in outcomes if o.status == 200)
+    with client(stack.redis_set.agreed_master() or 0) as redis:
+        eventually(lambda: redis.llen(usage.BUFFER_KEY) == 0 and len(stored_request_ids(stack.env["DATABASE_URL"]))
+                   >= len(served), "the usage flushed", 60)
+    assert sorted(stored_request_ids(stack.env["DATABASE_URL"])) == served
 
 
 @pytest.mark.timeout(420)
-def test_kill_9_of_the_master_under_load(migrated_env: dict[str, str], start_mode: Callable[..., ModeProcess],
-                                        tmp_path: Path, redis_set: SentinelSet, fake: FakeBackend):
-    env = {**migrated_env, **GATEWAY_SETTINGS, "REDIS_URL": redis_set.url,
-           # Strict: a request served proves its process reached Redis, so "first success" is the recovery.
-           "RATE_LIMIT_ON_REDIS_FAILURE": "refuse", "USAGE_FLUSH_INTERVAL_S": "2", "WORKER_HEARTBEAT_TTL_S": "3",
-           "BREAKER_FAILURE_THRESHOLD": str(BREAKER_FAILURES), "BREAKER_OPEN_S": "300"}
-    apply(env, tmp_path / "catalogue.toml", [backend("b-ok", fake, "ok"), backend("b-bad", fake, "fail")],
-          [chat_model("acme/chat", [("b-ok", 1, 1)]), chat_model("acme/flaky", [("b-bad", 1, 1)])])
-    second = {**env, "HTTP_PORT": str(devstack.free_port())}
-    urls = [f"http://127.0.0.1:{e['HTTP_PORT']}" for e in (env, second)]
-    start_http(start_mode, env)
-    start_http(start_mode, second)
-    grpc_mode = start_mode("grpc", env)
-    grpc_mode.wait_for(lambda: grpc_serving(env["GRPC_PORT"]), what="SERVING")
-    start_mode("worker", env)
-    eventually(lambda: worker_beat_since(redis_set.master.port, 0), "the worker's heartbeat", 30)
-
+def test_kill_9_of_the_master_under_load(stack: Stack):
+    env, urls, redis_set, fake = stack.env, stack.urls, stack.redis_set, stack.fake
     old_port, new_port = redis_set.master.port, redis_set.replica.port
     with Traffic(urls, create_key(env, "tenant_user")) as traffic:
         eventually(lambda: all(traffic.served_since(url, 0, 20) for url in urls), "traffic flowing", 60)
@@ -231,7 +246,7 @@ def test_kill_9_of_the_master_under_load(migrated_env: dict[str, str], start_mod
         rejoined_s = time.monotonic()
         eventually(lambda: all(traffic.served_since(url, rejoined_s, 10) for url in urls), "traffic after rejoin", 60)
     outcomes = traffic.snapshot()
-    assert normal_clients(old_port) == [], "a process still talks to the old master"
+    assert our_clients(old_port) == [], "a process still talks to the old master"
 
     failed = [o for o in outcomes if o.status != 200]
     assert {(o.status, o.code) for o in failed} <= {(503, "LIMITS_UNAVAILABLE")}, failed[:5]
@@ -239,12 +254,8 @@ def test_kill_9_of_the_master_under_load(migrated_env: dict[str, str], start_mod
     assert late == [], f"failures after every process was healthy again: {late[:5]}"
 
     # Usage: every served request's record in MariaDB, once; those Redis lost came from the processes' journals.
-    served = sorted(o.request_id for o in outcomes if o.status == 200)
+    assert_usage_stored_once(stack, outcomes)
     lost_in_lag = sum(o.status == 200 and lag_s < o.ended_s < killed_s for o in outcomes)
-    with client(new_port) as redis:
-        eventually(lambda: redis.llen(usage.BUFFER_KEY) == 0 and len(stored_request_ids(env["DATABASE_URL"])) >= len(
-            served), "the usage flushed", 60)
-    assert sorted(stored_request_ids(env["DATABASE_URL"])) == served
     replayed = [metric(url, "scaigrid_usage_replayed_total") for url in urls]
     assert all(count > 0 for count in replayed), f"no journal replay: Redis lost nothing? {replayed}"
 
@@ -272,9 +283,39 @@ def test_kill_9_of_the_master_under_load(migrated_env: dict[str, str], start_mod
     assert len(fake.requests_for("fail")) == BREAKER_FAILURES
 
     refused = [o for o in failed if o.started_s > killed_s]
+    served = [o for o in outcomes if o.status == 200]
     print(f"sentinel failover: {len(outcomes)} requests, {len(served)} served, {len(refused)} refused (503) during "
           f"the failover; promoted after {promoted_s:.2f} s; "
           + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in recovery.items())
           + f"; {lost_in_lag} requests ({lost_bytes} bytes of replication stream) during the replica's lag, "
           f"{sum(replayed):g} replayed from journals (by process: {replayed}); "
           f"the old master a replica {rejoined_s - killed_s:.1f} s after the kill")
+
+
+@pytest.mark.timeout(300)
+def test_a_switchover_under_load(stack: Stack):
+    """SENTINEL FAILOVER, as an operator moves the master off a host before its maintenance: the old master stays up
+    and becomes a replica, so a process still connected to it (a subscription, say) would go on reading from it."""
+    urls, redis_set = stack.urls, stack.redis_set
+    old_port, new_port = redis_set.master.port, redis_set.replica.port
+    with Traffic(urls, create_key(stack.env, "tenant_user")) as traffic:
+        eventually(lambda: all(traffic.served_since(url, 0, 20) for url in urls), "traffic flowing", 60)
+        switched_s = time.monotonic()
+        assert client(redis_set.sentinels[0].port).sentinel_failover(MASTER_NAME)
+        eventually(lambda: redis_set.agreed_master() == new_port, "the sentinels agreeing on the replica", 30)
+        agreed_s = time.monotonic()
+        # Still a master that takes writes (the sentinels demote it only seconds later): nobody may write there.
+        eventually(lambda: our_clients(old_port) == [], "every process off the old master", 5)
+        moved_s = time.monotonic()
+        assert role(old_port)["role"] == "master", "demoted before the processes left it: the check proves nothing"
+        eventually(lambda: role(old_port).get("master_link_status") == "up", "the old master a replica", 60,
+                   interval_s=0.2)
+        recovered_s = time.monotonic()
+        eventually(lambda: all(traffic.served_since(url, recovered_s, 10) for url in urls), "traffic after", 60)
+    outcomes = traffic.snapshot()
+    failed = [o for o in outcomes if o.status != 200]
+    print(f"sentinel switchover: {len(outcomes)} requests, {len(failed)} failed; sentinels agreed "
+          f"{agreed_s - switched_s:.1f} s after SENTINEL FAILOVER, every process off the old master "
+          f"{moved_s - agreed_s:.1f} s later; the old master a replica {recovered_s - switched_s:.1f} s after it")
+    assert failed == []
+    assert_usage_stored_once(stack, outcomes)
