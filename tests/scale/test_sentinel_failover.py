@@ -1,7 +1,8 @@
-"""Redis Sentinel failover under load: the master killed (-9) while chat traffic flows through two http processes, a
-grpc and a worker process on `redis+sentinel://`. Every process follows the new master, limits and breakers work on
-it, every request's usage reaches MariaDB once although the replica had not received the last writes, and the time to
-recover is measured (printed as one `sentinel failover:` line, the numbers docs/operations.md quotes)."""
+"""Redis Sentinel failover under load: the master killed (-9), or moved by SENTINEL FAILOVER, while chat traffic flows
+through two http processes, a grpc and a worker process on `redis+sentinel://`. Every process follows the new master,
+limits and breakers work on it, every request's usage reaches MariaDB once although the replica had not received the
+last writes, and the time to recover is measured (printed as one `sentinel failover:` / `sentinel switchover:` line
+each, the numbers docs/operations.md quotes)."""
 
 import asyncio
 import json
@@ -284,8 +285,9 @@ def test_kill_9_of_the_master_under_load(stack: Stack):
 
     refused = [o for o in failed if o.started_s > killed_s]
     served = [o for o in outcomes if o.status == 200]
-    print(f"sentinel failover: {len(outcomes)} requests, {len(served)} served, {len(refused)} refused (503) during "
-          f"the failover; promoted after {promoted_s:.2f} s; "
+    rate = len(outcomes) / (max(o.ended_s for o in outcomes) - min(o.started_s for o in outcomes))
+    print(f"sentinel failover: {len(outcomes)} requests ({rate:.0f}/s), {len(served)} served, {len(refused)} refused "
+          f"(503) during the failover; promoted after {promoted_s:.2f} s; "
           + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in recovery.items())
           + f"; {lost_in_lag} requests ({lost_bytes} bytes of replication stream) during the replica's lag, "
           f"{sum(replayed):g} replayed from journals (by process: {replayed}); "
@@ -294,8 +296,9 @@ def test_kill_9_of_the_master_under_load(stack: Stack):
 
 @pytest.mark.timeout(300)
 def test_a_switchover_under_load(stack: Stack):
-    """SENTINEL FAILOVER, as an operator moves the master off a host before its maintenance: the old master stays up
-    and becomes a replica, so a process still connected to it (a subscription, say) would go on reading from it."""
+    """SENTINEL FAILOVER, as an operator moves the master off a host before its maintenance: the old master stays up,
+    a master, for seconds before the sentinels demote it; a process still connected to it writes what the demotion
+    then discards, and its subscription hears nothing published on the new master."""
     urls, redis_set = stack.urls, stack.redis_set
     old_port, new_port = redis_set.master.port, redis_set.replica.port
     with Traffic(urls, create_key(stack.env, "tenant_user")) as traffic:
