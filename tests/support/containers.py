@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -164,6 +165,19 @@ def build_image(tag: str = IMAGE, *, labels: dict[str, str] | None = None) -> st
     return tag
 
 
+def relabelled(tag: str, new_tag: str, labels: dict[str, str]) -> str:
+    """`tag` with `labels` added, as `new_tag`: a new image (its own id) of the same code in a second, as a release
+    of an unchanged tree would be. Returns `new_tag`."""
+    label_lines = "".join(f'LABEL {key}="{value}"\n' for key, value in labels.items())
+    run(["podman", "build", "--format", "docker", "--tag", new_tag, "--file", "-", str(REPO / "deploy" / "container")],
+        input_bytes=f"FROM {tag}\n{label_lines}".encode(), timeout_s=BUILD_TIMEOUT_S)
+    return new_tag
+
+
+def image_id(tag: str) -> str:
+    return podman("image", "inspect", "--format", "{{.Id}}", tag).strip()
+
+
 def image_size_bytes(tag: str) -> int:
     return int(podman("image", "inspect", "--format", "{{.Size}}", tag))
 
@@ -172,6 +186,31 @@ def health(container: str) -> bool:
     """Runs the container's HEALTHCHECK once (there is no systemd here to run it on a timer); True when healthy."""
     return subprocess.run(["podman", "healthcheck", "run", container], capture_output=True, timeout=COMMAND_TIMEOUT_S,
                           check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def healthchecks_driven(label: str, interval_s: float = 2.0) -> Iterator[None]:
+    """Runs the healthchecks of the running containers labelled `label` every `interval_s` in a thread, as systemd's
+    timers would where there is systemd: compose's service_healthy conditions wait on what they record."""
+    stop = threading.Event()
+
+    def drive() -> None:
+        while not stop.is_set():
+            listed = subprocess.run(["podman", "ps", "--filter", f"label={label}", "--format", "{{.Names}}"],
+                                    capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+            for name in listed.stdout.split():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    subprocess.run(["podman", "healthcheck", "run", name], capture_output=True,
+                                   timeout=COMMAND_TIMEOUT_S, check=False)
+            stop.wait(interval_s)
+
+    driver = threading.Thread(target=drive, name="healthchecks", daemon=True)
+    driver.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        driver.join(timeout=COMMAND_TIMEOUT_S)
 
 
 @contextlib.contextmanager
