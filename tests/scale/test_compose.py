@@ -34,7 +34,7 @@ LLM_PORT = 9000
 LLM_SERVICE = f"""
 services:
   llm:
-    image: ${{SCAIGRID_IMAGE}}
+    image: ${{LLM_IMAGE}}
     entrypoint: ["python3", "-c"]
     command: ["from aiohttp import web; from bench.mock_upstream import make_app, BACKLOG; \
 web.run_app(make_app(), host='0.0.0.0', port={LLM_PORT}, backlog=BACKLOG, print=None)"]
@@ -125,7 +125,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with containers.api_service(directory) as docker_host:
         stack = Stack(project, directory, docker_host, nginx_port, {})
         stack.write_env(
-            ENV_FILE=str(directory / ".env"), SCAIGRID_IMAGE=image, SERVICES_IMAGE=services, LISTEN_ADDRESS="127.0.0.1",
+            ENV_FILE=str(directory / ".env"), SCAIGRID_IMAGE=image, LLM_IMAGE=image, SERVICES_IMAGE=services,
+            LISTEN_ADDRESS="127.0.0.1",
             NGINX_PUBLISHED_PORT=str(nginx_port), GRPC_PUBLISHED_PORT=str(grpc_port), HTTP_REPLICAS="2",
             OPENAI_HOSTNAME=OPENAI_HOST, MARIADB_DATABASE="scaigrid", MARIADB_USER="scaigrid",
             MARIADB_PASSWORD=secrets.token_hex(16), REDIS_PASSWORD=secrets.token_hex(16),
@@ -255,7 +256,7 @@ def test_a_rolling_upgrade_of_the_http_replicas_loses_no_request(stack: Stack, s
         eventually(lambda: traffic.sent >= 20, "traffic flowing", timeout_s=60, interval_s=0.2)
         # 1. The new image's migrations, before any replica runs it.
         stack.write_env(SCAIGRID_IMAGE=new_image)
-        stack.compose("run", "--rm", "-T", "migrate", timeout_s=300)
+        stack.compose("run", "--rm", "--no-deps", "-T", "migrate", timeout_s=300)
         # 2. One http replica at a time: start a new one, wait until nginx sends it requests, then stop an old one
         #    (SIGTERM: it drains; nginx passes what it refuses to the others).
         for replaced in old:

@@ -198,10 +198,15 @@ def healthchecks_driven(label: str, interval_s: float = 2.0) -> Iterator[None]:
         while not stop.is_set():
             listed = subprocess.run(["podman", "ps", "--filter", f"label={label}", "--format", "{{.Names}}"],
                                     capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
-            for name in listed.stdout.split():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    subprocess.run(["podman", "healthcheck", "run", name], capture_output=True,
-                                   timeout=COMMAND_TIMEOUT_S, check=False)
+            # All at once: one after another, a dozen containers' checks would take longer than the interval.
+            checks = [subprocess.Popen(["podman", "healthcheck", "run", name], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL) for name in listed.stdout.split()]
+            for check in checks:
+                try:
+                    check.wait(timeout=COMMAND_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    check.kill()
+                    check.wait()
             stop.wait(interval_s)
 
     driver = threading.Thread(target=drive, name="healthchecks", daemon=True)
