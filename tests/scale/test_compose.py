@@ -268,6 +268,9 @@ def test_a_rolling_upgrade_of_the_http_replicas_loses_no_request(stack: Stack, s
             eventually(lambda a=added: "/oai/v1/chat/completions" in logs(a), f"nginx sends {added} requests",
                        timeout_s=60, interval_s=0.5)
             containers.podman("stop", "--time", str(STOP_GRACE_S), replaced, timeout_s=STOP_GRACE_S + 30)
+            # It stopped by draining (SIGTERM reached scaigrid through dumb-init), not by podman's SIGKILL.
+            assert containers.podman("inspect", "--format", "{{.State.ExitCode}}", replaced).strip() == "0"
+            assert '"event": "drained"' in logs(replaced), logs(replaced)[-2000:]
             containers.podman("rm", replaced)
         # 3. The other modes: recreated on the new image (one replica each; not on the request path of this traffic).
         stack.compose("up", "--detach", "--no-deps", "grpc", "worker", "bunker_proxy")
