@@ -247,7 +247,7 @@ def test_a_rolling_upgrade_of_the_http_replicas_loses_no_request(stack: Stack, s
     eventually(lambda: served_through_nginx(stack), "/health/ready through nginx", timeout_s=120, interval_s=0.5)
     old = stack.containers_of("http")
     assert len(old) == 2
-    new_image = containers.relabelled(stack.values["SCAIGRID_IMAGE"], f"{containers.IMAGE}-next",
+    new_image = containers.relabelled(stack.values["SCAIGRID_IMAGE"], stack.values["SCAIGRID_IMAGE"] + "-next",
                                       {"org.scaigrid.test.release": secrets.token_hex(4)})
     new_id = containers.image_id(new_image)
     traffic = Traffic(sdk)

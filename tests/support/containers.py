@@ -146,11 +146,13 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def build_image(tag: str = IMAGE, *, labels: dict[str, str] | None = None) -> str:
-    """The ScaiGrid image from this tree as `tag`, on the cached base; rebuilt only when its sources changed (or the
-    labels differ: a label is how a test makes a new image of the same code, as for an upgrade). Returns `tag`."""
+def build_image(tag: str | None = None, *, labels: dict[str, str] | None = None) -> str:
+    """The ScaiGrid image from this tree, on the cached base; returns its tag, by default IMAGE-<digest of the
+    sources>, so that trees with other sources (git worktrees side by side) keep their own image instead of
+    rebuilding one tag in turn. Built only when missing, or when its sources or `labels` differ from the tag's."""
     base = base_image()
     sources = _sources_digest()
+    tag = tag or f"{IMAGE}-{sources}"
     wanted = {SOURCE_LABEL: sources, **(labels or {})}
     with cache_lock():
         if image_exists(tag):
