@@ -7,7 +7,7 @@ set -eu
 case "$1" in
 mariadb)
     # First start: a fresh data directory. Every start: the application's database and user from .env, through an
-    # init file only mysql may read (it holds the password), removed once mariadbd has read it.
+    # init file only mysql may read (it holds the password; it lives in the container, never in the volume).
     if [ ! -d /var/lib/mysql/mysql ]; then
         mariadb-install-db --user=mysql --datadir=/var/lib/mysql --auth-root-authentication-method=socket >/dev/null
     fi
