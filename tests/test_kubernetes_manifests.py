@@ -191,6 +191,8 @@ def test_the_config_map_holds_valid_settings_and_no_secret(rendered: list[dict[s
         assert key in parsers, f"{key}: not a setting"
         parsers[key](value)  # raises ValueError naming what is expected
     assert not SECRET_SETTINGS & set(settings)
+    # http reads the storage Secret optionally and needs all of S3 or none: its endpoint goes with its keys.
+    assert not {key for key in settings if key.startswith("S3_") and key != "S3_BUCKET"}
 
 
 def test_no_secret_value_in_the_manifests(rendered: list[dict[str, Any]]) -> None:
