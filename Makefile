@@ -10,6 +10,11 @@ DEBIAN_PACKAGES += nginx supervisor prometheus openssl curl
 DEBIAN_PACKAGES += packer qemu-utils
 # The boot test: mmdebstrap builds a Debian root filesystem, systemd-nspawn boots it with systemd as PID 1.
 DEBIAN_PACKAGES += mmdebstrap systemd-container
+# The container image and compose (make container, tests/scale): podman from Debian with runc (this machine's hybrid
+# cgroups v1/v2, which crun refuses) and catatonit, docker-compose 1.29 (honours service_completed_successfully
+# through podman's Docker API; podman-compose does not), dnsname (containers find each other by service name).
+CONTAINER_PACKAGES := podman runc catatonit docker-compose golang-github-containernetworking-plugin-dnsname
+DEBIAN_PACKAGES += $(CONTAINER_PACKAGES)
 # The fault table (make chaos, and its short run in make test): one worker's clock stepped by libfaketime.
 DEBIAN_PACKAGES += faketime
 # tests/test_kubernetes_manifests.py renders deploy/kubernetes with kubectl (v1.32, kustomize built in): not a Debian
@@ -31,12 +36,24 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: install debian-packages run test test-chaos test-appliance lint chaos bench bench-storage bench-tunnel image lock clean
+.PHONY: install debian-packages container-setup container run test test-chaos test-appliance lint chaos bench bench-storage bench-tunnel image lock clean
 
-install: debian-packages $(VENV)/.installed
+install: debian-packages container-setup $(VENV)/.installed
 
 debian-packages:
 	@$(call apt_install,$(DEBIAN_PACKAGES))
+
+# Podman as it runs on these machines (containers.conf.d is read after /usr/share/containers/containers.conf):
+# runc, as crun refuses hybrid cgroups; default ulimits below this host's hard limits (nofile 20000, nproc), which
+# podman's defaults exceed so that runc fails with "error setting rlimits"; catatonit for --init.
+PODMAN_CONF := /etc/containers/containers.conf.d/scaigrid.conf
+container-setup: debian-packages
+	@test -f $(PODMAN_CONF) || { \
+	    sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    printf '%s\n' '# Written by make container-setup (ScaiGrid Makefile): podman as it runs on these hosts.' \
+	        '[containers]' 'default_ulimits = ["nofile=10240:10240", "nproc=4096:4096"]' \
+	        'init_path = "/usr/bin/catatonit"' '[engine]' 'runtime = "runc"' \
+	        | $$sudo install -D -m 0644 /dev/stdin $(PODMAN_CONF); }
 
 # The venv alone, all `make lint` needs; reinstalled whenever what it depends on changes.
 $(VENV)/.installed: setup.cfg constraints.txt
@@ -103,10 +120,20 @@ image: install
 	PACKER_CACHE_DIR=build/packer_cache packer build -force -var wheel=$$(ls build/dist/scaigrid-*.whl) \
 	    -var output_dir=build/image $(PACKER_VARS) packer/
 
+# The container image (Containerfile) as localhost/scaigrid:latest: wheels built on the host (constraints.txt's pins),
+# so the build itself needs no network. BASE defaults to the public Python slim image; where no registry is reachable,
+# tests/support/containers.py's base_image() builds one from Debian packages: make container BASE=localhost/...
+BASE ?= docker.io/library/python:3.11-slim-bookworm
+container: install
+	rm -rf build/container/wheels
+	$(PY) -m pip wheel --quiet -c constraints.txt --wheel-dir build/container/wheels '.[container]'
+	podman build --format docker --build-arg BASE=$(BASE) --tag localhost/scaigrid:latest .
+	podman image inspect --format '{{.Size}} bytes' localhost/scaigrid:latest
+
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
 lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet -e '.[test,lint,bench]'
+	.venv-lock/bin/pip install --quiet -e '.[test,lint,bench,container]'
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v "^pkg_resources" > constraints.txt
 	rm -rf .venv-lock
 
