@@ -6,8 +6,8 @@ emptyDir; it ignores Services, readiness probes and preStop hooks and rejects Jo
 Pod its template describes, the probes are asked by the tests, and tests/test_kubernetes_manifests.py covers the rest
 by schema and by assertion. The manifests are adapted only as podman and loopback need: host networking (MariaDB,
 Redis and S3 listen on the host's loopback, not on a cluster network), so the listeners on 127.0.0.1 and free ports
-(the ConfigMap's settings) instead of port mappings, which podman refuses on the host's network; names made unique
-per run; the image under test.
+(the ConfigMap's settings) instead of port mappings, which podman refuses on the host's network; names and the bucket
+unique per run; a one-second usage flush, so the worker's is seen at once; the image under test.
 """
 
 import base64
