@@ -17,6 +17,8 @@ CONTAINER_PACKAGES := podman runc catatonit docker-compose golang-github-contain
 DEBIAN_PACKAGES += $(CONTAINER_PACKAGES)
 # The fault table (make chaos, and its short run in make test): one worker's clock stepped by libfaketime.
 DEBIAN_PACKAGES += faketime
+# tests/test_kubernetes_manifests.py renders deploy/kubernetes with kubectl (v1.32, kustomize built in): not a Debian
+# package, it comes with the machine image (deploy/kubernetes/README.md); kubernetes-validate is in setup.cfg's test.
 # The load generator of make bench (wrk; bench.run's c=1 latency and bench.stack's TLS throughput).
 BENCH_PACKAGES := wrk
 # Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.
