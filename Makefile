@@ -15,7 +15,7 @@ DEBIAN_PACKAGES += mmdebstrap systemd-container
 # through podman's Docker API; podman-compose does not), dnsname (containers find each other by service name).
 CONTAINER_PACKAGES := podman runc catatonit docker-compose golang-github-containernetworking-plugin-dnsname
 DEBIAN_PACKAGES += $(CONTAINER_PACKAGES)
-# The fault table (make chaos, and its short run in make test): one worker's clock stepped by libfaketime.
+# The fault table (make chaos, and its short run make test-chaos): one worker's clock stepped by libfaketime.
 DEBIAN_PACKAGES += faketime
 # tests/test_kubernetes_manifests.py renders deploy/kubernetes with kubectl (v1.32, kustomize built in): not a Debian
 # package, it comes with the machine image (deploy/kubernetes/README.md); kubernetes-validate is in setup.cfg's test.
@@ -36,7 +36,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: install debian-packages container-setup container run test test-chaos test-appliance lint chaos bench bench-storage bench-tunnel image lock clean
+.PHONY: install debian-packages container-setup container run test test-chaos test-appliance test-scale lint chaos bench bench-storage bench-tunnel image lock clean
 
 install: debian-packages container-setup $(VENV)/.installed
 
@@ -67,15 +67,21 @@ run: install
 	$(PY) -m appliance.local
 
 # Two workers, one test file each at a time: the suite mostly waits on real servers starting and streams pacing.
-# The two suites below are too long for make test's 25 minutes; .ci/run runs them after it. --durations: the slowest
+# The three suites below are too long for make test's 25 minutes; .ci/run runs them after it. --durations: the slowest
 # tests, in every CI log.
-SEPARATE_SUITES := tests/test_chaos.py tests/test_appliance_boot.py
+SEPARATE_SUITES := tests/test_chaos.py tests/test_appliance_boot.py tests/scale
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(addprefix --ignore=,$(SEPARATE_SUITES))
 
 # The short fault table (each fault class once, under load, about 8 minutes; tests/chaos). Needs root (tmpfs mounts).
 test-chaos: install
 	$(PY) -m pytest tests/test_chaos.py
+
+# Beyond one machine (tests/scale, docs/scaling.md): the container image, compose with a rolling upgrade, podman kube
+# play of the Kubernetes manifests, Galera and Sentinel failovers; needs root. The images are cached in podman's store
+# (a fresh machine builds its Debian base and services images first, about 12 minutes).
+test-scale: install
+	$(PY) -m pytest --durations=10 tests/scale
 
 # The boot test: provisions a cached Debian root filesystem with appliance/provision.sh and boots it with
 # systemd-nspawn, about 4 minutes the first time, under 2 after; needs root. See systemd/README.md.
