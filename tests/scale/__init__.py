@@ -1,0 +1,1 @@
+"""Tests beyond one machine: image, compose, Kubernetes, Galera, Sentinel (make test-scale)."""
