@@ -12,6 +12,8 @@ DEBIAN_PACKAGES += packer qemu-utils
 DEBIAN_PACKAGES += mmdebstrap systemd-container
 # The fault table (make chaos, and its short run in make test): one worker's clock stepped by libfaketime.
 DEBIAN_PACKAGES += faketime
+# The Galera tests (tests/scale/test_galera.py): a 3-node galera-4 cluster with rsync state transfer, behind HAProxy.
+DEBIAN_PACKAGES += galera-4 rsync haproxy
 # The load generator of make bench (wrk; bench.run's c=1 latency and bench.stack's TLS throughput).
 BENCH_PACKAGES := wrk
 # Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.
