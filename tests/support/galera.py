@@ -183,6 +183,7 @@ def start_cluster(size: int = 3) -> GaleraCluster:
         for node in nodes:
             if node.process is not None:
                 node.kill()
+        shutil.rmtree(cluster.base_dir, ignore_errors=True)
         raise
     return cluster
 
