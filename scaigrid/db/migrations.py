@@ -182,12 +182,17 @@ async def _locked(engine: AsyncEngine, conn: AsyncConnection, lock_timeout_s: fl
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-            await conn.rollback()  # whatever a failed stream left open
-            await conn.execute(delete(migrate_lock).where(migrate_lock.c.name == LOCK_NAME,
-                                                          migrate_lock.c.holder == holder))
-            await conn.commit()
+            try:
+                await conn.rollback()  # whatever a failed stream left open
+                await conn.execute(delete(migrate_lock).where(migrate_lock.c.name == LOCK_NAME,
+                                                              migrate_lock.c.holder == holder))
+                await conn.commit()
+            except DBAPIError as exc:  # the server went away: its GET_LOCK went with it, and the row expires
+                logger.warning("could not release the migrate lock (it expires within %d s): %s", LOCK_TTL_S, exc,
+                               extra={"event": "migrate_lock_release_failed"})
     finally:
-        await _release_lock(conn)
+        with contextlib.suppress(DBAPIError):  # as above
+            await _release_lock(conn)
 
 
 async def _run(conn: AsyncConnection, stream: Stream, direction: str, target: str) -> StreamResult:
