@@ -318,11 +318,14 @@ def test_a_node_killed_under_load_behind_haproxy(cluster, database, env_at, star
     # In flight at the kill: started before the server was gone, not answered before it was killed.
     in_flight = [outcome for outcome in outcomes if outcome.started_s <= dead_s and outcome.ended_s >= killed_s]
     after = [outcome for outcome in outcomes if outcome.started_s > killed_s]
-    recovered_s = min((outcome.ended_s for outcome in after if outcome.status in (200, 201)), default=float("inf"))
-    stalled_s = max(outcome.ended_s - outcome.started_s for outcome in outcomes)
+    recovered_s = {method: min((o.ended_s for o in after if o.status in (200, 201) and o.what.startswith(method)),
+                               default=float("inf")) - killed_s for method in ("GET", "POST")}
+    stalled_s = {method: max((o.ended_s - o.started_s for o in outcomes if o.what.startswith(method)), default=0.0)
+                 for method in ("GET", "POST")}
     print(f"Galera failover: {len(outcomes)} requests, {len(failed)} failed, {len(in_flight)} in flight at the kill "
-          f"(which took {dead_s - killed_s:.2f} s), node 1 marked down after {marked_down_s:.1f} s, first success "
-          f"{recovered_s - killed_s:.1f} s after the kill, longest request {stalled_s:.1f} s")
+          f"(which took {dead_s - killed_s:.2f} s), node 1 marked down after {marked_down_s:.1f} s; after the kill the "
+          f"first read succeeded at {recovered_s['GET']:.1f} s, the first write at {recovered_s['POST']:.1f} s; "
+          f"longest read {stalled_s['GET']:.1f} s, longest write {stalled_s['POST']:.1f} s")
     assert [(round(o.started_s - killed_s, 2), round(o.ended_s - killed_s, 2), o.status, o.what[:60])
             for o in failed if o not in in_flight] == []
     assert sum(outcome.status in (200, 201) for outcome in after) > 20  # the service went on, on node 2
