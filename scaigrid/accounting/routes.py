@@ -460,6 +460,7 @@ async def update_budget(request: web.Request) -> web.Response:
         if body.has(fixed):
             body.string(fixed)  # read, so that it is not also reported as unknown
             body.problems.append(FieldError(fixed, "cannot be changed; delete the budget and create another"))
+
     async def change(conn: AsyncConnection) -> Any:  # _budget_row's row
         row = await _budget_row(conn, principal, request.match_info["id"])
         await _require_budget_setter(conn, principal, row)
