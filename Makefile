@@ -19,6 +19,8 @@ DEBIAN_PACKAGES += $(CONTAINER_PACKAGES)
 DEBIAN_PACKAGES += faketime
 # tests/test_kubernetes_manifests.py renders deploy/kubernetes with kubectl (v1.32, kustomize built in): not a Debian
 # package, it comes with the machine image (deploy/kubernetes/README.md); kubernetes-validate is in setup.cfg's test.
+# The Galera tests (tests/scale/test_galera.py): a 3-node galera-4 cluster with rsync state transfer, behind HAProxy.
+DEBIAN_PACKAGES += galera-4 rsync haproxy
 # The load generator of make bench (wrk; bench.run's c=1 latency and bench.stack's TLS throughput).
 BENCH_PACKAGES := wrk
 # Debian's own python3 has no venv module until python3-venv is installed: the venv's one Debian package.

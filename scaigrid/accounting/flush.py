@@ -14,6 +14,7 @@ mark is gone with it), all of the period's usage in MariaDB.
 """
 
 import contextlib
+import functools
 import logging
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from scaigrid.accounting import scripts, usage
 from scaigrid.accounting.budgets import Budget, Period, counter_key, current_period, load_budgets, split_cost
 from scaigrid.accounting.records import UsageRecord
+from scaigrid.db import in_transaction
 from scaigrid.db.tables import usage_records
 from scaigrid.hybrid import outbox as hybrid_outbox
 from scaigrid.webhooks import outbox
@@ -94,11 +96,7 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link
             except (ValueError, TypeError, KeyError, ArithmeticError):
                 undecodable.append(entry)
         if records:
-            async with engine.begin() as conn:
-                await usage.store(conn, records)
-                await outbox.emit_usage(conn, records)  # request.* webhook events, committed with the usage
-                if to_link:  # in the same transaction: a record is stored and queued for the link, or neither
-                    await hybrid_outbox.enqueue(conn, records)
+            await in_transaction(engine, functools.partial(_store_batch, records=records, to_link=to_link))
         if undecodable:
             logger.error("%d buffered entries are not usage records; moved to %s", len(undecodable),
                          UNDECODABLE_KEY, extra={"event": "usage_undecodable", "count": len(undecodable)})
@@ -111,6 +109,13 @@ async def flush_buffer(engine: AsyncEngine, redis: Redis, lock: Lock, *, to_link
         done += len(entries)
         await lock.reacquire()
     return done
+
+
+async def _store_batch(conn: AsyncConnection, *, records: list[UsageRecord], to_link: bool) -> None:
+    await usage.store(conn, records)
+    await outbox.emit_usage(conn, records)  # request.* webhook events, committed with the usage
+    if to_link:  # in the same transaction: a record is stored and queued for the link, or neither
+        await hybrid_outbox.enqueue(conn, records)
 
 
 async def seed_budget_counters(engine: AsyncEngine, redis: Redis, now: datetime, *, whole_period: bool) -> None:

@@ -39,6 +39,7 @@ from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.auth.tenancy import require_above, require_rank, visible_to
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
+from scaigrid.db import in_transaction
 from scaigrid.db.tables import budgets, new_id, partners, tenants, usage_records, users
 from scaigrid.envelope import PAGE, download, listing, ok, page
 from scaigrid.errors import FieldError
@@ -427,7 +428,8 @@ async def create_budget(request: web.Request) -> web.Response:
     if scope_id is None:
         scope_id = principal.tenant_id if scope == "tenant" else principal.partner_id
     budget_id = new_id("bud")
-    async with request.app[DB].begin() as conn:
+
+    async def create(conn: AsyncConnection) -> Any:  # _budget_row's row
         tenant_id, partner_id = await _scope_owner(conn, principal, scope, scope_id)
         now = utc_now()  # not the server's NOW(): usage before it is counted in, compared with UTC times
         await conn.execute(insert(budgets).values(
@@ -435,7 +437,9 @@ async def create_budget(request: web.Request) -> web.Response:
             **_limit_columns(limits), hard_action=hard_action,
             soft_limit_pct=DEFAULT_SOFT_LIMIT_PCT if soft_limit_pct is None else soft_limit_pct,
             set_by_reach=principal.reach, created_at=now, updated_at=now))
-        row = await _budget_row(conn, principal, budget_id)
+        return await _budget_row(conn, principal, budget_id)
+
+    row = await in_transaction(request.app[DB], create)
     await announce(request.app[REDIS], TOPIC_BUDGETS)
     return ok(_budget_json(row, (await _counters(request, [row]))[0]), status=201)
 
@@ -456,7 +460,8 @@ async def update_budget(request: web.Request) -> web.Response:
         if body.has(fixed):
             body.string(fixed)  # read, so that it is not also reported as unknown
             body.problems.append(FieldError(fixed, "cannot be changed; delete the budget and create another"))
-    async with request.app[DB].begin() as conn:
+
+    async def change(conn: AsyncConnection) -> Any:  # _budget_row's row
         row = await _budget_row(conn, principal, request.match_info["id"])
         await _require_budget_setter(conn, principal, row)
         current = budget_of(row).limits
@@ -472,7 +477,10 @@ async def update_budget(request: web.Request) -> web.Response:
         # The caller reaches at least as far as the last setter: the budget is now set from its reach.
         await conn.execute(update(budgets).where(budgets.c.id == row["id"]).values(
             **values, set_by_reach=principal.reach, updated_at=utc_now()))
-        row = await _budget_row(conn, principal, row["id"])
+        return await _budget_row(conn, principal, row["id"])
+
+    # Two operators changing one budget through two Galera nodes conflict: the later commit runs again.
+    row = await in_transaction(request.app[DB], change)
     # A new limit is a new threshold, whose crossing is reported again (without Redis: once less, no harm).
     with contextlib.suppress(RedisError):
         await request.app[REDIS].hdel(counter_key(row["id"], current_period(row["period"], datetime.now(UTC))),
@@ -483,10 +491,13 @@ async def update_budget(request: web.Request) -> web.Response:
 
 @requires("accounting:manage_budgets", scopes=(OPERATOR,))
 async def delete_budget(request: web.Request) -> web.Response:
-    async with request.app[DB].begin() as conn:
+    async def remove(conn: AsyncConnection) -> Any:  # _budget_row's row
         row = await _budget_row(conn, request[PRINCIPAL], request.match_info["id"])
         await _require_budget_setter(conn, request[PRINCIPAL], row)
         await conn.execute(delete(budgets).where(budgets.c.id == row["id"]))
+        return row
+
+    row = await in_transaction(request.app[DB], remove)
     await announce(request.app[REDIS], TOPIC_BUDGETS)
     # Without Redis: a periodic budget's counter expires on its own; a `total` one's stays, unread.
     with contextlib.suppress(RedisError):

@@ -15,6 +15,7 @@ so what was flushed already is not doubled).
 """
 
 import asyncio
+import functools
 import itertools
 import logging
 import secrets
@@ -48,6 +49,7 @@ from scaigrid.appkeys import RATE_STATE
 from scaigrid.auth.principal import Principal
 from scaigrid.cache import InvalidationBus
 from scaigrid.clock import utc_now
+from scaigrid.db import in_transaction
 from scaigrid.hybrid import outbox as hybrid_outbox
 from scaigrid.settings import Settings
 from scaigrid.webhooks import outbox
@@ -281,8 +283,8 @@ class Accounting:
             self._redis_failed("record", exc)
             # Whether Redis took them or not, they are in MariaDB then, so the journal need not keep them; and if it
             # did, the writer key holds this stamp, above the confirmed one: no false alarm at the next batch.
-            async with self._engine.begin() as conn:  # the budget counters miss them; the bill does not
-                await self._store(conn, records)
+            # The budget counters miss them; the bill does not.
+            await in_transaction(self._engine, functools.partial(self._store, records=records))
             return
         self._keep(state, stamp, encoded)
         for (_, _, answer), admitted in zip(admits, answers[len(writes):], strict=True):
@@ -388,8 +390,8 @@ class Accounting:
         done = 0
         try:
             for start in range(0, len(records), REPLAY_CHUNK):
-                async with self._engine.begin() as conn:
-                    await self._store(conn, records[start:start + REPLAY_CHUNK])
+                await in_transaction(self._engine,
+                                     functools.partial(self._store, records=records[start:start + REPLAY_CHUNK]))
                 done = min(len(records), start + REPLAY_CHUNK)
                 USAGE_REPLAYED.inc(done - start)
         except Exception:

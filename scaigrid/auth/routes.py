@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, RowMapping, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scaigrid import errors
@@ -23,6 +23,7 @@ from scaigrid.auth.roles import AUTHENTICATED, PERMISSIONS, ROLES, grants_at_mos
 from scaigrid.auth.service_tokens import OPERATOR
 from scaigrid.cache import announce
 from scaigrid.clock import iso, utc_now
+from scaigrid.db import in_transaction
 from scaigrid.db.tables import api_keys, partners, tenants, users
 from scaigrid.envelope import PAGE, listing, ok
 from scaigrid.errors import FieldError
@@ -113,23 +114,25 @@ async def create_api_key(request: web.Request) -> web.Response:
     _require_id(body, user_field, user_id, "user")
     body.done()
     assert name is not None and user_id is not None
-    async with request.app[DB].begin() as conn:
+    async def create(conn: AsyncConnection) -> tuple[str, str, RowMapping]:
         user = await _user_in_reach(conn, principal, user_id)
         if user_id != principal.user_id:
             if not principal.can("users:manage"):
                 raise errors.permission_denied("users:manage")
             # Else a key bound to a stronger user would pass the "own key" rule for that user's keys.
             tenancy.require_rank(principal, user.role)
-        role = role or (principal.role if user_id == principal.user_id else user.role)
-        if not grants_at_most(role, principal.role):
-            raise errors.not_permitted(f"a key's role may not exceed your own ({principal.role}); {role} does")
-        if not grants_at_most(role, user.role):
+        key_role = role or (principal.role if user_id == principal.user_id else user.role)
+        if not grants_at_most(key_role, principal.role):
+            raise errors.not_permitted(f"a key's role may not exceed your own ({principal.role}); {key_role} does")
+        if not grants_at_most(key_role, user.role):
             raise errors.validation_error([FieldError("role", f"exceeds the user's role ({user.role})")])
         if user.status != "active":
             raise errors.validation_error([FieldError(user_field, f"the user is {user.status}")])
         key_id, key = await keys.create_api_key(conn, tenant_id=user.tenant_id, user_id=user_id, name=name,
-                                                role=role, expires_at=expires_at)
-        row = (await conn.execute(select(*KEY_COLUMNS).where(api_keys.c.id == key_id))).mappings().one()
+                                                role=key_role, expires_at=expires_at)
+        return key_id, key, (await conn.execute(select(*KEY_COLUMNS).where(api_keys.c.id == key_id))).mappings().one()
+
+    key_id, key, row = await in_transaction(request.app[DB], create)
     logger.info("API key %s created", key_id, extra={"event": "api_key_created", "key_id": key_id})
     return ok({**_key_json(row), "key": key}, status=201)
 

@@ -1,13 +1,32 @@
 """Relational schema (SQLAlchemy Core tables) and the small queries shared by modes."""
 
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import Counter
 from sqlalchemy import Delete
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PURGE_BATCH = 5000
 # The MySQL client's errors for a server it cannot reach or that went away: CR_CONNECTION_ERROR,
 # CR_CONN_HOST_ERROR, CR_SERVER_GONE_ERROR, CR_SERVER_LOST.
 _UNREACHABLE = frozenset({2002, 2003, 2006, 2013})
+# A transaction that lost to a concurrent one and was rolled back whole: ER_LOCK_WAIT_TIMEOUT, and ER_LOCK_DEADLOCK,
+# which is also how Galera reports a write set that failed certification against another node's (at COMMIT, or at
+# the next statement). Running the transaction again is the documented answer to both.
+_CONFLICT = frozenset({1205, 1213})
+CONFLICT_ATTEMPTS = 5
+CONFLICT_BACKOFF_S = 0.02  # the first pause is up to this long, each next one up to twice the last
+
+CONFLICTS_RETRIED = Counter("scaigrid_db_conflicts_retried_total",
+                            "transactions run again after a deadlock or a Galera certification conflict")
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -16,6 +35,34 @@ def unreachable(exc: BaseException) -> bool:
         return True
     args: tuple[object, ...] = getattr(getattr(exc, "orig", None), "args", ())
     return isinstance(exc, OperationalError) and bool(args) and args[0] in _UNREACHABLE
+
+
+def conflicted(exc: BaseException) -> bool:
+    """Whether a database error means the transaction lost to a concurrent one (and may simply run again)."""
+    args: tuple[object, ...] = getattr(getattr(exc, "orig", None), "args", ())
+    return isinstance(exc, DBAPIError) and bool(args) and args[0] in _CONFLICT
+
+
+async def in_transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], *,
+                         attempts: int = CONFLICT_ATTEMPTS) -> T:
+    """`work(conn)` in a transaction, committed; run again from the start when it conflicted with another one.
+
+    For writers whose rows other processes write too (through other Galera nodes, or the same server): the
+    transaction is rolled back whole on a conflict, so `work` must do nothing outside the database that it
+    could not do twice. Pauses are random (full jitter), so that two writers that collided do not collide again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if attempt == attempts or not conflicted(exc):
+                raise
+            CONFLICTS_RETRIED.inc()
+            logger.info("transaction conflicted (%s); attempt %d of %d", getattr(exc, "orig", exc), attempt + 1,
+                        attempts, extra={"event": "db_conflict_retried", "attempt": attempt})
+            await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_S * 2 ** (attempt - 1)))  # noqa: S311
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def delete_in_batches(engine: AsyncEngine, statement: Delete) -> int:

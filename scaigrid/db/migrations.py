@@ -1,28 +1,50 @@
-"""Runs the Alembic streams (core, then one per module) under a MariaDB named lock.
+"""Runs the Alembic streams (core, then one per module) under a migrate lock that holds on one server and on Galera.
 
-The lock is GET_LOCK, which lives in the server session that took it: two `migrate` runs against the
-same server queue up, and a run that dies releases the lock with its connection. On Galera the lock is
-local to one node, so every migrate run must target the same node (see docs/operations.md).
+The lock has two parts, taken in this order and released in reverse:
+1. GET_LOCK, a named lock of the server session: two runs against the same server queue up on it, and a run that
+   dies releases it with its connection.
+2. A row in `scaigrid_migrate_lock` (fixed primary key, committed): GET_LOCK is local to one node under Galera, so
+   two runs against two nodes would both get it; the row's INSERT is certified by the whole cluster, and only one
+   run's commit wins (the other sees the key, or a certification failure: both mean "held"). The row names the
+   server of its holder and expires LOCK_TTL_S after its last renewal (every LOCK_RENEW_S while the run lives).
+   A run that died leaves its row behind: a run on the same server takes it over at once (it holds that server's
+   GET_LOCK, so the row's holder cannot be alive), a run on another node once it has expired.
+The table is created (IF NOT EXISTS) before the lock is taken, outside Alembic, since it must exist before the
+first revision runs. See docs/operations.md, "Galera".
 """
 
+import asyncio
+import contextlib
 import importlib.resources
 import logging
-from collections.abc import Sequence
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, delete, insert, inspect, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.schema import CreateTable
 
 import migrations
+from scaigrid.db import conflicted
 from scaigrid.db.defaults import ensure_default_tenant
+from scaigrid.db.tables import migrate_lock
 from scaigrid.modules import Module
 
 logger = logging.getLogger(__name__)
+
+LOCK_NAME = "migrate"
+LOCK_TTL_S = 60  # a dead run on another node holds up the next one this long at most
+LOCK_RENEW_S = 15  # well within the TTL: a renewal waiting behind a replicated DDL statement still lands in time
+LOCK_POLL_S = 0.5
 
 
 class MigrateLockTimeout(Exception):
@@ -85,7 +107,7 @@ async def current_revision(conn: AsyncConnection, stream: Stream) -> str | None:
         return None
 
 
-async def _locked(conn: AsyncConnection, lock_timeout_s: float) -> None:
+async def _get_lock(conn: AsyncConnection, lock_timeout_s: float) -> None:
     # Lock name carries the schema, so migrate runs of different databases on one server do not wait on each other.
     got = await conn.scalar(
         text("SELECT GET_LOCK(CONCAT('scaigrid_migrate.', DATABASE()), :timeout)"), {"timeout": lock_timeout_s})
@@ -93,8 +115,84 @@ async def _locked(conn: AsyncConnection, lock_timeout_s: float) -> None:
         raise MigrateLockTimeout(f"another migrate run held the lock for more than {lock_timeout_s:g} s")
 
 
-async def _unlock(conn: AsyncConnection) -> None:
+async def _release_lock(conn: AsyncConnection) -> None:
     await conn.scalar(text("SELECT RELEASE_LOCK(CONCAT('scaigrid_migrate.', DATABASE()))"))
+
+
+async def _claim_row(conn: AsyncConnection, holder: str, server: str) -> bool:
+    """One try at the cluster-wide row; True when this run holds it (committed)."""
+    expires = text(f"UTC_TIMESTAMP() + INTERVAL {LOCK_TTL_S} SECOND")
+    try:
+        # Expired, or left by a dead run on this server (we hold its GET_LOCK): take it over.
+        await conn.execute(delete(migrate_lock).where(
+            migrate_lock.c.name == LOCK_NAME,
+            (migrate_lock.c.expires_at < text("UTC_TIMESTAMP()")) | (migrate_lock.c.server == server)))
+        await conn.execute(insert(migrate_lock).values(name=LOCK_NAME, holder=holder, server=server,
+                                                       expires_at=expires))
+        await conn.commit()
+        return True
+    except DBAPIError as exc:
+        await conn.rollback()
+        # The key is there (committed by another run), or our commit lost to another node's in certification.
+        if isinstance(exc, IntegrityError) or conflicted(exc):
+            return False
+        raise
+
+
+async def _renew(engine: AsyncEngine, holder: str) -> None:
+    """Keeps the row from expiring while the run lives; on its own connection (the run's is busy migrating)."""
+    while True:
+        await asyncio.sleep(LOCK_RENEW_S)
+        try:
+            async with engine.begin() as conn:
+                renewed = (await conn.execute(update(migrate_lock).where(
+                    migrate_lock.c.name == LOCK_NAME, migrate_lock.c.holder == holder).values(
+                    expires_at=text(f"UTC_TIMESTAMP() + INTERVAL {LOCK_TTL_S} SECOND")))).rowcount
+        except DBAPIError as exc:  # the next renewal may get through; the TTL leaves room for three misses
+            logger.warning("could not renew the migrate lock: %s", exc, extra={"event": "migrate_lock_renew_failed"})
+            continue
+        if not renewed:
+            logger.error("the migrate lock was taken over by another run while this one still ran",
+                         extra={"event": "migrate_lock_lost"})
+
+
+@contextlib.asynccontextmanager
+async def _locked(engine: AsyncEngine, conn: AsyncConnection, lock_timeout_s: float) -> AsyncIterator[None]:
+    """Holds the migrate lock (this server's GET_LOCK, then the cluster's row) for the body; lock_timeout_s in all."""
+    deadline_s = time.monotonic() + lock_timeout_s
+    # IF NOT EXISTS, for two first runs at once; checked before, since the server warns of a table that exists.
+    if not await conn.run_sync(lambda sync_conn: inspect(sync_conn).has_table(migrate_lock.name)):
+        await conn.execute(CreateTable(migrate_lock, if_not_exists=True))
+    await _get_lock(conn, lock_timeout_s)
+    try:
+        server = await conn.scalar(text("SELECT CONCAT(@@hostname, ':', @@port)"))
+        holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        while not await _claim_row(conn, holder, server):
+            if time.monotonic() >= deadline_s:
+                held_by = (await conn.execute(select(migrate_lock.c.holder, migrate_lock.c.server).where(
+                    migrate_lock.c.name == LOCK_NAME))).first()
+                await conn.rollback()
+                raise MigrateLockTimeout(f"another migrate run held the lock for more than {lock_timeout_s:g} s"
+                                         + (f" ({held_by.holder} on {held_by.server})" if held_by else ""))
+            await asyncio.sleep(LOCK_POLL_S)
+        renewal = asyncio.create_task(_renew(engine, holder))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            try:
+                await conn.rollback()  # whatever a failed stream left open
+                await conn.execute(delete(migrate_lock).where(migrate_lock.c.name == LOCK_NAME,
+                                                              migrate_lock.c.holder == holder))
+                await conn.commit()
+            except DBAPIError as exc:  # the server went away: its GET_LOCK went with it, and the row expires
+                logger.warning("could not release the migrate lock (it expires within %d s): %s", LOCK_TTL_S, exc,
+                               extra={"event": "migrate_lock_release_failed"})
+    finally:
+        with contextlib.suppress(DBAPIError):  # as above
+            await _release_lock(conn)
 
 
 async def _run(conn: AsyncConnection, stream: Stream, direction: str, target: str) -> StreamResult:
@@ -122,20 +220,16 @@ async def upgrade(engine: AsyncEngine, modules: Sequence[Module], *, lock_timeou
     Modules build on the core tables, so a failed core stops the run before any module.
     """
     results = []
-    async with engine.connect() as conn:
-        await _locked(conn, lock_timeout_s)
-        try:
-            for stream in streams(modules):
-                result = await _run(conn, stream, "upgrade", "head")
-                results.append(result)
-                if stream is CORE:
-                    if result.error:
-                        break
-                    if await ensure_default_tenant(conn):
-                        logger.info("created the default partner and tenant", extra={"event": "default_tenant"})
-                    await conn.commit()
-        finally:
-            await _unlock(conn)
+    async with engine.connect() as conn, _locked(engine, conn, lock_timeout_s):
+        for stream in streams(modules):
+            result = await _run(conn, stream, "upgrade", "head")
+            results.append(result)
+            if stream is CORE:
+                if result.error:
+                    break
+                if await ensure_default_tenant(conn):
+                    logger.info("created the default partner and tenant", extra={"event": "default_tenant"})
+                await conn.commit()
     return results
 
 
@@ -143,13 +237,9 @@ async def downgrade(engine: AsyncEngine, modules: Sequence[Module], *, target: s
                     lock_timeout_s: float) -> list[StreamResult]:
     """Modules first (they depend on the core), then the core, each down to `target` (base by default)."""
     results = []
-    async with engine.connect() as conn:
-        await _locked(conn, lock_timeout_s)
-        try:
-            for stream in reversed(streams(modules)):
-                results.append(await _run(conn, stream, "downgrade", target))
-        finally:
-            await _unlock(conn)
+    async with engine.connect() as conn, _locked(engine, conn, lock_timeout_s):
+        for stream in reversed(streams(modules)):
+            results.append(await _run(conn, stream, "downgrade", target))
     return results
 
 

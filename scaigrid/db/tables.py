@@ -438,3 +438,15 @@ audit_log = Table(
     Index("ix_audit_log_partner_time", "partner_id", "created_at"),
     **TABLE_ARGS,
 )
+
+# The lock `scaigrid migrate` takes for the whole cluster (scaigrid/db/migrations.py): at most one row, inserted by
+# the run that holds it. Not an Alembic revision: it must exist before the first revision runs, so migrate creates
+# it (CREATE TABLE IF NOT EXISTS) from this definition before taking the lock.
+migrate_lock = Table(
+    "scaigrid_migrate_lock", metadata,
+    Column("name", String(32), primary_key=True),  # always "migrate": one lock per database
+    Column("holder", String(191), nullable=False),  # host:pid:nonce of the run, for the operator
+    Column("server", String(191), nullable=False),  # the database server whose GET_LOCK the holder also holds
+    Column("expires_at", DateTime, nullable=False),  # UTC; renewed while the run lives
+    **TABLE_ARGS,
+)
