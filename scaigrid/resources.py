@@ -14,6 +14,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import RedisError
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from scaigrid.lifecycle import background
@@ -86,6 +87,16 @@ async def _follow_master(pool: SentinelConnectionPool) -> None:
         await asyncio.sleep(SENTINEL_POLL_INTERVAL_S)
 
 
+def _connect_again_after_a_cut_handshake(dialect: Any, connection_record: Any, cargs: Any, cparams: Any) -> Any:
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except RuntimeError:
+        # asyncmy raises this ("Transport does not expose socket instance"), not a DBAPI error, for a connection closed
+        # during its handshake: what a proxy does when it fails a dead server over (Galera behind HAProxy,
+        # docs/operations.md). One more try reaches the server the proxy chose next; a second failure is reported.
+        return dialect.connect(*cargs, **cparams)
+
+
 @asynccontextmanager
 async def database_ctx(settings: Settings) -> AsyncIterator[AsyncEngine]:
     settings.require("database")
@@ -99,6 +110,7 @@ async def database_ctx(settings: Settings) -> AsyncIterator[AsyncEngine]:
         # Timestamps are UTC whatever the server's own time zone: NOW() and DEFAULT CURRENT_TIMESTAMP included.
         connect_args={"init_command": "SET time_zone = '+00:00'"},
     )
+    event.listen(engine.sync_engine, "do_connect", _connect_again_after_a_cut_handshake)
     try:
         yield engine
     finally:
