@@ -80,9 +80,14 @@ def check() -> None:
 
 
 @check.command("worker")
+@click.option("--this-host", is_flag=True,
+              help="only a worker on this host counts (a container's or pod's probe: another worker's beat must not "
+                   "vouch for this one)")
 @click.pass_context
-def check_worker(ctx: click.Context) -> None:
-    """Exit 0 only if at least one worker's heartbeat is fresh."""
+def check_worker(ctx: click.Context, this_host: bool) -> None:
+    """Exit 0 only if at least one worker's heartbeat is fresh (with --this-host: one of this host's workers)."""
+    import socket
+
     from scaigrid.resources import redis_ctx
     from scaigrid.worker.heartbeat import fresh_heartbeats
 
@@ -98,8 +103,12 @@ def check_worker(ctx: click.Context) -> None:
     except Exception as exc:  # an unreachable Redis means we cannot vouch for any worker
         click.echo(f"worker: unknown, Redis unreachable ({type(exc).__name__})", err=True)
         ctx.exit(1)
+    if this_host:  # a worker's id is host:pid (modes/worker.py)
+        found = {worker_id: age_s for worker_id, age_s in found.items()
+                 if worker_id.rsplit(":", 1)[0] == socket.gethostname()}
     if not found:
-        click.echo(f"worker: no heartbeat in the last {settings.worker.heartbeat_ttl_s} s", err=True)
+        where = f" on {socket.gethostname()}" if this_host else ""
+        click.echo(f"worker: no heartbeat{where} in the last {settings.worker.heartbeat_ttl_s} s", err=True)
         ctx.exit(1)
     for worker_id, age_s in sorted(found.items()):
         click.echo(f"worker {worker_id}: heartbeat {age_s:.1f} s ago")

@@ -177,6 +177,7 @@ def test_worker_heartbeat_metrics_and_check_worker(start_mode, migrated_env):
     assert scaigrid("check", "worker", env=migrated_env).returncode == 1  # nobody is running yet
     worker = start_mode("worker", migrated_env)
     worker.wait_for(lambda: scaigrid("check", "worker", env=migrated_env).returncode == 0, what="fresh heartbeat")
+    assert scaigrid("check", "worker", "--this-host", env=migrated_env).returncode == 0
     port = int(migrated_env["WORKER_METRICS_PORT"])
     # The first scheduled beat (the one at start runs before the scheduler) shows in the job metrics.
     worker.wait_for(lambda: 'scaigrid_job_runs_total{job="worker_heartbeat",outcome="ok"}' in metrics_text(port),
@@ -186,6 +187,12 @@ def test_worker_heartbeat_metrics_and_check_worker(start_mode, migrated_env):
     # A worker that left cleanly removes its heartbeat, so the check fails at once rather than after the TTL.
     result = scaigrid("check", "worker", env=migrated_env)
     assert result.returncode == 1 and "no heartbeat" in result.stderr
+    # A fresh heartbeat of a worker on another host (another container or pod) does not vouch for this host's.
+    with sync_redis.Redis.from_url(migrated_env["REDIS_URL"]) as client:
+        client.set("scaigrid:worker:heartbeat:elsewhere:1", str(time.time()), ex=60)
+    assert scaigrid("check", "worker", env=migrated_env).returncode == 0
+    elsewhere = scaigrid("check", "worker", "--this-host", env=migrated_env)
+    assert elsewhere.returncode == 1 and "no heartbeat on" in elsewhere.stderr
 
 
 def test_two_workers_run_each_tick_once(start_mode, migrated_env):

@@ -44,30 +44,15 @@ def _grpc_serving() -> int:
 
 
 def _worker_beating() -> int:
-    """This container's worker has a fresh heartbeat in Redis (its id is host name:pid, and the host name is the
-    container's): another worker's beat must not vouch for this one, as `scaigrid check worker`'s any-worker does."""
-    import asyncio
-    import socket
-
-    from scaigrid.resources import redis_ctx
-    from scaigrid.settings import load_settings
-    from scaigrid.worker.heartbeat import fresh_heartbeats
-
-    settings = load_settings()
-
-    async def ages() -> dict[str, float]:
-        async with redis_ctx(settings) as redis:
-            return await fresh_heartbeats(redis)
+    """This container's worker has a fresh heartbeat (the container's host name is in its id): another worker's beat
+    must not vouch for this one."""
+    from scaigrid.cli import cli
 
     try:
-        found = asyncio.run(ages())
-    except Exception as exc:  # an unreachable Redis means we cannot vouch for the worker
-        print(f"worker: Redis unreachable ({type(exc).__name__})", file=sys.stderr)
-        return 1
-    mine = [worker for worker in found if worker.rsplit(":", 1)[0] == socket.gethostname()]
-    if not mine:
-        print(f"worker: no fresh heartbeat from {socket.gethostname()}", file=sys.stderr)
-    return 0 if mine else 1
+        cli.main(["check", "worker", "--this-host"], prog_name="scaigrid")
+    except SystemExit as exit_:
+        return 0 if exit_.code in (0, None) else 1
+    return 0
 
 
 def main() -> int:
