@@ -46,10 +46,11 @@ def _grpc_serving() -> int:
 def _worker_beating() -> int:
     """This container's worker has a fresh heartbeat (the container's host name is in its id): another worker's beat
     must not vouch for this one."""
-    from scaigrid.cli import cli
+    from scaigrid import cli
 
+    sys.argv = ["scaigrid", "check", "worker", "--this-host"]
     try:
-        cli.main(["check", "worker", "--this-host"], prog_name="scaigrid")
+        cli.main()  # the command as run by hand: a configuration error is one line, not a traceback
     except SystemExit as exit_:
         return 0 if exit_.code in (0, None) else 1
     return 0
