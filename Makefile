@@ -129,13 +129,15 @@ image: install
 	    -var output_dir=build/image $(PACKER_VARS) packer/
 
 # The container image (Containerfile) as localhost/scaigrid:latest: wheels built on the host (constraints.txt's pins),
-# so the build itself needs no network. BASE defaults to the public Python slim image; where no registry is reachable,
-# tests/support/containers.py's base_image() builds one from Debian packages: make container BASE=localhost/...
-BASE ?= docker.io/library/python:3.11-slim-bookworm
+# so the build itself needs no network. The Containerfile's BASE is the public Python slim image for Debian 12; with no
+# registry reachable (as on these machines), BASE left empty builds one from Debian packages instead (mmdebstrap |
+# podman import, cached: tests/support/containers.py's base_image()). Where one is: make container BASE=docker.io/...
+BASE ?=
 container: install
 	rm -rf build/container/wheels
 	$(PY) -m pip wheel --quiet -c constraints.txt --wheel-dir build/container/wheels '.[container]'
-	podman build --format docker --build-arg BASE=$(BASE) --tag localhost/scaigrid:latest .
+	base="$(BASE)"; [ -n "$$base" ] || base=$$($(PY) -c 'from tests.support.containers import base_image; print(base_image())'); \
+	podman build --format docker --build-arg BASE=$$base --tag localhost/scaigrid:latest .
 	podman image inspect --format '{{.Size}} bytes' localhost/scaigrid:latest
 
 # Refreshes the pinned versions after a change of setup.cfg's dependencies.
