@@ -65,10 +65,10 @@ def base_key() -> str:
 
 
 @contextlib.contextmanager
-def cache_lock() -> Iterator[None]:
-    """One builder at a time: two test runs on the same machine share the cache."""
+def cache_lock(name: str = "lock") -> Iterator[None]:
+    """One builder of a cache at a time (CACHE_DIR/`name` locks it): test runs on the same machine share the caches."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / "lock", "w") as handle:
+    with open(CACHE_DIR / name, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -10,7 +10,6 @@ configured by `make container-setup` (runc, lowered ulimits, catatonit).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shlex
@@ -23,10 +22,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.rootfs import cache_lock
 from tests.support.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE_DIR = Path("/var/cache/scaigrid-tests")
 SUITE = "bookworm"
 BASE_IMAGE = "localhost/scaigrid-test-base:bookworm"
 SERVICES_IMAGE = "localhost/scaigrid-test-services:bookworm"
@@ -73,18 +72,6 @@ def image_exists(tag: str) -> bool:
     return subprocess.run(["podman", "image", "exists", tag], check=False).returncode == 0
 
 
-@contextlib.contextmanager
-def cache_lock() -> Iterator[None]:
-    """One image builder at a time: test runs on the same machine (and the kube tests) share the images."""
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / "containers.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _import_rootfs(tag: str, packages: Sequence[str], hooks: Sequence[str] = ()) -> None:
     """mmdebstrap's tarball of a bookworm root filesystem with `packages`, imported into podman as `tag`."""
     mmdebstrap = ["mmdebstrap", "--variant=apt", f"--include={','.join(packages)}",
@@ -107,7 +94,7 @@ def _import_rootfs(tag: str, packages: Sequence[str], hooks: Sequence[str] = ())
 
 def base_image() -> str:
     """The Debian 12 Python base (cached, built in about 2 minutes when missing); its tag for `--build-arg BASE=`."""
-    with cache_lock():
+    with cache_lock("containers.lock"):
         if not image_exists(BASE_IMAGE):
             _import_rootfs(BASE_IMAGE, BASE_PACKAGES)
     return BASE_IMAGE
@@ -123,7 +110,7 @@ def _wheels(target: Path, *requirements: str) -> None:
 
 def services_image() -> str:
     """MariaDB, Redis, nginx (Debian's) and moto's S3 server in one image (cached, about 3 minutes when missing)."""
-    with cache_lock():
+    with cache_lock("containers.lock"):
         if not image_exists(SERVICES_IMAGE):
             with tempfile.TemporaryDirectory() as scratch:
                 wheels = Path(scratch) / "wheels"
@@ -154,7 +141,7 @@ def build_image(tag: str | None = None, *, labels: dict[str, str] | None = None)
     sources = _sources_digest()
     tag = tag or f"{IMAGE}-{sources}"
     wanted = {SOURCE_LABEL: sources, **(labels or {})}
-    with cache_lock():
+    with cache_lock("containers.lock"):
         if image_exists(tag):
             have = podman("image", "inspect", "--format", "{{json .Labels}}", tag)
             if all(f'"{key}":"{value}"' in have for key, value in wanted.items()):
