@@ -38,7 +38,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: install debian-packages container-setup container run test test-chaos test-appliance test-scale lint chaos bench bench-storage bench-tunnel image lock clean
+.PHONY: install debian-packages container-setup container run test test-chaos test-appliance test-scale test-image lint chaos bench bench-storage bench-tunnel image lock clean
 
 install: debian-packages container-setup $(VENV)/.installed
 
@@ -71,7 +71,7 @@ run: install
 # Two workers, one test file each at a time: the suite mostly waits on real servers starting and streams pacing.
 # The three suites below are too long for make test's 25 minutes; .ci/run runs them after it. --durations: the slowest
 # tests, in every CI log.
-SEPARATE_SUITES := tests/test_chaos.py tests/test_appliance_boot.py tests/scale
+SEPARATE_SUITES := tests/test_chaos.py tests/test_appliance_boot.py tests/scale tests/test_image.py
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(addprefix --ignore=,$(SEPARATE_SUITES))
 
@@ -89,6 +89,13 @@ test-scale: install
 # systemd-nspawn, about 4 minutes the first time, under 2 after; needs root. See systemd/README.md.
 test-appliance: install
 	$(PY) -m pytest tests/test_appliance_boot.py
+
+# The VM image built and booted (tests/test_image.py, packer/README.md): make image BASE=local with software emulation,
+# then two appliances from it under qemu (HTTPS, the OpenAI SDK, status over SSH, upgrade and rollback, poweroff), about
+# 35 minutes; the base disk is cached (a fresh machine makes it first, about 4 minutes). Needs root (loop devices).
+test-image: install
+	@$(call apt_install,$(IMAGE_PACKAGES) socat openssh-client)
+	$(PY) -m pytest --durations=10 tests/test_image.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check scaigrid appliance migrations tests bench
@@ -115,28 +122,32 @@ bench-storage: install
 bench-tunnel: install
 	$(PY) -m bench.tunnel
 
-# The VM image: qcow2, vmdk and ova in build/image/ (packer/README.md). Needs network to cloud.debian.org and PyPI;
-# qemu and xorriso (the cloud-init seed ISO) only matter here, so make install leaves them out.
-# Overrides: make image PACKER_VARS='-var accelerator=tcg -var disk_size_gb=80'
+# The VM image: qcow2, vmdk and ova in IMAGE_DIR (packer/README.md), built on Debian's cloud image, or with BASE=local
+# on a Debian 12 disk made here from Debian packages (packer/scripts/local-base.sh, as root; LOCAL_BASE is made once,
+# delete it to make it again) where cloud.debian.org cannot be reached. The build VM installs from Debian's mirror and
+# PyPI. Overrides: make image BASE=local PACKER_VARS='-var accelerator=tcg -var disk_size_gb=80'
+IMAGE_DIR ?= build/image
+LOCAL_BASE ?= build/base/debian-12-local-amd64.qcow2
+IMAGE_PACKAGES := qemu-system-x86 xorriso fdisk extlinux syslinux-common
 image: install
-	@command -v qemu-system-x86_64 >/dev/null && command -v xorriso >/dev/null || { \
-	    sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	    $$sudo apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends qemu-system-x86 xorriso; }
+	@$(call apt_install,$(IMAGE_PACKAGES))
+	@case "$(BASE)" in cloud|local|"") ;; *) echo "make image: BASE must be cloud or local, not $(BASE)" >&2; exit 2;; esac
 	rm -rf build/dist build/lib
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir build/dist .
-	PACKER_CACHE_DIR=build/packer_cache packer build -force -var wheel=$$(ls build/dist/scaigrid-*.whl) \
-	    -var output_dir=build/image $(PACKER_VARS) packer/
+	if [ "$(BASE)" = local ] && [ ! -f $(LOCAL_BASE) ]; then packer/scripts/local-base.sh $(LOCAL_BASE); fi
+	PACKER_CACHE_DIR=build/packer_cache packer build -force -var base=$(or $(BASE),cloud) -var local_base=$(LOCAL_BASE) \
+	    -var wheel=$$(ls build/dist/scaigrid-*.whl) -var output_dir=$(IMAGE_DIR) $(PACKER_VARS) packer/
 
 # The container image (Containerfile) as localhost/scaigrid:latest: wheels built on the host (constraints.txt's pins),
 # so the build itself needs no network. The Containerfile's BASE is the public Python slim image for Debian 12; with no
-# registry reachable (as on these machines), BASE left empty builds one from Debian packages instead (mmdebstrap |
-# podman import, cached: tests/support/containers.py's base_image()). Where one is: make container BASE=docker.io/...
+# registry reachable (as on these machines), BASE left empty (or local, as for make image) builds one from Debian
+# packages instead (mmdebstrap | podman import, cached: tests/support/containers.py's base_image()). Where one is:
+# make container BASE=docker.io/...
 BASE ?=
 container: install
 	rm -rf build/container/wheels
 	$(PY) -m pip wheel --quiet -c constraints.txt --wheel-dir build/container/wheels '.[container]'
-	base="$(BASE)"; [ -n "$$base" ] || base=$$($(PY) -c 'from tests.support.containers import base_image; print(base_image())'); \
+	base="$(BASE)"; [ -n "$$base" ] && [ "$$base" != local ] || base=$$($(PY) -c 'from tests.support.containers import base_image; print(base_image())'); \
 	podman build --format docker --build-arg BASE=$$base --tag localhost/scaigrid:latest .
 	podman image inspect --format '{{.Size}} bytes' localhost/scaigrid:latest
 

@@ -9,7 +9,8 @@
 #             (supervisord runs nginx under scaigrid-appliance.service); mariadb and redis stay enabled;
 #             MariaDB's max_connections raised to 1000 (a pool per http process)
 #   user      system user and group scaigrid, /etc/scaigrid, /var/lib/scaigrid, /var/log/scaigrid
-#   install   /opt/scaigrid/venv with the wheel given by --wheel; a copy is kept in /opt/scaigrid/wheels/
+#   install   /opt/scaigrid/venv with the wheel given by --wheel; a copy is kept in /opt/scaigrid/wheels/;
+#             /usr/local/bin/scaigrid-appliance links to the venv's CLI
 #   units     systemd/*.service and *.target into /etc/systemd/system, scaigrid.target enabled
 #   garage    /usr/local/bin/garage from --garage-url, only after its sha256 matches --garage-sha256
 #             (without --garage-url the stage does nothing)
@@ -29,6 +30,7 @@ readonly VENV=$PREFIX/venv
 readonly WHEELS=$PREFIX/wheels
 readonly UNIT_DIR=/etc/systemd/system
 readonly GARAGE_BIN=/usr/local/bin/garage
+readonly CLI_LINK=/usr/local/bin/scaigrid-appliance
 
 stages=$(IFS=,; echo "${ALL_STAGES[*]}")
 wheel=""
@@ -166,6 +168,11 @@ stage_install() {
     local name current
     name=$(basename "$wheel")
     current=$WHEELS/current
+    # On root's and sudo's PATH, as every document writes it: `sudo scaigrid-appliance status`.
+    if [[ $(readlink "$CLI_LINK" 2>/dev/null) != "$VENV/bin/scaigrid-appliance" ]]; then
+        ln -sfn "$VENV/bin/scaigrid-appliance" "$CLI_LINK"
+        report "$CLI_LINK -> $VENV/bin/scaigrid-appliance"
+    fi
     if [[ -x $VENV/bin/scaigrid-appliance && -e $current ]] && cmp -s "$wheel" "$current"; then
         return 0
     fi

@@ -36,11 +36,24 @@ build {
     destination = local.upload_dir
   }
 
+  // pip installs the versions the project tests (constraints.txt), trusting the CA bundle the build was given.
+  provisioner "file" {
+    source      = "${path.root}/../constraints.txt"
+    destination = "${local.upload_dir}/constraints.txt"
+  }
+
+  provisioner "file" {
+    source      = var.pip_ca_cert
+    destination = "${local.upload_dir}/pip-ca.pem"
+  }
+
   provisioner "shell" {
-    // provision.sh reads GARAGE_URL and GARAGE_SHA256; empty values skip its garage stage.
+    // provision.sh reads GARAGE_URL and GARAGE_SHA256 (empty values skip its garage stage); pip its PIP_ variables.
     environment_vars = [
       "GARAGE_URL=${var.garage_url}",
       "GARAGE_SHA256=${var.garage_sha256}",
+      "PIP_CONSTRAINT=${local.upload_dir}/constraints.txt",
+      "PIP_CERT=${local.upload_dir}/pip-ca.pem",
     ]
     execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
     inline = [

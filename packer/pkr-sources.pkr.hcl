@@ -1,9 +1,15 @@
-// The build VM: Debian's cloud image booted in qemu, reached over SSH as a build-only user.
+// The build VM: Debian's cloud image (or the local base, var.base) booted in qemu, reached over SSH as a build-only user.
+
+locals {
+  // The local base is checked as the cloud image is: against the checksum list written beside it.
+  base_url      = var.base == "local" ? "file://${abspath(var.local_base)}" : var.debian_image_url
+  base_checksum = var.base == "local" ? "file:file://${abspath(dirname(var.local_base))}/SHA256SUMS" : var.debian_image_checksum
+}
 
 source "qemu" "appliance" {
-  // The cloud image is already installed: boot it as the disk instead of installing from an ISO.
-  iso_url      = var.debian_image_url
-  iso_checksum = var.debian_image_checksum
+  // The base is already installed: boot it as the disk instead of installing from an ISO.
+  iso_url      = local.base_url
+  iso_checksum = local.base_checksum
   disk_image   = true
 
   disk_size      = "${var.disk_size_gb}G"

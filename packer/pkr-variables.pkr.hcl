@@ -1,6 +1,28 @@
 // Inputs of the appliance image build; packer/README.md explains each with an example.
 // Packer 1.6.6 (Debian 12) has no regex(): patterns are checked as "regex_replace leaves nothing".
 
+variable "base" {
+  type        = string
+  default     = "cloud"
+  description = "What the image is built on: cloud, Debian's cloud image (debian_image_url); local, a disk of the same kind built from Debian packages by packer/scripts/local-base.sh (local_base), where cloud.debian.org cannot be reached."
+
+  validation {
+    condition     = contains(["cloud", "local"], var.base)
+    error_message = "The base must be cloud or local."
+  }
+}
+
+variable "local_base" {
+  type        = string
+  default     = "build/base/debian-12-local-amd64.qcow2"
+  description = "With base = local: the disk local-base.sh wrote, checked against the SHA256SUMS it wrote beside it."
+
+  validation {
+    condition     = regex_replace(var.local_base, "^.+\\.qcow2$", "") == ""
+    error_message = "The local_base must name a .qcow2 file."
+  }
+}
+
 variable "debian_image_url" {
   type        = string
   default     = "https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-generic-amd64.qcow2"
@@ -30,6 +52,17 @@ variable "wheel" {
   validation {
     condition     = regex_replace(var.wheel, "^.+\\.whl$", "") == "" && fileexists(var.wheel)
     error_message = "The wheel must name an existing .whl file (make image builds one into build/dist/)."
+  }
+}
+
+variable "pip_ca_cert" {
+  type        = string
+  default     = "/etc/ssl/certs/ca-certificates.crt"
+  description = "CA bundle pip in the build VM trusts (PIP_CERT): the build host's by default, so that an index reached through a TLS-inspecting proxy the host trusts works in the VM too. Uploaded with the build's files and removed with them: never left in the image."
+
+  validation {
+    condition     = fileexists(var.pip_ca_cert)
+    error_message = "The pip_ca_cert must name an existing file of PEM certificates."
   }
 }
 

@@ -22,7 +22,7 @@ from tests.support.waiting import eventually
 # first boot; later steps each wait up to READY_TIMEOUT_S for the appliance.
 pytestmark = pytest.mark.timeout(600)
 
-APPLIANCE = "/opt/scaigrid/venv/bin/scaigrid-appliance"
+APPLIANCE = "scaigrid-appliance"  # on PATH through provision.sh's link
 SECRETS_DIR = "/etc/scaigrid/secrets"
 SUPERVISORD_LOG = "/var/log/scaigrid/supervisord.log"
 UNITS = ("scaigrid.target", "scaigrid-firstboot.service", "scaigrid-migrate.service", "scaigrid-appliance.service")

@@ -49,12 +49,27 @@ def test_template_validates(wheel: Path) -> None:
      "The debian_image_url must be an https:// or file:// URL of a .qcow2 image."),
     ("garage_sha256=not-a-digest", "The garage_sha256 must be empty or 64 lowercase hex digits."),
     ("accelerator=hvf", "The accelerator must be kvm or tcg."),
+    ("base=ubuntu", "The base must be cloud or local."),
+    ("local_base=build/base/debian.img", "The local_base must name a .qcow2 file."),
+    ("pip_ca_cert=/nonexistent/ca.pem", "The pip_ca_cert must name an existing file of PEM certificates."),
 ])
 def test_bad_variable_is_refused_with_its_message(wheel: Path, variable: str, message: str) -> None:
     result = packer_validate(f"wheel={wheel}", f"debian_image_checksum={OFFLINE_CHECKSUM}", variable)
     assert result.returncode != 0
     # packer wraps messages to the terminal width.
     assert message in " ".join((result.stdout + result.stderr).split())
+
+
+def test_the_local_base_is_taken_with_the_checksum_list_beside_it(wheel: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base" / "debian-12-local-amd64.qcow2"
+    base.parent.mkdir()
+    base.write_bytes(b"a disk")
+    missing = packer_validate(f"wheel={wheel}", "base=local", f"local_base={base}")
+    assert missing.returncode != 0
+    assert f"stat {base.parent}/SHA256SUMS: no such file" in missing.stdout + missing.stderr
+    (base.parent / "SHA256SUMS").write_text(f"{hashlib.sha256(b'a disk').hexdigest()}  {base.name}\n")
+    result = packer_validate(f"wheel={wheel}", "base=local", f"local_base={base}")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_missing_wheel_is_refused(tmp_path: Path) -> None:

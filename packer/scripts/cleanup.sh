@@ -19,8 +19,9 @@ echo "cleanup: cloud-init state and the build's hostname (the operator's NoCloud
 cloud-init clean --logs --seed
 truncate -s 0 /etc/hostname
 
-echo "cleanup: build uploads, apt caches and logs"
+echo "cleanup: build uploads (the wheel, constraints, pip's CA bundle), pip and apt caches, logs"
 rm -rf "$UPLOAD_DIR"
+rm -rf /root/.cache
 apt-get clean
 rm -rf /var/lib/apt/lists/*
 journalctl --rotate
