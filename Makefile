@@ -92,7 +92,7 @@ test-appliance: install
 
 # The VM image built and booted (tests/test_image.py, packer/README.md): make image BASE=local with software emulation,
 # then two appliances from it under qemu (HTTPS, the OpenAI SDK, status over SSH, upgrade and rollback, poweroff), about
-# 35 minutes; the base disk is cached (a fresh machine makes it first, about 4 minutes). Needs root (loop devices).
+# 30 minutes; the base disk is cached (a fresh machine makes it first, about 4 minutes). Needs root (loop devices).
 test-image: install
 	@$(call apt_install,$(IMAGE_PACKAGES) socat openssh-client)
 	$(PY) -m pytest --durations=10 tests/test_image.py

@@ -52,7 +52,7 @@ def run(argv: Sequence[str | Path], *, timeout_s: float = BUILD_TIMEOUT_S, env: 
     return result
 
 
-def _digest(*parts: bytes) -> str:
+def inputs_digest(*parts: bytes) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(len(part).to_bytes(8, "big") + part)
@@ -61,7 +61,7 @@ def _digest(*parts: bytes) -> str:
 
 def base_key() -> str:
     """What the cached, provisioned root filesystem depends on; a change of any of these rebuilds it."""
-    return _digest(PROVISION.read_bytes(), " ".join((SUITE, *BASE_PACKAGES)).encode(), CONSTRAINTS.read_bytes())
+    return inputs_digest(PROVISION.read_bytes(), " ".join((SUITE, *BASE_PACKAGES)).encode(), CONSTRAINTS.read_bytes())
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ def cache_lock(name: str = "lock") -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+def build_once(name: str, build: Callable[[Path], None]) -> Path:
     """CACHE_DIR/name, built by build(partial dir) unless a complete one is there; older builds of its kind go."""
     target = CACHE_DIR / name
     if target.is_dir():
@@ -147,7 +147,7 @@ def base_rootfs() -> Path:
             provision(root, project_wheel(Path(wheel_dir)))
 
     with cache_lock():
-        return _build_once(f"rootfs-{base_key()}", build)
+        return build_once(f"rootfs-{base_key()}", build)
 
 
 @contextlib.contextmanager
