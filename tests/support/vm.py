@@ -94,13 +94,9 @@ class VM:
                 self.process.wait(30)
 
 
-def _free_port() -> int:
-    return devstack.free_ports(1)[0]
-
-
 @contextlib.contextmanager
 def booted(image: Path, work_dir: Path, seed: Path, *, name: str, key: Path, user: str,
-           guest_forwards: dict[int, int] | None = None, memory_mb: int = 4096, cpus: int = 2) -> Iterator[VM]:
+           guest_forwards: dict[int, int] | None = None) -> Iterator[VM]:
     """`image` booted under qemu (tcg) from an overlay in work_dir, so the image itself stays as built.
 
     guest_forwards maps a port of HOST_FROM_GUEST, as the VM sees it, to a port of the host's loopback.
@@ -108,7 +104,7 @@ def booted(image: Path, work_dir: Path, seed: Path, *, name: str, key: Path, use
     disk = work_dir / f"{name}.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(disk)],
                    check=True, timeout=60)
-    ssh_port, https_port = _free_port(), _free_port()
+    ssh_port, https_port = devstack.free_ports(2)
     # restrict=on: the guest reaches no address outside the VM but the guestfwd ones; hostfwd listens on loopback.
     netdev = ["user", "id=net0", "restrict=on", f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
               f"hostfwd=tcp:127.0.0.1:{https_port}-:443"]
@@ -116,7 +112,8 @@ def booted(image: Path, work_dir: Path, seed: Path, *, name: str, key: Path, use
     netdev += [f"guestfwd=tcp:{HOST_FROM_GUEST}:{guest}-cmd:socat - TCP:127.0.0.1:{host}"
                for guest, host in (guest_forwards or {}).items()]
     console = work_dir / f"{name}-console.log"
-    argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(memory_mb), "-smp", str(cpus),
+    # The image's own virtual hardware (packer's memory_mb and cpus defaults).
+    argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "4096", "-smp", "2",
             "-drive", f"file={disk},if=virtio,format=qcow2,discard=unmap",
             "-drive", f"file={seed},media=cdrom,readonly=on",
             "-netdev", ",".join(netdev), "-device", "virtio-net-pci,netdev=net0",
