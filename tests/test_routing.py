@@ -130,12 +130,18 @@ def test_failover_walks_the_priority_groups_past_refused_and_failing_backends(pa
 
 
 def test_failover_inside_a_group_then_the_failing_peer_is_left_alone(pair: Pair, fake: FakeBackend) -> None:
+    # The peers weigh 1:1 and the pick is random: ask until the failing one has been tried (8 fixed asks all went
+    # to the healthy one once in 256 runs), then 8 more.
+    sent = 0
+    while not fake.requests_for("fail") and sent < 40:
+        assert pair.chat("r/peers")[0] == 200
+        sent += 1
+    assert fake.requests_for("fail"), "40 picks at 1:1 never chose the failing peer"
     for _ in range(8):
-        status, _ = pair.chat("r/peers")
-        assert status == 200
+        assert pair.chat("r/peers")[0] == 200
     # At most two failures (BREAKER_FAILURE_THRESHOLD) reach the failing peer before its breaker opens.
     assert 1 <= len(fake.requests_for("fail")) <= 2
-    assert len(fake.requests_for("peer-model")) == 8
+    assert len(fake.requests_for("peer-model")) == sent + 8  # every ask answered, the failed tries by the peer
 
 
 def test_lower_priority_number_first_and_weights_inside_a_group(pair: Pair, fake: FakeBackend) -> None:
